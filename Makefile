@@ -1,0 +1,38 @@
+# loraplex — two commands: `make demo` and `make test`. Each bootstraps .venv itself.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.stamp
+TORCH_VERSION ?= 2.13.0
+export PYTHONHASHSEED := 0
+
+.PHONY: demo test lint venv clean bench proto
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	@# torch first: the CPU wheel that lies on these machines; a bare `torch` would pull CUDA.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -x --durations=15
+
+demo: $(STAMP)
+	$(BIN)/python -m loraplex.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.lora_ops --quick
+
+proto: $(STAMP)
+	$(BIN)/python -m loraplex.protogen
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

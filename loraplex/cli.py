@@ -1,0 +1,76 @@
+"""The `loraplex` command line.
+
+    loraplex base build ./base --size tiny
+    loraplex registry push ./adapter --name acme/support --base ./base
+    loraplex train --base ./base --data acme.jsonl --name acme/support
+    loraplex serve --base ./base
+
+Sub-commands of each package live beside that package (`registry/cli.py`, …) and are
+attached here, so this module stays a table of contents.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="loraplex: LoRA adapter registry and multi-tenant serving runtime.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+base_app = typer.Typer(help="The embedded default base model.", no_args_is_help=True)
+app.add_typer(base_app, name="base")
+
+
+@base_app.command("build")
+def base_build(
+    out_dir: Path = typer.Argument(..., help="Directory to write the model into."),
+    seed: int = typer.Option(0, help="Seed: the same seed gives byte-identical weights."),
+    size: str = typer.Option("tiny", help="micro | tiny | bench"),
+    arch: str = typer.Option("llama", help="llama | qwen2 | gpt2"),
+    pretrain: bool = typer.Option(True, help="Briefly pre-train (tiny/micro) so LoRA learns fast."),
+) -> None:
+    """Build the embedded base model as a Hugging Face directory."""
+    from loraplex.basemodel import build_base, default_pretrain
+    from loraplex.fingerprint import fingerprint_base
+
+    fn = default_pretrain(size) if pretrain else None
+    build_base(out_dir, size=size, arch=arch, seed=seed, pretrain=fn)
+    fp = fingerprint_base(out_dir)
+    typer.echo(json.dumps({"dir": str(out_dir), "fingerprint": fp.summary(),
+                           "digest": fp.digest}))
+
+
+# Package CLIs: (module, attribute, mount name or None for top-level commands).
+_PLUGINS = [
+    ("loraplex.registry.cli", "app", "registry"),
+    ("loraplex.trainer.cli", "register", None),
+    ("loraplex.runtime.cli", "register", None),
+]
+
+
+def _attach_plugins() -> None:
+    for module, attr, name in _PLUGINS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name == module:  # package CLI not written yet
+                continue
+            raise
+        obj = getattr(mod, attr)
+        if name is not None:
+            app.add_typer(obj, name=name)
+        else:
+            obj(app)
+
+
+_attach_plugins()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

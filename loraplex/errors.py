@@ -1,0 +1,99 @@
+"""Typed errors shared by every layer.
+
+Each error carries a `code` that names the gRPC status it becomes at the edge; the gRPC
+servicers are the only place that translates (see `runtime/grpc_errors.py`). Anything that
+is not a `LoraplexError` reaching the edge is a bug and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+
+class LoraplexError(Exception):
+    """Base of every error a user can cause. `field` names the offending input, if any."""
+
+    code: str = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(LoraplexError):
+    """The request itself is malformed (bad ref, bad sampling value, bad adapter file)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class ValidationFailed(InvalidArgument):
+    """An adapter failed registration checks; `violations` lists every problem at once."""
+
+    def __init__(self, violations: list[str], *, field: str | None = None) -> None:
+        self.violations = list(violations)
+        super().__init__("adapter rejected: " + "; ".join(self.violations), field=field)
+
+
+class NotFound(LoraplexError):
+    """No such adapter/version/alias visible to the caller (also used for foreign tenants)."""
+
+    code = "NOT_FOUND"
+
+
+class AlreadyExists(LoraplexError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(LoraplexError):
+    """The system is not in a state that allows the call (incompatible base, CAS mismatch,
+    deleting a version an alias points at)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class IncompatibleAdapter(FailedPrecondition):
+    """The adapter was trained for a different base model (fingerprints differ)."""
+
+
+class AliasConflict(FailedPrecondition):
+    """Compare-and-set on an alias failed: it no longer points where the caller expected."""
+
+
+class Unauthenticated(LoraplexError):
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LoraplexError):
+    code = "PERMISSION_DENIED"
+
+
+class ResourceExhausted(LoraplexError):
+    """Queue full, per-tenant limit, or a request asking for more tokens than allowed."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Overloaded(ResourceExhausted):
+    """The waiting queue is full: back off and retry."""
+
+
+class DeadlineExceeded(LoraplexError):
+    code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(LoraplexError):
+    code = "CANCELLED"
+
+
+class Unavailable(LoraplexError):
+    """The server is draining or not ready yet."""
+
+    code = "UNAVAILABLE"
+
+
+class DataCorruption(LoraplexError):
+    """A stored blob no longer matches its digest."""
+
+    code = "DATA_LOSS"
