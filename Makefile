@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp
 TORCH_VERSION ?= 2.13.0
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test lint venv clean bench proto
+.PHONY: demo test lint venv clean bench proto prometheus
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml Makefile
 
 venv: $(STAMP)
 
-test: $(STAMP)
+# Debian's prometheus: the metrics integration test scrapes a live server with it.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || echo "warning: could not install prometheus; its test will say so"
+
+test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --durations=15
 
