@@ -1,0 +1,139 @@
+"""Content-addressed blob storage behind a small interface (an S3 backend comes later).
+
+Blobs are addressed by `sha256:<hex>` of their bytes. Writes go to a temp file, are
+fsynced and renamed into place, so a reader never sees half a blob, whatever crashes.
+Reads re-hash and raise `DataCorruption` on mismatch: a flipped bit on disk is reported,
+never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from loraplex.errors import DataCorruption, NotFound
+from loraplex.registry.content import bytes_digest
+from loraplex.registry.refs import check_digest
+
+_TMP_PREFIX = ".tmp-"
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """What the registry needs from any blob backend."""
+
+    def put(self, data: bytes) -> str:
+        """Store `data`, return its digest. Idempotent; refreshes an existing blob's age."""
+        ...
+
+    def get(self, digest: str) -> bytes:
+        """The bytes, digest-checked (`DataCorruption`); `NotFound` if absent."""
+        ...
+
+    def exists(self, digest: str) -> bool: ...
+
+    def delete(self, digest: str) -> bool:
+        """Remove; True if something was removed. Safe to repeat."""
+        ...
+
+    def list(self) -> Iterator[tuple[str, int, float]]:
+        """(digest, size in bytes, age in seconds) of every blob."""
+        ...
+
+
+class LocalBlobStore:
+    """Blobs as files `<root>/sha256/<2 hex>/<62 hex>`."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        hexpart = check_digest(digest, field="digest").split(":", 1)[1]
+        return self.root / "sha256" / hexpart[:2] / hexpart[2:]
+
+    def put(self, data: bytes) -> str:
+        digest = bytes_digest(data)
+        target = self.path(digest)
+        if target.exists() and self._intact(target, digest):
+            os.utime(target)  # young again: gc must not take it before our commit
+            return digest
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(target.parent)
+        return digest
+
+    def get(self, digest: str) -> bytes:
+        target = self.path(digest)
+        try:
+            data = target.read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"blob {digest} is missing from the blob store") from None
+        if bytes_digest(data) != digest:
+            raise DataCorruption(f"blob {digest} is corrupt: its bytes hash to "
+                                 f"{bytes_digest(data)}", field="digest")
+        return data
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def delete(self, digest: str) -> bool:
+        try:
+            self.path(digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def list(self) -> Iterator[tuple[str, int, float]]:
+        now = time.time()
+        for sub in sorted((self.root / "sha256").iterdir()):
+            if not sub.is_dir():
+                continue
+            for f in sorted(sub.iterdir()):
+                if f.name.startswith(_TMP_PREFIX):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    st = f.stat()
+                    yield f"sha256:{sub.name}{f.name}", st.st_size, now - st.st_mtime
+
+    def stale_temp_files(self, min_age_s: float) -> Iterator[Path]:
+        """Temp files a crashed writer left behind (older than `min_age_s`)."""
+        now = time.time()
+        for f in (self.root / "sha256").glob(f"*/{_TMP_PREFIX}*"):
+            with contextlib.suppress(FileNotFoundError):
+                if now - f.stat().st_mtime >= min_age_s:
+                    yield f
+
+    @staticmethod
+    def _intact(path: Path, digest: str) -> bool:
+        h = hashlib.sha256()
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        return "sha256:" + h.hexdigest() == digest
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the rename itself durable (POSIX: the directory entry lives in the parent)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,246 @@
+"""Metadata tables (SQLAlchemy Core) and engines for SQLite and PostgreSQL.
+
+Concurrency design, the same on both databases:
+- every write runs in one transaction that first locks its adapter's row (PostgreSQL:
+  `SELECT … FOR UPDATE`; SQLite: the transaction starts with `BEGIN IMMEDIATE`, taking the
+  file's write lock up front and waiting up to the busy timeout);
+- version numbers come from `adapters.last_version` under that lock, and
+  UNIQUE(adapter_id, version) / UNIQUE(adapter_id, digest) back it up: a race that slips
+  through becomes an IntegrityError, which the caller retries;
+- the `changes` table is locked before an event row is inserted (PostgreSQL), so event
+  ids become visible in id order and a watcher reading `id > last` never skips one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from loraplex.registry.settings import RegistrySettings
+
+metadata = sa.MetaData()
+_TS = sa.DateTime(timezone=True)
+_DIGEST = sa.String(71)  # "sha256:" + 64 hex
+
+adapters = sa.Table(
+    "lpx_adapters", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("last_version", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.UniqueConstraint("tenant", "name", name="uq_lpx_adapters_tenant_name"),
+)
+
+bases = sa.Table(
+    "lpx_bases", metadata,
+    sa.Column("digest", _DIGEST, primary_key=True),
+    sa.Column("fingerprint", sa.JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+)
+
+base_names = sa.Table(
+    "lpx_base_names", metadata,
+    sa.Column("name", sa.String(1024), primary_key=True),
+    sa.Column("digest", _DIGEST, sa.ForeignKey("lpx_bases.digest"), nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("created_by", sa.String(256), nullable=False),
+)
+
+versions = sa.Table(
+    "lpx_versions", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("lpx_adapters.id"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("digest", _DIGEST, nullable=False, index=True),
+    sa.Column("config_blob", _DIGEST, nullable=False),
+    sa.Column("weights_blob", _DIGEST, nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("alpha", sa.Float, nullable=False),
+    sa.Column("use_rslora", sa.Boolean, nullable=False),
+    sa.Column("target_modules", sa.JSON, nullable=False),
+    sa.Column("dtype", sa.String(32), nullable=False),
+    sa.Column("base_digest", _DIGEST, sa.ForeignKey("lpx_bases.digest"), nullable=False),
+    sa.Column("lineage", sa.JSON, nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("created_by", sa.String(256), nullable=False),
+    sa.UniqueConstraint("adapter_id", "version", name="uq_lpx_versions_number"),
+    sa.UniqueConstraint("adapter_id", "digest", name="uq_lpx_versions_digest"),
+)
+
+aliases = sa.Table(
+    "lpx_aliases", metadata,
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("lpx_adapters.id"), primary_key=True),
+    sa.Column("alias", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("updated_at", _TS, nullable=False),
+    sa.Column("updated_by", sa.String(256), nullable=False),
+)
+
+alias_moves = sa.Table(
+    "lpx_alias_moves", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("lpx_adapters.id"), nullable=False),
+    sa.Column("alias", sa.String(64), nullable=False),
+    sa.Column("from_version", sa.Integer, nullable=True),
+    sa.Column("to_version", sa.Integer, nullable=True),
+    sa.Column("at", _TS, nullable=False),
+    sa.Column("by", sa.String(256), nullable=False),
+)
+
+tokens = sa.Table(
+    "lpx_tokens", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),  # sha256 hex; never the token
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("created_by", sa.String(256), nullable=False),
+)
+
+changes = sa.Table(
+    "lpx_changes", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("alias", sa.String(64), nullable=True),
+    sa.Column("digest", _DIGEST, nullable=True),
+    sa.Column("at", _TS, nullable=False),
+)
+
+_WRITE = "loraplex_write"
+T = TypeVar("T")
+
+
+def database_url(location: str | Path) -> tuple[str, Path | None]:
+    """(SQLAlchemy URL, directory holding it or None). A plain path is a registry dir."""
+    text = str(location)
+    if "://" in text:
+        return text, None
+    root = Path(text).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root.resolve() / 'registry.db'}", root
+
+
+def create_engine(url: str, settings: RegistrySettings) -> Engine:
+    """An engine with the transaction behaviour the module docstring relies on."""
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": settings.sqlite_busy_timeout_s})
+        _sqlite_events(engine, settings)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True)
+        if settings.db_schema:
+            _pg_schema_events(engine, settings.db_schema)
+    return engine
+
+
+def _sqlite_events(engine: Engine, settings: RegistrySettings) -> None:
+    busy_ms = int(settings.sqlite_busy_timeout_s * 1000)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock now, so two writers queue instead of deadlocking
+        # when both try to upgrade a read lock.
+        write = conn.get_execution_options().get(_WRITE, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _pg_schema_events(engine: Engine, schema: str) -> None:
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        cur.execute(f'SET search_path TO "{schema}"')
+        cur.close()
+        dbapi_conn.commit()
+
+
+def create_tables(engine: Engine) -> None:
+    """Create missing tables; on PostgreSQL under an advisory lock, because several
+    processes opening a fresh database at once would otherwise race on CREATE TABLE."""
+    with write_tx(engine) as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(7431902)"))
+        metadata.create_all(conn, checkfirst=True)
+
+
+@contextmanager
+def write_tx(engine: Engine) -> Iterator[Connection]:
+    """A transaction that intends to write (SQLite: BEGIN IMMEDIATE)."""
+    with engine.connect() as conn:
+        conn.execution_options(**{_WRITE: True})
+        with conn.begin():
+            yield conn
+
+
+@contextmanager
+def read_tx(engine: Engine) -> Iterator[Connection]:
+    """A read-only transaction: one consistent snapshot."""
+    with engine.connect() as conn, conn.begin():
+        yield conn
+
+
+def lock_adapter(conn: Connection, adapter_id: int) -> sa.Row:
+    """Serialise writers of one adapter (row lock on PostgreSQL; SQLite already holds
+    the database write lock from BEGIN IMMEDIATE)."""
+    q = sa.select(adapters).where(adapters.c.id == adapter_id)
+    if conn.dialect.name == "postgresql":
+        q = q.with_for_update()
+    return conn.execute(q).one()
+
+
+def lock_changes(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("LOCK TABLE lpx_changes IN SHARE ROW EXCLUSIVE MODE"))
+
+
+def insert_ignore(conn: Connection, table: sa.Table, values: dict) -> None:
+    """INSERT … ON CONFLICT DO NOTHING on either dialect (waits for a concurrent inserter
+    of the same key on PostgreSQL instead of failing)."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    conn.execute(insert(table).values(**values).on_conflict_do_nothing())
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A lost race: unique violation, SQLite lock timeout, PostgreSQL deadlock or
+    serialization failure."""
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        text = str(exc.orig).lower()
+        return ("locked" in text or "deadlock" in text or "serializ" in text
+                or "busy" in text)
+    return False
+
+
+def with_retries(fn: Callable[[], T], attempts: int) -> T:
+    """Run `fn` again (jittered backoff) when it loses a race; re-raise anything else."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except sa.exc.DBAPIError as e:
+            if attempt == attempts - 1 or not is_retryable(e):
+                raise
+            time.sleep(min(0.5, 0.01 * 2 ** attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable: the loop returns or raises")

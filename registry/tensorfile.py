@@ -1,0 +1,131 @@
+"""Reading safetensors files without torch or pickle.
+
+Registration never needs the tensors as torch objects: the header gives names, dtypes and
+shapes, and the raw bytes are what the digest covers. Parsing the (simple, documented)
+format here keeps `push` light enough for many concurrent writer processes and means a
+pickle file can never be executed by accident: anything that is not a well-formed
+safetensors file is a validation error.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
+then the data section; offsets are relative to the start of the data section.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# safetensors dtype code -> (torch-style name, item size in bytes)
+DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+# Bit patterns: a float is NaN or Inf exactly when all its exponent bits are set.
+_EXPONENT_MASKS: dict[str, tuple[str, int]] = {
+    "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80),
+    "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000),
+}
+_MAX_HEADER = 100 << 20
+
+
+class TensorFileError(ValueError):
+    """The bytes are not a well-formed safetensors file."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    code: str  # safetensors dtype code, e.g. "F32"
+    shape: tuple[int, ...]
+    begin: int  # absolute offsets into the file bytes
+    end: int
+
+    @property
+    def dtype(self) -> str:
+        return DTYPES[self.code][0]
+
+
+@dataclass(frozen=True)
+class TensorFile:
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int
+    raw: bytes
+
+    def data(self, info: TensorInfo) -> memoryview:
+        return memoryview(self.raw)[info.begin:info.end]
+
+
+def parse(raw: bytes) -> TensorFile:
+    """Parse and bounds-check a safetensors file held in memory."""
+    if len(raw) < 8:
+        raise TensorFileError("file is shorter than the 8-byte header length")
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or n > _MAX_HEADER or 8 + n > len(raw):
+        raise TensorFileError("header length is out of range (not a safetensors file?)")
+    try:
+        header = json.loads(raw[8:8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TensorFileError(f"header is not JSON: {e}") from e
+    if not isinstance(header, dict):
+        raise TensorFileError("header is not a JSON object")
+    data_start = 8 + n
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise TensorFileError("__metadata__ is not an object")
+    tensors = {name: _tensor_info(name, entry, data_start, len(raw))
+               for name, entry in header.items()}
+    return TensorFile(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
+                      data_start=data_start, raw=raw)
+
+
+def _tensor_info(name: str, entry: object, data_start: int, total: int) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise TensorFileError(f"tensor {name!r}: header entry is not an object")
+    code = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if code not in DTYPES:
+        raise TensorFileError(f"tensor {name!r}: unknown dtype {code!r}")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise TensorFileError(f"tensor {name!r}: bad shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)):
+        raise TensorFileError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    if not data_start <= begin <= end <= total:
+        raise TensorFileError(f"tensor {name!r}: data_offsets point outside the file")
+    if end - begin != math.prod(shape) * DTYPES[code][1]:
+        raise TensorFileError(f"tensor {name!r}: byte length does not match shape and dtype")
+    return TensorInfo(name=name, code=code, shape=tuple(shape), begin=begin, end=end)
+
+
+def count_nonfinite(buf: memoryview, code: str) -> int:
+    """How many NaN/Inf values a float tensor's raw bytes hold (0 for non-float dtypes)."""
+    if code not in _EXPONENT_MASKS:
+        return 0
+    view, mask = _EXPONENT_MASKS[code]
+    bits = np.frombuffer(buf, dtype=view)
+    return int(np.count_nonzero((bits & np.array(mask, dtype=view)) == mask))
+
+
+def rename(tf: TensorFile, names: dict[str, str]) -> bytes:
+    """The same file with tensors renamed (`names`: old -> new); the data bytes are kept."""
+    header: dict[str, object] = {}
+    if tf.metadata:
+        header["__metadata__"] = tf.metadata
+    for old, info in tf.tensors.items():
+        header[names.get(old, old)] = {
+            "dtype": info.code, "shape": list(info.shape),
+            "data_offsets": [info.begin - tf.data_start, info.end - tf.data_start]}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+    return len(blob).to_bytes(8, "little") + blob + tf.raw[tf.data_start:]

@@ -1,0 +1,226 @@
+"""Registration checks: parse leniently, then report every violation at once.
+
+A rejected adapter raises `ValidationFailed` whose `violations` are lines of the form
+`<field>: <problem>` (field = the config key, `adapter_model.safetensors`, a tensor name,
+`base` or `size_bytes`), so a user fixes everything in one round trip.
+
+What the runtime can serve decides what is accepted: plain LoRA (A/B pairs on linear
+projections of the base) with one rank and one alpha per adapter. DoRA, per-module rank
+or alpha patterns, extra trainable modules and bias terms are refused here rather than
+silently served wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from loraplex.errors import ValidationFailed
+from loraplex.fingerprint import BaseFingerprint
+from loraplex.registry import tensorfile
+from loraplex.registry.content import PEFT_PREFIX, adapter_digest
+from loraplex.registry.settings import RegistrySettings
+from loraplex.registry.tensorfile import FLOAT_CODES, TensorFile, TensorFileError
+
+_KEY_RE = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
+# config key -> why a non-empty value is refused
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters are not supported by the runtime",
+    "rank_pattern": "per-module ranks are not supported (one `r` per adapter)",
+    "alpha_pattern": "per-module alphas are not supported (one `lora_alpha` per adapter)",
+    "modules_to_save": "fully trained extra modules are not supported",
+    "lora_bias": "LoRA bias terms are not supported",
+    "target_parameters": "LoRA on parameters (not modules) is not supported",
+    "trainable_token_indices": "trainable token embeddings are not supported",
+    "layer_replication": "layer replication is not supported",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported",
+}
+
+
+@dataclass(frozen=True)
+class ValidAdapter:
+    """What a successful validation hands to the store."""
+
+    config: dict[str, Any]
+    config_bytes: bytes  # stored as uploaded
+    weights_bytes: bytes  # keys in peft's layout (renamed if the upload lacked the prefix)
+    digest: str
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    dtype: str
+
+
+class _Report:
+    """Collects `field: problem` lines."""
+
+    def __init__(self, initial: list[str] | None = None) -> None:
+        self.lines: list[str] = list(initial or [])
+        self.first_field: str | None = None
+
+    def add(self, field: str, problem: str) -> None:
+        self.first_field = self.first_field or field
+        self.lines.append(f"{field}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if self.lines:
+            field = self.first_field or self.lines[0].split(":", 1)[0]
+            raise ValidationFailed(self.lines, field=field)
+
+
+def validate(config_bytes: bytes, weights_bytes: bytes, base: BaseFingerprint | None,
+             settings: RegistrySettings, *, prior: list[str] | None = None) -> ValidAdapter:
+    """Check an upload against the LoRA rules, the limits and `base` (None: the caller
+    could not determine the base and put the reason in `prior`)."""
+    report = _Report(prior)
+    size = len(config_bytes) + len(weights_bytes)
+    if size > settings.max_adapter_bytes:
+        report.add("size_bytes", f"{size} bytes exceeds the cap of "
+                   f"{settings.max_adapter_bytes} (LORAPLEX_MAX_ADAPTER_BYTES)")
+    config = _check_config(config_bytes, settings, report)
+    tf = _parse_weights(weights_bytes, report)
+    names: dict[str, str] = {}
+    modules: set[str] = set()
+    dtype = ""
+    if tf is not None:
+        names, modules, dtype = _check_tensors(tf, config, base, report)
+    report.raise_if_any()
+    if config is None or tf is None:  # unreachable: both failures add a violation
+        raise ValidationFailed(["adapter: unreadable"], field="adapter")
+    stored = weights_bytes
+    if any(not k.startswith(PEFT_PREFIX) for k in tf.tensors):
+        stored = tensorfile.rename(tf, {k: PEFT_PREFIX + v for k, v in names.items()})
+    return ValidAdapter(
+        config=config, config_bytes=config_bytes, weights_bytes=stored,
+        digest=adapter_digest(config, tf, names), rank=int(config["r"]),
+        alpha=float(config.get("lora_alpha", 8)), use_rslora=bool(config.get("use_rslora")),
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})), dtype=dtype)
+
+
+def _check_config(raw: bytes, settings: RegistrySettings,
+                  report: _Report) -> dict[str, Any] | None:
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        report.add("adapter_config.json", f"not valid JSON: {e}")
+        return None
+    if not isinstance(config, dict):
+        report.add("adapter_config.json", "must be a JSON object")
+        return None
+    if config.get("peft_type") != "LORA":
+        report.add("peft_type", f"must be 'LORA', got {config.get('peft_type')!r}")
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        report.add("r", f"`r` must be an integer > 0, got {r!r}")
+    elif r > settings.max_rank:
+        report.add("r", f"rank {r} exceeds the maximum {settings.max_rank} (LORAPLEX_MAX_RANK)")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
+        report.add("lora_alpha", f"`lora_alpha` must be a number > 0, got {alpha!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        report.add("use_rslora", "`use_rslora` must be true or false")
+    _check_targets(config.get("target_modules"), report)
+    if config.get("bias", "none") != "none":
+        report.add("bias", f"bias training is not supported, got {config.get('bias')!r}")
+    for key, why in _UNSUPPORTED.items():
+        if config.get(key):
+            report.add(key, why)
+    return config
+
+
+def _check_targets(targets: Any, report: _Report) -> None:
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            report.add("target_modules", f"not a valid regular expression: {e}")
+        return
+    if (not isinstance(targets, list) or not targets
+            or not all(isinstance(t, str) and t for t in targets)):
+        report.add("target_modules", "must be a non-empty list of module names or a regex")
+
+
+def _parse_weights(raw: bytes, report: _Report) -> TensorFile | None:
+    try:
+        tf = tensorfile.parse(raw)
+    except TensorFileError as e:
+        report.add("adapter_model.safetensors", f"not a safetensors file: {e}")
+        return None
+    if not tf.tensors:
+        report.add("adapter_model.safetensors", "holds no tensors")
+    return tf
+
+
+def targets_module(targets: Any, module: str) -> bool:
+    """peft's rule: a regex string must match the whole module path; a list entry must
+    equal the path or be its dotted suffix."""
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return not module.endswith("lm_head")
+        try:
+            return re.fullmatch(targets, module) is not None
+        except re.error:
+            return False
+    if isinstance(targets, list):
+        return any(isinstance(t, str) and (module == t or module.endswith("." + t))
+                   for t in targets)
+    return False
+
+
+def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFingerprint | None,
+                   report: _Report) -> tuple[dict[str, str], set[str], str]:
+    names: dict[str, str] = {}
+    halves: dict[str, set[str]] = {}
+    codes: set[str] = set()
+    r = config.get("r") if config else None
+    targets = config.get("target_modules") if config else None
+    shapes = base.linear_shapes if base is not None else None
+    for stored, info in tf.tensors.items():
+        norm = stored[len(PEFT_PREFIX):] if stored.startswith(PEFT_PREFIX) else stored
+        m = _KEY_RE.fullmatch(norm)
+        if m is None:
+            report.add(stored, "not a LoRA weight (expected '<module>.lora_A.weight' or "
+                       "'<module>.lora_B.weight')")
+            continue
+        if norm in names.values():
+            report.add(stored, "appears twice (with and without peft's prefix)")
+            continue
+        names[stored] = norm
+        module, ab = m.group("module"), m.group("ab")
+        halves.setdefault(module, set()).add(ab)
+        if config is not None and not targets_module(targets, module):
+            report.add(stored, f"module {module!r} is not among target_modules {targets!r}")
+        if info.code not in FLOAT_CODES:
+            report.add(stored, f"dtype {info.dtype} is not a float type")
+            continue
+        codes.add(info.code)
+        if bad := tensorfile.count_nonfinite(tf.data(info), info.code):
+            report.add(stored, f"holds {bad} NaN/Inf values")
+        if shapes is not None:
+            _check_shape(stored, module, ab, info.shape, r, shapes, report)
+    for module, got in sorted(halves.items()):
+        if got != {"A", "B"}:
+            missing = "lora_B" if "A" in got else "lora_A"
+            report.add(module, f"has no {missing} weight")
+    if len(codes) > 1:
+        report.add("adapter_model.safetensors",
+                   f"mixes dtypes {sorted(tensorfile.DTYPES[c][0] for c in codes)}")
+    dtype = tensorfile.DTYPES[min(codes)][0] if codes else ""
+    return names, set(halves), dtype
+
+
+def _check_shape(stored: str, module: str, ab: str, shape: tuple[int, ...], r: Any,
+                 shapes: dict[str, tuple[int, int]], report: _Report) -> None:
+    if module not in shapes:
+        report.add(stored, f"module {module!r} is not a linear layer of the base model")
+        return
+    fan_in, fan_out = shapes[module]
+    rank = r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else None
+    want = (rank, fan_in) if ab == "A" else (fan_out, rank)
+    if len(shape) != 2 or any(w is not None and w != s for w, s in zip(want, shape, strict=True)):
+        show = tuple("r" if w is None else w for w in want)
+        report.add(stored, f"shape {list(shape)} does not match the base and r: "
+                   f"expected {list(show)}")
