@@ -1,0 +1,453 @@
+"""Batched LoRA layers: wrap a base model's projections so one forward serves many adapters.
+
+    inj = inject_lora(model, default_target_modules(model), max_slots=32, max_rank=16)
+    inj.load_adapter(3, loaded.tensors, r=8, alpha=16, use_rslora=False)  # peft tensors -> slot 3
+    inj.set_batch([3, 0, 3, 7])        # row_slots # [B]: every token of row i uses slot row_slots[i]
+    logits = model(input_ids).logits   # rows 0 and 2 see adapter 3, row 1 the plain base
+
+Each `BatchedLoraLayer` owns pre-allocated stacks `a # [max_slots+1, max_rank, in]`,
+`b # [max_slots+1, out, max_rank]`, `scale # [max_slots+1]`; slot 0 is zeros and never
+written. Activating an adapter is a `copy_` into its slot. All layers share one
+`LoraBatch`: `set_batch` stores the row slots, the first layer of a forward builds the
+`LoraBatchPlan` (`lora_ops.make_plan`) and every other layer reuses it.
+
+Base layers are wrapped through a first-match-wins dispatcher chain (as peft does):
+bitsandbytes `Linear8bitLt`, bitsandbytes `Linear4bit`, GPT-2 `Conv1D`, `nn.Linear`. The bnb
+classes come first because they subclass `nn.Linear`; bitsandbytes is only looked at when
+something already imported it (a quantized model always has).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from loraplex.errors import FailedPrecondition, InvalidArgument
+from loraplex.runtime.lora_ops import LoraBatchPlan, add_lora, make_plan
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@dataclass(frozen=True)
+class WrapSpec:
+    """What the wrapper needs to know about a base layer it can wrap."""
+
+    kind: str  # "linear" | "conv1d" | "bnb4" | "bnb8"
+    in_features: int
+    out_features: int
+    dtype: torch.dtype  # dtype of the LoRA stacks (the layer's compute dtype)
+    device: torch.device
+
+
+Dispatcher = Callable[[nn.Module], "WrapSpec | None"]
+
+
+def _bnb_nn():
+    """bitsandbytes.nn if bitsandbytes is already loaded, else None (never imports it)."""
+    if "bitsandbytes" not in sys.modules:
+        return None
+    import bitsandbytes.nn as bnb_nn
+
+    return bnb_nn
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _dispatch_bnb_8bit(module: nn.Module) -> WrapSpec | None:
+    bnb_nn = _bnb_nn()
+    if bnb_nn is None or not isinstance(module, bnb_nn.Linear8bitLt):
+        return None
+    # int8 matmuls return the input's dtype; LoRA math runs in fp32 like peft's default
+    return WrapSpec("bnb8", module.in_features, module.out_features, torch.float32,
+                    _device_of(module))
+
+
+def _dispatch_bnb_4bit(module: nn.Module) -> WrapSpec | None:
+    bnb_nn = _bnb_nn()
+    if bnb_nn is None or not isinstance(module, bnb_nn.Linear4bit):
+        return None
+    dtype = module.compute_dtype or torch.float32
+    return WrapSpec("bnb4", module.in_features, module.out_features, dtype, _device_of(module))
+
+
+def _dispatch_conv1d(module: nn.Module) -> WrapSpec | None:
+    from transformers.pytorch_utils import Conv1D
+
+    if not isinstance(module, Conv1D):
+        return None
+    w = module.weight  # [in, out]: GPT-2 stores the transpose of nn.Linear
+    return WrapSpec("conv1d", int(w.shape[0]), int(w.shape[1]), w.dtype, w.device)
+
+
+def _dispatch_linear(module: nn.Module) -> WrapSpec | None:
+    if not isinstance(module, nn.Linear):
+        return None
+    w = module.weight  # [out, in]
+    return WrapSpec("linear", module.in_features, module.out_features, w.dtype, w.device)
+
+
+DISPATCHERS: tuple[Dispatcher, ...] = (
+    _dispatch_bnb_8bit, _dispatch_bnb_4bit, _dispatch_conv1d, _dispatch_linear,
+)
+
+
+def dispatch(module: nn.Module) -> WrapSpec | None:
+    """The first dispatcher that recognises `module`, or None if none can wrap it."""
+    for fn in DISPATCHERS:
+        spec = fn(module)
+        if spec is not None:
+            return spec
+    return None
+
+
+# --------------------------------------------------------------------------- batch state
+
+
+class LoraBatch:
+    """Slots of the current step, shared by all layers of one injection.
+
+    `row_slots # [B]`: every token of row i uses slot row_slots[i]; a layer input
+    `[B, S, in]` (or `[B*S, in]`, rows contiguous) gets token slots `repeat_interleave(S)`.
+    `token_slots # [T]` (set_tokens) serves packed/ragged inputs `[T, in]` directly.
+    The plan is built on the first layer call of a step and cached per token count.
+    """
+
+    def __init__(self, slot_ranks: list[int], device: torch.device) -> None:
+        self._slot_ranks = slot_ranks  # [max_slots+1], owned by the injection, read live
+        self._device = device
+        self._row_slots: Tensor | None = None  # [B] int64 on cpu
+        self._token_slots: Tensor | None = None  # [T] int64 on cpu
+        self._plans: dict[tuple[int, int | None], LoraBatchPlan | None] = {}
+
+    def set_rows(self, row_slots: Tensor) -> None:
+        self._row_slots, self._token_slots, self._plans = row_slots, None, {}
+
+    def set_tokens(self, token_slots: Tensor) -> None:
+        self._row_slots, self._token_slots, self._plans = None, token_slots, {}
+
+    def clear(self) -> None:
+        self._row_slots, self._token_slots, self._plans = None, None, {}
+
+    def invalidate(self) -> None:
+        """Slot contents (ranks) changed: rebuild plans on the next call."""
+        self._plans = {}
+
+    def note_rank(self, slot: int, rank: int) -> None:
+        """A layer loaded rank `rank` into `slot`. The shared table keeps the max over layers
+        (a rank too high for some layer only costs its zero padding; too low would be wrong)."""
+        if rank > self._slot_ranks[slot]:
+            self._slot_ranks[slot] = rank
+            self._plans = {}
+
+    def plan_for(self, num_tokens: int, rows: int | None = None) -> LoraBatchPlan | None:
+        """The plan for a layer input of `num_tokens` rows (`rows`: its batch dim if it has
+        one, checked against row_slots); None = no adapter in the batch."""
+        key = (num_tokens, rows)
+        if key in self._plans:
+            return self._plans[key]
+        slots = self._token_slots_for(num_tokens, rows)
+        plan = None
+        if slots is not None and bool(slots.any()):
+            plan = make_plan(slots, slot_ranks=self._slot_ranks, device=self._device)
+        self._plans[key] = plan
+        return plan
+
+    def _token_slots_for(self, num_tokens: int, rows: int | None) -> Tensor | None:
+        if self._token_slots is not None:
+            if self._token_slots.numel() != num_tokens:
+                raise InvalidArgument(f"token_slots has {self._token_slots.numel()} entries, "
+                                      f"the layer input {num_tokens} tokens", field="token_slots")
+            return self._token_slots
+        if self._row_slots is None:
+            return None
+        n = self._row_slots.numel()
+        if n == 0 or num_tokens % n or (rows is not None and rows != n):
+            raise InvalidArgument(f"row_slots has {n} rows, the layer input "
+                                  f"{rows if rows is not None else '?'} rows / {num_tokens} "
+                                  "tokens", field="row_slots")
+        return self._row_slots.repeat_interleave(num_tokens // n)  # [T]
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+class BatchedLoraLayer(nn.Module):
+    """`base(x) + scale[s] * B[s] @ (A[s] @ x)` per token, `s` from the shared LoraBatch."""
+
+    def __init__(self, base_layer: nn.Module, spec: WrapSpec, *, max_slots: int, max_rank: int,
+                 batch: LoraBatch, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = spec.kind
+        self.in_features = spec.in_features
+        self.out_features = spec.out_features
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+        dt, dev = dtype or spec.dtype, spec.device
+        self.register_buffer("lora_a", torch.zeros(max_slots + 1, max_rank, spec.in_features,
+                                                   dtype=dt, device=dev), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(max_slots + 1, spec.out_features, max_rank,
+                                                   dtype=dt, device=dev), persistent=False)
+        self.register_buffer("lora_scale", torch.zeros(max_slots + 1, dtype=dt, device=dev),
+                             persistent=False)
+        self.lora_a: Tensor  # [max_slots+1, max_rank, in]
+        self.lora_b: Tensor  # [max_slots+1, out, max_rank]
+        self.lora_scale: Tensor  # [max_slots+1]
+        self.ranks = [0] * (max_slots + 1)  # true rank loaded in each slot (0 = empty)
+        self._batch = batch
+
+    # the base layer's tensors stay reachable as HF code sometimes reads `proj.weight`
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def _check_slot(self, slot: int) -> None:
+        if not 1 <= slot <= self.max_slots:
+            raise InvalidArgument(f"slot must be in 1..{self.max_slots}, got {slot}",
+                                  field="slot")
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, a: Tensor, b: Tensor, scale: float) -> None:
+        """Copy one adapter's `a # [r, in]`, `b # [out, r]` into `slot`, zero-padded to R."""
+        self._check_slot(slot)
+        r = self.check_shapes(a, b)
+        self.lora_a[slot, :r].copy_(a)
+        self.lora_a[slot, r:].zero_()
+        self.lora_b[slot, :, :r].copy_(b)
+        self.lora_b[slot, :, r:].zero_()
+        self.lora_scale[slot].fill_(float(scale))
+        self.ranks[slot] = r
+        self._batch.note_rank(slot, r)
+
+    def check_shapes(self, a: Tensor, b: Tensor) -> int:
+        """The rank of (a, b), or a typed error if they cannot go into this layer."""
+        if a.dim() != 2 or b.dim() != 2:
+            raise InvalidArgument(f"lora_A/lora_B must be 2-D, got {tuple(a.shape)} and "
+                                  f"{tuple(b.shape)}", field="tensors")
+        r = int(a.shape[0])
+        if tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (self.out_features, r):
+            raise IncompatibleShapes(
+                f"adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a layer "
+                f"{self.in_features}->{self.out_features}", field="tensors")
+        if not 1 <= r <= self.max_rank:
+            raise RankTooLarge(f"adapter rank {r} exceeds max_rank {self.max_rank}", field="r")
+        return r
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self._check_slot(slot)
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.lora_scale[slot].zero_()
+        self.ranks[slot] = 0
+
+    def forward(self, x: Tensor) -> Tensor:  # x # [..., in]
+        y = self.base_layer(x)  # [..., out]
+        plan = self._batch.plan_for(x.numel() // self.in_features,
+                                    x.shape[0] if x.dim() == 3 else None)
+        if plan is None:
+            return y
+        if torch.is_grad_enabled() or not y.is_contiguous():
+            y = y.clone(memory_format=torch.contiguous_format)  # never edit autograd outputs
+        x2 = x.reshape(-1, self.in_features)  # [T, in]
+        y2 = y.view(-1, self.out_features)  # [T, out]
+        if x2.dtype != self.lora_a.dtype:
+            x2 = x2.to(self.lora_a.dtype)
+        if y2.dtype == self.lora_a.dtype:
+            add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_scale, plan)
+        else:
+            d = x2.new_zeros(x2.shape[0], self.out_features)  # [T, out] in the LoRA dtype
+            y2.add_(add_lora(d, x2, self.lora_a, self.lora_b, self.lora_scale, plan).to(y2.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind}, in={self.in_features}, out={self.out_features}, "
+                f"slots={self.max_slots}, max_rank={self.max_rank}")
+
+
+class RankTooLarge(FailedPrecondition):
+    """An adapter's rank exceeds the runtime's configured max_rank."""
+
+
+class IncompatibleShapes(FailedPrecondition):
+    """An adapter's tensors do not fit the base model's layers."""
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _decoder_block_linears(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    """Wrappable modules inside the decoder blocks (a numbered ModuleList entry)."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, BatchedLoraLayer)]
+    for name, mod in model.named_modules():
+        if mod is out_emb or isinstance(mod, BatchedLoraLayer):
+            continue
+        if any(name.startswith(w) for w in wrapped):  # the base layer inside a wrapper
+            continue
+        if not any(part.isdigit() for part in name.split(".")):
+            continue
+        if dispatch(mod) is not None:
+            yield name, mod
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """Leaf names of every linear projection in the decoder blocks (not lm_head/embeddings),
+    e.g. ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]."""
+    names = [n for n, _ in _decoder_block_linears(model)]
+    names += [n for n, m in model.named_modules() if isinstance(m, BatchedLoraLayer)]
+    return sorted({n.rsplit(".", 1)[-1] for n in names})
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    """peft's rule: a str is a full regex over the module path; a list matches leaf suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+# --------------------------------------------------------------------------- injection
+
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight$")
+
+
+def parse_peft_key(key: str) -> tuple[str, str] | None:
+    """`base_model.model.model.layers.0.self_attn.q_proj.lora_A[.default].weight`
+    -> ("model.layers.0.self_attn.q_proj", "lora_A"); None for anything else."""
+    m = _KEY.match(key)
+    return (m["path"], m["ab"]) if m else None
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """peft's scaling: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
+    if r <= 0:
+        raise InvalidArgument("`r` must be > 0", field="r")
+    return float(alpha) / (math.sqrt(r) if use_rslora else r)
+
+
+class LoraInjection:
+    """The BatchedLoraLayers put into one model, and the shared per-step batch state."""
+
+    def __init__(self, model: nn.Module, layers: dict[str, BatchedLoraLayer], batch: LoraBatch,
+                 slot_ranks: list[int], max_slots: int, max_rank: int) -> None:
+        self.model = model
+        self.layers = layers  # module path -> layer, e.g. "model.layers.0.self_attn.q_proj"
+        self.batch = batch
+        self.slot_ranks = slot_ranks  # [max_slots+1] max true rank over layers, 0 = empty
+        self.max_slots = max_slots
+        self.max_rank = max_rank
+
+    # ---- per step
+    def set_batch(self, row_slots: Tensor | Sequence[int]) -> None:
+        """`row_slots # [B]` for the next forward(s); all tokens of a row share its slot."""
+        self.batch.set_rows(self._slots(row_slots, "row_slots"))
+
+    def set_token_slots(self, token_slots: Tensor | Sequence[int]) -> None:
+        """`token_slots # [T]` for packed inputs whose layers see `[T, in]` (or `[1, T, in]`)."""
+        self.batch.set_tokens(self._slots(token_slots, "token_slots"))
+
+    def clear_batch(self) -> None:
+        """No adapter for any token until the next set_batch."""
+        self.batch.clear()
+
+    def _slots(self, slots: Tensor | Sequence[int], field: str) -> Tensor:
+        t = torch.as_tensor(slots, dtype=torch.int64, device="cpu").reshape(-1)  # [B] or [T]
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.max_slots):
+            raise InvalidArgument(f"{field} must be in 0..{self.max_slots}", field=field)
+        return t
+
+    # ---- adapters
+    def load_adapter(self, slot: int, tensors: Mapping[str, Tensor], r: int, alpha: float,
+                     use_rslora: bool = False) -> list[str]:
+        """Copy a peft adapter's lora_A/lora_B tensors into `slot` of every layer it targets;
+        layers it does not target are cleared in that slot. Checks everything before the
+        first copy, so a rejected adapter leaves the slot as it was. Returns the layer paths.
+        """
+        if not 1 <= slot <= self.max_slots:
+            raise InvalidArgument(f"slot must be in 1..{self.max_slots}, got {slot}",
+                                  field="slot")
+        scale = lora_scale(r, alpha, use_rslora)
+        pairs: dict[str, dict[str, Tensor]] = {}
+        problems: list[str] = []
+        for key, t in tensors.items():
+            parsed = parse_peft_key(key)
+            if parsed is None:
+                problems.append(f"unsupported tensor {key!r} (only lora_A/lora_B weights)")
+                continue
+            path, ab = parsed
+            if path not in self.layers:
+                problems.append(f"{key!r} targets {path!r}, which is not an injected layer")
+                continue
+            pairs.setdefault(path, {})[ab] = t
+        for path, ab in pairs.items():
+            if set(ab) != {"lora_A", "lora_B"}:
+                problems.append(f"{path}: lora_A and lora_B must both be present")
+        if not pairs and not problems:
+            problems.append("no lora_A/lora_B tensors")
+        if problems:
+            raise IncompatibleShapes("adapter does not fit this base: " + "; ".join(problems),
+                                     field="tensors")
+        ranks = {p: self.layers[p].check_shapes(ab["lora_A"], ab["lora_B"])
+                 for p, ab in pairs.items()}  # raises RankTooLarge / IncompatibleShapes
+        for path, layer in self.layers.items():
+            if path in pairs:
+                layer.set_slot(slot, pairs[path]["lora_A"], pairs[path]["lora_B"], scale)
+            elif layer.ranks[slot]:
+                layer.clear_slot(slot)
+        self.slot_ranks[slot] = max(ranks.values())  # exact now: every layer was written
+        self.batch.invalidate()
+        return sorted(pairs)
+
+    def clear_slot(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        self.slot_ranks[slot] = 0
+        self.batch.invalidate()
+
+    def remove(self) -> nn.Module:
+        """Put the original base layers back; returns the model."""
+        for path, layer in self.layers.items():
+            parent, _, leaf = path.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, leaf,
+                    layer.base_layer)
+        self.layers = {}
+        return self.model
+
+
+def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, max_slots: int,
+                max_rank: int, dtype: torch.dtype | None = None) -> LoraInjection:
+    """Replace every module matching `target_modules` (peft rules; None = the defaults of
+    `default_target_modules`) inside the decoder blocks with a BatchedLoraLayer holding
+    `max_slots` adapter slots (plus slot 0) of rank up to `max_rank`. `dtype`: of the LoRA
+    stacks (default: the base layer's compute dtype)."""
+    if max_slots < 1:
+        raise InvalidArgument("`max_slots` must be >= 1", field="max_slots")
+    if max_rank < 1:
+        raise InvalidArgument("`max_rank` must be >= 1", field="max_rank")
+    targets = default_target_modules(model) if target_modules is None else target_modules
+    found = [(n, m) for n, m in _decoder_block_linears(model) if _matches(n, targets)]
+    if not found:
+        raise InvalidArgument(f"no module of the model matches target_modules {targets!r}",
+                              field="target_modules")
+    slot_ranks = [0] * (max_slots + 1)
+    batch = LoraBatch(slot_ranks, dispatch(found[0][1]).device)
+    layers: dict[str, BatchedLoraLayer] = {}
+    for name, mod in found:
+        layer = BatchedLoraLayer(mod, dispatch(mod), max_slots=max_slots, max_rank=max_rank,
+                                 batch=batch, dtype=dtype)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, layer)
+        layers[name] = layer
+    return LoraInjection(model, layers, batch, slot_ranks, max_slots, max_rank)

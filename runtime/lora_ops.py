@@ -1,0 +1,272 @@
+"""The batched-LoRA kernel: many adapters, one forward pass, plain torch (CPU and CUDA).
+
+Every token of a batch carries the slot id of its adapter (slot 0 = no adapter). Once per
+forward step the caller turns those slot ids into a `LoraBatchPlan` (`make_plan`); every
+LoRA layer of the model then calls `add_lora(y, x, a, b, scale, plan)`, which is only the
+matmuls. Building the plan is the host-side work (sorting, grouping, choosing a strategy)
+that would otherwise be repeated in each of the model's ~200 projections.
+
+Strategies (picked by `make_plan`, measured on a 2-core Xeon, see bench/README.md):
+- "base_only": no token uses an adapter; nothing to do.
+- "single":    one adapter; two plain matmuls over its tokens, at the adapter's true rank.
+- "grouped":   tokens grouped by slot into a zero-padded `[K, L, in]` block, where the K
+               slots are the contiguous range lo..hi of the stacks (views, no weight copy);
+               two `bmm`s. The decode case: many adapters, few tokens each.
+- "segments":  a loop over the distinct slots, two `mm`s per slot on slices of the tokens
+               sorted by slot. The prefill case, or slots too scattered to group cheaply.
+A "gathered bmm" (copy `a[slot[t]]` for every token, then `bmm`) was measured too: it copies
+`T * R * (in + out)` weights per layer and lost to "grouped" in every case, so it is not here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from loraplex.errors import InvalidArgument
+
+Strategy = Literal["base_only", "single", "grouped", "segments"]
+STRATEGIES: tuple[str, ...] = ("single", "grouped", "segments")  # those a caller may force
+
+# "grouped" computes K * L padded rows and reads K slots' weights; it is chosen while that
+# stays within these factors of the real work (T_lora rows, U distinct slots).
+_GROUPED_MAX_ROW_WASTE = 2.0
+_GROUPED_MAX_SLOT_WASTE = 1.5
+
+
+@dataclass(frozen=True, eq=False)
+class LoraBatchPlan:
+    """How one forward step's tokens map onto adapter slots; shared by every LoRA layer.
+
+    Index tensors live on the model's device. Host-side ints (slot numbers, segment lengths)
+    drive the Python loop of the "segments" strategy without a device sync.
+    """
+
+    num_tokens: int  # T: rows of the flattened [T, in] activations this plan is for
+    strategy: Strategy
+    slots: Tensor  # [T] int64: slot of each token (kept for reference checks and debugging)
+    rank: int | None = None  # rank to compute at ("single"/"grouped"); None = the stacks' R
+    # "single": the one slot, and the tokens that use it (None = all T tokens)
+    slot: int = 0
+    tokens: Tensor | None = None  # [T_lora] int64
+    # "grouped": slots lo .. lo+K-1, each with L padded rows
+    lo: int = 0
+    num_groups: int = 0  # K
+    group_len: int = 0  # L
+    gather_src: Tensor | None = None  # [K*L] int64 token of each padded row (no padding case)
+    pad_pos: Tensor | None = None  # [T_lora] int64 padded row of each lora token (padding case)
+    # "segments": lora tokens sorted by slot, cut into runs of one slot
+    perm: Tensor | None = None  # [T_lora] int64 token indices sorted by slot (None = identity)
+    sorted_slots: Tensor | None = None  # [T_lora] int64 slot of perm[i]
+    seg_slots: tuple[int, ...] = ()  # [U] distinct slots, ascending
+    seg_lens: tuple[int, ...] = ()  # [U] tokens per slot
+    seg_ranks: tuple[int | None, ...] = ()  # [U] rank per slot (None = R)
+
+    @property
+    def num_adapters(self) -> int:
+        """Distinct non-zero slots in the batch."""
+        if self.strategy == "base_only":
+            return 0
+        if self.strategy == "single":
+            return 1
+        return len(self.seg_slots)
+
+
+def make_plan(
+    slots: Tensor | Sequence[int],
+    *,
+    slot_ranks: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+    strategy: Strategy | None = None,
+) -> LoraBatchPlan:
+    """Plan one step. `slots # [T]`: slot per token (0 = no adapter).
+
+    `slot_ranks[s]`: the true rank of the adapter in slot s (its zero padding up to R is
+    skipped when all adapters in the batch share a smaller rank); None = always use R.
+    `strategy` forces one of STRATEGIES (tests, benchmarks; "single" falls back to
+    "segments" for several adapters); None picks by the rules in the module doc. A batch
+    without adapter tokens is always "base_only".
+    """
+    if strategy is not None and strategy not in STRATEGIES:
+        raise InvalidArgument(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}",
+                              field="strategy")
+    host = torch.as_tensor(slots, dtype=torch.int64, device="cpu").reshape(-1)  # [T]
+    if device is None:
+        device = slots.device if isinstance(slots, Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    if host.numel() and int(host.min()) < 0:
+        raise InvalidArgument("slot ids must be >= 0", field="slots")
+    n = int(host.numel())
+    dev_slots = host.to(device)  # [T]
+
+    lora_tok = torch.nonzero(host, as_tuple=True)[0]  # [T_lora] tokens with an adapter
+    if lora_tok.numel() == 0:
+        return LoraBatchPlan(num_tokens=n, strategy="base_only", slots=dev_slots)
+
+    lora_slots = host[lora_tok]  # [T_lora]
+    order = torch.argsort(lora_slots, stable=True)  # [T_lora]
+    perm = lora_tok[order]  # [T_lora] tokens sorted by slot
+    sorted_slots = lora_slots[order]  # [T_lora]
+    uniq, counts = torch.unique_consecutive(sorted_slots, return_counts=True)  # [U], [U]
+    seg_slots = tuple(int(s) for s in uniq.tolist())
+    seg_lens = tuple(int(c) for c in counts.tolist())
+    seg_ranks = tuple((int(slot_ranks[s]) if slot_ranks is not None else None)
+                      for s in seg_slots)
+    shared_rank = seg_ranks[0] if len(set(seg_ranks)) == 1 else None
+    t_lora = int(perm.numel())
+    all_tokens = t_lora == n
+    identity = all_tokens and bool(torch.equal(perm, torch.arange(n)))
+
+    if strategy is None:
+        strategy = _choose(seg_slots, seg_lens, t_lora)
+
+    if strategy == "single" and len(seg_slots) != 1:
+        strategy = "segments"  # "single" is only defined for one adapter
+    if strategy == "single":
+        return LoraBatchPlan(
+            num_tokens=n, strategy="single", slots=dev_slots, rank=shared_rank,
+            slot=seg_slots[0], tokens=None if all_tokens else lora_tok.to(device),
+            seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+        )
+
+    if strategy == "grouped":
+        lo, hi = seg_slots[0], seg_slots[-1]
+        k, length = hi - lo + 1, max(seg_lens)
+        starts = torch.cumsum(counts, 0) - counts  # [U] first sorted index of each slot
+        within = torch.arange(t_lora) - torch.repeat_interleave(starts, counts)  # [T_lora]
+        pos = (sorted_slots - lo) * length + within  # [T_lora] padded row of perm[i]
+        if t_lora == k * length:  # no padding: every padded row is a token
+            src = torch.empty(t_lora, dtype=torch.int64)
+            src[pos] = perm
+            gather_src = None if torch.equal(src, torch.arange(n)) and all_tokens else src
+            return LoraBatchPlan(
+                num_tokens=n, strategy="grouped", slots=dev_slots, rank=shared_rank,
+                lo=lo, num_groups=k, group_len=length,
+                gather_src=None if gather_src is None else gather_src.to(device),
+                seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+            )
+        return LoraBatchPlan(
+            num_tokens=n, strategy="grouped", slots=dev_slots, rank=shared_rank,
+            lo=lo, num_groups=k, group_len=length, pad_pos=pos.to(device),
+            perm=perm.to(device), seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+        )
+
+    return LoraBatchPlan(
+        num_tokens=n, strategy="segments", slots=dev_slots,
+        perm=None if identity else perm.to(device), sorted_slots=sorted_slots.to(device),
+        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+    )
+
+
+def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int) -> Strategy:
+    if len(seg_slots) == 1:
+        return "single"
+    k = seg_slots[-1] - seg_slots[0] + 1
+    padded_rows = k * max(seg_lens)
+    if (padded_rows <= _GROUPED_MAX_ROW_WASTE * t_lora
+            and k <= _GROUPED_MAX_SLOT_WASTE * len(seg_slots)):
+        return "grouped"
+    return "segments"
+
+
+def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+             plan: LoraBatchPlan) -> Tensor:
+    """Add every token's own adapter delta to `y`, in place; returns `y`.
+
+    Semantics:
+        for t in range(T):
+            s = plan.slots[t]
+            y[t] += scale[s] * b[s] @ (a[s] @ x[t])
+
+    y     # [T, out]  base-layer output, updated in place
+    x     # [T, in]   layer input
+    a     # [S, R, in]   stacked A matrices, zero-padded to rank R; a[0] == 0
+    b     # [S, out, R]  stacked B matrices, zero-padded to rank R; b[0] == 0
+    scale # [S]          alpha / r (or alpha / sqrt(r) for rslora); scale[0] == 0
+    All four tensors share one dtype and device. Slot 0 tokens are skipped, never computed.
+    """
+    if x.shape[0] != plan.num_tokens:
+        raise InvalidArgument(f"plan is for {plan.num_tokens} tokens, x has {x.shape[0]}",
+                              field="plan")
+    if plan.strategy == "base_only":
+        return y
+    if plan.strategy == "single":
+        return _add_single(y, x, a, b, scale, plan)
+    if plan.strategy == "grouped":
+        return _add_grouped(y, x, a, b, scale, plan)
+    return _add_segments(y, x, a, b, scale, plan)
+
+
+def _add_single(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                plan: LoraBatchPlan) -> Tensor:
+    r = plan.rank or a.shape[1]
+    a_t = a[plan.slot, :r].t()  # [in, r]
+    b_t = b[plan.slot, :, :r].t()  # [r, out]
+    s = scale[plan.slot : plan.slot + 1]  # [1]
+    if plan.tokens is None:
+        h = torch.mm(x, a_t).mul_(s)  # [T, r]
+        return y.addmm_(h, b_t)
+    xs = x.index_select(0, plan.tokens)  # [T_lora, in]
+    h = torch.mm(xs, a_t).mul_(s)  # [T_lora, r]
+    return y.index_add_(0, plan.tokens, torch.mm(h, b_t))
+
+
+def _add_grouped(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                 plan: LoraBatchPlan) -> Tensor:
+    k, length = plan.num_groups, plan.group_len
+    lo, hi = plan.lo, plan.lo + k
+    r = plan.rank or a.shape[1]
+    a_t = a[lo:hi, :r].transpose(1, 2)  # [K, in, r] view of the stacks
+    b_t = b[lo:hi, :, :r].transpose(1, 2)  # [K, r, out] view of the stacks
+    s = scale[lo:hi].view(k, 1, 1)  # [K, 1, 1]
+    if plan.pad_pos is not None:  # some groups shorter than L: zero rows fill the gaps
+        xp = x.new_zeros(k * length, x.shape[1])  # [K*L, in]
+        xp.index_copy_(0, plan.pad_pos, x.index_select(0, plan.perm))
+        h = torch.bmm(xp.view(k, length, -1), a_t).mul_(s)  # [K, L, r]
+        yp = torch.bmm(h, b_t).view(k * length, -1)  # [K*L, out]
+        return y.index_add_(0, plan.perm, yp.index_select(0, plan.pad_pos))
+    if plan.gather_src is None:  # tokens already in group order: no index ops at all
+        h = torch.bmm(x.view(k, length, -1), a_t).mul_(s)  # [K, L, r]
+        y.view(k, length, -1).baddbmm_(h, b_t)
+        return y
+    xp = x.index_select(0, plan.gather_src).view(k, length, -1)  # [K, L, in]
+    h = torch.bmm(xp, a_t).mul_(s)  # [K, L, r]
+    yp = torch.bmm(h, b_t).view(k * length, -1)  # [K*L, out]
+    return y.index_add_(0, plan.gather_src, yp)
+
+
+def _add_segments(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                  plan: LoraBatchPlan) -> Tensor:
+    t_lora = sum(plan.seg_lens)
+    r_max = a.shape[1]
+    xs = x if plan.perm is None else x.index_select(0, plan.perm)  # [T_lora, in]
+    h = x.new_empty(t_lora, r_max)  # [T_lora, R]
+    d = y.new_empty(t_lora, y.shape[1])  # [T_lora, out]
+    a_t = a.transpose(1, 2).unbind(0)  # S x [in, R] views
+    b_t = b.transpose(1, 2).unbind(0)  # S x [R, out] views
+    xs_seg, h_seg, d_seg = xs.split(plan.seg_lens), h.split(plan.seg_lens), d.split(plan.seg_lens)
+    for i, s in enumerate(plan.seg_slots):
+        r = plan.seg_ranks[i] or r_max
+        if r == r_max:
+            torch.mm(xs_seg[i], a_t[s], out=h_seg[i])
+            torch.mm(h_seg[i], b_t[s], out=d_seg[i])
+        else:  # skip the zero padding of a low-rank adapter
+            hs = torch.mm(xs_seg[i], a_t[s][:, :r])  # [n_s, r]
+            torch.mm(hs, b_t[s][:r], out=d_seg[i])
+    d.mul_(scale.index_select(0, plan.sorted_slots).unsqueeze(1))  # [T_lora, out]
+    if plan.perm is None:
+        return y.add_(d)
+    return y.index_add_(0, plan.perm, d)
+
+
+def reference_add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
+                       slots: Tensor) -> Tensor:
+    """The Semantics loop of `add_lora`, literally; for tests. `slots # [T]`."""
+    for t in range(x.shape[0]):
+        s = int(slots[t])
+        y[t] += scale[s] * (b[s] @ (a[s] @ x[t]))
+    return y
