@@ -24,31 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\"\"\n\x13\x41\x64minAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"D\n\x14\x41\x64minAdapterResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"`\n\x0fResidentAdapter\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\x05\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\"\x11\n\x0fResidentRequest\"\xc3\x01\n\x10ResidentResponse\x12,\n\x06\x64\x65vice\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.ResidentAdapter\x12\x30\n\nhost_cache\x18\x02 \x03(\x0b\x32\x1c.loraplex.v1.ResidentAdapter\x12\x14\n\x0c\x64\x65vice_slots\x18\x03 \x01(\r\x12\x18\n\x10host_cache_bytes\x18\x04 \x01(\x04\x12\x1f\n\x17host_cache_budget_bytes\x18\x05 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa0\x02\n\rStatsResponse\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0f\n\x07waiting\x18\x02 \x01(\r\x12\x12\n\nfree_slots\x18\x03 \x01(\r\x12\x13\n\x0bmax_running\x18\x04 \x01(\r\x12\x19\n\x11resident_adapters\x18\x05 \x01(\r\x12\x16\n\x0erequests_total\x18\x06 \x01(\x04\x12\x18\n\x10tokens_generated\x18\x07 \x01(\x04\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x12\x36\n\x06values\x18\t \x03(\x0b\x32&.loraplex.v1.StatsResponse.ValuesEntry\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xd1\x03\n\x0c\x41\x64minService\x12O\n\x08Prefetch\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12M\n\x06Unload\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12J\n\x03Pin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12L\n\x05Unpin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12G\n\x08Resident\x12\x1c.loraplex.v1.ResidentRequest\x1a\x1d.loraplex.v1.ResidentResponse\x12>\n\x05Stats\x12\x19.loraplex.v1.StatsRequest\x1a\x1a.loraplex.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\"\"\n\x13\x41\x64minAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"D\n\x14\x41\x64minAdapterResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"\x8b\x01\n\x0fResidentAdapter\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0f\n\x07on_host\x18\x05 \x01(\x08\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\"\x11\n\x0fResidentRequest\"\x7f\n\x10ResidentResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.ResidentAdapter\x12\x12\n\nslots_used\x18\x02 \x01(\r\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nhost_bytes\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"\x91\x02\n\rStatsResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07loading\x18\x05 \x01(\r\x12\x12\n\nslots_used\x18\x06 \x01(\r\x12\x13\n\x0bslots_total\x18\x07 \x01(\r\x12\x12\n\nhost_bytes\x18\x08 \x01(\x04\x12\x14\n\x0ckv_rows_used\x18\t \x01(\x04\x12\x15\n\rkv_rows_total\x18\n \x01(\x04\x12\r\n\x05steps\x18\x0b \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0c \x01(\x04\x12\x19\n\x11requests_finished\x18\r \x01(\x04\x32\xd1\x03\n\x0c\x41\x64minService\x12O\n\x08Prefetch\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12M\n\x06Unload\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12J\n\x03Pin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12L\n\x05Unpin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12G\n\x08Resident\x12\x1c.loraplex.v1.ResidentRequest\x1a\x1d.loraplex.v1.ResidentResponse\x12>\n\x05Stats\x12\x19.loraplex.v1.StatsRequest\x1a\x1a.loraplex.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STATSRESPONSE_VALUESENTRY']._loaded_options = None
-  _globals['_STATSRESPONSE_VALUESENTRY']._serialized_options = b'8\001'
   _globals['_ADMINADAPTERREQUEST']._serialized_start=40
   _globals['_ADMINADAPTERREQUEST']._serialized_end=74
   _globals['_ADMINADAPTERRESPONSE']._serialized_start=76
   _globals['_ADMINADAPTERRESPONSE']._serialized_end=144
-  _globals['_RESIDENTADAPTER']._serialized_start=146
-  _globals['_RESIDENTADAPTER']._serialized_end=242
-  _globals['_RESIDENTREQUEST']._serialized_start=244
-  _globals['_RESIDENTREQUEST']._serialized_end=261
-  _globals['_RESIDENTRESPONSE']._serialized_start=264
-  _globals['_RESIDENTRESPONSE']._serialized_end=459
-  _globals['_STATSREQUEST']._serialized_start=461
-  _globals['_STATSREQUEST']._serialized_end=475
-  _globals['_STATSRESPONSE']._serialized_start=478
-  _globals['_STATSRESPONSE']._serialized_end=766
-  _globals['_STATSRESPONSE_VALUESENTRY']._serialized_start=721
-  _globals['_STATSRESPONSE_VALUESENTRY']._serialized_end=766
-  _globals['_ADMINSERVICE']._serialized_start=769
-  _globals['_ADMINSERVICE']._serialized_end=1234
+  _globals['_RESIDENTADAPTER']._serialized_start=147
+  _globals['_RESIDENTADAPTER']._serialized_end=286
+  _globals['_RESIDENTREQUEST']._serialized_start=288
+  _globals['_RESIDENTREQUEST']._serialized_end=305
+  _globals['_RESIDENTRESPONSE']._serialized_start=307
+  _globals['_RESIDENTRESPONSE']._serialized_end=434
+  _globals['_STATSREQUEST']._serialized_start=436
+  _globals['_STATSREQUEST']._serialized_end=450
+  _globals['_STATSRESPONSE']._serialized_start=453
+  _globals['_STATSRESPONSE']._serialized_end=726
+  _globals['_ADMINSERVICE']._serialized_start=729
+  _globals['_ADMINSERVICE']._serialized_end=1194
 # @@protoc_insertion_point(module_scope)

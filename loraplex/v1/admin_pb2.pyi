@@ -23,66 +23,69 @@ class AdminAdapterResponse(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
 
 class ResidentAdapter(_message.Message):
-    __slots__ = ("ref", "digest", "size_bytes", "slot", "pinned")
+    __slots__ = ("ref", "digest", "size_bytes", "slot", "on_host", "pinned", "active_sequences")
     REF_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLOT_FIELD_NUMBER: _ClassVar[int]
+    ON_HOST_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     ref: str
     digest: str
     size_bytes: int
     slot: int
+    on_host: bool
     pinned: bool
-    def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., slot: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    active_sequences: int
+    def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., slot: _Optional[int] = ..., on_host: _Optional[bool] = ..., pinned: _Optional[bool] = ..., active_sequences: _Optional[int] = ...) -> None: ...
 
 class ResidentRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ResidentResponse(_message.Message):
-    __slots__ = ("device", "host_cache", "device_slots", "host_cache_bytes", "host_cache_budget_bytes")
-    DEVICE_FIELD_NUMBER: _ClassVar[int]
-    HOST_CACHE_FIELD_NUMBER: _ClassVar[int]
-    DEVICE_SLOTS_FIELD_NUMBER: _ClassVar[int]
-    HOST_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
-    HOST_CACHE_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
-    device: _containers.RepeatedCompositeFieldContainer[ResidentAdapter]
-    host_cache: _containers.RepeatedCompositeFieldContainer[ResidentAdapter]
-    device_slots: int
-    host_cache_bytes: int
-    host_cache_budget_bytes: int
-    def __init__(self, device: _Optional[_Iterable[_Union[ResidentAdapter, _Mapping]]] = ..., host_cache: _Optional[_Iterable[_Union[ResidentAdapter, _Mapping]]] = ..., device_slots: _Optional[int] = ..., host_cache_bytes: _Optional[int] = ..., host_cache_budget_bytes: _Optional[int] = ...) -> None: ...
+    __slots__ = ("adapters", "slots_used", "slots_total", "host_bytes")
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[ResidentAdapter]
+    slots_used: int
+    slots_total: int
+    host_bytes: int
+    def __init__(self, adapters: _Optional[_Iterable[_Union[ResidentAdapter, _Mapping]]] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("running", "waiting", "free_slots", "max_running", "resident_adapters", "requests_total", "tokens_generated", "draining", "values")
-    class ValuesEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     WAITING_FIELD_NUMBER: _ClassVar[int]
-    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
-    MAX_RUNNING_FIELD_NUMBER: _ClassVar[int]
-    RESIDENT_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LOADING_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_ROWS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_ROWS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
-    DRAINING_FIELD_NUMBER: _ClassVar[int]
-    VALUES_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    draining: bool
     running: int
     waiting: int
-    free_slots: int
-    max_running: int
-    resident_adapters: int
-    requests_total: int
+    loading: int
+    slots_used: int
+    slots_total: int
+    host_bytes: int
+    kv_rows_used: int
+    kv_rows_total: int
+    steps: int
     tokens_generated: int
-    draining: bool
-    values: _containers.ScalarMap[str, float]
-    def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., free_slots: _Optional[int] = ..., max_running: _Optional[int] = ..., resident_adapters: _Optional[int] = ..., requests_total: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., draining: _Optional[bool] = ..., values: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    requests_finished: int
+    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,86 @@
+"""Domain errors → gRPC status codes with rich details, at one place.
+
+Every `LoraplexError` names its gRPC code (`loraplex/errors.py`); here that name becomes a
+`grpc.StatusCode` plus a `google.rpc.Status` in the trailing metadata (grpcio-status), so a
+client can read *which* field was wrong (`BadRequest`), why (`ErrorInfo`) and when to retry
+(`RetryInfo`). Anything that is not a `LoraplexError` is a bug: it is logged with its
+traceback and becomes INTERNAL without leaking internals to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from loraplex.errors import LoraplexError, Overloaded, Unavailable
+
+log = logging.getLogger("loraplex.runtime.grpc")
+DOMAIN = "loraplex.dev"
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class MappedError:
+    """What a caller learns about a failure: code, message and the field at fault."""
+
+    code: grpc.StatusCode
+    message: str
+    field: str | None
+    reason: str  # the error class name, e.g. "AliasConflict"
+
+
+def status_code(name: str) -> grpc.StatusCode:
+    """`grpc.StatusCode` by name; unknown names are a bug in the error table → INTERNAL."""
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)
+
+
+def map_error(error: BaseException, request_id: str = "") -> MappedError:
+    """Classify any exception; logs the ones that are bugs."""
+    if isinstance(error, LoraplexError):
+        return MappedError(status_code(error.code), error.message, error.field,
+                           type(error).__name__)
+    log.error("internal error in request %s", request_id or "-", exc_info=error)
+    suffix = f" (request id {request_id})" if request_id else ""
+    return MappedError(grpc.StatusCode.INTERNAL, "internal error" + suffix, None, "Internal")
+
+
+def rich_status(mapped: MappedError, request_id: str = "") -> grpc.Status:
+    """A `grpc.Status` carrying google.rpc details in its trailing metadata."""
+    details = [_pack(error_details_pb2.ErrorInfo(
+        reason=mapped.reason, domain=DOMAIN,
+        metadata={"request_id": request_id} if request_id else {}))]
+    if mapped.field:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=mapped.field,
+                                                        description=mapped.message)])))
+    if mapped.reason in {Overloaded.__name__, Unavailable.__name__}:
+        details.append(_pack(error_details_pb2.RetryInfo(
+            retry_delay={"seconds": int(RETRY_AFTER_S),
+                         "nanos": int((RETRY_AFTER_S % 1) * 1e9)})))
+    status = status_pb2.Status(code=_rpc_code(mapped.code), message=mapped.message,
+                               details=details)
+    return rpc_status.to_status(status)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException,
+                request_id: str = "") -> NoReturn:
+    """End the RPC with the status `error` maps to (raises grpc's AbortError)."""
+    status = rich_status(map_error(error, request_id), request_id)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def _rpc_code(code: grpc.StatusCode) -> int:
+    return getattr(code_pb2, code.name, code_pb2.INTERNAL)

@@ -1,0 +1,47 @@
+"""AdminService: what is resident on the accelerator. The auth interceptor has already
+refused non-admin callers (PERMISSION_DENIED) before any method here runs."""
+
+from __future__ import annotations
+
+import asyncio
+
+from loraplex.errors import InvalidArgument
+from loraplex.runtime.interceptors import current_identity
+from loraplex.runtime.servicers import convert
+from loraplex.runtime.servicers.state import ServingState
+from loraplex.v1 import admin_pb2_grpc
+
+
+class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    async def Prefetch(self, request, context):
+        return await self._adapter_call("prefetch", request.ref)
+
+    async def Unload(self, request, context):
+        return await self._adapter_call("unload", request.ref)
+
+    async def Pin(self, request, context):
+        return await self._adapter_call("pin", request.ref)
+
+    async def Unpin(self, request, context):
+        return await self._adapter_call("unpin", request.ref)
+
+    async def Resident(self, request, context):
+        engine = self.state.require_engine()
+        adapters, stats = await asyncio.to_thread(lambda: (engine.resident(), engine.stats()))
+        return convert.resident_pb(adapters, stats)
+
+    async def Stats(self, request, context):
+        engine = self.state.require_engine()
+        return convert.stats_pb(await asyncio.to_thread(engine.stats))
+
+    async def _adapter_call(self, method: str, ref: str):
+        """Admin calls may wait on a registry read: run them off the event loop."""
+        if not ref.strip():
+            raise InvalidArgument("`ref` is required", field="ref")
+        engine = self.state.require_engine()
+        outcome = await asyncio.to_thread(getattr(engine, method), current_identity(),
+                                          ref.strip())
+        return convert.admin_ack_pb(outcome, ref.strip())

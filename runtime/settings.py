@@ -1,0 +1,124 @@
+"""The server's one frozen configuration: command-line flags over `LORAPLEX_*` environment
+variables over a YAML/TOML file over defaults.
+
+    loraplex serve --base ./base --config server.yaml --port 50051
+    LORAPLEX_METRICS_PORT=9100 loraplex serve --base ./base
+
+Engine capacity knobs the server does not name (`max_rank`, `host_cache_bytes`, …) go in the
+file's `engine:` table and are passed to `EngineConfig` whole, which validates them.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from loraplex.errors import InvalidArgument
+
+DEFAULT_REGISTRY = ".loraplex/registry"
+
+
+class ServerSettings(BaseSettings):
+    """Everything `create_server` needs; passed whole, never field by field."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", frozen=True, extra="forbid")
+
+    base: Path | None = Field(None, description="Hugging Face model directory of the base.")
+    registry: str = Field(DEFAULT_REGISTRY, description="Registry directory or SQLAlchemy URL.")
+    blob_dir: Path | None = Field(None, description="Blob directory for a database URL registry.")
+    host: str = Field("0.0.0.0", description="gRPC listen address.")  # noqa: S104
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_host: str = Field("0.0.0.0", description="/metrics listen address.")  # noqa: S104
+    metrics_port: int | None = Field(
+        9090, ge=0, le=65535, description="/metrics port; 0 picks one, None disables.")
+    no_auth: bool = Field(False, description="Treat every caller as an admin (local use only).")
+    quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="Base weights.")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    max_slots: int = Field(8, gt=0, description="Adapters resident on the device at once.")
+    max_batch: int = Field(32, gt=0, description="Sequences in the running batch.")
+    max_waiting: int = Field(256, gt=0, description="Queued requests before RESOURCE_EXHAUSTED.")
+    engine: dict[str, Any] = Field(default_factory=dict,
+                                   description="More EngineConfig fields, passed through.")
+    grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish in-flight calls.")
+    max_register_bytes: int = Field(
+        1 << 30, gt=0, description="Cap on one RegisterAdapter stream (config + weights).")
+    max_batch_items: int = Field(256, gt=0, description="Items in one BatchGenerate call.")
+    watch_poll_s: float = Field(0.5, gt=0, description="WatchAdapters polls the registry this often.")
+    metrics_top_k: int = Field(20, gt=0, description="Distinct tenant/adapter label values.")
+    max_message_bytes: int = Field(8 << 20, gt=0, description="gRPC message size limit.")
+
+    @field_validator("engine")
+    @classmethod
+    def _no_shadowing(cls, v: dict[str, Any]) -> dict[str, Any]:
+        named = {"base_dir", "quantization", "device", "max_slots", "max_batch", "max_waiting"}
+        clash = sorted(named & set(v))
+        if clash:
+            raise ValueError(f"set {clash} as top-level settings, not under `engine`")
+        return v
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings):
+        return init_settings, env_settings, _FileSource(settings_cls)
+
+    def engine_config(self):
+        """The `EngineConfig` these settings describe (validated by the engine)."""
+        from loraplex.runtime.types import EngineConfig
+
+        if self.base is None:
+            raise InvalidArgument("`base` is required to serve: pass --base DIR", field="base")
+        return EngineConfig(base_dir=self.base, quantization=self.quantization,
+                            device=self.device, max_slots=self.max_slots,
+                            max_batch=self.max_batch, max_waiting=self.max_waiting,
+                            **self.engine)
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """The lowest-priority source: the file named by `config_file` (set per load)."""
+
+    path: Path | None = None
+
+    def get_field_value(self, field, field_name):  # required by the ABC; unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return read_config_file(self.path) if self.path else {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML (`.yaml`/`.yml`) or TOML (`.toml`) mapping of settings."""
+    if not path.is_file():
+        raise InvalidArgument(f"config file {path} does not exist", field="config")
+    text = path.read_text()
+    data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"config file {path} must hold a mapping", field="config")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(flags: dict[str, Any] | None = None,
+                  config_file: Path | None = None) -> ServerSettings:
+    """Flags (None values dropped) over env over `config_file` over defaults."""
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    _FileSource.path = config_file
+    try:
+        return ServerSettings(**given)
+    except ValueError as e:  # pydantic's ValidationError: name the first bad field
+        raise _invalid(e) from None
+    finally:
+        _FileSource.path = None
+
+
+def _invalid(error: ValueError) -> InvalidArgument:
+    errors = getattr(error, "errors", lambda: [])()
+    field = ".".join(str(p) for p in errors[0]["loc"]) if errors else None
+    text = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or str(error)
+    return InvalidArgument(f"bad server settings: {text}", field=field)
+
