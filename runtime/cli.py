@@ -1,0 +1,94 @@
+"""`loraplex serve` and `loraplex generate` (attached by `loraplex/cli.py` via `register`).
+
+    loraplex serve --base ./base --registry ./.loraplex/registry --port 50051 --metrics-port 9090
+    loraplex generate --adapter acme/support@prod "Where is my order?" --stream --token lpx_...
+
+Unset flags fall back to `LORAPLEX_*` environment variables, then to `--config FILE`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+    app.command("generate")(generate)
+
+
+def serve(
+    base: Path = typer.Option(None, help="Hugging Face model directory of the base."),
+    registry: str = typer.Option(None, help="Registry directory or SQLAlchemy URL."),
+    blob_dir: Path = typer.Option(None, help="Blob directory (for a database URL registry)."),
+    host: str = typer.Option(None, help="gRPC listen address (default 0.0.0.0)."),
+    port: int = typer.Option(None, help="gRPC port (default 50051); 0 picks a free one."),
+    metrics_port: int = typer.Option(None, help="Prometheus /metrics port (default 9090)."),
+    no_auth: bool = typer.Option(None, "--no-auth/--auth",
+                                 help="Every caller is an admin (local experiments only)."),
+    quantization: str = typer.Option(None, help="nf4 | int8 | none (default nf4)."),
+    device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
+    grace_s: float = typer.Option(None, help="SIGTERM: seconds to finish in-flight calls."),
+    config: Path = typer.Option(None, help="YAML or TOML file of server settings."),
+) -> None:
+    """Serve inference, registry and admin over gRPC, and /metrics over HTTP."""
+    from loraplex.errors import LoraplexError
+    from loraplex.runtime.server import serve as run_server
+    from loraplex.runtime.settings import load_settings
+
+    flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
+                 metrics_port=metrics_port, no_auth=no_auth, quantization=quantization,
+                 device=device, grace_s=grace_s)
+    try:
+        settings = load_settings(flags, config)
+        if settings.base is None:
+            raise typer.BadParameter("--base DIR is required (or LORAPLEX_BASE)")
+    except LoraplexError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    raise typer.Exit(run_server(settings))
+
+
+def generate(
+    prompt: str = typer.Argument(..., help="Prompt text."),
+    adapter: str = typer.Option("", help="Adapter ref (t/n@prod, t/n:v3); empty: the base."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they arrive."),
+    target: str = typer.Option("localhost:50051", envvar="LORAPLEX_TARGET",
+                               help="Server host:port."),
+    token: str = typer.Option(None, envvar="LORAPLEX_TOKEN", help="API token."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.0, help="0: greedy."),
+    top_p: float = typer.Option(None, help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, help="Sampling seed."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
+    timeout: float = typer.Option(60.0, help="Deadline in seconds."),
+) -> None:
+    """Generate text with an adapter on a running server."""
+    from loraplex.client import Client
+    from loraplex.errors import LoraplexError
+
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+              stop=stop, timeout=timeout)
+    try:
+        with Client(target, token=token or os.environ.get("LORAPLEX_TOKEN")) as client:
+            if stream:
+                final = None
+                for chunk in client.stream(adapter or None, prompt, **kw):
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                    final = chunk.final or final
+                sys.stdout.write("\n")
+            else:
+                final = client.generate(adapter or None, prompt, **kw)
+                typer.echo(final.text)
+    except LoraplexError as e:
+        field = f" (field {e.field})" if e.field else ""
+        typer.echo(f"error: {e.code}: {e}{field}", err=True)
+        raise typer.Exit(1) from None
+    if final is not None:
+        typer.echo(f"[{final.adapter_ref or 'base'} · {final.finish_reason} · "
+                   f"{final.completion_tokens} tokens · ttft {final.timings['first_token_s']:.3f}s"
+                   f" · total {final.timings['total_s']:.3f}s]", err=True)
