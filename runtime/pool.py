@@ -1,0 +1,354 @@
+"""The adapter pool: device slots over a host LRU over the registry, keyed by digest.
+
+Tiers, fastest first:
+- device: `max_slots` slots of pre-allocated stacked tensors in every LoRA layer; bringing
+  an adapter in is a `copy_` into a free slot (`write_slot`), nothing is allocated. A slot
+  used by a running sequence (`refs > 0`) or pinned is never evicted; otherwise the least
+  recently used slot makes room.
+- host: recently used adapters' tensors in memory, LRU under `host_cache_bytes`. An
+  adapter that requests are waiting for is never dropped before it reaches a slot.
+- registry: `load_fn(version)` (read, digest check, prepare) on a thread pool, so a cold
+  load never runs on the engine thread; `poll()` collects what finished.
+
+Everything but `load_fn` runs on the engine thread: no locks. `add/activate/remove`-style
+calls return a bool and are safe to repeat. All evictions go through `_evict`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from loraplex.errors import LoraplexError, ResourceExhausted, Unavailable
+from loraplex.runtime.observer import EngineObserver
+
+if TYPE_CHECKING:
+    from loraplex.registry import AdapterVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostAdapter:
+    """An adapter's weights in host memory, checked against the layers, ready to copy."""
+
+    digest: str
+    ref: str
+    tensors: dict[str, torch.Tensor]  # peft keys: `<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r]
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    nbytes: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.nbytes:
+            self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
+class _Slot:
+    digest: str | None = None
+    ref: str = ""
+    refs: int = 0  # running sequences using it
+    pinned: bool = False
+    last_used: float = 0.0
+
+
+@dataclass
+class LoadFailure:
+    digest: str
+    error: LoraplexError
+
+
+@dataclass
+class _Loading:
+    future: Future
+    version: AdapterVersion
+    started: float = field(default_factory=time.monotonic)
+
+
+class AdapterPool:
+    def __init__(self, *, max_slots: int, host_cache_bytes: int,
+                 load_fn: Callable[[AdapterVersion], HostAdapter],
+                 write_slot: Callable[[int, HostAdapter], None],
+                 clear_slot: Callable[[int], None],
+                 loader_threads: int = 2,
+                 observer: EngineObserver | None = None,
+                 on_loaded: Callable[[], None] | None = None) -> None:
+        self.max_slots = max_slots
+        self.host_cache_bytes = host_cache_bytes
+        self._load_fn = load_fn
+        self._write_slot = write_slot
+        self._clear_slot = clear_slot
+        self._observer = observer or EngineObserver()
+        self._on_loaded = on_loaded or (lambda: None)
+        self._executor = ThreadPoolExecutor(max_workers=loader_threads,
+                                            thread_name_prefix="loraplex-loader")
+        self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
+        self._slot_of: dict[str, int] = {}  # digest -> slot
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._loading: dict[str, _Loading] = {}
+        self._wanted: dict[str, int] = {}  # digest -> waiting requests that need it
+        self._pin_wanted: set[str] = set()  # pinned before it reached a slot
+        self._drop_when_idle: set[str] = set()  # unloaded while in use
+        self._landing: dict[str, list[Future]] = {}  # prefetch waiters, by digest
+
+    # -- queries ---------------------------------------------------------------------------
+    def slot_of(self, digest: str) -> int | None:
+        return self._slot_of.get(digest)
+
+    def is_loading(self, digest: str) -> bool:
+        return digest in self._loading
+
+    def on_host(self, digest: str) -> bool:
+        return digest in self._host
+
+    @property
+    def loading(self) -> int:
+        return len(self._loading)
+
+    @property
+    def slots_used(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(h.nbytes for h in self._host.values())
+
+    def resident(self) -> list[dict]:
+        """One dict per adapter held in a slot or in host memory (see ResidentAdapter)."""
+        out = []
+        for digest in dict.fromkeys([*self._slot_of, *self._host]):
+            slot = self._slot_of.get(digest)
+            s = self._slots[slot] if slot else None
+            host = self._host.get(digest)
+            out.append(dict(digest=digest, ref=(s.ref if s else host.ref), slot=slot,
+                            on_host=host is not None,
+                            pinned=bool(s and s.pinned) or digest in self._pin_wanted,
+                            active_sequences=s.refs if s else 0,
+                            size_bytes=host.nbytes if host else 0))
+        return out
+
+    # -- loading ---------------------------------------------------------------------------
+    def want(self, version: AdapterVersion) -> None:
+        """A request needs this adapter: count it and start a load if it is not at hand."""
+        d = version.digest
+        self._wanted[d] = self._wanted.get(d, 0) + 1
+        self.ensure_loading(version)
+
+    def unwant(self, digest: str) -> None:
+        n = self._wanted.get(digest, 0) - 1
+        if n > 0:
+            self._wanted[digest] = n
+        else:
+            self._wanted.pop(digest, None)
+
+    def ensure_loading(self, version: AdapterVersion) -> bool:
+        """Start a registry load unless the adapter is in a slot, on host or loading."""
+        d = version.digest
+        if d in self._slot_of or d in self._host or d in self._loading:
+            if d in self._slot_of:
+                self._observer_cache("hit", "device")
+            elif d in self._host:
+                self._observer_cache("hit", "host")
+            return False
+        self._observer_cache("miss", "host")
+        fut = self._executor.submit(self._timed_load, version)
+        fut.add_done_callback(lambda _f: self._on_loaded())
+        self._loading[d] = _Loading(fut, version)
+        return True
+
+    def _timed_load(self, version: AdapterVersion) -> HostAdapter:
+        t0 = time.monotonic()
+        host = self._load_fn(version)  # loader thread: registry read + digest + prepare
+        self._notify("on_adapter_load", "registry", time.monotonic() - t0)
+        return host
+
+    def when_resident(self, version: AdapterVersion) -> Future:
+        """Load if needed; the future completes (True) once the adapter is on host, having
+        been put into a slot if one is free or evictable, or fails with the load error."""
+        fut: Future = Future()
+        self.ensure_loading(version)
+        if version.digest in self._loading:
+            self._landing.setdefault(version.digest, []).append(fut)
+        else:
+            self.activate(version.digest)
+            fut.set_result(True)
+        return fut
+
+    def poll(self) -> list[LoadFailure]:
+        """Collect finished loads into the host tier; return the loads that failed."""
+        failures: list[LoadFailure] = []
+        for d, job in list(self._loading.items()):
+            if not job.future.done():
+                continue
+            del self._loading[d]
+            try:
+                host = job.future.result()
+            except Exception as e:  # noqa: BLE001 - a failed load fails only its requests
+                if not isinstance(e, LoraplexError):
+                    log.error("loading adapter %s failed", job.version.ref, exc_info=e)
+                    e = _internal(e)
+                failures.append(LoadFailure(d, e))
+                for fut in self._landing.pop(d, []):
+                    fut.set_exception(e)
+                continue
+            self._host[d] = host
+            self._host.move_to_end(d)
+            waiters = self._landing.pop(d, [])
+            if d in self._pin_wanted or waiters:
+                self.activate(d)
+            self._trim_host()
+            for fut in waiters:
+                fut.set_result(True)
+        return failures
+
+    # -- device slots ----------------------------------------------------------------------
+    def activate(self, digest: str) -> int | None:
+        """Put a host-resident adapter into a slot (or find it there); None if it cannot be
+        placed now (not on host, or every slot in use or pinned)."""
+        slot = self._slot_of.get(digest)
+        if slot is not None:
+            self._slots[slot].last_used = time.monotonic()
+            return slot
+        host = self._host.get(digest)
+        if host is None:
+            return None
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        t0 = time.monotonic()
+        self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
+        self._notify("on_adapter_load", "host", time.monotonic() - t0)
+        s = self._slots[slot]
+        s.digest, s.ref, s.refs, s.last_used = digest, host.ref, 0, time.monotonic()
+        s.pinned = digest in self._pin_wanted
+        self._pin_wanted.discard(digest)
+        self._slot_of[digest] = slot
+        self._host.move_to_end(digest)
+        return slot
+
+    def acquire(self, digest: str) -> int | None:
+        """Activate and count one running sequence on the adapter; None if not possible now."""
+        slot = self.activate(digest)
+        if slot is not None:
+            self._slots[slot].refs += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """A running sequence on `slot` ended."""
+        if slot <= 0:
+            return
+        s = self._slots[slot]
+        s.refs = max(0, s.refs - 1)
+        s.last_used = time.monotonic()
+        if s.refs == 0 and s.digest in self._drop_when_idle:
+            self.remove(s.digest)
+
+    def pin(self, digest: str) -> bool:
+        """Keep the adapter in a slot until `unpin`. False if already pinned.
+
+        Raises ResourceExhausted when it would pin the last unpinned slot (something must be
+        left for every other adapter)."""
+        slot = self._slot_of.get(digest)
+        if (slot is not None and self._slots[slot].pinned) or digest in self._pin_wanted:
+            return False
+        pinned = sum(1 for s in self._slots[1:] if s.pinned) + len(self._pin_wanted)
+        if pinned + 1 >= self.max_slots:
+            raise ResourceExhausted(f"pinning would leave no free adapter slot "
+                                    f"({pinned} of {self.max_slots} pinned)", field="ref")
+        if slot is None:
+            self._pin_wanted.add(digest)
+            slot = self.activate(digest)  # may still be None: activated when it lands
+        if slot is not None:
+            self._slots[slot].pinned = True
+        return True
+
+    def unpin(self, digest: str) -> bool:
+        if digest in self._pin_wanted:
+            self._pin_wanted.discard(digest)
+            return True
+        slot = self._slot_of.get(digest)
+        if slot is None or not self._slots[slot].pinned:
+            return False
+        self._slots[slot].pinned = False
+        return True
+
+    def remove(self, digest: str) -> bool:
+        """Drop the adapter from slot and host (after its running sequences end). False if it
+        was not held."""
+        self._pin_wanted.discard(digest)
+        slot = self._slot_of.get(digest)
+        held = slot is not None or digest in self._host
+        if slot is not None and self._slots[slot].refs > 0:
+            self._drop_when_idle.add(digest)
+            self._slots[slot].pinned = False
+            return True
+        self._drop_when_idle.discard(digest)
+        if slot is not None:
+            self._evict(digest, "device")
+        if digest in self._host:
+            self._evict(digest, "host")
+        return held
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for waiters in self._landing.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(Unavailable("engine shut down"))
+        self._landing.clear()
+
+    # -- internals -------------------------------------------------------------------------
+    def _free_slot(self) -> int | None:
+        for i in range(1, self.max_slots + 1):
+            if self._slots[i].digest is None:
+                return i
+        victims = [i for i in range(1, self.max_slots + 1)
+                   if self._slots[i].refs == 0 and not self._slots[i].pinned]
+        if not victims:
+            return None
+        victim = min(victims, key=lambda i: self._slots[i].last_used)
+        self._evict(self._slots[victim].digest, "device")
+        return victim
+
+    def _trim_host(self) -> None:
+        total = self.host_bytes
+        for d in list(self._host):
+            if total <= self.host_cache_bytes:
+                break
+            if self._wanted.get(d, 0) > 0 and d not in self._slot_of:
+                continue  # requests wait for it: keep it until it reaches a slot
+            total -= self._host[d].nbytes
+            self._evict(d, "host")
+
+    def _evict(self, digest: str, tier: str) -> None:
+        """The one eviction hook: clear a device slot, or forget host tensors."""
+        if tier == "device":
+            slot = self._slot_of.pop(digest)
+            self._clear_slot(slot)
+            self._slots[slot] = _Slot()
+        else:
+            del self._host[digest]
+        self._observer_cache("evict", tier)
+
+    def _observer_cache(self, event: str, tier: str) -> None:
+        self._notify("on_cache", event, tier)
+
+    def _notify(self, hook: str, *args: object) -> None:
+        try:
+            getattr(self._observer, hook)(*args)
+        except Exception:  # noqa: BLE001 - a metrics bug must not break serving
+            log.exception("observer.%s failed", hook)
+
+
+def _internal(e: Exception) -> LoraplexError:
+    err = LoraplexError(f"adapter load failed: {type(e).__name__}: {e}")
+    return err

@@ -1,0 +1,175 @@
+"""Plain dataclasses the engine speaks: requests, chunks, results, stats, configuration.
+
+No protobuf here: the gRPC servicers convert at their boundary. Validation of a request
+against the engine's limits lives in `validate_request` so that `Engine.submit` fails at once
+with a typed error naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from loraplex.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from loraplex.registry import AdapterVersion, Identity
+
+FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+Quantization = Literal["nf4", "int8", "none"]
+_QUANTIZATIONS = ("nf4", "int8", "none")
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Lists from JSON/protobuf are accepted and frozen into a tuple.
+        if not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation. `adapter=None` runs the bare base; `deadline` is `time.monotonic()` s."""
+
+    request_id: str
+    identity: Identity
+    adapter: str | None = None
+    prompt: str | None = None
+    prompt_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Newly final text and the token ids generated since the previous chunk."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds, all measured from `submit` except `prefill_s` (prefill start → first token)."""
+
+    queue_s: float = 0.0  # submit → admitted into the running batch
+    adapter_load_s: float = 0.0  # time spent waiting for the adapter to become resident
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0  # submit → first token (TTFT)
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    adapter: AdapterVersion | None = None
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """One adapter the pool holds: in a device slot (`slot > 0`) and/or in host memory."""
+
+    digest: str
+    ref: str  # `t/n:v3` of the version that brought it in
+    slot: int | None  # device slot, None when only host-resident
+    on_host: bool
+    pinned: bool
+    active_sequences: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    ready: bool
+    draining: bool
+    running: int  # sequences in the batch (prefilling or decoding)
+    waiting: int  # queued, not yet admitted
+    loading: int  # adapters being read from the registry
+    slots_used: int
+    slots_total: int
+    host_bytes: int
+    kv_rows_used: int
+    kv_rows_total: int
+    steps: int
+    tokens_generated: int
+    requests_finished: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's one capacity config, validated once (messages name the field).
+
+    `target_modules=None` wraps every linear projection of the decoder (never `lm_head`).
+    `max_seq_len=None` takes the model's `max_position_embeddings` (capped at 4096).
+    """
+
+    base_dir: str | Path
+    quantization: Quantization = "nf4"
+    compute_dtype: str = "bfloat16"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    max_slots: int = 8
+    max_rank: int = 64
+    max_batch: int = 32
+    max_waiting: int = 256
+    max_new_tokens_limit: int = 1024
+    max_seq_len: int | None = None
+    prefill_token_budget: int = 512
+    host_cache_bytes: int = 1 << 30
+    loader_threads: int = 2
+    target_modules: tuple[str, ...] | None = None
+    aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
+    idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
+
+    def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
+        if self.quantization not in _QUANTIZATIONS:
+            problems.append(("quantization", f"`quantization` must be one of {_QUANTIZATIONS}"))
+        if self.compute_dtype not in _DTYPES:
+            problems.append(("compute_dtype", f"`compute_dtype` must be one of {_DTYPES}"))
+        for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",
+                     "prefill_token_budget", "loader_threads"):
+            if int(getattr(self, name)) <= 0:
+                problems.append((name, f"`{name}` must be > 0"))
+        if self.max_seq_len is not None and self.max_seq_len <= 1:
+            problems.append(("max_seq_len", "`max_seq_len` must be > 1"))
+        if self.host_cache_bytes < 0:
+            problems.append(("host_cache_bytes", "`host_cache_bytes` must be >= 0"))
+        if not (self.aging_s > 0 and math.isfinite(self.aging_s)):
+            problems.append(("aging_s", "`aging_s` must be a positive number"))
+        if self.target_modules is not None and not isinstance(self.target_modules, tuple):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if problems:
+            raise InvalidArgument("; ".join(m for _, m in problems), field=problems[0][0])
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        from dataclasses import replace
+
+        return replace(self, **changes)
