@@ -15,7 +15,14 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.runtime.observer import EngineObserver
@@ -57,6 +64,8 @@ class ServerMetrics(EngineObserver):
 
     def __init__(self, top_k: int = 20, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
+        if registry is None:
+            ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
         self.tenant_label = BoundedLabel(top_k)
         self.adapter_label = BoundedLabel(top_k)
         self._tenants: dict[str, str] = {}  # request id → bounded tenant label, while in flight
