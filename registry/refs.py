@@ -111,6 +111,10 @@ def parse_ref(text: str | AdapterRef) -> AdapterRef:
         raise InvalidArgument("ref is empty", field="ref")
     if text.startswith(DIGEST_PREFIX):
         return AdapterRef(digest=check_digest(text))
+    algo, colon, _ = text.partition(":")
+    if colon and "/" not in algo and "@" not in algo:
+        raise InvalidArgument(f"ref {text!r}: unsupported digest {algo!r}; write "
+                              "'sha256:<64 hex>' or 'tenant/name[:vN|@alias]'", field="ref")
     if "@" in text and ":" in text:
         raise InvalidArgument(f"ref {text!r} has both an alias and a version; use one",
                               field="ref")

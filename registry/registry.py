@@ -71,8 +71,9 @@ def _now() -> datetime:
 
 
 def _utc(ts: datetime) -> datetime:
-    """SQLite hands timestamps back naive; they were written in UTC."""
-    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
+    """SQLite hands timestamps back naive (they were written in UTC), PostgreSQL in the
+    session's zone: normalise both to UTC."""
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
 
 
 def _not_found(tenant: str, name: str) -> NotFound:

@@ -59,7 +59,7 @@ class _Report:
 
     def __init__(self, initial: list[str] | None = None) -> None:
         self.lines: list[str] = list(initial or [])
-        self.first_field: str | None = None
+        self.first_field = self.lines[0].split(":", 1)[0] if self.lines else None
 
     def add(self, field: str, problem: str) -> None:
         self.first_field = self.first_field or field
@@ -67,8 +67,7 @@ class _Report:
 
     def raise_if_any(self) -> None:
         if self.lines:
-            field = self.first_field or self.lines[0].split(":", 1)[0]
-            raise ValidationFailed(self.lines, field=field)
+            raise ValidationFailed(self.lines, field=self.first_field)
 
 
 def validate(config_bytes: bytes, weights_bytes: bytes, base: BaseFingerprint | None,
