@@ -213,3 +213,54 @@ def test_lora_dtype_differs_from_base_dtype():
     x = torch.randn(1, 3, 16, dtype=torch.bfloat16)
     want = base(x).float() + 0.5 * (x.float() @ a.T @ b.T)
     torch.testing.assert_close(layer(x).float(), want, rtol=2e-2, atol=2e-2)
+
+
+def _peft_mixed_logits(peft_model, ids: torch.Tensor, row_slots: list[int]) -> torch.Tensor:
+    """peft's own mixed batch (`adapter_names=`): the same batch, the same base matmuls."""
+    names = ["__base__" if s == 0 else ADAPTERS[s - 1][0] for s in row_slots]
+    return peft_model(ids, adapter_names=names).logits
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@torch.no_grad()
+def test_quantized_base_rows_equal_peft_on_the_same_quantized_base(micro_base, quantization):
+    """Linear4bit / Linear8bitLt wrapped: base output + LoRA delta equals peft's bnb layers.
+
+    Both models quantize the same fp32 checkpoint with the same bitsandbytes config, so the
+    packed weights are bit-identical and the base matmuls agree exactly; the LoRA deltas are
+    fp32 in both and differ only in summation order (~1e-7), hence 1e-5.
+    LLM.int8() picks its fp16 outlier columns over the whole batch, so an int8 base gives a
+    row slightly different logits (~3e-3 here) alone than inside a batch, for peft as for
+    us: the batched reference is therefore peft's own mixed batch on the same batch, and the
+    run-alone reference is peft run alone.
+    """
+    from loraplex.runtime.base import load_base
+
+    def load():
+        return load_base(micro_base, quantization=quantization).model
+
+    ref = load()
+    kind = "bnb4" if quantization == "nf4" else "bnb8"
+    targets = default_target_modules(ref)
+    peft_model, dicts = _peft_with_adapters(ref, targets)
+    model = load()
+    inj = inject_lora(model, targets, max_slots=len(ADAPTERS) + 1, max_rank=MAX_RANK)
+    assert {layer.kind for layer in inj.layers.values()} == {kind}
+    for slot, (name, r, alpha, rslora, _) in enumerate(ADAPTERS, start=1):
+        inj.load_adapter(slot, dicts[name], r=r, alpha=alpha, use_rslora=rslora)
+    ids = torch.randint(0, 256, (len(ROW_SLOTS), 5), generator=torch.Generator().manual_seed(2))
+
+    inj.set_batch(ROW_SLOTS)
+    got = model(ids).logits  # [B, S, V]
+    torch.testing.assert_close(got, _peft_mixed_logits(peft_model, ids, ROW_SLOTS),
+                               rtol=1e-5, atol=1e-5)
+    for i in (0, 2, 3, 5):  # rows alone: slots 1, 2 (rslora), 3 (q/v only), 4
+        inj.set_batch(ROW_SLOTS[i : i + 1])
+        torch.testing.assert_close(model(ids[i : i + 1]).logits,
+                                   _peft_row_logits(peft_model, ids[i : i + 1], ROW_SLOTS[i : i + 1]),
+                                   rtol=1e-5, atol=1e-5)
+    if quantization == "nf4":  # 4-bit weights, fp32 matmuls: batching changes nothing
+        torch.testing.assert_close(got, _peft_row_logits(peft_model, ids, ROW_SLOTS),
+                                   rtol=1e-5, atol=1e-5)
+    base_rows = _peft_row_logits(peft_model, ids, [0] * len(ROW_SLOTS))
+    assert not torch.allclose(got[0], base_rows[0], atol=1e-3)  # the adapter does something

@@ -1,0 +1,139 @@
+"""Load the serving base: any Hugging Face causal-LM directory, optionally 4-/8-bit quantized.
+
+    base = load_base("./base", quantization="nf4", compute_dtype="float32", device="cpu")
+    base.model, base.tokenizer, base.fingerprint   # fingerprint: which adapters may serve on it
+
+Quantization goes through transformers' `BitsAndBytesConfig`: "nf4" (4-bit NormalFloat with
+double quantization, matmuls in `compute_dtype`) or "int8" (LLM.int8()); "none" keeps the
+checkpoint's weights in `compute_dtype`. bitsandbytes >= 0.45 runs both on CPU (slowly), so
+the same code path serves tests here and GPUs in production.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraplex.errors import FailedPrecondition, InvalidArgument
+from loraplex.fingerprint import BaseFingerprint, fingerprint_base
+
+QUANTIZATIONS = ("nf4", "int8", "none")
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class LoadedBase:
+    model: Any  # transformers PreTrainedModel, eval mode, no grads
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    fingerprint: BaseFingerprint
+    config: Any  # transformers PretrainedConfig
+    quantization: str  # "nf4" | "int8" | "none"
+    compute_dtype: torch.dtype
+    device: torch.device
+
+    def check_compatible(self, adapter_base: BaseFingerprint) -> None:
+        """Raise IncompatibleAdapter unless an adapter made for `adapter_base` fits this base."""
+        from loraplex.errors import IncompatibleAdapter
+
+        if adapter_base.digest != self.fingerprint.digest:
+            raise IncompatibleAdapter(
+                f"adapter was made for base {adapter_base.summary()}, this runtime serves "
+                f"{self.fingerprint.summary()}", field="adapter")
+
+
+def _dtype(compute_dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(compute_dtype, torch.dtype) and compute_dtype in COMPUTE_DTYPES.values():
+        return compute_dtype
+    if isinstance(compute_dtype, str) and compute_dtype in COMPUTE_DTYPES:
+        return COMPUTE_DTYPES[compute_dtype]
+    raise InvalidArgument(f"unknown compute_dtype {compute_dtype!r}; choose one of "
+                          f"{sorted(COMPUTE_DTYPES)}", field="compute_dtype")
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InvalidArgument(f"unknown device {device!r}: {e}", field="device") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device must be cpu or cuda, got {device!r}", field="device")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FailedPrecondition("device cuda requested but no CUDA device is available",
+                                 field="device")
+    return dev
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype):
+    """The transformers BitsAndBytesConfig for `quantization`, or None for "none"."""
+    if quantization not in QUANTIZATIONS:
+        raise InvalidArgument(f"unknown quantization {quantization!r}; choose one of "
+                              f"{QUANTIZATIONS}", field="quantization")
+    if quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _cpu_4bit_path(model: Any, compute_dtype: torch.dtype) -> None:
+    """Keep bitsandbytes' CPU 4-bit matmuls in `compute_dtype`.
+
+    bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a Linear4bit's weight at its first
+    inference forward and from then on multiplies in bfloat16, whatever compute dtype was
+    asked for: a float32 base then drifts from peft on the same base by bf16 roundings
+    (1e-3 in logits on the micro base). The repacking also fails outright (RuntimeError in
+    `_convert_weight_packed_for_cpu`) unless out % 32 == 0 and in % blocksize == 0. So the
+    repacked path is used only for a bfloat16 compute dtype and shapes it supports; the
+    others take the generic dequantize-then-matmul path in the requested dtype.
+    """
+    import bitsandbytes.nn as bnb_nn
+
+    for mod in model.modules():
+        if isinstance(mod, bnb_nn.Linear4bit):
+            qs = getattr(mod.weight, "quant_state", None)
+            block = getattr(qs, "blocksize", 64) or 64
+            if (compute_dtype != torch.bfloat16 or mod.out_features % 32
+                    or mod.in_features % block):
+                mod.support_avx512bf16_for_cpu = False
+
+
+def load_base(base_dir: str | Path, *, quantization: str = "nf4",
+              compute_dtype: str | torch.dtype = "float32",
+              device: str | torch.device = "cpu") -> LoadedBase:
+    """Load model + tokenizer from `base_dir` and fingerprint it. Typed errors for a bad
+    directory, an unknown quantization/dtype/device."""
+    dtype = _dtype(compute_dtype)
+    dev = _device(device)
+    qcfg = quantization_config(quantization, dtype)
+    base_dir = Path(base_dir)
+    fingerprint = fingerprint_base(base_dir)  # InvalidArgument for a non-model directory
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        if qcfg is None:
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(dev)
+        else:
+            # device_map places the quantized weights directly (bnb layers cannot be .to()-ed)
+            model = AutoModelForCausalLM.from_pretrained(
+                base_dir, dtype=dtype, quantization_config=qcfg, device_map=str(dev))
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError, KeyError) as e:
+        raise InvalidArgument(f"cannot load a causal LM from {base_dir}: {e}",
+                              field="base") from e
+    model.eval()
+    model.requires_grad_(False)
+    if quantization == "nf4" and dev.type == "cpu":
+        _cpu_4bit_path(model, dtype)
+    return LoadedBase(model=model, tokenizer=tokenizer, fingerprint=fingerprint,
+                      config=model.config, quantization=quantization, compute_dtype=dtype,
+                      device=dev)
