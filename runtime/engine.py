@@ -835,7 +835,10 @@ def _load_model(cfg: EngineConfig) -> tuple[Any, Any, BaseFingerprint, torch.dev
 
     device = torch.device(cfg.device if cfg.device != "auto"
                           else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _DTYPES[cfg.compute_dtype]
+    if cfg.compute_dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = _DTYPES[cfg.compute_dtype]
     try:
         from loraplex.runtime.base import load_base
     except ImportError:

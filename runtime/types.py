@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 Quantization = Literal["nf4", "int8", "none"]
 _QUANTIZATIONS = ("nf4", "int8", "none")
-_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class EngineConfig:
 
     base_dir: str | Path
     quantization: Quantization = "nf4"
-    compute_dtype: str = "bfloat16"
+    compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_slots: int = 8
     max_rank: int = 64
