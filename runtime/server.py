@@ -149,9 +149,9 @@ class LoraplexServer:
         log.info("draining: finishing in-flight calls within %.1fs", grace)
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
-        if self.engine is not None and hasattr(self.engine, "drain"):
-            await asyncio.to_thread(self.engine.drain)
-        await self.grpc.stop(grace)
+        if self.engine is not None:  # stop admitting; in-flight requests keep running
+            await asyncio.to_thread(self.engine.drain, 0.0)
+        await self.grpc.stop(grace)  # refuses new calls, waits up to `grace` for running ones
         await self.close()
 
     async def close(self) -> None:

@@ -41,7 +41,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         """Admin calls may wait on a registry read: run them off the event loop."""
         if not ref.strip():
             raise InvalidArgument("`ref` is required", field="ref")
-        engine = self.state.require_engine()
-        outcome = await asyncio.to_thread(getattr(engine, method), current_identity(),
-                                          ref.strip())
-        return convert.admin_ack_pb(outcome, ref.strip())
+        engine, identity = self.state.require_engine(), current_identity()
+        version = await asyncio.to_thread(self.state.registry.resolve, identity, ref.strip())
+        outcome = await asyncio.to_thread(getattr(engine, method), identity, version.ref)
+        return convert.admin_ack_pb(outcome, version)

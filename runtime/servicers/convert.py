@@ -176,9 +176,6 @@ def stats_pb(s: Any) -> admin_pb2.StatsResponse:
         requests_finished=s.requests_finished)
 
 
-def admin_ack_pb(outcome: Any, ref: str) -> admin_pb2.AdminAdapterResponse:
-    """Engine admin calls may return a version, a resident record or a bool."""
-    if isinstance(outcome, bool):
-        return admin_pb2.AdminAdapterResponse(ref=ref, changed=outcome)
-    return admin_pb2.AdminAdapterResponse(ref=getattr(outcome, "ref", ref),
-                                          digest=getattr(outcome, "digest", ""), changed=True)
+def admin_ack_pb(changed: bool, version: Any) -> admin_pb2.AdminAdapterResponse:
+    return admin_pb2.AdminAdapterResponse(ref=version.ref, digest=version.digest,
+                                          changed=bool(changed))

@@ -46,7 +46,7 @@ def world(micro_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("grpc-registry")
     reg = Registry.open(root / "reg")
     settings = load_settings({"base": micro_base, "registry": str(root / "reg"), "port": 0,
-                              "host": "127.0.0.1", "metrics_port": None,
+                              "host": "127.0.0.1", "metrics_port": 0, "metrics_host": "127.0.0.1",
                               "max_register_bytes": 400_000})
     tokens = {t: reg.create_token(Identity.system(), t) for t in ("acme", "globex")}
     tokens["admin"] = reg.create_token(Identity.system(), "ops", admin=True)
