@@ -99,6 +99,7 @@ class AdapterPool:
         self._pin_wanted: set[str] = set()  # pinned before it reached a slot
         self._drop_when_idle: set[str] = set()  # unloaded while in use
         self._landing: dict[str, list[Future]] = {}  # prefetch waiters, by digest
+        self._host_bytes = 0
 
     # -- queries ---------------------------------------------------------------------------
     def slot_of(self, digest: str) -> int | None:
@@ -120,7 +121,7 @@ class AdapterPool:
 
     @property
     def host_bytes(self) -> int:
-        return sum(h.nbytes for h in self._host.values())
+        return self._host_bytes
 
     def resident(self) -> list[dict]:
         """One dict per adapter held in a slot or in host memory (see ResidentAdapter)."""
@@ -201,13 +202,14 @@ class AdapterPool:
                     fut.set_exception(e)
                 continue
             self._host[d] = host
-            self._host.move_to_end(d)
+            self._host_bytes += host.nbytes
             waiters = self._landing.pop(d, [])
             if d in self._pin_wanted or waiters:
                 self.activate(d)
-            self._trim_host()
             for fut in waiters:
                 fut.set_result(True)
+        if self._host_bytes > self.host_cache_bytes:
+            self._trim_host()
         return failures
 
     # -- device slots ----------------------------------------------------------------------
@@ -320,13 +322,11 @@ class AdapterPool:
         return victim
 
     def _trim_host(self) -> None:
-        total = self.host_bytes
         for d in list(self._host):
-            if total <= self.host_cache_bytes:
+            if self._host_bytes <= self.host_cache_bytes:
                 break
             if self._wanted.get(d, 0) > 0 and d not in self._slot_of:
                 continue  # requests wait for it: keep it until it reaches a slot
-            total -= self._host[d].nbytes
             self._evict(d, "host")
 
     def _evict(self, digest: str, tier: str) -> None:
@@ -336,7 +336,7 @@ class AdapterPool:
             self._clear_slot(slot)
             self._slots[slot] = _Slot()
         else:
-            del self._host[digest]
+            self._host_bytes -= self._host.pop(digest).nbytes
         self._observer_cache("evict", tier)
 
     def _observer_cache(self, event: str, tier: str) -> None:

@@ -35,6 +35,7 @@ class World:
     registry: Registry
     peft_model: object  # PeftModel with every SPECS adapter
     names: list[str]  # adapter names in the peft model, also `acme/<name>` in the registry
+    dirs: dict[str, Path]  # adapter name -> its saved peft directory
 
 
 def _targets(model) -> list[str]:
@@ -60,6 +61,7 @@ def make_world(base_dir: Path, root: Path, specs=SPECS, tenant: str = "acme",
     reg = Registry.open(root / "registry")
     reg.register_base(Identity.system(), base_dir)
     peft_model = None
+    dirs: dict[str, Path] = {}
     for name, r, alpha, rslora, subset in specs:
         tm = targets if subset is None else [t for t in targets if any(s in t for s in subset)]
         tm = tm or targets
@@ -81,7 +83,8 @@ def make_world(base_dir: Path, root: Path, specs=SPECS, tenant: str = "acme",
         data["base_model_name_or_path"] = str(base_dir)
         cfg_path.write_text(json.dumps(data))
         reg.push(Identity(tenant), adir, f"{tenant}/{name}", base=base_dir)
-    return World(base_dir, reg, peft_model.eval(), [s[0] for s in specs])
+        dirs[name] = adir
+    return World(base_dir, reg, peft_model.eval(), [s[0] for s in specs], dirs)
 
 
 @torch.no_grad()
