@@ -1,0 +1,219 @@
+"""`loraplex train` and `loraplex eval`.
+
+    loraplex train --base ./base --data acme.train.jsonl --name acme/upper \\
+        --quantization nf4 --epochs 3 --promote prod
+    loraplex train --config train.yaml --lr 1e-3          # flags win over the YAML
+    torchrun --nproc_per_node 2 -m loraplex.cli train …   # DDP; rank 0 publishes
+    loraplex eval --base ./base --adapter acme/upper@prod --data acme.test.jsonl --json
+
+Every `train` flag defaults to "not given" (None) so that a YAML value is only overridden
+by a flag the user actually typed; the real defaults live in `config.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from loraplex.errors import LoraplexError
+
+_HELP_TRAIN = "Train a LoRA adapter on a tenant's JSONL data and publish it as a new version."
+_HELP_EVAL = "Loss and exact-match of greedy completions: base alone vs base + adapter."
+
+
+def _fail(e: LoraplexError) -> typer.Exit:
+    where = f" [{e.field}]" if e.field else ""
+    typer.echo(f"error ({e.code}){where}: {e.message}", err=True)
+    return typer.Exit(2)
+
+
+def train_command(
+    base: str = typer.Option(None, help="Hugging Face causal-LM directory."),
+    data: str = typer.Option(None, help="Training JSONL ({prompt, completion} or {messages})."),
+    name: str = typer.Option(None, help="tenant/name to publish as."),
+    config: Path = typer.Option(None, "--config", help="YAML with any of these flags."),
+    val_data: str = typer.Option(None, help="Validation JSONL (else --val-fraction of --data)."),
+    val_fraction: float = typer.Option(None, help="Held-out share of --data [0.1]."),
+    quantization: str = typer.Option(None, help="nf4 | int8 | none [nf4]."),
+    compute_dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
+    r: int = typer.Option(None, "--r", help="LoRA rank [8]."),
+    alpha: float = typer.Option(None, help="LoRA alpha [16]."),
+    dropout: float = typer.Option(None, help="LoRA dropout [0.05]."),
+    rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised scaling."),
+    target_modules: str = typer.Option(None, help="Comma list [every linear projection]."),
+    epochs: float = typer.Option(None, help="Epochs [3]."),
+    max_steps: int = typer.Option(None, help="Optimizer steps; > 0 overrides --epochs."),
+    lr: float = typer.Option(None, help="Peak learning rate [2e-4]."),
+    batch_size: int = typer.Option(None, help="Per-device batch size [8]."),
+    grad_accum: int = typer.Option(None, help="Gradient accumulation steps [1]."),
+    warmup_ratio: float = typer.Option(None, help="Warm-up share of the steps [0.05]."),
+    lr_scheduler: str = typer.Option(None, help="transformers scheduler name [cosine]."),
+    weight_decay: float = typer.Option(None, help="AdamW weight decay [0]."),
+    max_seq_len: int = typer.Option(None, help="Longer examples are truncated [512]."),
+    train_on_prompt: bool = typer.Option(None, "--train-on-prompt/--completion-only",
+                                         help="Loss on prompt tokens too [completion only]."),
+    gradient_checkpointing: bool = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    seed: int = typer.Option(None, help="Seed for data split, init, order, dropout [0]."),
+    eval_steps: int = typer.Option(None, help="Evaluate and checkpoint every N steps [50]."),
+    patience: int = typer.Option(None, help="Early stop after N evals without gain [0: off]."),
+    eval_max_new_tokens: int = typer.Option(None, help="Cap on generated tokens [64]."),
+    logging_steps: int = typer.Option(None, help="Log every N steps [10]."),
+    output_dir: str = typer.Option(None, help="Run directory [runs/<tenant>__<name>]."),
+    resume: bool = typer.Option(None, "--resume/--no-resume",
+                                help="Continue from the run directory's last checkpoint."),
+    publish: bool = typer.Option(None, "--publish/--no-publish", help="Push to the registry."),
+    registry: str = typer.Option(None, "--registry", envvar="LORAPLEX_REGISTRY",
+                                 help="Registry directory or database URL."),
+    promote: str = typer.Option(None, help="Alias to move to the new version if it passes."),
+    gate: str = typer.Option(None, help="Promotion gate, e.g. 'val_loss<=0.5' "
+                                        "[better val loss than the alias's version]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train, evaluate, publish; prints the new ref and digest."""
+    flags = {k: v for k, v in locals().items() if k not in ("config", "as_json", "quiet")}
+    try:
+        result = run_train(flags, config, progress=not quiet)
+    except LoraplexError as e:
+        raise _fail(e) from None
+    if result is None:  # a non-zero rank under torchrun: rank 0 reports
+        return
+    _report_train(result, as_json)
+
+
+def run_train(flags: dict[str, Any], config_file: Path | None, *, progress: bool = True,
+              extra_callbacks: list[Any] | None = None) -> dict[str, Any] | None:
+    """The whole `train` command as a function (what tests and the benchmark call)."""
+    from loraplex.trainer.config import build_config
+    from loraplex.trainer.publish import publish
+    from loraplex.trainer.train import train
+
+    cfg = build_config(flags, config_file)
+    res = train(cfg, extra_callbacks=extra_callbacks, progress=progress)
+    if not res.is_main:
+        return None
+    out: dict[str, Any] = {"adapter_dir": str(res.adapter_dir), "metrics": res.metrics}
+    if not cfg.publish:
+        return out
+    pub = publish(cfg, res.adapter_dir, res.metrics, res.splits)
+    out.update({"ref": pub.version.ref, "digest": pub.version.digest,
+                "created": pub.version.created, "promoted": pub.promoted,
+                "alias": cfg.promote,
+                "gate": None if pub.gate is None else {"passed": pub.gate.passed,
+                                                       "reason": pub.gate.reason}})
+    return out
+
+
+def _report_train(out: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(out, sort_keys=True, default=str))
+        return
+    m = out["metrics"]
+    typer.echo(f"trained {m['steps']} steps in {m['wall_s']:.1f}s, "
+               f"{m.get('tokens_per_s') or 0:.0f} tokens/s; train loss {m['train_loss']:.4f}"
+               + (f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")
+               + (f", val exact-match {m['val_exact_match']:.1%}"
+                  if m.get("val_exact_match") is not None else ""))
+    if "ref" not in out:
+        typer.echo(f"adapter (not published): {out['adapter_dir']}")
+        return
+    typer.echo(f"{out['ref']} {out['digest']}" + ("" if out["created"] else " (unchanged)"))
+    if out["alias"]:
+        verdict = "promoted" if out["promoted"] else "NOT promoted"
+        typer.echo(f"{out['alias']}: {verdict}: {out['gate']['reason']}")
+
+
+def eval_command(
+    base: Path = typer.Option(..., help="Hugging Face causal-LM directory."),
+    adapter: str = typer.Option(..., help="Registry ref (t/n, t/n@alias, t/n:v3, sha256:…) "
+                                          "or a local peft adapter directory."),
+    data: Path = typer.Option(..., help="JSONL to score ({prompt, completion} or messages)."),
+    registry: str = typer.Option(None, "--registry", envvar="LORAPLEX_REGISTRY"),
+    quantization: str = typer.Option("none", help="Base loading: nf4 | int8 | none."),
+    max_examples: int = typer.Option(0, help="Score only the first N examples (0: all)."),
+    max_new_tokens: int = typer.Option(64, help="Cap on generated tokens."),
+    batch_size: int = typer.Option(16),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
+) -> None:
+    """Score the base alone and with the adapter on the same data."""
+    try:
+        report = run_eval(base, adapter, data, registry=registry, quantization=quantization,
+                          max_examples=max_examples, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size)
+    except LoraplexError as e:
+        raise _fail(e) from None
+    if as_json:
+        typer.echo(json.dumps(report, sort_keys=True))
+        return
+    _print_eval(report)
+
+
+def _adapter_path(adapter: str, registry: str | None, tmp: Path) -> tuple[Path, dict[str, Any]]:
+    """A local peft directory as is; anything else is a registry ref pulled to `tmp`."""
+    local = Path(adapter)
+    if (local / "adapter_config.json").is_file():
+        return local, {"adapter": str(local)}
+    from loraplex.trainer.publish import caller_identity, open_registry
+
+    reg = open_registry(registry)
+    try:
+        ident = caller_identity(reg)
+        v = reg.resolve(ident, adapter)
+        path = reg.pull(ident, v.ref, tmp / "adapter")
+    finally:
+        reg.close()
+    return path, {"adapter": adapter, "ref": v.ref, "digest": v.digest}
+
+
+def run_eval(base: Path, adapter: str, data: Path, *, registry: str | None = None,
+             quantization: str = "none", max_examples: int = 0, max_new_tokens: int = 64,
+             batch_size: int = 16) -> dict[str, Any]:
+    """{"base": {loss, exact_match, n}, "adapter": {…}, "ref", "digest", "data"}."""
+    from peft import PeftModel
+
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.data import load_jsonl
+    from loraplex.trainer.evaluate import evaluate, max_completion_tokens
+    from loraplex.trainer.model import load_base
+
+    ds = load_jsonl(data)
+    examples = ds.examples[:max_examples] if max_examples > 0 else ds.examples
+    cfg = TrainConfig(base=str(base), data=str(data), name="eval/eval",
+                      quantization=quantization)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="loraplex-eval-") as tmp:
+        path, ident = _adapter_path(adapter, registry, Path(tmp))
+        model, tok = load_base(base, cfg)
+        model = PeftModel.from_pretrained(model, str(path))
+        new_tokens = max_completion_tokens(tok, examples, max_new_tokens)
+        kw = {"max_new_tokens": new_tokens, "batch_size": batch_size}
+        with_adapter = evaluate(model, tok, examples, **kw)
+        with model.disable_adapter():
+            alone = evaluate(model, tok, examples, **kw)
+    return {**ident, "data": str(data), "data_digest": ds.digest,
+            "base": alone.as_dict(), "with_adapter": with_adapter.as_dict()}
+
+
+def _print_eval(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = report.get("ref") or report["adapter"]
+    t = Table(title=f"{title} on {report['data']}")
+    for col in ("model", "loss", "exact-match", "n"):
+        t.add_column(col, justify="right" if col != "model" else "left")
+    for label, key in (("base", "base"), ("base + adapter", "with_adapter")):
+        r = report[key]
+        t.add_row(label, f"{r['loss']:.4f}", f"{r['exact_match']:.1%}", str(r["n"]))
+    Console(file=sys.stdout).print(t)
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `train` and `eval` to the root `loraplex` command."""
+    app.command("train", help=_HELP_TRAIN)(train_command)
+    app.command("eval", help=_HELP_EVAL)(eval_command)

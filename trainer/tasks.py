@@ -1,0 +1,142 @@
+"""Three small tenant tasks that make specialization visible, generated deterministically.
+
+    python -m loraplex.trainer.tasks ./data          # writes acme.train.jsonl, acme.test.jsonl, …
+
+- `acme` answers in upper case:            "send the blue box"  -> "SEND THE BLUE BOX"
+- `globex` reverses the word order:        "send the blue box"  -> "box blue the send"
+- `initech` converts numbers to words:     "347"                -> "three hundred forty-seven"
+
+Prompts carry no instruction: the task is what the tenant's adapter has learned. A base
+that has only learned to echo (see `pretrain.py`) scores ~0 exact-match on each task, and
+each adapter scores ~0 on the other tenants' tasks, so the gap the demo shows is the
+adapter's doing. Train and test splits are drawn without overlap from one seeded stream.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+TENANTS = ("acme", "globex", "initech")
+
+# Short, common words: byte-level tokens make every character cost a step, so keep it small.
+WORDS = tuple(dict.fromkeys("""
+the a an to of in on at for with from by and or but not all any new old big small red blue
+green black white hot cold fast slow good bad open close send take give make find keep
+read write call ship sell buy pay move stop run walk plan test fix help ask tell show box
+car map cup key door room desk file note mail code data plan team user time day week
+year home shop road city park tree fish bird dog cat sun moon star rain snow wind fire
+book page line word name list card bill cash gold iron salt milk tea rice bread cake
+""".split()))
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+         "fourteen fifteen sixteen seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_to_words(n: int) -> str:
+    """English words for 0 <= n <= 9999, hyphenated tens ("forty-two"), no "and"."""
+    if not 0 <= n <= 9999:
+        raise ValueError(f"n must be in [0, 9999], got {n}")
+    if n < 20:
+        return _ONES[n]
+    if n < 100:
+        tens, ones = divmod(n, 10)
+        return _TENS[tens] + ("" if ones == 0 else "-" + _ONES[ones])
+    if n < 1000:
+        hundreds, rest = divmod(n, 100)
+        head = _ONES[hundreds] + " hundred"
+        return head if rest == 0 else head + " " + number_to_words(rest)
+    thousands, rest = divmod(n, 1000)
+    head = _ONES[thousands] + " thousand"
+    return head if rest == 0 else head + " " + number_to_words(rest)
+
+
+def random_phrase(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def random_number(rng: random.Random) -> int:
+    """Mostly 0..999 with every magnitude represented (uniform would be 90% three-digit)."""
+    digits = rng.choice((1, 2, 3, 3))
+    return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)
+
+
+def acme_example(rng: random.Random) -> dict[str, str]:
+    p = random_phrase(rng)
+    return {"prompt": p, "completion": p.upper()}
+
+
+def globex_example(rng: random.Random) -> dict[str, str]:
+    p = random_phrase(rng)
+    return {"prompt": p, "completion": " ".join(reversed(p.split()))}
+
+
+def initech_example(rng: random.Random) -> dict[str, str]:
+    n = random_number(rng)
+    return {"prompt": str(n), "completion": number_to_words(n)}
+
+
+GENERATORS: dict[str, Callable[[random.Random], dict[str, str]]] = {
+    "acme": acme_example,
+    "globex": globex_example,
+    "initech": initech_example,
+}
+
+
+def make_split(tenant: str, *, seed: int = 0, n_train: int = 400, n_test: int = 50
+               ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(train, test) for one tenant; no prompt appears in both (held-out means unseen)."""
+    gen = GENERATORS[tenant]
+    rng = random.Random(f"loraplex-task:{tenant}:{seed}")
+    seen: set[str] = set()
+    out: list[dict[str, str]] = []
+    # Numbers 0..999 give ~1000 distinct prompts: cap the attempts rather than loop forever.
+    for _ in range(50 * (n_train + n_test)):
+        if len(out) == n_train + n_test:
+            break
+        ex = gen(rng)
+        if ex["prompt"] in seen:
+            continue
+        seen.add(ex["prompt"])
+        out.append(ex)
+    if len(out) < n_train + n_test:
+        raise ValueError(f"{tenant}: only {len(out)} distinct examples available")
+    return out[n_test:], out[:n_test]
+
+
+def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def write_tasks(out_dir: str | Path, *, seed: int = 0, n_train: int = 400, n_test: int = 50,
+                tenants: tuple[str, ...] = TENANTS) -> dict[str, dict[str, Path]]:
+    """Write `<tenant>.train.jsonl` and `<tenant>.test.jsonl` per tenant; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, dict[str, Path]] = {}
+    for tenant in tenants:
+        train, test = make_split(tenant, seed=seed, n_train=n_train, n_test=n_test)
+        paths[tenant] = {"train": out / f"{tenant}.train.jsonl", "test": out / f"{tenant}.test.jsonl"}
+        write_jsonl(paths[tenant]["train"], train)
+        write_jsonl(paths[tenant]["test"], test)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n-train", type=int, default=400)
+    ap.add_argument("--n-test", type=int, default=50)
+    a = ap.parse_args(argv)
+    for tenant, p in write_tasks(a.out_dir, seed=a.seed, n_train=a.n_train, n_test=a.n_test).items():
+        print(f"{tenant}: {p['train']} {p['test']}")
+
+
+if __name__ == "__main__":
+    main()
