@@ -24,7 +24,7 @@ def _edit_config(d: Path, **changes: object) -> Path:
     return d
 
 
-def _edit_tensors(d: Path, fn) -> Path:  # noqa: ANN001 - fn(tensors) mutates in place
+def _edit_tensors(d: Path, fn) -> Path:  # fn(tensors) edits in place
     from safetensors.torch import load_file
 
     tensors = load_file(d / "adapter_model.safetensors")
@@ -193,7 +193,7 @@ def test_accepted_variants(sqlite_reg: Registry, make_adapter, micro_fp,
     from safetensors import safe_open
 
     with safe_open(str(pulled / "adapter_model.safetensors"), "pt") as f:
-        assert all(k.startswith("base_model.model.") for k in f.keys())  # noqa: SIM118
+        assert all(k.startswith("base_model.model.") for k in f.keys())
     bf16 = sqlite_reg.push(ME, make_adapter(dtype=torch.bfloat16), "acme/c", base=micro_base)
     assert bf16.dtype == "bfloat16"
     rs = sqlite_reg.push(ME, make_adapter(config={"use_rslora": True}, r=4, alpha=8),

@@ -1,0 +1,343 @@
+"""`loraplex registry …`: the registry from the command line.
+
+    loraplex registry base add ./base
+    loraplex registry push ./adapter --name acme/support [--base ./base]
+    loraplex registry list [acme/support]            # adapters, or one adapter's versions
+    loraplex registry show acme/support@prod
+    loraplex registry alias acme/support:v2 prod --expect v1
+    loraplex registry pull acme/support@prod ./out
+    loraplex registry rm acme/support:v1 [--force]
+    loraplex registry verify && loraplex registry gc
+    loraplex registry token create acme [--admin]
+
+Every command takes `--registry` (or `$LORAPLEX_REGISTRY`; default `./.loraplex/registry`),
+a directory or a database URL, and `--json` for scripts. Identity: with `--token` (or
+`$LORAPLEX_TOKEN`) the command acts as that token's tenant; without one it acts as the
+system admin, because whoever can run this locally can already open the database and
+blob files directly — tokens protect the network API, not the files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from loraplex.errors import InvalidArgument, LoraplexError, ValidationFailed
+from loraplex.registry.records import UNSET, AdapterVersion, AliasMove, Identity
+from loraplex.registry.registry import Registry
+
+DEFAULT_REGISTRY = "./.loraplex/registry"
+
+app = typer.Typer(help="Versioned LoRA adapter registry.", no_args_is_help=True)
+token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+base_app = typer.Typer(help="Base models adapters are checked against.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+app.add_typer(base_app, name="base")
+
+RegistryOpt = Annotated[str, typer.Option(
+    "--registry", envvar="LORAPLEX_REGISTRY", help="Registry directory or database URL.")]
+BlobDirOpt = Annotated[str | None, typer.Option(
+    "--blob-dir", envvar="LORAPLEX_BLOB_DIR", help="Blob directory (for a database URL).")]
+TokenOpt = Annotated[str | None, typer.Option(
+    "--token", envvar="LORAPLEX_TOKEN", help="Act as this token's tenant (default: admin).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+class _Session:
+    """What a command works with: the open registry, the caller, the output mode."""
+
+    def __init__(self, reg: Registry, me: Identity, as_json: bool) -> None:
+        self.reg, self.me, self.as_json = reg, me, as_json
+        self.console = Console(highlight=False, soft_wrap=True)
+
+    def emit(self, data: Any, human: Any) -> None:
+        """Print `data` as JSON, or `human` (a rich renderable or str) for people."""
+        if self.as_json:
+            typer.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+        else:
+            self.console.print(human)
+
+
+@contextmanager
+def _session(registry: str, blob_dir: str | None, token: str | None,
+             as_json: bool) -> Iterator[_Session]:
+    """Open the registry, authenticate, and turn typed errors into a message + exit 1."""
+    reg: Registry | None = None
+    try:
+        reg = Registry.open(registry, blob_dir=blob_dir)
+        me = reg.authenticate(token) if token else Identity.system()
+        yield _Session(reg, me, as_json)
+    except LoraplexError as e:
+        _report_error(e, as_json)
+        raise typer.Exit(1) from None
+    finally:
+        if reg is not None:
+            reg.close()
+
+
+def _report_error(e: LoraplexError, as_json: bool) -> None:
+    violations = e.violations if isinstance(e, ValidationFailed) else []
+    if as_json:
+        typer.echo(json.dumps({"error": {"code": e.code, "message": e.message,
+                                         "field": e.field, "violations": violations}}))
+        return
+    if violations:
+        typer.echo(f"error [{e.code}]: adapter rejected:", err=True)
+        for line in violations:
+            typer.echo(f"  - {line}", err=True)
+    else:
+        typer.echo(f"error [{e.code}]: {e.message}", err=True)
+
+
+def _version_dict(v: AdapterVersion) -> dict[str, Any]:
+    return v.manifest() | {"created": v.created}
+
+
+def _versions_table(title: str, vs: list[AdapterVersion]) -> Table:
+    table = Table(title=title)
+    table.add_column("ref", no_wrap=True)
+    for col in ("digest", "r", "alpha", "modules", "dtype", "size", "base", "created"):
+        table.add_column(col)
+    for v in vs:
+        table.add_row(v.ref, v.digest[7:19], str(v.rank), f"{v.alpha:g}",
+                      ",".join(v.target_modules), v.dtype, _size(v.size_bytes),
+                      f"{v.base.model_type} {v.base.digest[7:15]}",
+                      f"{v.created_at:%Y-%m-%d %H:%M}")
+    return table
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:g} {unit}"
+        n = round(n / 1024, 1)
+    return f"{n:g} GiB"
+
+
+def _move_dict(m: AliasMove) -> dict[str, Any]:
+    return {"alias": m.alias, "from": m.from_version, "to": m.to_version,
+            "at": m.at.isoformat(), "by": m.by}
+
+
+def _parse_expect(text: str | None) -> Any:
+    """`--expect v3` / `3` (must point there), `none` (must not exist), unset (any)."""
+    if text is None:
+        return UNSET
+    if text.lower() in ("none", "null", "-"):
+        return None
+    digits = text[1:] if text.lower().startswith("v") else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise InvalidArgument(f"--expect {text!r}: write a version like v3, or 'none'",
+                              field="expected")
+    return int(digits)
+
+
+# ------------------------------------------------------------------------- commands
+@app.command()
+def push(
+    adapter_dir: Annotated[Path, typer.Argument(help="peft adapter directory.")],
+    name: Annotated[str, typer.Option("--name", help="tenant/name to register under.")],
+    base: Annotated[str | None, typer.Option(
+        "--base", help="Base model dir (default: the registered base the adapter names).")
+    ] = None,
+    lineage: Annotated[Path | None, typer.Option(help="JSON file with lineage.")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Validate and register an adapter as the next version of NAME."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        meta = _read_lineage(lineage)
+        v = s.reg.push(s.me, adapter_dir, name, base=base, lineage=meta)
+        said = (f"registered {v.ref} {v.digest}" if v.created
+                else f"{v.ref} already holds this content ({v.digest}); nothing registered")
+        s.emit(_version_dict(v), said)
+
+
+def _read_lineage(path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(f"--lineage {path}: {e}", field="lineage") from e
+
+
+@app.command("list")
+def list_(
+    key: Annotated[str | None, typer.Argument(help="tenant/name: list its versions.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's adapters.")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List adapters (newest version of each), or every version of KEY."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        if key is not None:
+            vs = s.reg.list_versions(s.me, key)
+            title = f"versions of {key}"
+        else:
+            vs, page = s.reg.list_adapters(s.me, tenant=tenant)
+            while page:
+                more, page = s.reg.list_adapters(s.me, tenant=tenant, page_token=page)
+                vs += more
+            title = "adapters"
+        s.emit([_version_dict(v) for v in vs], _versions_table(title, vs))
+
+
+@app.command()
+def show(
+    ref: Annotated[str, typer.Argument(help="t/n, t/n@alias, t/n:vN or sha256:…")],
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Show one version's manifest, the adapter's aliases and their history."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        v = s.reg.resolve(s.me, ref)
+        names = s.reg.aliases(s.me, v.key)
+        history = [_move_dict(m) for m in s.reg.alias_history(s.me, v.key)]
+        data = _version_dict(v) | {"aliases": names, "alias_history": history}
+        table = Table(title=v.ref, show_header=False)
+        for k in ("digest", "size_bytes", "rank", "alpha", "use_rslora", "target_modules",
+                  "dtype", "created_at", "created_by"):
+            table.add_row(k, str(data[k]))
+        table.add_row("base", v.base.summary())
+        table.add_row("lineage", json.dumps(v.lineage, sort_keys=True))
+        table.add_row("aliases", ", ".join(f"{a}→v{n}" for a, n in names.items()) or "-")
+        for m in history:
+            table.add_row("alias move", f"{m['alias']}: {m['from']} → {m['to']} "
+                          f"({m['at'][:19]} by {m['by']})")
+        s.emit(data, table)
+
+
+@app.command()
+def pull(
+    ref: Annotated[str, typer.Argument(help="Version to fetch.")],
+    dest: Annotated[Path, typer.Argument(help="Directory to write the peft files into.")],
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Write a version's adapter_config.json + adapter_model.safetensors (+ manifest)."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        v = s.reg.resolve(s.me, ref)
+        out = s.reg.pull(s.me, v.ref, dest)
+        s.emit({"ref": v.ref, "digest": v.digest, "dir": str(out)}, f"wrote {v.ref} to {out}")
+
+
+@app.command()
+def alias(
+    ref: Annotated[str, typer.Argument(help="Version the alias should point at.")],
+    name: Annotated[str, typer.Argument(help="Alias name, e.g. prod.")],
+    expect: Annotated[str | None, typer.Option(
+        "--expect", help="Move only if the alias points at this version now (vN), or "
+        "'none' if it must not exist yet.")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Point an alias at a version (compare-and-set with --expect)."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        move = s.reg.set_alias(s.me, ref, name, expected=_parse_expect(expect))
+        where = "nothing" if move.from_version is None else f"v{move.from_version}"
+        s.emit(_move_dict(move) | {"key": f"{move.tenant}/{move.name}"},
+               f"{move.tenant}/{move.name}@{move.alias}: {where} → v{move.to_version}")
+
+
+@app.command()
+def rm(
+    ref: Annotated[str, typer.Argument(help="Version to delete.")],
+    force: Annotated[bool, typer.Option(help="Also drop aliases pointing at it.")] = False,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Delete a version (its blobs are freed by the next gc)."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        v = s.reg.delete_version(s.me, ref, force=force)
+        s.emit({"deleted": v.ref, "digest": v.digest}, f"deleted {v.ref}")
+
+
+@app.command()
+def verify(
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Re-hash every blob; exit 1 if anything is corrupt or missing."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        problems = s.reg.verify()
+        s.emit({"ok": not problems, "problems": problems},
+               "\n".join(problems) if problems else "ok: every blob matches its digest")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def gc(
+    min_age: Annotated[float | None, typer.Option(
+        "--min-age", help="Spare unreferenced blobs younger than this many seconds "
+        "(default LORAPLEX_GC_MIN_AGE_S, 600).")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Delete blobs that no version references."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        r = s.reg.gc(min_age_s=min_age)
+        s.emit({"removed": r.removed, "freed_bytes": r.freed_bytes, "kept": r.kept},
+               f"removed {len(r.removed)} blobs ({_size(r.freed_bytes)}), kept {r.kept}")
+
+
+@token_app.command("create")
+def token_create(
+    tenant: Annotated[str, typer.Argument(help="Tenant the token acts for.")],
+    admin: Annotated[bool, typer.Option(help="An admin token (all tenants).")] = False,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Create an API token; it is shown once and stored only as a hash."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        new = s.reg.create_token(s.me, tenant, admin=admin)
+        s.emit({"tenant": tenant, "role": "admin" if admin else "tenant", "token": new}, new)
+
+
+@base_app.command("add")
+def base_add(
+    base_dir: Annotated[Path, typer.Argument(help="Hugging Face model directory.")],
+    name: Annotated[list[str] | None, typer.Option(
+        "--name", help="Extra names adapters may declare for it.")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Register a base so adapters naming it (base_model_name_or_path) find it."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        fp = s.reg.register_base(s.me, base_dir, names=name)
+        data = {k: v for k, v in fp.to_dict().items() if k != "linear_shapes"}
+        s.emit(data, f"registered base {fp.summary()}")
+
+
+@base_app.command("list")
+def base_list(
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """List known bases and the names they answer to."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        rows = s.reg.list_bases()
+        table = Table(title="bases")
+        table.add_column("fingerprint")
+        table.add_column("names")
+        for names, fp in rows:
+            table.add_row(fp.summary(), "\n".join(names))
+        s.emit([{"names": n, "digest": fp.digest, "architecture": fp.architecture}
+                for n, fp in rows], table)
+
+
+def main() -> None:  # pragma: no cover - `python -m loraplex.registry.cli`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
