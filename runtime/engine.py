@@ -509,7 +509,6 @@ class Engine:
         done_rows = []
         for i, (s, c) in enumerate(zip(seqs, chunks, strict=True)):
             s.prefilled += len(c.token_ids)
-            self._scheduler.charge(s.tenant, len(c.token_ids))
             if s.prefilled == len(s.prompt):
                 s.state = "decode"
                 done_rows.append(i)
@@ -752,7 +751,7 @@ class Engine:
         with self._lock:
             if rid in self._live:
                 raise AlreadyExists(f"request {rid!r} is already in flight", field="request_id")
-            self._scheduler.push(Ticket(rid, s.tenant, s, s.t_submit))  # Overloaded if full
+            self._scheduler.push(Ticket(rid, s.tenant, s, s.t_submit, cost=len(prompt)))
             self._live[rid] = s
             self._arrivals.append(s)
         return s

@@ -2,7 +2,8 @@
 
 Fairness is fair queuing on tokens served (the "virtual token counter" of Sheng et al.,
 "Fairness in Serving Large Language Models", OSDI '24, a deficit-round-robin on tokens):
-every tenant has a counter of the tokens the engine has served it (prompt and generated);
+every tenant has a counter of the tokens the engine has served it (its prompt tokens,
+charged at admission, and every generated token);
 the next free row goes to the waiting tenant with the smallest counter. A tenant that
 arrives (or returns after idling) starts at the smallest counter of the tenants already
 active, so it cannot bank credit while idle, and one tenant's burst is served in turn with
@@ -49,6 +50,7 @@ class Ticket:
     tenant: str
     payload: Any
     enqueued: float = field(default_factory=time.monotonic)
+    cost: int = 1  # tokens charged at admission (the prompt); generated ones via charge()
 
 
 class Scheduler:
@@ -101,6 +103,7 @@ class Scheduler:
         with self._lock:
             aged = sorted((t for t in self._by_id.values() if now - t.enqueued >= self.aging_s),
                           key=lambda t: t.enqueued)
+            skipped: set[str] = set()  # request ids passed over this round
             for t in aged:
                 if len(admitted) >= free_rows:
                     return admitted
@@ -112,7 +115,8 @@ class Scheduler:
                     self._take(t, admitted=False)
                 elif outcome is Placement.NO_CAPACITY:
                     return admitted  # hold everything back until this one fits
-            skipped: set[str] = set()  # request ids passed over this round
+                else:
+                    skipped.add(t.request_id)
             while len(admitted) < free_rows:
                 ticket = self._next_fair(skipped, place)
                 if ticket is None:
@@ -163,6 +167,7 @@ class Scheduler:
         self._queues[ticket.tenant].remove(ticket)
         if admitted:
             self._running[ticket.tenant] = self._running.get(ticket.tenant, 0) + 1
+            self._served[ticket.tenant] = self._served.get(ticket.tenant, 0.0) + ticket.cost
 
     def _active(self, tenant: str) -> bool:
         return bool(self._queues.get(tenant)) or self._running.get(tenant, 0) > 0
