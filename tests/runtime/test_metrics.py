@@ -17,7 +17,8 @@ from loraplex.runtime.metrics import (
     scrape,
 )
 
-METRICS_MD = Path(__file__).resolve().parents[2] / "runtime" / "METRICS.md"
+REPO = Path(__file__).resolve().parents[2]
+METRICS_MD = REPO / "runtime" / "METRICS.md"
 
 
 def _request(rid, tenant, adapter=None):
@@ -130,3 +131,24 @@ def test_every_exported_metric_is_documented():
     for name in names:
         exported = name + "_total" if f"{name}_total" in doc else name
         assert f"`{exported}`" in doc, f"{exported} is not documented in runtime/METRICS.md"
+
+
+def test_dashboard_and_prometheus_config_use_real_metrics():
+    import json
+    import shutil
+    import subprocess
+
+    doc = METRICS_MD.read_text()
+    dashboard = (REPO / "deploy" / "grafana" / "dashboards" / "loraplex.json").read_text()
+    panels = json.loads(dashboard)["panels"]
+    assert {"Time to first token (p50 / p99)", "Inter-token latency (p50 / p99)"} <= {
+        p["title"] for p in panels}
+    for name in set(re.findall(r"loraplex_[a-z_]+", dashboard)):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"`{base}`" in doc, f"dashboard uses undocumented metric {name}"
+    promtool = shutil.which("promtool")
+    if promtool:
+        out = subprocess.run([promtool, "check", "config", str(REPO / "deploy" /
+                                                              "prometheus.yml")],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr

@@ -22,6 +22,8 @@ from loraplex.runtime.settings import load_settings
 
 pytestmark = pytest.mark.slow
 PROMETHEUS = "/usr/bin/prometheus"
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / \
+    "loraplex.json"
 
 
 def prometheus_binary() -> str:
@@ -38,6 +40,11 @@ def prometheus_binary() -> str:
     if done.returncode != 0 or not Path(PROMETHEUS).exists():
         pytest.skip(f"could not install prometheus: {done.stderr[-500:]}")
     return PROMETHEUS
+
+
+def dashboard_queries() -> list[str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return [t["expr"] for p in panels for t in p["targets"]]
 
 
 def free_port() -> int:
@@ -90,6 +97,8 @@ def test_prometheus_scrapes_ttft_samples(micro_base, tmp_path):
             buckets = query(api, "sum by (le) (loraplex_time_to_first_token_seconds_bucket)")
             assert any(b["metric"]["le"] == "+Inf" and float(b["value"][1]) >= 3
                        for b in buckets)
+            for expr in dashboard_queries():  # every Grafana panel query is valid PromQL
+                query(api, expr.replace("$__rate_interval", "1m"))
         finally:
             prom.terminate()
             try:
