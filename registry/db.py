@@ -125,6 +125,8 @@ def database_url(location: str | Path) -> tuple[str, Path | None]:
     """(SQLAlchemy URL, directory holding it or None). A plain path is a registry dir."""
     text = str(location)
     if "://" in text:
+        if text.startswith("sqlite:///") and ":memory:" not in text and len(text) > 10:
+            Path(text[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return text, None
     root = Path(text).expanduser()
     root.mkdir(parents=True, exist_ok=True)

@@ -94,6 +94,10 @@ class AdapterVersion:
     weights_blob: str = ""  # blob digest of adapter_model.safetensors
     created: bool = True
 
+    def __hash__(self) -> int:
+        """Hashable although `lineage` is a dict: identity is the ref plus the content."""
+        return hash((self.tenant, self.name, self.version, self.digest))
+
     @property
     def key(self) -> str:
         return f"{self.tenant}/{self.name}"

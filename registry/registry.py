@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import secrets
 from datetime import UTC, datetime
@@ -200,8 +201,8 @@ class Registry:
         if fp is not None and declared_fp is not None and declared_fp.digest != fp.digest:
             problems.append(f"base: the adapter declares base {declared!r} "
                             f"({declared_fp.digest}) but was pushed against {fp.digest}")
-        want = lineage.get("base_digest")
-        if fp is not None and isinstance(want, str) and want != fp.digest:
+        want = _lineage_base_digest(lineage)
+        if fp is not None and want is not None and want != fp.digest:
             problems.append(f"base: lineage records base {want} but the base is {fp.digest}")
         return fp, problems
 
@@ -678,15 +679,35 @@ def _loose_json(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _lineage_base_digest(lineage: dict[str, Any]) -> str | None:
+    """The base digest a trainer recorded: `base_digest` or `base.digest`."""
+    want = lineage.get("base_digest")
+    if want is None and isinstance(lineage.get("base"), dict):
+        want = lineage["base"].get("digest")
+    return want if isinstance(want, str) else None
+
+
 def _json_object(value: dict[str, Any] | None, field: str) -> dict[str, Any]:
+    """A plain-JSON copy of `value`. Non-finite floats (a diverged loss) become the strings
+    "nan"/"inf"/"-inf": PostgreSQL's JSON has no NaN, and the record should survive."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidArgument(f"{field} must be a JSON object", field=field)
     try:
-        return json.loads(json.dumps(value))
+        return json.loads(json.dumps(_finite(value), allow_nan=False))
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"{field} is not JSON-serialisable: {e}", field=field) from e
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _encode_page_token(key: str) -> str:

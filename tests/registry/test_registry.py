@@ -71,6 +71,11 @@ def test_lineage_is_kept(registry, make_adapter, micro_base) -> None:
     v = registry.push(ADMIN, make_adapter(), "acme/support", base=micro_base, lineage=lineage)
     assert registry.resolve(ADMIN, "acme/support").lineage == lineage
     assert v.lineage == lineage
+    assert len({v, registry.resolve(ADMIN, v.ref)}) == 1, "versions are hashable"
+    diverged = registry.push(ADMIN, make_adapter(seed=1), "acme/support", base=micro_base,
+                             lineage={"metrics": {"loss": float("nan"), "ppl": float("inf")}})
+    assert registry.resolve(ADMIN, diverged.ref).lineage == {
+        "metrics": {"loss": "nan", "ppl": "inf"}}
 
 
 def test_list_adapters_pages_through_newest_versions(registry, push) -> None:
@@ -239,3 +244,17 @@ def test_gc_frees_blobs_of_deleted_versions_only(registry, push) -> None:
     assert report.freed_bytes > 0
     assert registry.verify() == []
     registry.load_adapter(registry.resolve(ADMIN, "acme/copy"))
+
+
+def test_open_locations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LORAPLEX_BLOB_DIR", raising=False)
+    with Registry.open(f"sqlite:///{tmp_path / 'a' / 'meta.db'}") as reg:
+        assert reg.blobs.root == tmp_path / "a" / "blobs"
+    with pytest.raises(InvalidArgument, match="blob_dir"):
+        Registry.open("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    monkeypatch.setenv("LORAPLEX_BLOB_DIR", str(tmp_path / "env-blobs"))
+    with Registry.open(f"sqlite:///{tmp_path / 'b.db'}") as reg:
+        assert reg.blobs.root == tmp_path / "env-blobs"
+    with Registry.open(tmp_path / "dir") as reg:
+        assert (tmp_path / "dir" / "registry.db").is_file()
+        assert reg.blobs.root == tmp_path / "dir" / "blobs"

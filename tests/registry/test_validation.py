@@ -157,9 +157,10 @@ def test_base_must_match_the_declared_registered_base(sqlite_reg: Registry, make
 
 def test_lineage_base_digest_must_match(sqlite_reg: Registry, make_adapter,
                                         micro_base: Path) -> None:
-    err = _rejected(sqlite_reg, make_adapter(), base=micro_base,
-                    lineage={"base_digest": "sha256:" + "0" * 64})
-    assert any("lineage records base" in v for v in err.violations)
+    for lineage in ({"base_digest": "sha256:" + "0" * 64},
+                    {"base": {"digest": "sha256:" + "0" * 64}}):  # the trainer's layout
+        err = _rejected(sqlite_reg, make_adapter(), base=micro_base, lineage=lineage)
+        assert any("lineage records base" in v for v in err.violations)
 
 
 def test_registered_base_is_found_by_declared_name(sqlite_reg: Registry, make_adapter,
