@@ -169,7 +169,11 @@ def _pg_schema_events(engine: Engine, schema: str) -> None:
     @sa.event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
         cur = dbapi_conn.cursor()
-        cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        try:
+            cur.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            dbapi_conn.commit()
+        except Exception:  # noqa: BLE001 - a concurrent creator won; the schema exists
+            dbapi_conn.rollback()
         cur.execute(f'SET search_path TO "{schema}"')
         cur.close()
         dbapi_conn.commit()

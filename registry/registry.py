@@ -209,12 +209,18 @@ class Registry:
     # ---------------------------------------------------------------- registration
     def push(self, identity: Identity, adapter_dir: str | os.PathLike[str], name: str, *,
              base: BaseArg = None, lineage: dict[str, Any] | None = None) -> AdapterVersion:
-        """Register the peft adapter in `adapter_dir` as the next version of `name`."""
+        """Register the peft adapter in `adapter_dir` as the next version of `name`.
+
+        Only `adapter_config.json` and `adapter_model.safetensors` are read. Pickled adapter
+        weights (`adapter_model.bin`, `.pt`, …) are refused even beside a safetensors file,
+        since they may differ from it; other files of a training run (`training_args.bin`,
+        `optimizer.pt`) are neither read nor stored, so they are left alone."""
         d = Path(adapter_dir)
         if not d.is_dir():
             raise InvalidArgument(f"{d} is not a directory", field="adapter_dir")
         problems = []
-        pickles = sorted(p.name for p in d.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        pickles = sorted(p.name for p in d.iterdir()
+                         if p.suffix.lower() in PICKLE_SUFFIXES and p.stem.startswith("adapter"))
         if pickles:
             problems.append(f"files: pickle weight files are refused ({', '.join(pickles)}); "
                             "save with safetensors (save_pretrained(safe_serialization=True))")
@@ -591,7 +597,8 @@ class Registry:
             row = conn.execute(sa.select(db.tokens).where(db.tokens.c.token_hash == h)).first()
         if row is None:
             raise Unauthenticated("invalid API token")
-        return Identity(tenant=row.tenant, role=row.role, subject=f"token:{h[:12]}")
+        return Identity(tenant=row.tenant, role=row.role,
+                        subject=f"{row.role}:{row.tenant}/token:{h[:12]}")
 
     # ---------------------------------------------------------------- watchers
     def changes(self, after: int = 0, *, limit: int = 1000) -> list[Change]:

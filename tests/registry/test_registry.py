@@ -184,7 +184,7 @@ def test_tokens_are_stored_only_as_hashes(registry) -> None:
     token = registry.create_token(ADMIN, "acme")
     admin_token = registry.create_token(ADMIN, "ops", admin=True)
     me = registry.authenticate(token)
-    assert (me.tenant, me.role) == ("acme", "tenant") and me.subject.startswith("token:")
+    assert (me.tenant, me.role) == ("acme", "tenant") and me.subject.startswith("tenant:acme/token:")
     assert registry.authenticate(admin_token).is_admin
     with registry.engine.connect() as conn:
         stored = [tuple(str(x) for x in row) for row in conn.execute(sa.text(

@@ -134,8 +134,10 @@ def test_every_violation_is_reported_at_once(reg: Registry, make_adapter) -> Non
     d = make_adapter()
     _edit_config(d, peft_type="X", use_dora=True, lora_alpha=0)
     _edit_tensors(d, lambda t: t[f"{Q0}.lora_A.weight"].__setitem__((0, 0), math.nan))
-    (d / "training_state.pt").write_bytes(b"pickle")
+    (d / "adapter_model.pt").write_bytes(b"pickle")
+    (d / "training_args.bin").write_bytes(b"pickle")  # not adapter weights: ignored
     err = _rejected(reg, d)
+    assert "training_args" not in str(err)
     fields = {v.split(":", 1)[0] for v in err.violations}
     assert {"files", "peft_type", "use_dora", "lora_alpha", f"{Q0}.lora_A.weight"} <= fields
     assert err.field == "files"  # the first problem found
