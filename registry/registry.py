@@ -95,7 +95,8 @@ class Registry:
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
-    def open(cls, location: str | os.PathLike[str], *, blob_dir: str | os.PathLike[str] | None = None,
+    def open(cls, location: str | os.PathLike[str], *,
+             blob_dir: str | os.PathLike[str] | None = None,
              settings: RegistrySettings | None = None) -> Registry:
         """`location`: a registry directory (SQLite `registry.db` + `blobs/`) or a
         SQLAlchemy URL, whose blobs live in `blob_dir` or `$LORAPLEX_BLOB_DIR` (for a
@@ -127,17 +128,23 @@ class Registry:
             raise PermissionDenied("only an admin can register base models", field="base")
         fp = fingerprint_base(base_dir)
         path = Path(base_dir)
-        all_names = {str(base_dir), str(path.expanduser().resolve()), *(names or [])}
+        all_names = sorted({str(base_dir), str(path.expanduser().resolve()), *(names or [])})
+        db.with_retries(lambda: self._store_base(identity, fp, all_names),
+                        self.settings.commit_retries)
+        self._fingerprints[fp.digest] = fp
+        return fp
+
+    def _store_base(self, identity: Identity, fp: BaseFingerprint, names: list[str]) -> None:
+        """Names point at the newest registration: re-registering a rebuilt base under
+        the same path moves the name to the new weights."""
         now = _now()
         with db.write_tx(self.engine) as conn:
             db.insert_ignore(conn, bases, {"digest": fp.digest, "fingerprint": fp.to_dict(),
                                            "created_at": now})
-            for name in sorted(all_names):
+            for name in names:
                 conn.execute(sa.delete(base_names).where(base_names.c.name == name))
                 conn.execute(sa.insert(base_names).values(
                     name=name, digest=fp.digest, created_at=now, created_by=identity.who))
-        self._fingerprints[fp.digest] = fp
-        return fp
 
     def list_bases(self) -> list[tuple[list[str], BaseFingerprint]]:
         """Every known base with the names it was registered under."""
