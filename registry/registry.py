@@ -41,11 +41,12 @@ from loraplex.errors import (
     Unauthenticated,
     ValidationFailed,
 )
-from loraplex.fingerprint import BaseFingerprint, fingerprint_base
+from loraplex.fingerprint import BaseFingerprint
 from loraplex.registry import db, tensorfile
+from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore
 from loraplex.registry.content import PEFT_PREFIX, adapter_digest
-from loraplex.registry.db import adapters, alias_moves, aliases, base_names, bases, versions
+from loraplex.registry.db import adapters, alias_moves, aliases, versions
 from loraplex.registry.records import (
     UNSET,
     AdapterVersion,
@@ -64,7 +65,6 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "loraplex_manifest.json"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TOKEN_PREFIX = "lpx_"
-BaseArg = str | os.PathLike[str] | BaseFingerprint | None
 
 
 def _now() -> datetime:
@@ -90,7 +90,7 @@ class Registry:
         self.engine = engine
         self.blobs = blobs
         self.settings = settings or RegistrySettings()
-        self._fingerprints: dict[str, BaseFingerprint] = {}
+        self.base_catalog = BaseCatalog(engine, self.settings.commit_retries)
         db.create_tables(engine)
 
     # ---------------------------------------------------------------- lifecycle
@@ -126,92 +126,11 @@ class Registry:
         `base_model_name_or_path` (the path as given, its absolute form, plus `names`)."""
         if not identity.is_admin:
             raise PermissionDenied("only an admin can register base models", field="base")
-        fp = fingerprint_base(base_dir)
-        path = Path(base_dir)
-        all_names = sorted({str(base_dir), str(path.expanduser().resolve()), *(names or [])})
-        db.with_retries(lambda: self._store_base(identity, fp, all_names),
-                        self.settings.commit_retries)
-        self._fingerprints[fp.digest] = fp
-        return fp
-
-    def _store_base(self, identity: Identity, fp: BaseFingerprint, names: list[str]) -> None:
-        """Names point at the newest registration: re-registering a rebuilt base under
-        the same path moves the name to the new weights."""
-        now = _now()
-        with db.write_tx(self.engine) as conn:
-            db.insert_ignore(conn, bases, {"digest": fp.digest, "fingerprint": fp.to_dict(),
-                                           "created_at": now})
-            for name in names:
-                conn.execute(sa.delete(base_names).where(base_names.c.name == name))
-                conn.execute(sa.insert(base_names).values(
-                    name=name, digest=fp.digest, created_at=now, created_by=identity.who))
+        return self.base_catalog.register(identity, base_dir, names)
 
     def list_bases(self) -> list[tuple[list[str], BaseFingerprint]]:
         """Every known base with the names it was registered under."""
-        with db.read_tx(self.engine) as conn:
-            rows = conn.execute(sa.select(bases).order_by(bases.c.created_at)).all()
-            names = conn.execute(sa.select(base_names.c.name, base_names.c.digest)).all()
-        by_digest: dict[str, list[str]] = {}
-        for n, d in names:
-            by_digest.setdefault(d, []).append(n)
-        return [(sorted(by_digest.get(r.digest, [])), BaseFingerprint.from_dict(r.fingerprint))
-                for r in rows]
-
-    def _base_by_name(self, name: str) -> BaseFingerprint | None:
-        candidates = [name]
-        try:
-            candidates.append(str(Path(name).expanduser().resolve()))
-        except (OSError, RuntimeError):
-            pass
-        with db.read_tx(self.engine) as conn:
-            for cand in candidates:
-                digest = conn.execute(sa.select(base_names.c.digest)
-                                      .where(base_names.c.name == cand)).scalar()
-                if digest:
-                    return self._fingerprint(conn, digest)
-        return None
-
-    def _fingerprint(self, conn: Connection, digest: str) -> BaseFingerprint | None:
-        if digest not in self._fingerprints:
-            row = conn.execute(sa.select(bases.c.fingerprint)
-                               .where(bases.c.digest == digest)).scalar()
-            if row is None:
-                return None
-            self._fingerprints[digest] = BaseFingerprint.from_dict(row)
-        return self._fingerprints[digest]
-
-    def _resolve_base(self, base: BaseArg, config: dict[str, Any],
-                      lineage: dict[str, Any]) -> tuple[BaseFingerprint | None, list[str]]:
-        """The base to validate against, plus violations (as `base: …` lines)."""
-        declared = config.get("base_model_name_or_path")
-        declared_fp = self._base_by_name(declared) if isinstance(declared, str) and declared \
-            else None
-        fp, problems = declared_fp, []
-        if isinstance(base, BaseFingerprint):
-            fp = base
-            if not fp.linear_shapes:
-                with db.read_tx(self.engine) as conn:
-                    known = self._fingerprint(conn, fp.digest)
-                fp = known if known is not None and known.linear_shapes else None
-                if fp is None:
-                    problems.append(f"base: fingerprint {base.digest} carries no layer shapes "
-                                    "and is not registered; pass the base directory")
-        elif base is not None:
-            try:
-                fp = fingerprint_base(base)
-            except LoraplexError as e:
-                problems.append(f"base: {e}")
-                fp = None
-        elif fp is None:
-            problems.append(f"base: no registered base is named {declared!r} (the adapter's "
-                            "base_model_name_or_path); pass base= or register the base first")
-        if fp is not None and declared_fp is not None and declared_fp.digest != fp.digest:
-            problems.append(f"base: the adapter declares base {declared!r} "
-                            f"({declared_fp.digest}) but was pushed against {fp.digest}")
-        want = _lineage_base_digest(lineage)
-        if fp is not None and want is not None and want != fp.digest:
-            problems.append(f"base: lineage records base {want} but the base is {fp.digest}")
-        return fp, problems
+        return self.base_catalog.list()
 
     # ---------------------------------------------------------------- registration
     def push(self, identity: Identity, adapter_dir: str | os.PathLike[str], name: str, *,
@@ -253,7 +172,8 @@ class Registry:
             raise PermissionDenied(f"{identity.who} may not push adapters of tenant {tenant}",
                                    field="name")
         lineage = _json_object(lineage, "lineage")
-        fp, base_problems = self._resolve_base(base, _loose_json(config_bytes), lineage)
+        fp, base_problems = self.base_catalog.for_upload(base, _loose_json(config_bytes),
+                                                             lineage)
         valid = validate(config_bytes, weights_bytes, fp, self.settings,
                          prior=problems + base_problems)
         if fp is None:  # validate raised already; keeps the type checker honest
@@ -295,8 +215,7 @@ class Registry:
             number = row.last_version + 1
             conn.execute(sa.update(adapters).where(adapters.c.id == adapter_id)
                          .values(last_version=number))
-            db.insert_ignore(conn, bases, {"digest": fp.digest, "fingerprint": fp.to_dict(),
-                                           "created_at": now})
+            self.base_catalog.ensure(conn, fp, now)
             conn.execute(sa.insert(versions).values(
                 adapter_id=adapter_id, version=number, digest=valid.digest,
                 config_blob=config_blob, weights_blob=weights_blob,
@@ -306,7 +225,6 @@ class Registry:
                 base_digest=fp.digest, lineage=lineage, created_at=now,
                 created_by=identity.who))
             self._emit(conn, "version_created", tenant, name, number, None, valid.digest, now)
-        self._fingerprints.setdefault(fp.digest, fp)
         return AdapterVersion(
             tenant=tenant, name=name, version=number, digest=valid.digest,
             size_bytes=len(valid.config_bytes) + len(valid.weights_bytes), rank=valid.rank,
@@ -624,7 +542,7 @@ class Registry:
 
     def _to_version(self, conn: Connection, row: sa.Row, *, created: bool = True
                     ) -> AdapterVersion:
-        fp = self._fingerprint(conn, row.base_digest)
+        fp = self.base_catalog.by_digest(conn, row.base_digest)
         if fp is None:  # FK guarantees the row; a missing one is a bug
             raise NotFound(f"base {row.base_digest} of {row.tenant}/{row.name} is gone")
         return AdapterVersion(
@@ -691,14 +609,6 @@ def _loose_json(raw: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _lineage_base_digest(lineage: dict[str, Any]) -> str | None:
-    """The base digest a trainer recorded: `base_digest` or `base.digest`."""
-    want = lineage.get("base_digest")
-    if want is None and isinstance(lineage.get("base"), dict):
-        want = lineage["base"].get("digest")
-    return want if isinstance(want, str) else None
 
 
 def _json_object(value: dict[str, Any] | None, field: str) -> dict[str, Any]:

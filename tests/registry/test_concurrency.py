@@ -72,3 +72,31 @@ def test_identical_pushes_race_to_one_version(db_location, make_adapter, micro_f
     results = _race(db_location, [files] * 4, micro_fp)
     assert {r[0] for r in results} == {1}
     assert sum(r[2] for r in results) == 1, "exactly one push created the version"
+
+
+def test_alias_compare_and_set_has_one_winner(registry, make_adapter, micro_base) -> None:
+    """Eight callers all create `prod` (expected=None) at once: one wins, seven conflict."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from loraplex.errors import AliasConflict
+
+    me = Identity.system()
+    for seed in range(WORKERS):
+        registry.push(me, make_adapter(seed=seed), "acme/race", base=micro_base)
+    barrier = Barrier(WORKERS)
+
+    def claim(version: int) -> str:
+        barrier.wait(timeout=30)
+        try:
+            registry.set_alias(me, f"acme/race:v{version}", "prod", expected=None)
+            return "won"
+        except AliasConflict:
+            return "conflict"
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        outcomes = list(pool.map(claim, range(1, WORKERS + 1)))
+    assert sorted(outcomes) == ["conflict"] * (WORKERS - 1) + ["won"]
+    history = registry.alias_history(me, "acme/race", "prod")
+    assert len(history) == 1 and history[0].from_version is None
+    assert registry.resolve(me, "acme/race@prod").version == history[0].to_version
