@@ -34,6 +34,7 @@ from loraplex.errors import (
     AliasConflict,
     DataCorruption,
     FailedPrecondition,
+    IncompatibleAdapter,
     InvalidArgument,
     LoraplexError,
     NotFound,
@@ -180,7 +181,7 @@ class Registry:
             raise ValidationFailed(["base: unknown"], field="base")
         existing = self._existing(tenant, aname, valid.digest)
         if existing is not None:
-            return existing
+            return _same_base(existing, fp)
         config_blob = self.blobs.put(valid.config_bytes)
         weights_blob = self.blobs.put(valid.weights_bytes)
         self._on_blobs_written()
@@ -211,7 +212,7 @@ class Registry:
             same = conn.execute(self._version_query().where(
                 versions.c.adapter_id == adapter_id, versions.c.digest == valid.digest)).first()
             if same is not None:  # an identical push won the race
-                return self._to_version(conn, same, created=False)
+                return _same_base(self._to_version(conn, same, created=False), fp)
             number = row.last_version + 1
             conn.execute(sa.update(adapters).where(adapters.c.id == adapter_id)
                          .values(last_version=number))
@@ -585,6 +586,17 @@ class Registry:
         conn.execute(sa.insert(db.changes).values(kind=kind, tenant=tenant, name=name,
                                                   version=version, alias=alias, digest=digest,
                                                   at=at))
+
+
+def _same_base(existing: AdapterVersion, fp: BaseFingerprint) -> AdapterVersion:
+    """Identical content is the existing version, but only for the base it was registered
+    for: returning it for another base would silently record the wrong base."""
+    if existing.base.digest != fp.digest:
+        raise IncompatibleAdapter(
+            f"this content is already registered as {existing.ref} for base "
+            f"{existing.base.digest}; it cannot also be registered for base {fp.digest} "
+            "under the same name", field="base")
+    return existing
 
 
 def _sqlite_blob_dir(url: str) -> Path | None:

@@ -42,6 +42,18 @@ def test_versions_count_up_and_identical_content_is_not_a_new_version(registry, 
     assert [v.version for v in registry.list_versions(ADMIN, "acme/support")] == [1, 2, 3]
 
 
+def test_identical_content_for_another_base_is_refused(registry, make_adapter, micro_base,
+                                                       base_factory) -> None:
+    from loraplex.errors import IncompatibleAdapter
+
+    d = make_adapter(seed=1)
+    registry.push(ADMIN, d, "acme/support", base=micro_base)
+    other = base_factory("micro", "qwen2")  # same q/v shapes, other weights
+    with pytest.raises(IncompatibleAdapter, match="already registered as acme/support:v1"):
+        registry.push(ADMIN, d, "acme/support", base=other)
+    assert registry.push(ADMIN, d, "acme/for-qwen", base=other).created
+
+
 def test_every_ref_form_resolves(registry, push) -> None:
     v1, v2 = push(seed=1), push(seed=2)
     registry.set_alias(ADMIN, "acme/support:v1", "prod")
