@@ -1,0 +1,242 @@
+"""Mixed-batch overhead of the batched LoRA layers, against the base and against peft.
+
+    python -m bench.lora_ops            # full run (a few minutes on 2 cores)
+    python -m bench.lora_ops --quick    # about a minute
+    python -m bench.lora_ops --json     # the figures as JSON on stdout
+
+On the `bench` base (~100M params, fp32), rank-16 adapters on all seven projections, batch 32,
+one decode step (1 new token per row over a KV cache of a 32-token prompt): the step time
+with N in {1, 4, 16, 32} distinct adapters (rows assigned to adapters in a shuffled order,
+as an engine's rows are) divided by the plain base's step at the same batch; and peft's own
+mixed batch (`model(..., adapter_names=[...])`) on the same base and adapters, divided by
+the same base step. Every configuration is timed in each round, rounds interleaved, after a
+warm-up; figures are medians over rounds. The ratios are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_BASE_DIR = ROOT / "results" / "base-bench-llama"
+TARGETS = {"ours_n1": 1.15, "ours_n32": 1.35, "speedup_vs_peft_n32": 2.5}
+NS = (1, 4, 16, 32)
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bench_base(base_dir: Path) -> Path:
+    """The deterministic bench base, built once and reused (bench/results/ is git-ignored)."""
+    from loraplex.basemodel import build_base
+
+    meta = base_dir / "loraplex_base.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("size") == "bench":
+        return base_dir
+    print(f"building the bench base in {base_dir} (once) ...", file=sys.stderr)
+    return build_base(base_dir, size="bench", arch="llama", seed=0)
+
+
+def load_fp32(base_dir: Path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return model.eval().requires_grad_(False)
+
+
+def make_adapters(model, n: int, rank: int):
+    """peft model holding `n` random rank-`rank` adapters; returns it and their state dicts."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(0)
+    peft_model, dicts = None, {}
+    for i in range(n):
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=PROJECTIONS,
+                         init_lora_weights=False, lora_dropout=0.0)
+        name = f"ad{i + 1}"
+        if peft_model is None:
+            peft_model = get_peft_model(model, cfg, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, cfg)
+        with torch.no_grad():  # keep deltas small, like trained adapters, so logits stay sane
+            for mod in peft_model.modules():
+                if hasattr(mod, "lora_B") and name in mod.lora_B:
+                    mod.lora_B[name].weight.mul_(0.01)
+        dicts[name] = get_peft_model_state_dict(peft_model, adapter_name=name)
+    return peft_model.eval(), dicts
+
+
+class DecodeStep:
+    """One decode step of batch B over a KV cache of `prompt_len`, repeatable: the cache is
+    cropped back to the prompt after each step."""
+
+    def __init__(self, model, batch: int, prompt_len: int, before: Callable[[], None],
+                 kwargs: dict | None = None) -> None:
+        from transformers import DynamicCache
+
+        g = torch.Generator().manual_seed(0)
+        self.model, self.before, self.kwargs = model, before, kwargs or {}
+        self.prompt_len = prompt_len
+        prompt = torch.randint(0, 256, (batch, prompt_len), generator=g)  # [B, P]
+        self.next_ids = torch.randint(0, 256, (batch, 1), generator=g)  # [B, 1]
+        self.positions = torch.full((batch, 1), prompt_len)  # [B, 1]
+        self.cache = DynamicCache()
+        with torch.no_grad():
+            before()
+            model(input_ids=prompt, past_key_values=self.cache, use_cache=True, **self.kwargs)
+
+    @torch.no_grad()
+    def __call__(self) -> float:
+        self.before()
+        t0 = time.perf_counter()
+        self.model(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True,
+                   position_ids=self.positions, **self.kwargs)
+        dt = time.perf_counter() - t0
+        self.cache.crop(-1)  # drop the step's token: back to the prompt
+        return dt
+
+
+def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank: int = 16,
+        rounds: int | None = None) -> dict:
+    from loraplex.runtime.layers import inject_lora
+
+    rounds = rounds or (6 if quick else 20)
+    base_dir = bench_base(base_dir)
+    plain = load_fp32(base_dir)
+    ours = load_fp32(base_dir)
+    peft_model, dicts = make_adapters(load_fp32(base_dir), max(NS), rank)
+    inj = inject_lora(ours, PROJECTIONS, max_slots=max(NS), max_rank=rank)
+    for slot, (_name, sd) in enumerate(dicts.items(), start=1):
+        inj.load_adapter(slot, sd, r=rank, alpha=2 * rank)
+
+    order = torch.randperm(batch, generator=torch.Generator().manual_seed(1)).tolist()
+    row_slots = {n: [order[i] % n + 1 for i in range(batch)] for n in NS}  # shuffled rows
+
+    def noop() -> None:
+        return None
+
+    steps: dict[str, DecodeStep] = {"base": DecodeStep(plain, batch, prompt_len, noop)}
+    strategies = {}
+    for n in NS:
+        slots = row_slots[n]
+        steps[f"ours_n{n}"] = DecodeStep(ours, batch, prompt_len,
+                                         lambda s=slots: inj.set_batch(s))
+        strategies[n] = inj.batch.plan_for(batch, batch).strategy
+        names = [f"ad{s}" for s in slots]
+        steps[f"peft_n{n}"] = DecodeStep(peft_model, batch, prompt_len, noop,
+                                         {"adapter_names": names})
+
+    for step in steps.values():  # warm-up
+        for _ in range(2):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():  # interleaved: drift hits every config alike
+            times[key].append(step())
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["base"]
+    result = {
+        "config": {"base": "bench (llama, 8 layers, hidden 1024, ~100M params)",
+                   "dtype": "float32", "rank": rank, "batch": batch, "prompt_len": prompt_len,
+                   "projections": PROJECTIONS, "rounds": rounds, "quick": quick},
+        "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
+                    "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "load_avg": _load_avg()},
+        "base_ms": base * 1e3,
+        "rows": [],
+    }
+    for n in NS:
+        o, p = med[f"ours_n{n}"], med[f"peft_n{n}"]
+        result["rows"].append({
+            "n_adapters": n, "strategy": strategies[n],
+            "ours_ms": o * 1e3, "ours_ratio": o / base,
+            "peft_ms": p * 1e3, "peft_ratio": p / base, "speedup_vs_peft": p / o,
+        })
+    by_n = {r["n_adapters"]: r for r in result["rows"]}
+    result["targets"] = {
+        "ours_n1": {"value": by_n[1]["ours_ratio"], "target": f"<= {TARGETS['ours_n1']}",
+                    "met": by_n[1]["ours_ratio"] <= TARGETS["ours_n1"]},
+        "ours_n32": {"value": by_n[32]["ours_ratio"], "target": f"<= {TARGETS['ours_n32']}",
+                     "met": by_n[32]["ours_ratio"] <= TARGETS["ours_n32"]},
+        "speedup_vs_peft_n32": {"value": by_n[32]["speedup_vs_peft"],
+                                "target": f">= {TARGETS['speedup_vs_peft_n32']}",
+                                "met": by_n[32]["speedup_vs_peft"]
+                                >= TARGETS["speedup_vs_peft_n32"]},
+    }
+    return result
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _load_avg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def render(result: dict) -> str:
+    c = result["config"]
+    lines = [
+        f"bench.lora_ops — decode step, batch {c['batch']}, KV {c['prompt_len']}, rank "
+        f"{c['rank']} on 7 projections, fp32, {c['rounds']} rounds (medians)",
+        f"machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch "
+        f"threads, load avg {result['machine']['load_avg']}",
+        f"base-only step: {result['base_ms']:.1f} ms",
+        "",
+        f"{'N adapters':>10} {'strategy':>9} {'ours ms':>8} {'ours/base':>9} "
+        f"{'peft ms':>8} {'peft/base':>9} {'peft/ours':>9}",
+    ]
+    for r in result["rows"]:
+        lines.append(f"{r['n_adapters']:>10} {r['strategy']:>9} {r['ours_ms']:>8.1f} "
+                     f"{r['ours_ratio']:>8.2f}x {r['peft_ms']:>8.1f} {r['peft_ratio']:>8.2f}x "
+                     f"{r['speedup_vs_peft']:>8.2f}x")
+    lines.append("")
+    labels = {"ours_n1": "ours/base at N=1", "ours_n32": "ours/base at N=32",
+              "speedup_vs_peft_n32": "peft/ours at N=32"}
+    for key, t in result["targets"].items():
+        verdict = "met" if t["met"] else "NOT met"
+        if not t["met"]:
+            want = float(t["target"].split()[-1])
+            verdict += f" (gap: {t['value'] - want:+.2f})"
+        lines.append(f"target {labels[key]:<20} {t['target']:>7}: {t['value']:.2f}  {verdict}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.lora_ops", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (about a minute)")
+    ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 20, quick 6)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE_DIR,
+                    help="where the bench base is built/cached")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values rename in 5.x
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.quick, args.base_dir, rounds=args.rounds)
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
