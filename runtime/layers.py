@@ -337,6 +337,14 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
+def _pattern_value(pattern: Mapping[str, float] | None, module_path: str, default):
+    """peft's `get_pattern_key`: the first key matching the end of the module path wins."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
 class LoraInjection:
     """The BatchedLoraLayers put into one model, and the shared per-step batch state."""
 
@@ -370,15 +378,20 @@ class LoraInjection:
 
     # ---- adapters
     def load_adapter(self, slot: int, tensors: Mapping[str, Tensor], r: int, alpha: float,
-                     use_rslora: bool = False) -> list[str]:
+                     use_rslora: bool = False, *, rank_pattern: Mapping[str, int] | None = None,
+                     alpha_pattern: Mapping[str, float] | None = None) -> list[str]:
         """Copy a peft adapter's lora_A/lora_B tensors into `slot` of every layer it targets;
         layers it does not target are cleared in that slot. Checks everything before the
         first copy, so a rejected adapter leaves the slot as it was. Returns the layer paths.
+
+        `r`, `alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`: the adapter config's
+        fields; the patterns override r/alpha per module (peft's matching), so each layer
+        gets peft's own scale.
         """
         if not 1 <= slot <= self.max_slots:
             raise InvalidArgument(f"slot must be in 1..{self.max_slots}, got {slot}",
                                   field="slot")
-        scale = lora_scale(r, alpha, use_rslora)
+        lora_scale(r, alpha, use_rslora)  # validates r
         pairs: dict[str, dict[str, Tensor]] = {}
         problems: list[str] = []
         for key, t in tensors.items():
@@ -401,9 +414,12 @@ class LoraInjection:
                                      field="tensors")
         ranks = {p: self.layers[p].check_shapes(ab["lora_A"], ab["lora_B"])
                  for p, ab in pairs.items()}  # raises RankTooLarge / IncompatibleShapes
+        scales = {p: lora_scale(_pattern_value(rank_pattern, p, r),
+                                _pattern_value(alpha_pattern, p, alpha), use_rslora)
+                  for p in pairs}
         for path, layer in self.layers.items():
             if path in pairs:
-                layer.set_slot(slot, pairs[path]["lora_A"], pairs[path]["lora_B"], scale)
+                layer.set_slot(slot, pairs[path]["lora_A"], pairs[path]["lora_B"], scales[path])
             elif layer.ranks[slot]:
                 layer.clear_slot(slot)
         self.slot_ranks[slot] = max(ranks.values())  # exact now: every layer was written

@@ -264,3 +264,26 @@ def test_quantized_base_rows_equal_peft_on_the_same_quantized_base(micro_base, q
                                    rtol=1e-5, atol=1e-5)
     base_rows = _peft_row_logits(peft_model, ids, [0] * len(ROW_SLOTS))
     assert not torch.allclose(got[0], base_rows[0], atol=1e-3)  # the adapter does something
+
+
+@torch.no_grad()
+def test_rank_and_alpha_patterns_give_peft_per_module_scales(micro_base):
+    """peft's rank_pattern / alpha_pattern: a per-module r and alpha, hence scale."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    torch.manual_seed(3)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                     rank_pattern={"q_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
+                     alpha_pattern={"v_proj": 20})
+    peft_model = get_peft_model(_load(micro_base), cfg, adapter_name="pat").eval()
+    model = _load(micro_base)
+    inj = inject_lora(model, targets, max_slots=1, max_rank=8)
+    inj.load_adapter(1, get_peft_model_state_dict(peft_model, adapter_name="pat"), r=4, alpha=8,
+                     rank_pattern=cfg.rank_pattern, alpha_pattern=cfg.alpha_pattern)
+    assert inj.layers["model.layers.0.self_attn.q_proj"].lora_scale[1] == 4.0  # 8 / 2
+    assert inj.layers["model.layers.0.self_attn.v_proj"].lora_scale[1] == 5.0  # 20 / 4
+    assert inj.layers["model.layers.1.mlp.down_proj"].ranks[1] == 6
+    ids = torch.randint(0, 256, (2, 6))
+    inj.set_batch([1, 1])
+    torch.testing.assert_close(model(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
