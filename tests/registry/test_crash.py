@@ -27,7 +27,9 @@ def _die_between_blobs_and_commit(location: str, kwargs: dict[str, Any], adapter
 def test_crash_between_blob_write_and_commit(db_location, make_adapter, micro_fp) -> None:
     location, kwargs = db_location
     d = make_adapter(seed=1)
-    proc = mp.get_context("spawn").Process(
+    ctx = mp.get_context("forkserver")  # a fresh interpreter, not a fork of pytest
+    ctx.set_forkserver_preload(["loraplex.registry"])
+    proc = ctx.Process(
         target=_die_between_blobs_and_commit, args=(location, kwargs, str(d), micro_fp))
     proc.start()
     proc.join(timeout=120)
