@@ -250,7 +250,7 @@ def alias(
 
 @app.command()
 def rm(
-    ref: Annotated[str, typer.Argument(help="Version to delete.")],
+    ref: Annotated[str, typer.Argument(help="Version to delete: t/n:vN or sha256:…")],
     force: Annotated[bool, typer.Option(help="Also drop aliases pointing at it.")] = False,
     registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
     token: TokenOpt = None, as_json: JsonOpt = False,

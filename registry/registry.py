@@ -388,8 +388,14 @@ class Registry:
     def delete_version(self, identity: Identity, ref: str | AdapterRef, *,
                        force: bool = False) -> AdapterVersion:
         """Remove a version (its blobs go at the next `gc`). Refused while an alias points
-        at it, unless `force`, which removes those aliases too (logged)."""
-        target = self.resolve(identity, ref)
+        at it, unless `force`, which removes those aliases too (logged). The ref must pin
+        the version (`t/n:vN` or `sha256:…`): `rm t/n` deleting whatever is newest at that
+        moment is too easy a mistake."""
+        r = parse_ref(ref)
+        if r.version is None and r.digest is None:
+            raise InvalidArgument(f"delete needs a pinned version (t/n:vN or sha256:…), got "
+                                  f"{r!s}", field="ref")
+        target = self.resolve(identity, r)
         return db.with_retries(lambda: self._delete(identity, target, force),
                                self.settings.commit_retries)
 

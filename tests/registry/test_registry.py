@@ -133,6 +133,9 @@ def test_delete_refused_while_aliased_unless_forced(registry, push) -> None:
     registry.set_alias(ADMIN, "acme/support:v2", "prod")
     with pytest.raises(FailedPrecondition, match="target of alias prod"):
         registry.delete_version(ADMIN, "acme/support:v2")
+    for unpinned in ("acme/support", "acme/support@prod"):
+        with pytest.raises(InvalidArgument, match="pinned version"):
+            registry.delete_version(ADMIN, unpinned, force=True)
     assert registry.resolve(ADMIN, "acme/support").version == 2
     registry.delete_version(ADMIN, "acme/support:v2", force=True)
     with pytest.raises(NotFound):
