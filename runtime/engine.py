@@ -434,12 +434,13 @@ class Engine:
         from loraplex.runtime.layers import inject_lora
 
         cfg = self.config
-        self.model, self.tokenizer, self.fingerprint, self._device = _load_model(cfg)
+        self.model, tokenizer, self.fingerprint, self._device = _load_model(cfg)
+        self.tokenizer = _LockedTokenizer(tokenizer)
         mcfg = self.model.config.get_text_config()
         self._vocab = int(mcfg.vocab_size)
         limit = int(getattr(mcfg, "max_position_embeddings", 0) or _MAX_CONTEXT)
         self.max_seq_len = min(cfg.max_seq_len or min(limit, _MAX_CONTEXT), limit)
-        self._eos = _eos_ids(self.model, self.tokenizer)
+        self._eos = _eos_ids(self.model, tokenizer)
         self._bool_mask = mcfg._attn_implementation == "sdpa"
         types = getattr(mcfg, "layer_types", None) or ()
         if "sliding_attention" in types:
@@ -861,6 +862,26 @@ def _load_model(cfg: EngineConfig) -> tuple[Any, Any, BaseFingerprint, torch.dev
         fp = fingerprint_base(cfg.base_dir)
     model.eval()
     return model, tokenizer, fp, device
+
+
+class _LockedTokenizer:
+    """The tokenizer behind one lock: `submit` encodes on callers' threads while the engine
+    thread decodes, and a fast tokenizer must not be borrowed mutably meanwhile."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.inner = tokenizer
+        self._lock = threading.Lock()
+
+    def __call__(self, text: str) -> Any:
+        with self._lock:
+            return self.inner(text)
+
+    def decode(self, ids: list[int]) -> str:
+        with self._lock:
+            return self.inner.decode(ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -17,6 +17,8 @@ calls return a bool and are safe to repeat. All evictions go through `_evict`.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -90,7 +92,8 @@ class AdapterPool:
         self._observer = observer or EngineObserver()
         self._on_loaded = on_loaded or (lambda: None)
         self._executor = ThreadPoolExecutor(max_workers=loader_threads,
-                                            thread_name_prefix="loraplex-loader")
+                                            thread_name_prefix="loraplex-loader",
+                                            initializer=_background_priority)
         self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
         self._slot_of: dict[str, int] = {}  # digest -> slot
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
@@ -347,6 +350,16 @@ class AdapterPool:
             getattr(self._observer, hook)(*args)
         except Exception:  # noqa: BLE001 - a metrics bug must not break serving
             log.exception("observer.%s failed", hook)
+
+
+def _background_priority() -> None:
+    """Loader threads yield the CPU to the decode loop (Linux: per-thread nice value), so
+    reading, hashing and parsing a cold adapter slows running sequences as little as possible
+    on a machine with few cores."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
 
 
 def _internal(e: Exception) -> LoraplexError:
