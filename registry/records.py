@@ -81,8 +81,8 @@ class AdapterVersion:
     version: int
     digest: str  # "sha256:<hex>" over canonical config + tensors (see content.py)
     size_bytes: int
-    rank: int
-    alpha: float
+    rank: int  # the config's `r` (its `rank_pattern` may override it per module)
+    alpha: float  # the config's `lora_alpha` (likewise `alpha_pattern`)
     use_rslora: bool
     target_modules: tuple[str, ...]  # leaf module names, e.g. ("q_proj", "v_proj")
     dtype: str  # "float32" | "float16" | "bfloat16" | ...
@@ -108,7 +108,8 @@ class AdapterVersion:
 
     @property
     def scale(self) -> float:
-        """The factor peft multiplies B·A·x by: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        """The factor peft multiplies B·A·x by: alpha/r, or alpha/sqrt(r) with rsLoRA.
+        Modules matched by the config's `rank_pattern`/`alpha_pattern` use their own."""
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
     def manifest(self) -> dict[str, Any]:

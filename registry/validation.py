@@ -5,9 +5,9 @@ A rejected adapter raises `ValidationFailed` whose `violations` are lines of the
 `base` or `size_bytes`), so a user fixes everything in one round trip.
 
 What the runtime can serve decides what is accepted: plain LoRA (A/B pairs on linear
-projections of the base) with one rank and one alpha per adapter. DoRA, per-module rank
-or alpha patterns, extra trainable modules and bias terms are refused here rather than
-silently served wrong.
+projections of the base), with peft's per-module `rank_pattern` / `alpha_pattern`
+(matched as peft matches them). DoRA, extra trainable modules and bias terms are refused
+here rather than silently served wrong.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ _KEY_RE = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # config key -> why a non-empty value is refused
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters are not supported by the runtime",
-    "rank_pattern": "per-module ranks are not supported (one `r` per adapter)",
-    "alpha_pattern": "per-module alphas are not supported (one `lora_alpha` per adapter)",
     "modules_to_save": "fully trained extra modules are not supported",
     "lora_bias": "LoRA bias terms are not supported",
     "target_parameters": "LoRA on parameters (not modules) is not supported",
@@ -119,6 +117,8 @@ def _check_config(raw: bytes, settings: RegistrySettings,
     alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
         report.add("lora_alpha", f"`lora_alpha` must be a number > 0, got {alpha!r}")
+    _check_pattern(config, "rank_pattern", settings.max_rank, report)
+    _check_pattern(config, "alpha_pattern", None, report)
     if not isinstance(config.get("use_rslora", False), bool):
         report.add("use_rslora", "`use_rslora` must be true or false")
     _check_targets(config.get("target_modules"), report)
@@ -128,6 +128,38 @@ def _check_config(raw: bytes, settings: RegistrySettings,
         if config.get(key):
             report.add(key, why)
     return config
+
+
+def _check_pattern(config: dict[str, Any], key: str, max_rank: int | None,
+                   report: _Report) -> None:
+    """`rank_pattern` / `alpha_pattern`: {module regex: positive number}."""
+    pattern = config.get(key) or {}
+    if not isinstance(pattern, dict):
+        report.add(key, "must be an object mapping module patterns to values")
+        return
+    for k, v in pattern.items():
+        whole = max_rank is not None  # ranks are integers, alphas any positive number
+        if isinstance(v, bool) or not isinstance(v, int if whole else int | float) or v <= 0:
+            report.add(key, f"{k!r}: must be {'an integer' if whole else 'a number'} > 0, "
+                       f"got {v!r}")
+        elif max_rank is not None and v > max_rank:
+            report.add(key, f"{k!r}: rank {v} exceeds the maximum {max_rank} "
+                       "(LORAPLEX_MAX_RANK)")
+        try:
+            re.compile(k)
+        except re.error as e:
+            report.add(key, f"{k!r}: not a valid regular expression: {e}")
+
+
+def pattern_value(pattern: Any, module: str, default: Any) -> Any:
+    """peft's `get_pattern_key`: the first key matching the end of the module path."""
+    for key, value in (pattern or {}).items() if isinstance(pattern, dict) else ():
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error:
+            continue
+    return default
 
 
 def _check_targets(targets: Any, report: _Report) -> None:
@@ -199,7 +231,8 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
         if bad := tensorfile.count_nonfinite(tf.data(info), info.code):
             report.add(stored, f"holds {bad} NaN/Inf values")
         if shapes is not None:
-            _check_shape(stored, module, ab, info.shape, r, shapes, report)
+            rank = pattern_value(config.get("rank_pattern") if config else None, module, r)
+            _check_shape(stored, module, ab, info.shape, rank, shapes, report)
     for module, got in sorted(halves.items()):
         if got != {"A", "B"}:
             missing = "lora_B" if "A" in got else "lora_A"

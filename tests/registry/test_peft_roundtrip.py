@@ -15,11 +15,13 @@ from loraplex.registry import Identity, Registry
 ADMIN = Identity.system()
 
 
-def _peft_adapter(base_dir: Path, out: Path, targets: list[str], seed: int) -> torch.Tensor:
+def _peft_adapter(base_dir: Path, out: Path, targets: list[str], seed: int,
+                  **lora: object) -> torch.Tensor:
     """Save a peft LoRA with non-zero B (peft initialises B to 0) and return its logits."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules=targets))
+    peft_model = get_peft_model(model, LoraConfig(
+        **{"r": 4, "lora_alpha": 16, "target_modules": targets} | lora))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -83,3 +85,17 @@ def test_other_architectures(sqlite_reg: Registry, base_factory, tmp_path: Path,
     assert v.base.model_type == arch
     pulled = sqlite_reg.pull(ADMIN, v.ref, tmp_path / "pulled")
     assert torch.equal(_reopen(base, pulled), want)
+
+
+def test_per_module_rank_and_alpha_patterns(sqlite_reg: Registry, micro_base: Path,
+                                            tmp_path: Path) -> None:
+    """peft's rank_pattern/alpha_pattern adapters validate per module and round-trip."""
+    want = _peft_adapter(micro_base, tmp_path / "made", ["q_proj", "v_proj"], 2,
+                         rank_pattern={"v_proj": 2}, alpha_pattern={"q_proj": 32})
+    v = sqlite_reg.push(ADMIN, tmp_path / "made", "acme/patterned", base=micro_base)
+    assert v.rank == 4, "`rank` is the config's r; the patterns live in the config"
+    a, b = sqlite_reg.load_adapter(v).pairs()["model.layers.0.self_attn.v_proj"]
+    assert tuple(a.shape) == (2, 64) and tuple(b.shape) == (32, 2)
+    assert sqlite_reg.load_adapter(v).config["rank_pattern"] == {"v_proj": 2}
+    pulled = sqlite_reg.pull(ADMIN, v.ref, tmp_path / "pulled")
+    assert torch.equal(_reopen(micro_base, pulled), want)
