@@ -478,9 +478,9 @@ class Engine:
     # -- the hot path ----------------------------------------------------------------------
     def _decode(self) -> int:
         """One token for every sequence past its prompt; returns the rows run."""
-        seqs = [s for s in self._running if s.state == "decode"]
+        seqs = sorted((s for s in self._running if s.state == "decode"), key=lambda s: s.row)
         if not seqs:
-            return 0
+            return 0  # (sorted by KV row: consecutive rows are read without a gather)
         chunks = [KVChunk(s.row, s.length - 1, [s.generated[-1]]) for s in seqs]
         logits = self._forward_or_fail(chunks, seqs)  # [B, V]
         if logits is not None:
@@ -520,7 +520,7 @@ class Engine:
     def _forward(self, chunks: list[KVChunk], slots: list[int]) -> torch.Tensor:
         """One model forward over `chunks`; `slots # [B]` adapter slot per row → `[B, V]`."""
         layout = build_layout(chunks, self.max_seq_len, self._device)
-        self._kv.set_layout(layout.rows, layout.cache_pos, layout.kv_len)
+        self._kv.set_layout(layout.rows, layout.cache_pos, layout.kv_len, layout.first_row)
         self._injection.set_batch(slots)
         mask = self._mask(layout)
         with torch.inference_mode():

@@ -12,7 +12,7 @@ every row's next-token distribution. Pad tokens write to a scratch column past
 `max_len` (never read) and attend only to key 0 (a fully masked row would give NaN).
 
     layout = build_layout(chunks, max_len)       # chunks: (kv_row, start, token_ids)
-    cache.set_layout(layout.rows, layout.cache_pos, layout.kv_len)
+    cache.set_layout(layout.rows, layout.cache_pos, layout.kv_len, layout.first_row)
     model(input_ids=layout.input_ids, position_ids=layout.position_ids,
           attention_mask=layout.mask(bool_mask, dtype), cache=cache, use_cache=True,
           logits_to_keep=1)
@@ -46,6 +46,7 @@ class StepLayout:
     cache_pos: torch.Tensor  # [B, Q] long: column written in the KV row (scratch for pads)
     valid: torch.Tensor  # [B, Q] bool
     kv_len: int  # L: keys gathered per row (max over rows of start + len)
+    first_row: int | None = None  # set when rows are first_row .. first_row+B-1 (no gather)
 
     def mask(self, *, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, Q, L] mask: query at position p sees keys 0..p of its own row."""
@@ -66,6 +67,18 @@ def build_layout(chunks: Sequence[Chunk], max_len: int,
     """Left-pad `chunks` into one step. `max_len` is the scratch column for pads."""
     q = max(len(c.token_ids) for c in chunks)
     b = len(chunks)
+    row_list = [c.row for c in chunks]
+    first_row = row_list[0] if row_list == list(range(row_list[0], row_list[0] + b)) else None
+    if q == 1:  # decode: one token per row, nothing to pad
+        starts = [c.start for c in chunks]
+        pos = torch.as_tensor(starts, dtype=torch.long)[:, None]  # [B, 1]
+        return StepLayout(
+            rows=torch.as_tensor(row_list, dtype=torch.long).to(device),
+            input_ids=torch.as_tensor([c.token_ids[0] for c in chunks],
+                                      dtype=torch.long)[:, None].to(device),
+            position_ids=pos.to(device), cache_pos=pos.to(device),
+            valid=torch.ones((b, 1), dtype=torch.bool, device=device),
+            kv_len=max(starts) + 1, first_row=first_row)
     input_ids = torch.zeros((b, q), dtype=torch.long)  # [B, Q]
     position_ids = torch.zeros((b, q), dtype=torch.long)  # [B, Q]
     cache_pos = torch.full((b, q), max_len, dtype=torch.long)  # [B, Q]
@@ -79,10 +92,10 @@ def build_layout(chunks: Sequence[Chunk], max_len: int,
         cache_pos[i, q - n:] = pos
         valid[i, q - n:] = True
         kv_len = max(kv_len, c.start + n)
-    rows = torch.as_tensor([c.row for c in chunks], dtype=torch.long)  # [B]
+    rows = torch.as_tensor(row_list, dtype=torch.long)  # [B]
     return StepLayout(rows=rows.to(device), input_ids=input_ids.to(device),
                       position_ids=position_ids.to(device), cache_pos=cache_pos.to(device),
-                      valid=valid.to(device), kv_len=kv_len)
+                      valid=valid.to(device), kv_len=kv_len, first_row=first_row)
 
 
 class SlotKVCache(Cache):
@@ -108,13 +121,12 @@ class SlotKVCache(Cache):
     def __len__(self) -> int:
         return self.num_layers
 
-    def set_layout(self, rows: torch.Tensor, cache_pos: torch.Tensor, kv_len: int) -> None:
-        """Where this step's keys go: `rows # [B]`, `cache_pos # [B, Q]`, gather `kv_len`."""
+    def set_layout(self, rows: torch.Tensor, cache_pos: torch.Tensor, kv_len: int,
+                   first_row: int | None = None) -> None:
+        """Where this step's keys go: `rows # [B]`, `cache_pos # [B, Q]`, gather `kv_len`;
+        `first_row` when rows are consecutive (the gather becomes a view)."""
         self._rows, self._cache_pos, self._kv_len = rows, cache_pos, kv_len
-        lo = int(rows[0])
-        b = rows.shape[0]
-        contiguous = bool((rows == torch.arange(lo, lo + b, device=rows.device)).all())
-        self._contiguous = lo if contiguous else None
+        self._contiguous = first_row
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:

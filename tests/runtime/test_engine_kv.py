@@ -29,7 +29,7 @@ def test_mixed_rows_equal_each_row_alone(base_factory, arch, attn):
 
     def step(chunks):
         lay = build_layout(chunks, max_len)
-        cache.set_layout(lay.rows, lay.cache_pos, lay.kv_len)
+        cache.set_layout(lay.rows, lay.cache_pos, lay.kv_len, lay.first_row)
         mask = lay.mask(boolean=attn == "sdpa", dtype=torch.float32)  # [B, 1, Q, L]
         out = model(input_ids=lay.input_ids, position_ids=lay.position_ids,
                     attention_mask=mask, cache=cache, use_cache=True, logits_to_keep=1)
@@ -56,7 +56,8 @@ def test_layout_left_pads_and_sends_pads_to_the_scratch_column():
     assert lay.input_ids.tolist() == [[7, 8, 9], [0, 0, 5]]
     assert lay.position_ids.tolist() == [[4, 5, 6], [0, 0, 0]]
     assert lay.cache_pos.tolist() == [[4, 5, 6], [32, 32, 0]]
-    assert lay.kv_len == 7
+    assert lay.kv_len == 7 and lay.first_row is None
+    assert build_layout([Chunk(2, 0, [1]), Chunk(3, 0, [1])], max_len=8).first_row == 2
     m = lay.mask(boolean=True, dtype=torch.float32)  # [B, 1, Q, L]
     assert m.shape == (2, 1, 3, 7)
     assert m[0, 0, 0].tolist() == [True] * 5 + [False] * 2  # position 4 sees keys 0..4
