@@ -210,7 +210,8 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     adapter_dir = cfg.run_dir / "adapter"
     history = trainer.state.log_history
     metrics: dict[str, Any] = {
-        "train_loss": _last(history, "loss"),
+        # last logged loss; the run's mean when it ended before the first logging step
+        "train_loss": _last(history, "loss") or float(out.training_loss),
         "train_loss_mean": float(out.training_loss),
         "val_loss": trainer.state.best_metric,
         "best_step": _best_step(trainer.state.best_model_checkpoint),
