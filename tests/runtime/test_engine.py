@@ -75,14 +75,13 @@ def test_mixed_batch_equals_peft_alone_fp32(base_factory, tmp_path, arch):
 def test_mixed_batch_equals_peft_on_the_same_nf4_base(micro_base, tmp_path):
     from loraplex.runtime.base import load_base
 
-    specs = SPECS[:4]
     ref_model = load_base(micro_base, quantization="nf4", compute_dtype="float32").model
-    world = make_world(micro_base, tmp_path, specs=specs, model=ref_model)
+    world = make_world(micro_base, tmp_path, model=ref_model)
     engine = Engine(EngineConfig(base_dir=micro_base, quantization="nf4",
-                                 compute_dtype="float32", device="cpu", max_slots=4,
-                                 max_rank=16, max_batch=8), world.registry).start()
+                                 compute_dtype="float32", device="cpu", max_slots=len(SPECS),
+                                 max_rank=16, max_batch=12), world.registry).start()
     try:
-        reqs = _requests(world.names, 8, seed=2)
+        reqs = _requests(world.names, 12, seed=2)
         results = _run_staggered(engine, reqs, max_new=6)
     finally:
         engine.shutdown()
