@@ -58,6 +58,10 @@ class BoundedLabel:
                 return value
         return OTHER
 
+    def peek(self, value: str) -> str:
+        """The label of `value` without claiming one of the `k` places for it."""
+        return value if value in self._seen else OTHER
+
 
 class ServerMetrics(EngineObserver):
     """All metrics of one server, fed by the engine (observer hooks) and the gRPC layer."""
@@ -145,8 +149,11 @@ class ServerMetrics(EngineObserver):
         self._tenants[request.request_id] = self.tenant_label(request.identity.tenant)
 
     def on_request_rejected(self, request, code: str) -> None:
+        # A refused ref may be a typo or a probe: it must not take one of the K label places.
         tenant = self.tenant_label(request.identity.tenant)
-        self.requests.labels(code.lower(), tenant, self._adapter(request.adapter)).inc()
+        adapter = _key(request.adapter)
+        label = self.adapter_label.peek(adapter) if adapter else BASE
+        self.requests.labels(code.lower(), tenant, label).inc()
 
     def on_admitted(self, queue_s: float) -> None:
         self.queue_time.observe(queue_s)
@@ -185,10 +192,12 @@ class ServerMetrics(EngineObserver):
         self.waiting.set(waiting)
 
     def _adapter(self, ref: str | None) -> str:
-        if not ref:
-            return BASE
-        key = ref.split("@", 1)[0].split(":", 1)[0]  # "t/n@prod", "t/n:v3" → "t/n"
-        return self.adapter_label(key)
+        return self.adapter_label(_key(ref)) if ref else BASE
+
+
+def _key(ref: str | None) -> str:
+    """"t/n@prod", "t/n:v3" → "t/n" (labels never carry versions or aliases)."""
+    return (ref or "").split("@", 1)[0].split(":", 1)[0]
 
 
 # -- reading metrics back (demo, bench, tests) ----------------------------------------------

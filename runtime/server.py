@@ -223,9 +223,11 @@ async def run(settings: ServerSettings) -> int:
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if ready in done and ready.exception() is not None:
+        stopped.cancel()
         await server.drain(0)
         return 1
     await stopped
+    ready.cancel()
     await server.drain()
     log.info("drained; exiting")
     return 0

@@ -148,3 +148,19 @@ def test_async_client_over_a_real_channel(open_server):
                 await c.generate(None, "hi")
 
     asyncio.run(main())
+
+
+def test_no_auth_logs_a_warning(micro_base, tmp_path, caplog):
+    from loraplex.runtime.server import create_server
+
+    settings = load_settings({"base": micro_base, "registry": str(tmp_path / "reg"),
+                              "port": 0, "host": "127.0.0.1", "no_auth": True})
+
+    async def build():
+        server, port = create_server(settings, with_engine=False)
+        assert port > 0
+        await server.close()
+
+    with caplog.at_level(logging.WARNING, logger="loraplex.runtime.server"):
+        asyncio.run(build())
+    assert "authentication is OFF" in caplog.text

@@ -152,3 +152,15 @@ def test_dashboard_and_prometheus_config_use_real_metrics():
                                                               "prometheus.yml")],
                              capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_refused_refs_do_not_take_label_places():
+    m = ServerMetrics(top_k=2)
+    for i in range(5):
+        m.on_request_rejected(_request(f"x{i}", "acme", f"acme/typo{i}"), "NOT_FOUND")
+    m.on_request_queued(_request("r1", "acme", "acme/support"))
+    m.on_finished(_result("r1"))
+    assert _value(m, "loraplex_requests_total", outcome="not_found", tenant="acme",
+                  adapter="other") == 5
+    assert _value(m, "loraplex_requests_total", outcome="stop", tenant="acme",
+                  adapter="acme/support") == 1
