@@ -260,6 +260,7 @@ class Engine:
         self._boot_error: BaseException | None = None
         self._draining = False
         self._stop = False
+        self._closed = False
         self._thread: threading.Thread | None = None
         self._running: list[_Seq] = []
         self._steps = 0
@@ -318,12 +319,10 @@ class Engine:
         if self._thread is not None and self.ready:
             self.drain(timeout=grace_s)
         self._draining = True
+        self._stop = True  # the engine thread cancels what is left and exits
+        self._wake.set()
         if self._thread is not None and self._thread.is_alive():
-            self._call(self._cancel_all)
-            self._stop = True
-            self._wake.set()
             self._thread.join(timeout=30)
-        self._stop = True
         if self._pool is not None:
             self._pool.shutdown()
 
@@ -429,6 +428,14 @@ class Engine:
             if not busy:
                 self._wake.wait(self.config.idle_wait_s)
         self._cancel_all()
+        with self._lock:  # from here on, submit refuses under this lock
+            self._closed = True
+            late = list(self._live.values())
+            self._live.clear()
+        for s in late:
+            s.stream._publish(error=Unavailable("engine stopped before the request started"))
+        while self._commands:  # admin calls that arrived too late
+            self._commands.popleft()[1].set_exception(Unavailable("engine is stopped"))
 
     def _boot(self) -> None:
         from loraplex.runtime.layers import inject_lora
@@ -750,6 +757,8 @@ class Engine:
                  generator=make_generator(request.sampling, self._device),
                  t_submit=time.monotonic())
         with self._lock:
+            if self._closed:
+                raise Unavailable("engine is stopped")
             if rid in self._live:
                 raise AlreadyExists(f"request {rid!r} is already in flight", field="request_id")
             self._scheduler.push(Ticket(rid, s.tenant, s, s.t_submit, cost=len(prompt)))
