@@ -75,24 +75,29 @@ def make_adapters(model, n: int, rank: int):
     return peft_model.eval(), dicts
 
 
+def prefill_cache(model, batch: int, prompt_len: int):
+    """A KV cache holding a random `prompt_len`-token prompt for each of `batch` rows. One
+    cache serves every configuration: a step's cost does not depend on the cached values."""
+    from transformers import DynamicCache
+
+    prompt = torch.randint(0, 256, (batch, prompt_len),
+                           generator=torch.Generator().manual_seed(0))  # [B, P]
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True)
+    return cache
+
+
 class DecodeStep:
-    """One decode step of batch B over a KV cache of `prompt_len`, repeatable: the cache is
-    cropped back to the prompt after each step."""
+    """One decode step of batch B over `cache` (a prompt of `prompt_len`), repeatable: the
+    step's token is cropped off the cache afterwards."""
 
-    def __init__(self, model, batch: int, prompt_len: int, before: Callable[[], None],
+    def __init__(self, model, cache, batch: int, prompt_len: int, before: Callable[[], None],
                  kwargs: dict | None = None) -> None:
-        from transformers import DynamicCache
-
-        g = torch.Generator().manual_seed(0)
-        self.model, self.before, self.kwargs = model, before, kwargs or {}
-        self.prompt_len = prompt_len
-        prompt = torch.randint(0, 256, (batch, prompt_len), generator=g)  # [B, P]
+        g = torch.Generator().manual_seed(1)
+        self.model, self.cache, self.before, self.kwargs = model, cache, before, kwargs or {}
         self.next_ids = torch.randint(0, 256, (batch, 1), generator=g)  # [B, 1]
         self.positions = torch.full((batch, 1), prompt_len)  # [B, 1]
-        self.cache = DynamicCache()
-        with torch.no_grad():
-            before()
-            model(input_ids=prompt, past_key_values=self.cache, use_cache=True, **self.kwargs)
 
     @torch.no_grad()
     def __call__(self) -> float:
@@ -111,6 +116,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
 
     rounds = rounds or (6 if quick else 20)
     base_dir = bench_base(base_dir)
+    _say(f"loading the base 3x and making {max(NS)} peft adapters ...")
     plain = load_fp32(base_dir)
     ours = load_fp32(base_dir)
     peft_model, dicts = make_adapters(load_fp32(base_dir), max(NS), rank)
@@ -124,22 +130,26 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
     def noop() -> None:
         return None
 
-    steps: dict[str, DecodeStep] = {"base": DecodeStep(plain, batch, prompt_len, noop)}
+    cache = prefill_cache(plain, batch, prompt_len)
+    steps: dict[str, DecodeStep] = {"base": DecodeStep(plain, cache, batch, prompt_len, noop)}
     strategies = {}
     for n in NS:
         slots = row_slots[n]
-        steps[f"ours_n{n}"] = DecodeStep(ours, batch, prompt_len,
+        steps[f"ours_n{n}"] = DecodeStep(ours, cache, batch, prompt_len,
                                          lambda s=slots: inj.set_batch(s))
+        inj.set_batch(slots)
         strategies[n] = inj.batch.plan_for(batch, batch).strategy
         names = [f"ad{s}" for s in slots]
-        steps[f"peft_n{n}"] = DecodeStep(peft_model, batch, prompt_len, noop,
+        steps[f"peft_n{n}"] = DecodeStep(peft_model, cache, batch, prompt_len, noop,
                                          {"adapter_names": names})
 
-    for step in steps.values():  # warm-up
+    _say("warm-up ...")
+    for step in steps.values():
         for _ in range(2):
             step()
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
+    for i in range(rounds):
+        _say(f"round {i + 1}/{rounds}")
         for key, step in steps.items():  # interleaved: drift hits every config alike
             times[key].append(step())
 
@@ -153,6 +163,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_avg": _load_avg()},
         "base_ms": base * 1e3,
+        "min_ms": {k: min(v) * 1e3 for k, v in times.items()},  # for noisy machines
         "rows": [],
     }
     for n in NS:
@@ -174,6 +185,10 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
                                 >= TARGETS["speedup_vs_peft_n32"]},
     }
     return result
+
+
+def _say(msg: str) -> None:
+    print(f"[bench.lora_ops {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def _cpu_name() -> str:

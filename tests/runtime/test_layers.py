@@ -287,3 +287,23 @@ def test_rank_and_alpha_patterns_give_peft_per_module_scales(micro_base):
     ids = torch.randint(0, 256, (2, 6))
     inj.set_batch([1, 1])
     torch.testing.assert_close(model(ids).logits, peft_model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_one_plan_per_step_shared_by_every_layer(micro_base, monkeypatch):
+    import loraplex.runtime.layers as layers_mod
+
+    calls = []
+    real = layers_mod.make_plan
+    monkeypatch.setattr(layers_mod, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _load(micro_base)
+    inj = inject_lora(model, None, max_slots=2, max_rank=4)
+    assert len(inj.layers) == 14  # 2 blocks x 7 projections
+    inj.set_batch([1, 2, 0])
+    model(torch.randint(0, 256, (3, 4)))
+    assert len(calls) == 1
+    model(torch.randint(0, 256, (3, 4)))  # same batch, same shape: the plan is reused
+    assert len(calls) == 1
+    inj.set_batch([2, 2, 1])
+    model(torch.randint(0, 256, (3, 1)))
+    assert len(calls) == 2
