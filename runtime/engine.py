@@ -495,18 +495,23 @@ class Engine:
         return len(seqs)
 
     def _prefill(self) -> int:
-        """Up to `prefill_token_budget` prompt tokens of admitted sequences, oldest first;
-        a sequence whose prompt completes gets its first token."""
+        """Prompt chunks of admitted sequences, oldest first, within `prefill_token_budget`
+        padded tokens (B x Q): the oldest takes up to the budget, the others at most as
+        many tokens as it (the rest of a prompt comes in later steps). A sequence whose
+        prompt completes gets its first token."""
         budget = self.config.prefill_token_budget
         seqs: list[_Seq] = []
         chunks: list[KVChunk] = []
+        q = budget  # tokens per row this step, set by the oldest
         for s in self._running:
-            if s.state != "prefill" or budget <= 0:
+            if s.state != "prefill":
                 continue
-            n = min(len(s.prompt) - s.prefilled, budget)
+            if seqs and (len(seqs) + 1) * q > budget:
+                break
+            n = min(len(s.prompt) - s.prefilled, q)
+            q = n if not seqs else q
             chunks.append(KVChunk(s.row, s.prefilled, s.prompt[s.prefilled:s.prefilled + n]))
             seqs.append(s)
-            budget -= n
             if not s.t_prefill:
                 s.t_prefill = time.monotonic()
         if not seqs:
