@@ -239,8 +239,8 @@ def render(result: dict) -> str:
         verdict = "met" if t["met"] else "NOT met"
         if not t["met"]:
             want = float(t["target"].split()[-1])
-            verdict += f" (gap: {t['value'] - want:+.2f})"
-        lines.append(f"target {labels[key]:<20} {t['target']:>7}: {t['value']:.2f}  {verdict}")
+            verdict += f" (gap: {t['value'] - want:+.3f})"
+        lines.append(f"target {labels[key]:<20} {t['target']:>7}: {t['value']:.3f}  {verdict}")
     return "\n".join(lines)
 
 
