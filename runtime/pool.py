@@ -82,6 +82,7 @@ class AdapterPool:
                  write_slot: Callable[[int, HostAdapter], None],
                  clear_slot: Callable[[int], None],
                  loader_threads: int = 2,
+                 loader_nice: int = 0,
                  observer: EngineObserver | None = None,
                  on_loaded: Callable[[], None] | None = None) -> None:
         self.max_slots = max_slots
@@ -93,7 +94,8 @@ class AdapterPool:
         self._on_loaded = on_loaded or (lambda: None)
         self._executor = ThreadPoolExecutor(max_workers=loader_threads,
                                             thread_name_prefix="loraplex-loader",
-                                            initializer=_background_priority)
+                                            initializer=_loader_priority,
+                                            initargs=(loader_nice,))
         self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
         self._slot_of: dict[str, int] = {}  # digest -> slot
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
@@ -352,13 +354,15 @@ class AdapterPool:
             log.exception("observer.%s failed", hook)
 
 
-def _background_priority() -> None:
-    """Loader threads yield the CPU to the decode loop (Linux: per-thread nice value), so
-    reading, hashing and parsing a cold adapter slows running sequences as little as possible
-    on a machine with few cores."""
+def _loader_priority(nice: int) -> None:
+    """Optionally let loader threads yield the CPU to the decode loop (Linux: a per-thread
+    nice value). Worth it on a CPU-only host with few cores; on a shared, busy host it
+    makes cold loads slow, hence off by default (`EngineConfig.loader_nice`)."""
+    if nice <= 0:
+        return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not permitted: normal priority
         pass
 
 

@@ -144,6 +144,7 @@ class EngineConfig:
     prefill_token_budget: int = 512
     host_cache_bytes: int = 1 << 30
     loader_threads: int = 2
+    loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)
     target_modules: tuple[str, ...] | None = None
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
@@ -158,6 +159,8 @@ class EngineConfig:
                      "prefill_token_budget", "loader_threads"):
             if int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0"))
+        if not 0 <= self.loader_nice <= 19:
+            problems.append(("loader_nice", "`loader_nice` must be in 0..19"))
         if self.max_seq_len is not None and self.max_seq_len <= 1:
             problems.append(("max_seq_len", "`max_seq_len` must be > 1"))
         if self.host_cache_bytes < 0:

@@ -161,3 +161,23 @@ def test_when_resident_future_and_remove_while_in_use():
     bad.land(V("sha256:x"))
     with pytest.raises(DataCorruption):
         fut.result(1)
+
+
+def test_loader_threads_can_run_at_background_priority():
+    import os
+
+    seen = []
+
+    def load(v):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return HostAdapter(digest=v.digest, ref=v.ref, rank=1, alpha=1.0, tensors={})
+
+    pool = AdapterPool(max_slots=1, host_cache_bytes=0, load_fn=load, write_slot=print,
+                       clear_slot=print, loader_nice=7)
+    pool.ensure_loading(V("sha256:n"))
+    end = time.monotonic() + 5
+    while pool.is_loading("sha256:n") and time.monotonic() < end:
+        pool.poll()
+        time.sleep(0.001)
+    pool.shutdown()
+    assert seen and seen[0] >= 7  # never below the asked niceness (it may start higher)
