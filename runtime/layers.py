@@ -11,6 +11,20 @@ written. Activating an adapter is a `copy_` into its slot. All layers share one
 `LoraBatch`: `set_batch` stores the row slots, the first layer of a forward builds the
 `LoraBatchPlan` (`lora_ops.make_plan`) and every other layer reuses it.
 
+Notes for callers (the engine):
+- Call `set_batch(row_slots)` before every forward whose rows or slots changed; the plan is
+  cached per input shape until the next `set_batch`/`set_token_slots`/`load_adapter`/
+  `clear_slot`. Inputs are `[B, S, in]` (row-major: row i owns tokens i*S .. i*S+S-1); for
+  ragged/packed batches use `set_token_slots(token_slots # [T])`. `clear_batch()` = base only.
+- Keep active slots dense (hand out the lowest free slot): the fast decode strategy reads the
+  contiguous slot range lo..hi, and falls back to a per-slot loop when that range holds more
+  than 1.5x as many slots as the batch uses.
+- `injection.load_adapter` validates everything before copying (a rejected adapter leaves the
+  slot as it was) and keeps the per-slot rank table exact; calling `layer.set_slot` directly
+  also works (the table keeps the max rank seen; `injection.clear_slot` resets it).
+- Copy into a slot between forward steps, never while a step using that slot runs.
+- Errors: `RankTooLarge` / `IncompatibleShapes` (FAILED_PRECONDITION), `InvalidArgument`.
+
 Base layers are wrapped through a first-match-wins dispatcher chain (as peft does):
 bitsandbytes `Linear8bitLt`, bitsandbytes `Linear4bit`, GPT-2 `Conv1D`, `nn.Linear`. The bnb
 classes come first because they subclass `nn.Linear`; bitsandbytes is only looked at when
@@ -241,7 +255,9 @@ class BatchedLoraLayer(nn.Module):
             raise IncompatibleShapes(
                 f"adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit a layer "
                 f"{self.in_features}->{self.out_features}", field="tensors")
-        if not 1 <= r <= self.max_rank:
+        if r < 1:
+            raise InvalidArgument("adapter rank must be >= 1 (lora_A has no rows)", field="r")
+        if r > self.max_rank:
             raise RankTooLarge(f"adapter rank {r} exceeds max_rank {self.max_rank}", field="r")
         return r
 
