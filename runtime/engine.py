@@ -280,6 +280,7 @@ class Engine:
         self._device = torch.device("cpu")
         self._bool_mask = True
         self._sliding_window: int | None = None
+        self._mask_per_type = False  # the model takes {"full_attention": .., "sliding_attention": ..}
         self._lora_dtype = torch.float32
         self._load_hook: Callable[[AdapterVersion], None] | None = None  # tests: slow loads
 
@@ -449,9 +450,15 @@ class Engine:
         self.max_seq_len = min(cfg.max_seq_len or min(limit, _MAX_CONTEXT), limit)
         self._eos = _eos_ids(self.model, tokenizer)
         self._bool_mask = mcfg._attn_implementation == "sdpa"
-        types = getattr(mcfg, "layer_types", None) or ()
-        if "sliding_attention" in types:
-            self._sliding_window = int(mcfg.sliding_window)
+        # Sliding-window attention: models with `layer_types` take a mask per layer type;
+        # older ones (Mistral, Phi-3) one mask that must already carry the window.
+        types = getattr(mcfg, "layer_types", None)
+        window = getattr(mcfg, "sliding_window", None)
+        if types is not None:
+            self._mask_per_type = True
+            self._sliding_window = int(window) if "sliding_attention" in types else None
+        elif window and getattr(mcfg, "use_sliding_window", True):
+            self._sliding_window = int(window)
         self._injection = inject_lora(self.model, cfg.target_modules, cfg.max_slots,
                                       cfg.max_rank)
         self._lora_dtype = next(iter(self._injection.layers.values())).lora_a.dtype
@@ -548,13 +555,16 @@ class Engine:
         if self._sliding_window is None:
             return full
         keys = torch.arange(layout.kv_len, device=self._device)  # [L]
+        # key k is within the window of position p iff k > p - window (p itself always is)
         near = keys[None, None, None, :] > layout.position_ids[:, None, :, None] \
             - self._sliding_window  # [B, 1, Q, L]
         if self._bool_mask:
-            sliding = full & (near | (keys == 0))
+            sliding = full & near
         else:
-            sliding = full.masked_fill(~(near | (keys == 0)), torch.finfo(dtype).min)
-        return {"full_attention": full, "sliding_attention": sliding}
+            sliding = full.masked_fill(~near, torch.finfo(dtype).min)
+        if self._mask_per_type:
+            return {"full_attention": full, "sliding_attention": sliding}
+        return sliding
 
     def _forward_or_fail(self, chunks: list[KVChunk], seqs: list[_Seq]) -> torch.Tensor | None:
         try:

@@ -234,3 +234,40 @@ def test_generate_after_shutdown_is_unavailable(micro_base):
     with pytest.raises(Unavailable):
         engine.submit(GenerationRequest("x", ACME, None, prompt="hi"))
     assert time.monotonic() - t0 < 1
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+@torch.no_grad()
+def test_sliding_window_models_match_their_own_forward(tmp_path, arch):
+    """Past the window, the engine's mask must carry it: one mask for Mistral-style models,
+    one per layer type for models with `layer_types` (Qwen2 with use_sliding_window)."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    from loraplex.basemodel import build_tokenizer
+
+    common = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  sliding_window=4, bos_token_id=257, eos_token_id=258, pad_token_id=256)
+    cfg = (MistralConfig(**common) if arch == "mistral" else
+           Qwen2Config(**common, use_sliding_window=True, max_window_layers=1))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(tmp_path / arch)
+    build_tokenizer().save_pretrained(tmp_path / arch)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / arch).eval()
+    engine = Engine(EngineConfig(base_dir=tmp_path / arch, quantization="none", device="cpu",
+                                 max_slots=1, max_rank=4)).start()
+    prompt = list(range(70, 82))
+    try:
+        got = engine.generate(GenerationRequest("w", ACME, None, prompt_ids=prompt,
+                                                sampling=SamplingParams(max_new_tokens=8)))
+    finally:
+        engine.shutdown()
+    ids, want = list(prompt), []
+    for _ in range(8):
+        t = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+        if t == EOS_ID:
+            break
+        want.append(t)
+        ids.append(t)
+    assert got.token_ids == want
