@@ -168,7 +168,22 @@ def _adapter_path(adapter: str, registry: str | None, tmp: Path) -> tuple[Path, 
         path = reg.pull(ident, v.ref, tmp / "adapter")
     finally:
         reg.close()
-    return path, {"adapter": adapter, "ref": v.ref, "digest": v.digest}
+    return path, {"adapter": adapter, "ref": v.ref, "digest": v.digest,
+                  "base_digest": v.base.digest}
+
+
+def _check_base(base: Path, ident: dict[str, Any]) -> None:
+    """A registry version knows its base: refuse a different one with a clear error
+    instead of a shape mismatch deep inside peft."""
+    if "base_digest" not in ident:
+        return
+    from loraplex.errors import IncompatibleAdapter
+    from loraplex.fingerprint import fingerprint_base
+
+    have = fingerprint_base(base).digest
+    if have != ident["base_digest"]:
+        raise IncompatibleAdapter(f"{ident['ref']} was trained on base {ident['base_digest']}, "
+                                  f"not {have} ({base})", field="base")
 
 
 def run_eval(base: Path, adapter: str, data: Path, *, registry: str | None = None,
@@ -188,6 +203,7 @@ def run_eval(base: Path, adapter: str, data: Path, *, registry: str | None = Non
                       quantization=quantization)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="loraplex-eval-") as tmp:
         path, ident = _adapter_path(adapter, registry, Path(tmp))
+        _check_base(base, ident)
         model, tok = load_base(base, cfg)
         model = PeftModel.from_pretrained(model, str(path))
         new_tokens = max_completion_tokens(tok, examples, max_new_tokens)

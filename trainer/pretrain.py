@@ -45,17 +45,16 @@ class PretrainPlan:
 PLANS: dict[int, PretrainPlan] = {
     # keyed by hidden size: the base module knows sizes by name, this one by shape
     64: PretrainPlan(steps=40, batch_size=16, lr=3e-3, warmup=5),      # micro
-    192: PretrainPlan(steps=600, batch_size=32, lr=2e-3, warmup=30),   # tiny
+    192: PretrainPlan(steps=1200, batch_size=16, lr=5e-3, warmup=30),  # tiny
 }
 MAX_SEQ_LEN = 96
-_POOL = 8  # batches drawn at once for length bucketing
 MADE_UP_WORDS = 0.0  # share of random-letter words in phrases
 
 
 def _phrase(rng: random.Random) -> str:
     """Task words mixed with made-up ones so echoing is learned as copying, not recall."""
     words = []
-    for _ in range(rng.randint(1, 6)):
+    for _ in range(rng.randint(1, 5)):
         if rng.random() < MADE_UP_WORDS:
             words.append("".join(rng.choice(string.ascii_lowercase)
                                  for _ in range(rng.randint(1, 7))))
@@ -81,24 +80,17 @@ def corpus_example(rng: random.Random) -> tuple[str, str]:
 
 
 def _batches(tokenizer: Any, rng: random.Random, plan: PretrainPlan):
-    """Batches of similar length (less padding = more useful tokens per CPU second):
-    draw `_POOL` batches' worth, sort by length, cut, and visit the cuts in seeded order."""
+    """Fresh random batches every step (a mix of all skills in each batch)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    done = 0
-    while done < plan.steps:
+    for _ in range(plan.steps):
         rows = []
-        for _ in range(plan.batch_size * _POOL):
+        for _ in range(plan.batch_size):
             p, c = corpus_example(rng)
             # Loss on the prompt too: learning to model the words costs no extra compute.
             enc = encode(tokenizer, render_prompt(tokenizer, p), c, max_seq_len=MAX_SEQ_LEN,
                          train_on_prompt=True)
             rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
-        rows.sort(key=lambda r: len(r["input_ids"]))
-        cuts = [rows[i:i + plan.batch_size] for i in range(0, len(rows), plan.batch_size)]
-        rng.shuffle(cuts)
-        for cut in cuts[: plan.steps - done]:
-            yield pad_batch(cut, pad)
-        done += len(cuts)
+        yield pad_batch(rows, pad)
 
 
 def _lr_at(step: int, plan: PretrainPlan) -> float:

@@ -44,6 +44,15 @@ def test_train_then_eval_from_the_command_line(micro_base, acme_data, tmp_path, 
         assert report[side]["n"] == 4 and 0 <= report[side]["exact_match"] <= 1
     assert report["base"]["loss"] != report["with_adapter"]["loss"]
 
+    other = tmp_path / "other-base"
+    from loraplex.basemodel import build_base
+
+    build_base(other, size="micro", seed=5)
+    res = runner.invoke(app, ["eval", "--base", str(other), "--adapter", "acme/upper",
+                              "--data", str(acme_data), "--registry", str(tmp_path / "registry")])
+    assert res.exit_code == 2 and "FAILED_PRECONDITION" in res.output
+    assert "was trained on base" in res.output
+
 
 def test_bad_line_is_a_clear_cli_error(micro_base, tmp_path, quick_flags):
     bad = tmp_path / "bad.jsonl"
