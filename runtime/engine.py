@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ import torch
 
 from loraplex.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     FailedPrecondition,
     IncompatibleAdapter,
     InvalidArgument,
@@ -382,7 +384,11 @@ class Engine:
 
         was_in_slot, landed = self._call(do)
         if wait:
-            landed.result(timeout)
+            try:
+                landed.result(timeout)
+            except FutureTimeout:
+                raise DeadlineExceeded(f"adapter {version.ref} is still loading after "
+                                       f"{timeout}s", field="ref") from None
         return not was_in_slot
 
     def unload(self, identity: Identity, ref: str) -> bool:
@@ -405,6 +411,9 @@ class Engine:
         return self._call(lambda: self._pool.unpin(version.digest))
 
     def resident(self) -> list[ResidentAdapter]:
+        """Adapters in a device slot or host memory (empty once the engine has stopped)."""
+        if self._closed or self._pool is None:
+            return []
         return [ResidentAdapter(**d) for d in self._call(self._pool.resident)]
 
     # ================================================================ engine thread only
