@@ -137,7 +137,7 @@ def test_hot_swap_new_requests_see_the_alias_move_running_ones_finish_on_theirs(
     engine = _engine(world, Recorder(token_sleep=0.01))
     prompt = [70, 71, 72, 73]
     try:
-        old = engine.submit(_req("old", "acme/chat@prod", prompt, n=40))
+        old = engine.submit(_req("old", "acme/chat@prod", prompt, n=120))
         it = iter(old)
         next(it)
         v2 = reg.push(admin, world.dirs["a2"], "acme/chat", base=world.base_dir)
@@ -149,7 +149,7 @@ def test_hot_swap_new_requests_see_the_alias_move_running_ones_finish_on_theirs(
         engine.shutdown()
     assert (v1.version, v2.version) == (1, 2)
     assert old_result.adapter.version == 1 and new.adapter.version == 2
-    assert old_result.token_ids == reference_greedy(world, "a1", prompt, 40, eos=EOS_ID)
+    assert old_result.token_ids == reference_greedy(world, "a1", prompt, 120, eos=EOS_ID)
     assert new.token_ids == reference_greedy(world, "a2", prompt, 6, eos=EOS_ID)
 
 
@@ -233,7 +233,7 @@ def test_cold_load_does_not_stall_running_sequences(world):
         engine.shutdown()
     gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     assert cold_result.timings.adapter_load_s >= 1.4
-    assert len(gaps) > 50 and max(gaps) < 0.5  # never waited for the 1.5 s load
+    assert len(gaps) >= 10 and max(gaps) < 0.5  # never waited for the 1.5 s load
     assert cold_result.token_ids == reference_greedy(world, "a9", [80, 81], 4, eos=EOS_ID)
 
 
