@@ -52,6 +52,7 @@ class Load:
     duration_s: float = 60.0
     warmup_s: float = 15.0
     zipf_s: float = 1.1
+    prefill_budget: int | None = None  # EngineConfig.prefill_token_budget; None: its default
     seed: int = 0
 
 
@@ -286,7 +287,9 @@ def loraplex_phase(base: Path, adapters: dict[str, Path], load: Load) -> dict:
     config.write_text(yaml.safe_dump({
         "max_slots": max(8, load.adapters), "max_batch": max(8, load.clients),
         "max_waiting": 4 * load.clients, "quantization": "none", "device": "cpu",
-        "engine": {"max_rank": load.rank, "max_new_tokens_limit": load.new_tokens}}))
+        "engine": {"max_rank": load.rank, "max_new_tokens_limit": load.new_tokens,
+                   **({"prefill_token_budget": load.prefill_budget}
+                      if load.prefill_budget else {})}}))
     proc, port = spawn([sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),
                         "--registry", str(reg_dir), "--host", "127.0.0.1", "--port", "0",
                         "--metrics-port", "0", "--no-auth", "--config", str(config)],
@@ -354,11 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size")
     p.add_argument("--rank", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--prefill-budget", type=int)
     p.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     load = QUICK if ns.quick else Load()
     over = {"clients": ns.clients, "adapters": ns.adapters, "duration_s": ns.duration,
-            "size": ns.size, "rank": ns.rank, "seed": ns.seed}
+            "size": ns.size, "rank": ns.rank, "seed": ns.seed,
+            "prefill_budget": ns.prefill_budget}
     load = Load(**{**asdict(load), **{k: v for k, v in over.items() if v is not None}})
     WORK.mkdir(parents=True, exist_ok=True)
     base, adapters = prepare(load)

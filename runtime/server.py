@@ -143,14 +143,22 @@ class LoraplexServer:
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.SERVING)
         log.info("base loaded: serving inference")
 
-    async def drain(self, grace_s: float | None = None) -> None:
-        """Stop admitting, let in-flight calls finish within `grace_s`, then shut down."""
+    async def drain(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
+        """Stop admitting, let in-flight calls finish within `grace_s`, then shut down.
+
+        For `delay_s` first, the listener stays open while health answers NOT_SERVING and
+        new generation calls get UNAVAILABLE: probes and load balancers see the drain
+        before connections start being refused.
+        """
         grace = self.settings.grace_s if grace_s is None else grace_s
+        delay = self.settings.drain_delay_s if delay_s is None else delay_s
         log.info("draining: finishing in-flight calls within %.1fs", grace)
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
         if self.engine is not None:  # stop admitting; in-flight requests keep running
             await asyncio.to_thread(self.engine.drain, 0.0)
+        if delay > 0:
+            await asyncio.sleep(delay)
         await self.grpc.stop(grace)  # refuses new calls, waits up to `grace` for running ones
         await self.close()
 
@@ -224,7 +232,7 @@ async def run(settings: ServerSettings) -> int:
     done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
     if ready in done and ready.exception() is not None:
         stopped.cancel()
-        await server.drain(0)
+        await server.drain(0, 0)
         return 1
     await stopped
     ready.cancel()
@@ -284,7 +292,7 @@ class BackgroundServer:
 
     def stop(self, grace_s: float = 0.0) -> None:
         if self.server is not None:
-            self.call(self.server.drain(grace_s))
+            self.call(self.server.drain(grace_s, 0.0))
             self.server = None
         if self._thread.is_alive():
             self.loop.call_soon_threadsafe(self.loop.stop)

@@ -45,6 +45,9 @@ class ServerSettings(BaseSettings):
     engine: dict[str, Any] = Field(default_factory=dict,
                                    description="More EngineConfig fields, passed through.")
     grace_s: float = Field(30.0, ge=0, description="SIGTERM: time to finish in-flight calls.")
+    drain_delay_s: float = Field(
+        2.0, ge=0, description="SIGTERM: health says NOT_SERVING and new calls get UNAVAILABLE "
+        "for this long before the listener closes, so load balancers notice first.")
     max_register_bytes: int = Field(
         1 << 30, gt=0, description="Cap on one RegisterAdapter stream (config + weights).")
     max_batch_items: int = Field(256, gt=0, description="Items in one BatchGenerate call.")

@@ -49,7 +49,7 @@ def test_sigterm_drains_in_flight_stream_and_exits_zero(micro_base, tmp_path):
     reg_dir = tmp_path / "reg"
     with Registry.open(reg_dir) as reg:
         token = reg.create_token(Identity.system(), "acme")
-    env = {**os.environ, "LORAPLEX_GRACE_S": "30"}
+    env = {**os.environ, "LORAPLEX_GRACE_S": "30", "LORAPLEX_DRAIN_DELAY_S": "3"}
     proc, port, lines = start_serve(
         ["--base", str(micro_base), "--registry", str(reg_dir), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--quantization", "none", "--device", "cpu"],
@@ -60,9 +60,14 @@ def test_sigterm_drains_in_flight_stream_and_exits_zero(micro_base, tmp_path):
         stream = client.stream(None, "drain me", max_new_tokens=60)
         first = next(stream)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
-        with pytest.raises(Unavailable):  # refused: draining (or no longer listening)
-            Client(f"127.0.0.1:{port}", token=token, timeout=10).generate(None, "new")
+        probe = Client(f"127.0.0.1:{port}", token=token, timeout=10)
+        end = time.monotonic() + 10
+        while probe.health() != "NOT_SERVING":  # within the drain delay: still listening
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        with pytest.raises(Unavailable) as e:
+            probe.generate(None, "new")
+        assert "draining" in str(e.value)
         rest = list(stream)
         final = rest[-1].final
         assert final is not None and final.finish_reason == "length"

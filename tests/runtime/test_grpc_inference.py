@@ -245,3 +245,21 @@ def test_health_serving_once_base_loaded(world):
     assert models.base.digest == world["reg"].register_base(Identity.system(),
                                                             world["base"]).digest
     assert inference_pb2.FINISH_REASON_DEADLINE == 4
+
+
+def test_generate_cli_unary_and_stream(world):
+    from typer.testing import CliRunner
+
+    from loraplex.cli import app
+
+    token = world["c"]["acme"].token
+    args = ["generate", "--adapter", "acme/support@prod", "--target", world["bg"].target,
+            "--token", token, "--max-new-tokens", "5", "hello"]
+    unary = CliRunner().invoke(app, args)
+    assert unary.exit_code == 0, unary.output
+    assert "acme/support:v1" in unary.output and "length" in unary.output
+    streamed = CliRunner().invoke(app, [*args, "--stream"])
+    assert streamed.exit_code == 0, streamed.output
+    refused = CliRunner().invoke(app, ["generate", "--adapter", "globex/sales@prod",
+                                       "--target", world["bg"].target, "--token", token, "x"])
+    assert refused.exit_code == 1 and "NOT_FOUND" in refused.output

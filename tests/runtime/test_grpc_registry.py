@@ -124,6 +124,10 @@ def test_tenants_are_isolated_both_ways(world):
         globex.register_adapter("acme/intruder", world["adapter"])
     changes = list(globex.watch(timeout=1.0))
     assert changes and all(c.tenant == "globex" for c in changes)
+    assert list(globex.watch(after_id=changes[-1].id, timeout=0.5)) == []
+    assert [v.ref for v in globex.list_versions("globex/mine")] == ["globex/mine:v1"]
+    with pytest.raises(NotFound):
+        globex.list_versions("acme/private")
 
 
 def test_admin_sees_every_tenant_and_pages(world):
