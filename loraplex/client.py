@@ -427,8 +427,51 @@ class AsyncClient(_Base):
     async def get_adapter(self, ref: str):
         return await self._call(self.registry.GetAdapter, registry_pb2.GetAdapterRequest(ref=ref))
 
+    async def list_adapters(self, tenant: str = "", page_size: int = 0, page_token: str = ""):
+        return await self._call(self.registry.ListAdapters, registry_pb2.ListAdaptersRequest(
+            tenant=tenant, page_size=page_size, page_token=page_token))
+
+    async def list_versions(self, adapter: str):
+        resp = await self._call(self.registry.ListVersions,
+                                registry_pb2.ListVersionsRequest(adapter=adapter))
+        return resp.versions
+
     async def set_alias(self, ref: str, alias: str, expected: Any = ...):
         return await self._call(self.registry.SetAlias, set_alias_request(ref, alias, expected))
+
+    async def delete_version(self, ref: str, force: bool = False) -> None:
+        await self._call(self.registry.DeleteVersion,
+                         registry_pb2.DeleteVersionRequest(ref=ref, force=force))
+
+    async def watch(self, after_id: int = 0, timeout: float | None = None):
+        """Adapter changes as they happen; ends quietly after `timeout` seconds, if given."""
+        call = self.registry.WatchAdapters(registry_pb2.WatchAdaptersRequest(after_id=after_id),
+                                           **self._kw(timeout))
+        try:
+            async for change in call:
+                yield change
+        except grpc.RpcError as e:
+            ended = {grpc.StatusCode.CANCELLED} | (
+                {grpc.StatusCode.DEADLINE_EXCEEDED} if timeout is not None else set())
+            if e.code() not in ended:
+                raise typed_error(e) from e
+        finally:
+            call.cancel()
+
+    async def prefetch(self, ref: str):
+        return await self._call(self.admin.Prefetch, admin_pb2.AdminAdapterRequest(ref=ref))
+
+    async def unload(self, ref: str):
+        return await self._call(self.admin.Unload, admin_pb2.AdminAdapterRequest(ref=ref))
+
+    async def pin(self, ref: str):
+        return await self._call(self.admin.Pin, admin_pb2.AdminAdapterRequest(ref=ref))
+
+    async def unpin(self, ref: str):
+        return await self._call(self.admin.Unpin, admin_pb2.AdminAdapterRequest(ref=ref))
+
+    async def resident(self) -> admin_pb2.ResidentResponse:
+        return await self._call(self.admin.Resident, admin_pb2.ResidentRequest())
 
     async def stats(self) -> admin_pb2.StatsResponse:
         return await self._call(self.admin.Stats, admin_pb2.StatsRequest())

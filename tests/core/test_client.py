@@ -146,6 +146,8 @@ def test_async_client_over_a_real_channel(open_server):
             assert e.value.field == "ref"
             with pytest.raises(errors.Unavailable):
                 await c.generate(None, "hi")
+            assert (await c.list_adapters()).adapters == []
+            assert [ch async for ch in c.watch(timeout=0.3)] == []
 
     asyncio.run(main())
 

@@ -263,3 +263,24 @@ def test_generate_cli_unary_and_stream(world):
     refused = CliRunner().invoke(app, ["generate", "--adapter", "globex/sales@prod",
                                        "--target", world["bg"].target, "--token", token, "x"])
     assert refused.exit_code == 1 and "NOT_FOUND" in refused.output
+
+
+def test_async_client_streams_and_abandoning_frees_the_slot(world):
+    import asyncio
+
+    from loraplex.client import AsyncClient
+
+    async def main():
+        async with AsyncClient(world["bg"].target, token=world["c"]["acme"].token,
+                               timeout=60) as c:
+            g = await c.generate("acme/support@prod", "async", max_new_tokens=4)
+            assert g.adapter_ref == "acme/support:v1" and g.completion_tokens == 4
+            chunks = [ch async for ch in c.stream("acme/support@prod", "async",
+                                                  max_new_tokens=4)]
+            assert chunks[-1].final.token_ids == g.token_ids
+            stream = c.stream("acme/support@prod", "abandon", max_new_tokens=LONG)
+            await stream.__anext__()
+            await stream.aclose()  # cancels the call
+
+    asyncio.run(main())
+    wait_idle(world["c"]["admin"])
