@@ -284,3 +284,14 @@ def test_async_client_streams_and_abandoning_frees_the_slot(world):
 
     asyncio.run(main())
     wait_idle(world["c"]["admin"])
+
+
+def test_default_nf4_base_serves_an_adapter(world):
+    """The default quantization (4-bit NF4 base) answers over gRPC too."""
+    settings = settings_for(world["base"], world["root"], quantization="nf4")
+    with BackgroundServer(settings, registry=world["reg"]) as bg:
+        c = Client(bg.target, token=world["c"]["acme"].token, timeout=60)
+        g = c.generate("acme/support@prod", "four bits", max_new_tokens=4)
+        assert g.completion_tokens == 4 and g.adapter_ref.startswith("acme/support:")
+        assert c.list_models().base.quantization == "nf4"
+        c.close()
