@@ -624,7 +624,13 @@ class Engine:
             return Placement.NO_CAPACITY
         slot = 0
         if s.version is not None:
-            slot = self._pool.acquire(s.version.digest)
+            try:
+                slot = self._pool.acquire(s.version.digest)
+            except Exception as e:  # noqa: BLE001 - this adapter cannot go in: fail its request
+                log.exception("activating adapter %s failed", s.version.ref)
+                self._finish_error(s, e if isinstance(e, LoraplexError) else LoraplexError(
+                    f"adapter {s.version.ref} could not be activated: {type(e).__name__}"))
+                return Placement.DROPPED
             if slot is None:
                 if self._pool.on_host(s.version.digest):
                     return Placement.NO_CAPACITY

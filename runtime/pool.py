@@ -232,7 +232,12 @@ class AdapterPool:
         if slot is None:
             return None
         t0 = time.monotonic()
-        self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
+        try:
+            self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
+        except Exception:
+            self._clear_slot(slot)  # leave no half-written slot behind
+            self._evict(digest, "host")  # and no host copy that cannot be placed
+            raise
         self._notify("on_adapter_load", "host", time.monotonic() - t0)
         s = self._slots[slot]
         s.digest, s.ref, s.refs, s.last_used = digest, host.ref, 0, time.monotonic()

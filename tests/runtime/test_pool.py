@@ -181,3 +181,20 @@ def test_loader_threads_can_run_at_background_priority():
         time.sleep(0.001)
     pool.shutdown()
     assert seen and seen[0] >= 7  # never below the asked niceness (it may start higher)
+
+
+def test_a_slot_write_that_fails_leaves_no_half_written_slot_or_host_copy():
+    rig = Rig()
+    a = V("sha256:a")
+    rig.pool.ensure_loading(a)
+    rig.land(a)
+
+    def broken(slot, host):
+        rig.slots[slot] = "half"
+        raise RuntimeError("copy failed")
+
+    rig.pool._write_slot = broken
+    with pytest.raises(RuntimeError):
+        rig.pool.acquire(a.digest)
+    assert rig.slots == {} and not rig.pool.on_host(a.digest)
+    assert rig.pool.slot_of(a.digest) is None and rig.pool.slots_used == 0
