@@ -98,7 +98,7 @@ class TextTail:
     """Incremental detokenization with stop strings.
 
     `push(ids)` returns the text that became final. Text is held back while it ends in an
-    incomplete UTF-8 sequence or could be the start of a stop string, so the emitted text
+    incomplete UTF-8 sequence or in the beginning of a stop string, so the emitted text
     never contains a stop string, even when one spans several tokens or chunks.
     """
 
@@ -112,7 +112,6 @@ class TextTail:
         self.stopped = False
         self._prefix = 0  # TGI-style offsets: decode ids[_prefix:] and diff against
         self._read = 0  # the decode of ids[_prefix:_read]
-        self._hold = max((len(s) for s in self.stop), default=1) - 1
 
     def push(self, ids: Sequence[int]) -> str:
         """Append generated ids; return newly final text ("" while holding back)."""
@@ -130,11 +129,21 @@ class TextTail:
                 self.stopped = True
                 self.text = self.text[:cut]
                 return self._emit(len(self.text))
-        return self._emit(max(self.emitted, len(self.text) - self._hold))
+        return self._emit(max(self.emitted, len(self.text) - self._partial_stop()))
 
     def flush(self) -> str:
         """At the end (length, EOS, cancel): release whatever is held back."""
         return self._emit(len(self.text))
+
+    def _partial_stop(self) -> int:
+        """Length of the longest end of `text` that could still grow into a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
 
     def _find_stop(self) -> int | None:
         # Emitted text holds no stop string, and one ending in it would have been seen then.

@@ -84,8 +84,16 @@ def test_text_tail_without_stop_emits_everything(tok):
     ids = tok("abc", add_special_tokens=False)["input_ids"]
     tail = TextTail(tok, stop=("zz",))
     pieces = [tail.push([i]) for i in ids]
-    assert "".join(pieces) + tail.flush() == "abc"
-    assert pieces[-1] == "" or "".join(pieces) == "ab"  # one char held back for "zz"
+    assert pieces == ["a", "b", "c"]  # nothing here can start "zz": no hold-back
+    assert tail.flush() == ""
+
+
+def test_text_tail_holds_back_only_a_possible_stop_start(tok):
+    tail = TextTail(tok, stop=("END",))
+    out = [tail.push(tok(c, add_special_tokens=False)["input_ids"]) for c in "aEN"]
+    assert out == ["a", "", ""]  # "E", then "EN" could become "END"
+    assert tail.push(tok("x", add_special_tokens=False)["input_ids"]) == "ENx"
+    assert not tail.stopped
 
 
 def test_text_tail_waits_for_complete_utf8(tok):
