@@ -161,6 +161,9 @@ async def _client(stub, refs, weights, load: Load, idx: int, begin: float, end: 
     from loraplex.client import generate_request
 
     rng = random.Random(load.seed * 1000 + idx)
+    # Staggered starts: clients that all start (and so all finish) together would keep
+    # arriving in one synchronized wave, each wave a prefill of every prompt at once.
+    await asyncio.sleep(idx * load.warmup_s / (2 * load.clients))
     while time.monotonic() < end:
         ref = rng.choices(refs, weights)[0]
         prompt = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ")
