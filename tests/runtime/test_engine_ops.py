@@ -340,3 +340,40 @@ def test_corrupt_blob_fails_only_its_request(base_factory, tmp_path):
         assert engine.generate(_req("after", None, n=2)).finish_reason == "length"
     finally:
         engine.shutdown()
+
+
+class Counting(EngineObserver):
+    """Counts every hook; raises from on_token to show a metrics bug cannot hurt serving."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            calls = object.__getattribute__(self, "calls")
+
+            def hook(*args):
+                calls[name] = calls.get(name, 0) + 1
+                if name == "on_token":
+                    raise RuntimeError("metrics bug")
+
+            return hook
+        return object.__getattribute__(self, name)
+
+
+def test_observer_sees_the_request_lifecycle_and_its_errors_are_contained(world):
+    obs = Counting()
+    engine = _engine(world, obs)
+    try:
+        r = engine.generate(_req("o1", "acme/a1", n=5))
+        with pytest.raises(NotFound):
+            engine.submit(_req("o2", "acme/missing"))
+    finally:
+        engine.shutdown()
+    c = obs.calls
+    assert r.finish_reason == "length" and len(r.token_ids) == 5
+    assert c["on_request_queued"] == 1 and c["on_request_rejected"] == 1
+    assert c["on_admitted"] == 1 and c["on_first_token"] == 1 and c["on_token"] == 4
+    assert c["on_finished"] == 1 and c["on_step"] >= 5
+    assert c["on_adapter_load"] >= 2  # registry → host, host → slot
+    assert c["on_cache"] >= 1
