@@ -13,7 +13,8 @@ tokens/s, TTFT p50/p99, inter-token p50/p99 (client-side), errors, and the ratio
 what arrives inside the measurement window (after a warm-up) counts; requests still waiting
 for their first token when the window closes count with TTFT = time waited (a lower bound,
 reported as `ttft_censored`).
-On a shared 2-core machine expect run-to-run noise of ±10-20%.
+On a shared 2-core machine expect run-to-run noise of ±10-20% or worse; both servers run
+with one torch thread by default (`--threads`), see `Load.threads`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Load:
     warmup_s: float = 15.0
     zipf_s: float = 1.1
     prefill_budget: int | None = None  # EngineConfig.prefill_token_budget; None: its default
+    # OMP/torch threads of each server (0: torch's default). 1 by default: on a shared,
+    # oversubscribed CPU, OpenMP workers spin at barriers while their partner is descheduled,
+    # which slowed the batched engine 5-20x here (the one-row baseline far less).
+    threads: int = 1
     seed: int = 0
 
 
@@ -249,11 +254,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(cmd: list[str], log_path: Path, env: dict | None = None) -> tuple[subprocess.Popen,
-                                                                            int]:
+def spawn(cmd: list[str], log_path: Path, threads: int = 0
+          ) -> tuple[subprocess.Popen, int]:
+    """Start a server and wait for its "serving gRPC on host:port" line."""
+    env = {**os.environ}
+    if threads:  # same for both servers; 1 is the robust choice on an oversubscribed host
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = log_path.open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     end = time.monotonic() + 600
     while time.monotonic() < end:
         text = log_path.read_text()
@@ -296,7 +304,7 @@ def loraplex_phase(base: Path, adapters: dict[str, Path], load: Load) -> dict:
     proc, port = spawn([sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),
                         "--registry", str(reg_dir), "--host", "127.0.0.1", "--port", "0",
                         "--metrics-port", "0", "--no-auth", "--config", str(config)],
-                       WORK / "loraplex-server.log")
+                       WORK / "loraplex-server.log", load.threads)
     try:
         with Client(f"127.0.0.1:{port}", timeout=600) as client:
             client.wait_ready(600)
@@ -311,7 +319,8 @@ def baseline_phase(base: Path, adapters: dict[str, Path], load: Load) -> dict:
     port = free_port()
     proc, port = spawn([sys.executable, "-m", "bench.serve", "--baseline-server", str(port),
                         "--size", load.size, "--adapters", str(load.adapters),
-                        "--rank", str(load.rank)], WORK / "baseline-server.log")
+                        "--rank", str(load.rank)], WORK / "baseline-server.log",
+                       load.threads)
     try:
         return asyncio.run(run_load(f"127.0.0.1:{port}", list(adapters), load))
     finally:
@@ -361,12 +370,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--prefill-budget", type=int)
+    p.add_argument("--threads", type=int, help="torch threads of each server (0: default)")
     p.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     load = QUICK if ns.quick else Load()
     over = {"clients": ns.clients, "adapters": ns.adapters, "duration_s": ns.duration,
             "size": ns.size, "rank": ns.rank, "seed": ns.seed,
-            "prefill_budget": ns.prefill_budget}
+            "prefill_budget": ns.prefill_budget, "threads": ns.threads}
     load = Load(**{**asdict(load), **{k: v for k, v in over.items() if v is not None}})
     WORK.mkdir(parents=True, exist_ok=True)
     base, adapters = prepare(load)
