@@ -758,11 +758,14 @@ class Engine:
                                      + "; ".join(problems[:5]), field="adapter")
         return HostAdapter(digest=version.digest, ref=version.ref, tensors=tensors,
                            rank=version.rank, alpha=version.alpha,
-                           use_rslora=version.use_rslora)
+                           use_rslora=version.use_rslora,
+                           rank_pattern=loaded.config.get("rank_pattern") or None,
+                           alpha_pattern=loaded.config.get("alpha_pattern") or None)
 
     def _write_slot(self, slot: int, host: HostAdapter) -> None:
         self._injection.load_adapter(slot, host.tensors, host.rank, host.alpha,
-                                     host.use_rslora)
+                                     host.use_rslora, rank_pattern=host.rank_pattern,
+                                     alpha_pattern=host.alpha_pattern)
 
     # -- validation (caller thread) ----------------------------------------------------------
     def _admit_request(self, request: GenerationRequest) -> _Seq:

@@ -48,6 +48,9 @@ class HostAdapter:
     alpha: float
     use_rslora: bool = False
     nbytes: int = 0
+    # peft's per-module overrides (module-name pattern -> r / alpha); None: none
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if not self.nbytes:

@@ -89,6 +89,24 @@ def test_mixed_batch_equals_peft_on_the_same_nf4_base(micro_base, tmp_path):
         assert results[rid].token_ids == reference_greedy(world, adapter, prompt, 6, eos=EOS_ID)
 
 
+def test_rank_and_alpha_patterns_are_served_with_peft_scales(micro_base, tmp_path):
+    """An adapter whose config overrides r/alpha per module (peft's rank_pattern and
+    alpha_pattern) is served with each module's own scale, as peft computes it."""
+    specs = [("pat", 4, 8, False, None,
+              {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 32}}),
+             ("plain", 4, 8, False, None)]
+    world = make_world(micro_base, tmp_path, specs=specs)
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", device="cpu",
+                                 max_slots=2, max_rank=16, max_batch=4), world.registry).start()
+    try:
+        reqs = _requests(world.names, 4, seed=3)
+        results = _run_staggered(engine, reqs, max_new=8)
+    finally:
+        engine.shutdown()
+    for rid, adapter, prompt in reqs:
+        assert results[rid].token_ids == reference_greedy(world, adapter, prompt, 8, eos=EOS_ID)
+
+
 def test_long_prompt_prefills_in_chunks_while_others_decode(micro_base, tmp_path):
     """A prompt 5x the per-step budget is prefilled over several steps; a request already
     decoding keeps producing a token every step meanwhile, and both equal peft."""

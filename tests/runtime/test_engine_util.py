@@ -15,7 +15,7 @@ import torch
 
 from loraplex.registry import Identity, Registry
 
-# (name, r, alpha, use_rslora, subset of target leaf names or None = all)
+# (name, r, alpha, use_rslora, subset of target leaf names or None = all[, LoraConfig extras])
 SPECS = [
     ("a1", 2, 4, False, None),
     ("a2", 8, 16, True, None),
@@ -62,11 +62,11 @@ def make_world(base_dir: Path, root: Path, specs=SPECS, tenant: str = "acme",
     reg.register_base(Identity.system(), base_dir)
     peft_model = None
     dirs: dict[str, Path] = {}
-    for name, r, alpha, rslora, subset in specs:
+    for name, r, alpha, rslora, subset, *extra in specs:
         tm = targets if subset is None else [t for t in targets if any(s in t for s in subset)]
         tm = tm or targets
         cfg = LoraConfig(r=r, lora_alpha=alpha, use_rslora=rslora, target_modules=tm,
-                         init_lora_weights=False, lora_dropout=0.0)
+                         init_lora_weights=False, lora_dropout=0.0, **(extra[0] if extra else {}))
         if peft_model is None:
             peft_model = get_peft_model(model, cfg, adapter_name=name)
         else:
