@@ -27,9 +27,22 @@ from loraplex.registry import Identity, Registry
 from loraplex.runtime.server import BackgroundServer
 from loraplex.runtime.settings import load_settings
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
-from tests.runtime.test_grpc_registry import make_peft_adapter
 
 LONG = 200  # tokens: long enough that a test can act while the request runs
+
+
+def make_peft_adapter(base, out, *, seed=0):
+    """An adapter written by peft itself (random non-zero A and B) for q/v projections."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))
+    model.save_pretrained(out)
+    return out
 
 
 def settings_for(base, root, **over):
