@@ -308,3 +308,42 @@ def test_default_nf4_base_serves_an_adapter(world):
         assert g.completion_tokens == 4 and g.adapter_ref.startswith("acme/support:")
         assert c.list_models().base.quantization == "nf4"
         c.close()
+
+
+def test_health_not_serving_until_the_base_is_loaded(world, monkeypatch):
+    import threading
+
+    from loraplex.errors import Unavailable
+    from loraplex.runtime.engine import Engine
+    from loraplex.runtime.server import create_server
+
+    gate, real_start = threading.Event(), Engine.start
+
+    def slow_start(self, **kw):
+        gate.wait(60)
+        return real_start(self, **kw)
+
+    monkeypatch.setattr(Engine, "start", slow_start)
+    bg = BackgroundServer(settings_for(world["base"], world["root"]), registry=world["reg"])
+    bg._thread.start()
+
+    async def boot():  # start without waiting for readiness
+        server, port = create_server(bg.settings, registry=world["reg"])
+        await server.start()
+        return server, port
+
+    bg.server, bg.port = bg.call(boot())
+    try:
+        c = Client(bg.target, token=world["c"]["admin"].token, timeout=30)
+        assert c.health() == "NOT_SERVING"
+        assert c.health("loraplex.v1.InferenceService") == "NOT_SERVING"
+        assert c.health("loraplex.v1.RegistryService") == "SERVING"
+        with pytest.raises(Unavailable):
+            c.generate(None, "too early", max_new_tokens=2)
+        gate.set()
+        c.wait_ready(60)
+        assert c.generate(None, "now", max_new_tokens=2).completion_tokens == 2
+        c.close()
+    finally:
+        gate.set()
+        bg.stop()
