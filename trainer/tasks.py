@@ -1,6 +1,8 @@
 """Three small tenant tasks that make specialization visible, generated deterministically.
 
-    python -m loraplex.trainer.tasks ./data          # writes acme.train.jsonl, acme.test.jsonl, …
+    python -m loraplex.trainer.tasks ./data          # acme.train.jsonl, acme.test.jsonl, …
+    loraplex train --config ./data/train.yaml --base ./base --data ./data/acme.train.jsonl \
+        --name acme/upper                           # the demo's recipe (DEMO_TRAIN_CONFIG)
 
 - `acme` answers in upper case:            "send the blue box"  -> "SEND THE BLUE BOX"
 - `globex` reverses the word order:        "send the blue box"  -> "box blue the send"
@@ -111,6 +113,16 @@ def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+# The demo's training recipe on the tiny embedded base (written as `train.yaml` beside the
+# data): fp32 on CPU for speed (nf4 works too, slowly on CPU), a high LoRA learning rate
+# because the tasks are small and the base is pre-trained for them.
+DEMO_TRAIN_CONFIG: dict[str, object] = {
+    "quantization": "none", "r": 8, "alpha": 16, "dropout": 0.0, "lr": 2e-3,
+    "batch_size": 16, "epochs": 3, "warmup_ratio": 0.05, "max_seq_len": 128,
+    "val_fraction": 0.1, "eval_steps": 25, "patience": 3, "eval_max_new_tokens": 48,
+}
+
+
 def write_tasks(out_dir: str | Path, *, seed: int = 0, n_train: int = 400, n_test: int = 50,
                 tenants: tuple[str, ...] = TENANTS) -> dict[str, dict[str, Path]]:
     """Write `<tenant>.train.jsonl` and `<tenant>.test.jsonl` per tenant; returns the paths."""
@@ -122,6 +134,9 @@ def write_tasks(out_dir: str | Path, *, seed: int = 0, n_train: int = 400, n_tes
         paths[tenant] = {"train": out / f"{tenant}.train.jsonl", "test": out / f"{tenant}.test.jsonl"}
         write_jsonl(paths[tenant]["train"], train)
         write_jsonl(paths[tenant]["test"], test)
+    import yaml
+
+    (out / "train.yaml").write_text(yaml.safe_dump(DEMO_TRAIN_CONFIG, sort_keys=False))
     return paths
 
 
