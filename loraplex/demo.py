@@ -31,7 +31,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
+console = Console(highlight=False, width=110)
 TENANTS = {"acme": "acme/upper", "globex": "globex/reverse", "initech": "initech/numwords"}
 
 
