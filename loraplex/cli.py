@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 from pathlib import Path
 
 import typer
+
+# bitsandbytes' CPU backend tries to fetch an optional kernel from a model hub at import and
+# warns when it can't; nothing is downloaded at run time here, so the warning is only noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(help="loraplex: LoRA adapter registry and multi-tenant serving runtime.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
