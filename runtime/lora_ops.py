@@ -117,6 +117,10 @@ def make_plan(
     seg_ranks = tuple((int(slot_ranks[s]) if slot_ranks is not None else None)
                       for s in seg_slots)
     shared_rank = seg_ranks[0] if len(set(seg_ranks)) == 1 else None
+    # Every slot's stack is zero past its true rank, so a batch of mixed ranks can stop at
+    # the largest rank present instead of the stacks' R (a rank-8 + rank-16 batch on
+    # max_rank 64 computes 16 columns, not 64).
+    top_rank = None if None in seg_ranks else max(seg_ranks)
     t_lora = int(perm.numel())
     all_tokens = t_lora == n
     identity = all_tokens and bool(torch.equal(perm, torch.arange(n)))
@@ -144,13 +148,13 @@ def make_plan(
             src[pos] = perm
             gather_src = None if torch.equal(src, torch.arange(n)) and all_tokens else src
             return LoraBatchPlan(
-                num_tokens=n, strategy="grouped", slots=dev_slots, rank=shared_rank,
+                num_tokens=n, strategy="grouped", slots=dev_slots, rank=top_rank,
                 lo=lo, num_groups=k, group_len=length,
                 gather_src=None if gather_src is None else gather_src.to(device),
                 seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
             )
         return LoraBatchPlan(
-            num_tokens=n, strategy="grouped", slots=dev_slots, rank=shared_rank,
+            num_tokens=n, strategy="grouped", slots=dev_slots, rank=top_rank,
             lo=lo, num_groups=k, group_len=length, pad_pos=pos.to(device),
             perm=perm.to(device), seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
         )

@@ -44,6 +44,8 @@ CASES = [
     ("grouped runs, shuffled", [3, 1, 2, 3, 1, 2]),
     ("unequal groups with base tokens", [4, 4, 4, 0, 2, 0, 5, 4, 2]),
     ("scattered slots, long prefill rows", [1] * 7 + [5] * 9 + [0] * 3 + [1] * 2),
+    ("mixed ranks all below R", [2, 3, 2, 3]),
+    ("low ranks around a higher-rank idle slot", [2, 4, 4, 2]),
 ]
 
 
