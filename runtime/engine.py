@@ -252,7 +252,10 @@ class Engine:
         self.config = config
         self.registry = registry
         self.observer = observer or EngineObserver()
-        self._scheduler = Scheduler(config.max_waiting, config.aging_s)
+        self._scheduler = Scheduler(
+            config.max_waiting, config.aging_s,
+            max_waiting_per_tenant=config.max_waiting_per_tenant,
+            max_waiting_tokens_per_tenant=config.max_waiting_tokens_per_tenant)
         self._lock = threading.Lock()
         self._live: dict[str, _Seq] = {}
         self._arrivals: deque[_Seq] = deque()
@@ -795,7 +798,8 @@ class Engine:
                 raise Unavailable("engine is stopped")
             if rid in self._live:
                 raise AlreadyExists(f"request {rid!r} is already in flight", field="request_id")
-            self._scheduler.push(Ticket(rid, s.tenant, s, s.t_submit, cost=len(prompt)))
+            self._scheduler.push(Ticket(rid, s.tenant, s, s.t_submit, cost=len(prompt),
+                                        budget=len(prompt) + request.sampling.max_new_tokens))
             self._live[rid] = s
             self._arrivals.append(s)
         return s

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from loraplex.errors import Overloaded
+from loraplex.errors import Overloaded, ResourceExhausted
 
 
 class Placement(Enum):
@@ -51,12 +51,17 @@ class Ticket:
     payload: Any
     enqueued: float = field(default_factory=time.monotonic)
     cost: int = 1  # tokens charged at admission (the prompt); generated ones via charge()
+    budget: int = 0  # tokens it may cost in all (prompt + max_new_tokens): per-tenant caps
 
 
 class Scheduler:
-    def __init__(self, max_waiting: int, aging_s: float) -> None:
+    def __init__(self, max_waiting: int, aging_s: float, *,
+                 max_waiting_per_tenant: int | None = None,
+                 max_waiting_tokens_per_tenant: int | None = None) -> None:
         self.max_waiting = max_waiting
         self.aging_s = aging_s
+        self.max_waiting_per_tenant = max_waiting_per_tenant
+        self.max_waiting_tokens_per_tenant = max_waiting_tokens_per_tenant
         self._lock = threading.Lock()
         self._queues: dict[str, deque[Ticket]] = {}
         self._by_id: dict[str, Ticket] = {}
@@ -72,11 +77,30 @@ class Scheduler:
                                  "retry later", field="request")
             if ticket.request_id in self._by_id:
                 raise ValueError(f"duplicate request id {ticket.request_id!r}")
+            self._check_tenant_limits(ticket)
             t = ticket.tenant
             if not self._active(t):
                 self._served[t] = max(self._served.get(t, 0.0), self._floor())
             self._queues.setdefault(t, deque()).append(ticket)
             self._by_id[ticket.request_id] = ticket
+
+    def _check_tenant_limits(self, ticket: Ticket) -> None:
+        """Per-tenant back-pressure: refuse (ResourceExhausted) rather than let one tenant's
+        burst fill the shared queue. Caller holds the lock."""
+        queue = self._queues.get(ticket.tenant, ())
+        cap = self.max_waiting_per_tenant
+        if cap is not None and len(queue) >= cap:
+            raise ResourceExhausted(f"tenant {ticket.tenant!r} already has {len(queue)} "
+                                    f"requests waiting (per-tenant limit {cap})",
+                                    field="request")
+        cap = self.max_waiting_tokens_per_tenant
+        if cap is not None:
+            queued = sum(t.budget for t in queue)
+            if queued + ticket.budget > cap:
+                raise ResourceExhausted(f"too many tokens: tenant {ticket.tenant!r} would have "
+                                        f"{queued + ticket.budget} tokens waiting (prompt + "
+                                        f"max_new_tokens; per-tenant limit {cap})",
+                                        field="sampling.max_new_tokens")
 
     def remove(self, request_id: str) -> Ticket | None:
         """Take a waiting request out of the queue (cancel); None if it is not waiting."""

@@ -139,6 +139,11 @@ class EngineConfig:
     max_rank: int = 64
     max_batch: int = 32
     max_waiting: int = 256
+    # Per-tenant back-pressure (None: only the global `max_waiting`): one tenant may not
+    # hold more than this many waiting requests, nor this many waiting tokens (prompt +
+    # max_new_tokens), so a burst from one tenant is refused before it fills the queue.
+    max_waiting_per_tenant: int | None = None
+    max_waiting_tokens_per_tenant: int | None = None
     max_new_tokens_limit: int = 1024
     max_seq_len: int | None = None
     prefill_token_budget: int = 512
@@ -159,6 +164,9 @@ class EngineConfig:
                      "prefill_token_budget", "loader_threads"):
             if int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0"))
+        for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant"):
+            if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
+                problems.append((name, f"`{name}` must be > 0 (or unset)"))
         if not 0 <= self.loader_nice <= 19:
             problems.append(("loader_nice", "`loader_nice` must be in 0..19"))
         if self.max_seq_len is not None and self.max_seq_len <= 1:

@@ -254,6 +254,28 @@ def test_full_queue_is_overloaded_and_draining_is_unavailable(world):
         engine.shutdown()
 
 
+def test_per_tenant_limits_refuse_one_tenants_burst_but_not_another_tenant(world):
+    """One tenant at its per-tenant limit (requests, or tokens = prompt + max_new_tokens)
+    gets RESOURCE_EXHAUSTED; another tenant's request is still queued and served."""
+    engine = _engine(world, Recorder(token_sleep=0.1), max_batch=1, max_waiting=50,
+                     max_waiting_per_tenant=2, max_waiting_tokens_per_tenant=40)
+    try:
+        first = engine.submit(_req("1", None, n=30))  # 33 tokens: within the cap alone
+        next(iter(first))  # running: no longer waiting
+        engine.submit(_req("2", None, n=5))  # 3 + 5 = 8 waiting tokens
+        with pytest.raises(ResourceExhausted, match="too many tokens"):
+            engine.submit(_req("big", None, n=35))  # 8 + 38 > 40
+        engine.submit(_req("3", None, n=5))
+        with pytest.raises(ResourceExhausted, match="2 requests waiting") as err:
+            engine.submit(_req("4", None, n=2))
+        assert not isinstance(err.value, Overloaded)  # a tenant limit, not a full queue
+        other = engine.submit(_req("b1", None, n=2, identity=BETA))
+        first.cancel()
+        assert other.wait(60).finish_reason == "length"
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("change, exc, field", [
     (dict(adapter="acme/nope"), NotFound, None),
     (dict(adapter="beta/a1"), NotFound, None),

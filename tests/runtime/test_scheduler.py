@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from loraplex.errors import Overloaded
+from loraplex.errors import Overloaded, ResourceExhausted
 from loraplex.runtime.scheduler import Placement, Scheduler, Ticket
 
 
-def _ticket(rid: str, tenant: str, t: float = 0.0, cost: int = 10) -> Ticket:
-    return Ticket(rid, tenant, payload=None, enqueued=t, cost=cost)
+def _ticket(rid: str, tenant: str, t: float = 0.0, cost: int = 10, budget: int = 0) -> Ticket:
+    return Ticket(rid, tenant, payload=None, enqueued=t, cost=cost, budget=budget)
 
 
 def admit_all(_t: Ticket) -> Placement:
@@ -26,6 +26,21 @@ def test_full_queue_is_overloaded_and_remove_frees_room():
     assert s.remove("a") is None
     s.push(_ticket("c", "x"))
     assert len(s) == 2
+
+
+def test_per_tenant_caps_on_waiting_requests_and_tokens():
+    s = Scheduler(max_waiting=10, aging_s=100, max_waiting_per_tenant=2,
+                  max_waiting_tokens_per_tenant=100)
+    s.push(_ticket("a", "x", budget=60))
+    with pytest.raises(ResourceExhausted, match="too many tokens"):
+        s.push(_ticket("b", "x", budget=41))
+    s.push(_ticket("b", "x", budget=40))
+    with pytest.raises(ResourceExhausted, match="per-tenant limit 2"):
+        s.push(_ticket("c", "x", budget=1))
+    s.push(_ticket("d", "y", budget=100))  # another tenant is not affected
+    assert [t.request_id for t in s.pick(1, admit_all, now=1)] == ["a"]
+    s.push(_ticket("c", "x", budget=1))  # admission made room again
+    assert len(s) == 3
 
 
 def test_fifo_within_a_tenant_and_at_most_free_rows():
