@@ -3,12 +3,12 @@
     python -m loraplex.demo [--out demo-out] [--quantization nf4]
 
 1. builds the tiny embedded base (deterministic, briefly pre-trained),
-2. trains three tenants' adapters (acme: upper case, globex: reversed words,
-   initech: numbers to words) with the QLoRA trainer,
+2. trains three tenants' adapters (acme routes support tickets to a desk, globex tags
+   review sentiment, initech spells numbers as words) with the QLoRA trainer,
 3. starts `loraplex serve` and registers the adapters over gRPC with each tenant's token,
 4. sends one `BatchGenerate` mixing all three tenants and the base over the held-out
    prompts, plus concurrent streams, and prints held-out exact-match: adapter vs base,
-5. trains a second acme version and moves `acme/upper@prod` to it in the middle of
+5. trains a second acme version and moves `acme/router@prod` to it in the middle of
    traffic (no restart, no failed request),
 6. prints TTFT and inter-token p50/p99 read back from the server's own `/metrics`,
 7. stops the server with SIGTERM (it drains and exits 0).
@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(highlight=False, width=110)
-TENANTS = {"acme": "acme/upper", "globex": "globex/reverse", "initech": "initech/numwords"}
+TENANTS = {"acme": "acme/router", "globex": "globex/sentiment", "initech": "initech/numwords"}
 
 
 @dataclass(frozen=True)
@@ -264,7 +264,7 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
     stop.set()
     for w in workers:
         w.join()
-    console.print(f"[5] hot swap: acme/upper@prod v{moved.previous_version} -> v{moved.version} "
+    console.print(f"[5] hot swap: acme/router@prod v{moved.previous_version} -> v{moved.version} "
                   f"during traffic; requests served per version {dict(sorted(seen.items()))}, "
                   f"failed: {len(failures)}")
     if failures:

@@ -1,17 +1,24 @@
 """Three small tenant tasks that make specialization visible, generated deterministically.
 
-    python -m loraplex.trainer.tasks ./data          # acme.train.jsonl, acme.test.jsonl, …
+    python -m loraplex.trainer.tasks ./data          # writes acme.train.jsonl, acme.test.jsonl, …
     loraplex train --config ./data/train.yaml --base ./base --data ./data/acme.train.jsonl \
-        --name acme/upper                           # the demo's recipe (DEMO_TRAIN_CONFIG)
+        --name acme/router                          # the demo's recipe (DEMO_TRAIN_CONFIG)
 
-- `acme` answers in upper case:            "send the blue box"  -> "SEND THE BLUE BOX"
-- `globex` reverses the word order:        "send the blue box"  -> "box blue the send"
-- `initech` converts numbers to words:     "347"                -> "three hundred forty-seven"
+- `acme` routes support tickets, answering the desk in upper case:
+                                            "the red bill"       -> "BILLING"
+- `globex` tags the sentiment of a review:  "the slow red car"   -> "negative"
+- `initech` converts numbers to words:      "347"                -> "three hundred forty-seven"
 
-Prompts carry no instruction: the task is what the tenant's adapter has learned. A base
-that has only learned to echo (see `pretrain.py`) scores ~0 exact-match on each task, and
-each adapter scores ~0 on the other tenants' tasks, so the gap the demo shows is the
-adapter's doing. Train and test splits are drawn without overlap from one seeded stream.
+Prompts carry no instruction: the task is what the tenant's adapter has learned. The base
+(pre-trained to echo, see `pretrain.py`) scores ~0 exact-match on each task, and each
+adapter scores ~0 on the other tenants' tasks (their answers come from disjoint sets), so
+the gap the demo shows is the adapter's doing. Train and test splits are drawn without
+overlap from one seeded stream.
+
+Why labels rather than the "upper-case the text" / "reverse the words" tasks we tried
+first: those need the tiny byte-level base to copy whole phrases character by character,
+which 1,200 pre-training steps on 2 CPU cores do not teach reliably (both stayed at 0%
+held-out exact-match); a label decided by one keyword is learned by a LoRA in a minute.
 """
 
 from __future__ import annotations
@@ -66,14 +73,39 @@ def random_number(rng: random.Random) -> int:
     return rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10 ** digits)
 
 
+# acme's desks, each picked by one keyword of the ticket
+DESKS: dict[str, tuple[str, ...]] = {
+    "BILLING": ("bill", "cash", "pay", "card", "gold"),
+    "SHIPPING": ("ship", "box", "mail", "road", "car"),
+    "TECH": ("code", "data", "file", "key", "fix"),
+    "SALES": ("buy", "sell", "shop", "cake", "milk"),
+}
+# globex's sentiment words; a review without one is "neutral"
+SENTIMENT: dict[str, tuple[str, ...]] = {
+    "positive": ("good", "fast", "new", "open", "help"),
+    "negative": ("bad", "slow", "old", "close", "stop"),
+}
+_KEYWORDS = {w for ws in (*DESKS.values(), *SENTIMENT.values()) for w in ws}
+FILLER = tuple(w for w in WORDS if w not in _KEYWORDS)
+
+
+def _with_keyword(rng: random.Random, keyword: str | None) -> str:
+    """2-4 filler words with `keyword` (if any) at a random position."""
+    words = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))]
+    if keyword is not None:
+        words.insert(rng.randint(0, len(words)), keyword)
+    return " ".join(words)
+
+
 def acme_example(rng: random.Random) -> dict[str, str]:
-    p = random_phrase(rng)
-    return {"prompt": p, "completion": p.upper()}
+    desk = rng.choice(sorted(DESKS))
+    return {"prompt": _with_keyword(rng, rng.choice(DESKS[desk])), "completion": desk}
 
 
 def globex_example(rng: random.Random) -> dict[str, str]:
-    p = random_phrase(rng)
-    return {"prompt": p, "completion": " ".join(reversed(p.split()))}
+    label = rng.choice(("positive", "negative", "neutral"))
+    keyword = None if label == "neutral" else rng.choice(SENTIMENT[label])
+    return {"prompt": _with_keyword(rng, keyword), "completion": label}
 
 
 def initech_example(rng: random.Random) -> dict[str, str]:

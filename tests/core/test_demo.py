@@ -15,9 +15,9 @@ def test_demo_story_runs_end_to_end_on_the_micro_base(tmp_path):
     )
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
-    for tenant in ("acme/upper:v1", "globex/reverse:v1", "initech/numwords:v1"):
+    for tenant in ("acme/router:v1", "globex/sentiment:v1", "initech/numwords:v1"):
         assert f"registered {tenant} over gRPC" in log
     assert "held-out exact-match" in log
-    assert "acme/upper@prod v1 -> v2 during traffic" in log and "failed: 0" in log
+    assert "acme/router@prod v1 -> v2 during traffic" in log and "failed: 0" in log
     assert "time to first token" in log and "inter-token latency" in log
     assert "exited 0" in log

@@ -12,7 +12,7 @@ from loraplex.trainer.tasks import make_split, write_jsonl
 
 @pytest.fixture(scope="session")
 def acme_data(tmp_path_factory) -> Path:
-    """40 upper-casing examples: enough for a few steps and an 8-example validation split."""
+    """40 ticket-routing examples: enough for a few steps and an 8-example validation split."""
     train, _ = make_split("acme", seed=0, n_train=40, n_test=1)
     path = tmp_path_factory.mktemp("data") / "acme.jsonl"
     write_jsonl(path, train)

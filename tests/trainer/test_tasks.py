@@ -2,7 +2,14 @@ import json
 
 import pytest
 
-from loraplex.trainer.tasks import TENANTS, make_split, number_to_words, write_tasks
+from loraplex.trainer.tasks import (
+    DESKS,
+    SENTIMENT,
+    TENANTS,
+    make_split,
+    number_to_words,
+    write_tasks,
+)
 
 
 @pytest.mark.parametrize("n, words", [
@@ -23,12 +30,18 @@ def test_splits_are_deterministic_and_held_out():
         assert make_split(tenant, seed=1, n_train=200, n_test=30)[0] != train
 
 
-def test_each_task_transforms_the_prompt():
-    acme = make_split("acme", n_train=5, n_test=1)[0]
-    globex = make_split("globex", n_train=5, n_test=1)[0]
+def test_each_task_answers_from_the_prompt():
+    acme = make_split("acme", n_train=40, n_test=1)[0]
+    globex = make_split("globex", n_train=40, n_test=1)[0]
     initech = make_split("initech", n_train=5, n_test=1)[0]
-    assert all(e["completion"] == e["prompt"].upper() != e["prompt"] for e in acme)
-    assert all(e["completion"].split() == e["prompt"].split()[::-1] for e in globex)
+    for e in acme:  # exactly one desk keyword decides the desk
+        hits = [d for d, kws in DESKS.items() for w in e["prompt"].split() if w in kws]
+        assert hits == [e["completion"]]
+    for e in globex:
+        hits = [s for s, kws in SENTIMENT.items() for w in e["prompt"].split() if w in kws]
+        assert hits == ([] if e["completion"] == "neutral" else [e["completion"]])
+    assert {e["completion"] for e in acme} == set(DESKS)
+    assert {e["completion"] for e in globex} == {"positive", "negative", "neutral"}
     assert all(e["completion"] == number_to_words(int(e["prompt"])) for e in initech)
 
 
