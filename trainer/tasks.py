@@ -5,8 +5,8 @@
         --name acme/router                          # the demo's recipe (DEMO_TRAIN_CONFIG)
 
 - `acme` routes support tickets, answering the desk in upper case:
-                                            "the red bill"       -> "BILLING"
-- `globex` tags the sentiment of a review:  "the slow red car"   -> "negative"
+                                            "send the red bill"  -> "BILLING"
+- `globex` tags the sentiment of a review:  "the red desk slow"  -> "negative"
 - `initech` converts numbers to words:      "347"                -> "three hundred forty-seven"
 
 Prompts carry no instruction: the task is what the tenant's adapter has learned. The base
@@ -90,10 +90,14 @@ FILLER = tuple(w for w in WORDS if w not in _KEYWORDS)
 
 
 def _with_keyword(rng: random.Random, keyword: str | None) -> str:
-    """2-4 filler words with `keyword` (if any) at a random position."""
+    """2-4 filler words, then `keyword` (if any) as the last word.
+
+    The deciding word comes last because the tiny byte-level base attends to recent tokens
+    far more easily than to arbitrary positions: with the keyword anywhere, a demo-recipe
+    LoRA reached 25-27% held-out exact-match on acme; with it last, 75% (same steps)."""
     words = [rng.choice(FILLER) for _ in range(rng.randint(2, 4))]
     if keyword is not None:
-        words.insert(rng.randint(0, len(words)), keyword)
+        words.append(keyword)
     return " ".join(words)
 
 

@@ -40,6 +40,7 @@ def test_each_task_answers_from_the_prompt():
     for e in globex:
         hits = [s for s, kws in SENTIMENT.items() for w in e["prompt"].split() if w in kws]
         assert hits == ([] if e["completion"] == "neutral" else [e["completion"]])
+    assert all(e["prompt"].split()[-1] in DESKS[e["completion"]] for e in acme)
     assert {e["completion"] for e in acme} == set(DESKS)
     assert {e["completion"] for e in globex} == {"positive", "negative", "neutral"}
     assert all(e["completion"] == number_to_words(int(e["prompt"])) for e in initech)
