@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
                           f"             base    -> {results[t]['base'][0].text.strip()!r}")
         for s in streamed[:3]:
             console.print(f"    stream  {s}")
+        cross_matrix(target, admin_token, prompts, tests, plan)
 
         hot_swap(target, tokens["acme"], base, data, out, plan, train_quantization,
                  prompts["acme"])
@@ -227,6 +229,36 @@ def show_accuracy(tests: dict, results: dict) -> None:
         b = exact_match([g.text for g in results[t]["base"]], tests[t])
         table.add_row(t, results[t]["adapter"][0].adapter_ref or name, f"{a:.0%}", f"{b:.0%}",
                       str(len(tests[t])))
+    console.print(table)
+
+
+def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict,
+                 plan: DemoPlan) -> None:
+    """Every adapter (and the base) on every tenant's held-out task, in one BatchGenerate
+    (an operator's admin token may use every tenant's adapter): specialization means a
+    high diagonal and nothing elsewhere."""
+    from loraplex.client import Client
+
+    models = [("base", "")] + [(t, TENANTS[t] + "@prod") for t in TENANTS]
+    items, index = [], []
+    for model, ref in models:
+        for task in TENANTS:
+            for p in prompts[task]:
+                items.append({"adapter": ref, "prompt": p, "stop": ["\n"],
+                              "max_new_tokens": plan.max_new_tokens})
+                index.append((model, task))
+    with Client(target, token=admin_token) as c:
+        results = c.batch_generate(items, timeout=600)
+    outs: dict[tuple[str, str], list[str]] = {}
+    for key, r in zip(index, results, strict=True):
+        outs.setdefault(key, []).append(getattr(r, "text", "<error>"))
+    table = Table(title="held-out exact-match: rows = model, columns = task")
+    table.add_column("model")
+    for task in TENANTS:
+        table.add_column(f"{task} task")
+    for model, _ in models:
+        table.add_row(model if model == "base" else TENANTS[model],
+                      *(f"{exact_match(outs[model, task], tests[task]):.0%}" for task in TENANTS))
     console.print(table)
 
 
@@ -288,6 +320,7 @@ def print_latency(mport: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
     ap.add_argument("--quantization", default=os.environ.get("LORAPLEX_DEMO_QUANT", "nf4"),

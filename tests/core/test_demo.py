@@ -17,7 +17,7 @@ def test_demo_story_runs_end_to_end_on_the_micro_base(tmp_path):
     assert out.returncode == 0, log[-3000:]
     for tenant in ("acme/router:v1", "globex/sentiment:v1", "initech/numwords:v1"):
         assert f"registered {tenant} over gRPC" in log
-    assert "held-out exact-match" in log
+    assert "held-out exact-match" in log and "rows = model, columns = task" in log
     assert "acme/router@prod v1 -> v2 during traffic" in log and "failed: 0" in log
     assert "time to first token" in log and "inter-token latency" in log
     assert "exited 0" in log
