@@ -19,6 +19,7 @@ import torch
 
 from loraplex.errors import FailedPrecondition, InvalidArgument
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
+from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
 
 QUANTIZATIONS = ("nf4", "int8", "none")
 COMPUTE_DTYPES: dict[str, torch.dtype] = {
@@ -84,28 +85,6 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _cpu_4bit_path(model: Any, compute_dtype: torch.dtype) -> None:
-    """Keep bitsandbytes' CPU 4-bit matmuls in `compute_dtype`.
-
-    bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a Linear4bit's weight at its first
-    inference forward and from then on multiplies in bfloat16, whatever compute dtype was
-    asked for: a float32 base then drifts from peft on the same base by bf16 roundings
-    (1e-3 in logits on the micro base). The repacking also fails outright (RuntimeError in
-    `_convert_weight_packed_for_cpu`) unless out % 32 == 0 and in % blocksize == 0. So the
-    repacked path is used only for a bfloat16 compute dtype and shapes it supports; the
-    others take the generic dequantize-then-matmul path in the requested dtype.
-    """
-    import bitsandbytes.nn as bnb_nn
-
-    for mod in model.modules():
-        if isinstance(mod, bnb_nn.Linear4bit):
-            qs = getattr(mod.weight, "quant_state", None)
-            block = getattr(qs, "blocksize", 64) or 64
-            if (compute_dtype != torch.bfloat16 or mod.out_features % 32
-                    or mod.in_features % block):
-                mod.support_avx512bf16_for_cpu = False
-
-
 def load_base(base_dir: str | Path, *, quantization: str = "nf4",
               compute_dtype: str | torch.dtype = "float32",
               device: str | torch.device = "cpu") -> LoadedBase:
@@ -133,7 +112,7 @@ def load_base(base_dir: str | Path, *, quantization: str = "nf4",
     model.eval()
     model.requires_grad_(False)
     if quantization == "nf4" and dev.type == "cpu":
-        _cpu_4bit_path(model, dtype)
+        keep_cpu_4bit_in_compute_dtype(model, dtype)
     return LoadedBase(model=model, tokenizer=tokenizer, fingerprint=fingerprint,
                       config=model.config, quantization=quantization, compute_dtype=dtype,
                       device=dev)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.errors import InvalidArgument
+from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
 from loraplex.trainer.config import TrainConfig
 
 _IN_BLOCK = re.compile(r"\.\d+\.")  # "model.layers.3.self_attn.q_proj", "transformer.h.0.attn.c_attn"
@@ -76,35 +77,11 @@ def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None):
         kwargs["device_map"] = {"": device if device is not None else ("cuda" if cuda else "cpu")}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if cfg.quantization == "nf4" and not cuda:
-        _cpu_4bit_generic_path(model, dtype)
+        keep_cpu_4bit_in_compute_dtype(model, dtype)
     tokenizer = AutoTokenizer.from_pretrained(base)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-def _cpu_4bit_generic_path(model: Any, compute_dtype: Any) -> None:
-    """Keep bitsandbytes' CPU 4-bit matmuls in the compute dtype, and working.
-
-    bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a Linear4bit's weight at its first
-    forward in eval mode (our validation passes) and then multiplies in bfloat16; the
-    repacking raises for shapes with out % 32 or in % blocksize != 0 (the micro base's 160).
-    Same rule as `runtime/base.py` (which the trainer may not import): the repacked path
-    only for bfloat16 compute and shapes it supports.
-    """
-    import torch
-
-    try:
-        import bitsandbytes.nn as bnb_nn
-    except ImportError:  # pragma: no cover - quantization already needed it
-        return
-    for mod in model.modules():
-        if isinstance(mod, bnb_nn.Linear4bit):
-            qs = getattr(mod.weight, "quant_state", None)
-            block = getattr(qs, "blocksize", 64) or 64
-            if (compute_dtype != torch.bfloat16 or mod.out_features % 32
-                    or mod.in_features % block):
-                mod.support_avx512bf16_for_cpu = False
 
 
 def wrap_lora(model: Any, cfg: TrainConfig):

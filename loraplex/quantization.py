@@ -1,0 +1,31 @@
+"""bitsandbytes details shared by the trainer and the runtime (both load 4-bit bases)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def keep_cpu_4bit_in_compute_dtype(model: Any, compute_dtype: Any) -> None:
+    """Keep bitsandbytes' CPU 4-bit matmuls in `compute_dtype`, and working.
+
+    bitsandbytes 0.50 on an AVX512-BF16 CPU repacks a Linear4bit's weight at its first
+    inference forward and from then on multiplies in bfloat16, whatever compute dtype was
+    asked for: a float32 base then drifts from peft on the same base by bf16 roundings
+    (1e-3 in logits on the micro base). The repacking also fails outright (RuntimeError in
+    `_convert_weight_packed_for_cpu`) unless out % 32 == 0 and in % blocksize == 0. So the
+    repacked path is used only for a bfloat16 compute dtype and shapes it supports; the
+    others take the generic dequantize-then-matmul path in the requested dtype.
+    """
+    import torch
+
+    try:
+        import bitsandbytes.nn as bnb_nn
+    except ImportError:  # no bitsandbytes: nothing is 4-bit
+        return
+    for mod in model.modules():
+        if isinstance(mod, bnb_nn.Linear4bit):
+            qs = getattr(mod.weight, "quant_state", None)
+            block = getattr(qs, "blocksize", 64) or 64
+            if (compute_dtype != torch.bfloat16 or mod.out_features % 32
+                    or mod.in_features % block):
+                mod.support_avx512bf16_for_cpu = False
