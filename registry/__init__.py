@@ -19,10 +19,10 @@ from loraplex.registry.records import (
 )
 from loraplex.registry.refs import AdapterRef, parse_key, parse_ref
 from loraplex.registry.registry import Registry
-from loraplex.registry.settings import RegistrySettings
+from loraplex.registry.settings import DEFAULT_LOCATION, RegistrySettings
 
 __all__ = [
     "UNSET", "AdapterRef", "AdapterVersion", "AliasMove", "BlobStore", "Change", "GcReport",
     "Identity", "LoadedAdapter", "LocalBlobStore", "Registry", "RegistrySettings",
-    "parse_key", "parse_ref",
+    "DEFAULT_LOCATION", "parse_key", "parse_ref",
 ]

@@ -10,7 +10,7 @@
     loraplex registry verify && loraplex registry gc
     loraplex registry token create acme [--admin]
 
-Every command takes `--registry` (or `$LORAPLEX_REGISTRY`; default `./.loraplex/registry`),
+Every command takes `--registry` (or `$LORAPLEX_REGISTRY`; default `.loraplex/registry`),
 a directory or a database URL, and `--json` for scripts. Identity: with `--token` (or
 `$LORAPLEX_TOKEN`) the command acts as that token's tenant; without one it acts as the
 system admin, because whoever can run this locally can already open the database and
@@ -33,8 +33,9 @@ from rich.table import Table
 from loraplex.errors import InvalidArgument, LoraplexError, ValidationFailed
 from loraplex.registry.records import UNSET, AdapterVersion, AliasMove, Identity
 from loraplex.registry.registry import Registry
+from loraplex.registry.settings import DEFAULT_LOCATION
 
-DEFAULT_REGISTRY = "./.loraplex/registry"
+DEFAULT_REGISTRY = DEFAULT_LOCATION
 
 app = typer.Typer(help="Versioned LoRA adapter registry.", no_args_is_help=True)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)

@@ -8,6 +8,10 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Where the registry lives when neither `--registry` nor `$LORAPLEX_REGISTRY` says: the
+# one default shared by the registry CLI, the trainer and the server.
+DEFAULT_LOCATION = ".loraplex/registry"
+
 
 class RegistrySettings(BaseSettings):
     """One validated settings object per registry; passed whole, never field by field."""

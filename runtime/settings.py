@@ -19,8 +19,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from loraplex.errors import InvalidArgument
-
-DEFAULT_REGISTRY = ".loraplex/registry"
+from loraplex.registry.settings import DEFAULT_LOCATION
 
 
 class ServerSettings(BaseSettings):
@@ -29,7 +28,7 @@ class ServerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAPLEX_", frozen=True, extra="forbid")
 
     base: Path | None = Field(None, description="Hugging Face model directory of the base.")
-    registry: str = Field(DEFAULT_REGISTRY, description="Registry directory or SQLAlchemy URL.")
+    registry: str = Field(DEFAULT_LOCATION, description="Registry directory or SQLAlchemy URL.")
     blob_dir: Path | None = Field(None, description="Blob directory for a database URL registry.")
     host: str = Field("0.0.0.0", description="gRPC listen address.")  # noqa: S104
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")

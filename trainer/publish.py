@@ -94,25 +94,12 @@ def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
 
 
 def open_registry(location: str | None):
-    """`--registry` > `$LORAPLEX_REGISTRY` > the registry CLI's default local directory."""
+    """`--registry` > `$LORAPLEX_REGISTRY` > the registry's default local directory."""
     import os
 
-    from loraplex.registry import Registry
+    from loraplex.registry import DEFAULT_LOCATION, Registry
 
-    return Registry.open(location or os.environ.get("LORAPLEX_REGISTRY")
-                         or _default_registry_location())
-
-
-def _default_registry_location() -> str:
-    try:  # follow the registry CLI's default when it declares one
-        from loraplex.registry import cli as registry_cli
-
-        default = getattr(registry_cli, "DEFAULT_REGISTRY", None)
-        if default:
-            return str(default)
-    except ImportError:
-        pass
-    return ".loraplex/registry"
+    return Registry.open(location or os.environ.get("LORAPLEX_REGISTRY") or DEFAULT_LOCATION)
 
 
 def caller_identity(registry: Any):
