@@ -182,14 +182,15 @@ def create_engine(url: str, settings: RegistrySettings, *, read_only: bool = Fal
 
 
 def _read_only_url(url: str) -> str:
-    """`sqlite:///file:PATH?mode=ro&uri=true`; `immutable=1` as well when no WAL side files
-    exist, because reading a WAL database without them needs to create them (SQLite's
-    wal.html, "Read-Only Databases"), which an unwritable directory forbids."""
+    """`sqlite:///file:PATH?mode=ro&uri=true`, plus `immutable=1` when there is no WAL file:
+    reading a WAL database needs its `-shm` file, which an unwritable directory cannot get
+    (SQLite's wal.html, "Read-Only Databases"), and with no `-wal` the main file holds
+    every commit. With a `-wal` file present, immutable would hide its commits: then plain
+    `mode=ro`, which fails loudly rather than reading stale data if it cannot open."""
     path = sqlite_file(url)
     if path is None:
         raise ValueError(f"not a SQLite file URL: {url}")
-    wal = [Path(f"{path}-wal"), Path(f"{path}-shm")]
-    flags = "mode=ro" if all(p.exists() for p in wal) else "mode=ro&immutable=1"
+    flags = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
     return f"sqlite:///file:{path.resolve()}?{flags}&uri=true"
 
 

@@ -135,13 +135,28 @@ class Registry:
         self.close()
 
     # ---------------------------------------------------------------- bases
-    @faults.writes
     def register_base(self, identity: Identity, base_dir: str | os.PathLike[str], *,
                       names: list[str] | None = None) -> BaseFingerprint:
         """Fingerprint a base and make it findable by the names adapters declare in
-        `base_model_name_or_path` (the path as given, its absolute form, plus `names`)."""
+        `base_model_name_or_path` (the path as given, its absolute form, plus `names`).
+        On a read-only registry a base already recorded so is fine (a server starting on
+        a read-only replica registers its base): nothing would change."""
         if not identity.is_admin:
             raise PermissionDenied("only an admin can register base models", field="base")
+        if self.read_only:
+            known = self._registered_base(base_dir, names)
+            if known is not None:
+                return known
+        return self._register_base(identity, base_dir, names)
+
+    @faults.reads
+    def _registered_base(self, base_dir: str | os.PathLike[str],
+                         names: list[str] | None) -> BaseFingerprint | None:
+        return self.base_catalog.registered(base_dir, names)
+
+    @faults.writes
+    def _register_base(self, identity: Identity, base_dir: str | os.PathLike[str],
+                       names: list[str] | None) -> BaseFingerprint:
         return self.base_catalog.register(identity, base_dir, names)
 
     @faults.reads

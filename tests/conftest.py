@@ -58,3 +58,70 @@ def pg_url() -> str:
     if why:
         pytest.skip(why)
     return PG_URL
+
+
+class Mounts:
+    """Real filesystem faults for tests (we run as root, and root ignores mode bits):
+    `tmpfs(path, kib)` a size-limited tmpfs (a real ENOSPC), `read_only(src, dst)` a
+    read-only bind mount of `src` (a real EROFS, even for root). Unmounted at teardown.
+    Where `mount` is refused (no CAP_SYS_ADMIN) the test is skipped with that reason."""
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+
+    def _mount(self, *args: str) -> None:
+        import subprocess
+
+        done = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mount {' '.join(args)} refused here: {done.stderr.strip()}")
+
+    def tmpfs(self, path: Path, kib: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        self._mount("-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path))
+        self.mounted.append(path)
+        return path
+
+    def read_only(self, src: Path, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        self._mount("--bind", str(src), str(dst))
+        self.mounted.append(dst)
+        self._mount("-o", "remount,bind,ro", str(dst))
+        return dst
+
+    def unmount_all(self) -> None:
+        import subprocess
+
+        for path in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+        self.mounted.clear()
+
+
+@pytest.fixture
+def mounts():
+    m = Mounts()
+    yield m
+    m.unmount_all()
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write zeros into `directory/filler` until the filesystem is full (ENOSPC)."""
+    import errno
+
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
+def fill():
+    """fill(dir) -> the filler file that made `dir`'s filesystem full."""
+    return fill_disk
