@@ -1,6 +1,6 @@
 """PostgreSQL connections terminated under the registry (`pg_terminate_backend`, for real).
 
-`BackendKiller` terminates the server process of the registry's own connection at the
+`BackendKiller` (tests/conftest.py) terminates the server process of the registry's own connection at the
 start of its next transactions, from a separate admin connection, and waits until that
 process is gone: the registry's next statement then meets a dead connection, exactly as
 after a database restart or a failover in the middle of traffic.
@@ -8,76 +8,23 @@ after a database restart or a failover in the middle of traffic.
 
 from __future__ import annotations
 
-import time
-import uuid
-
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
 
 from loraplex.errors import DatabaseUnavailable, NotFound
 from loraplex.registry import Identity, Registry, RegistrySettings
-from loraplex.registry.db import _WRITE
 
 ME = Identity.system()
 
 
-class BackendKiller:
-    """Terminates the backend of the next `n` transactions `registry` begins (only write
-    transactions with `writes_only`). `killed` lists the terminated backend pids."""
-
-    def __init__(self, registry: Registry, admin_url: str) -> None:
-        self.admin = sa.create_engine(admin_url, poolclass=NullPool,
-                                      isolation_level="AUTOCOMMIT")  # fresh stats each poll
-        self.left, self.writes_only, self.killed = 0, False, []
-        sa.event.listen(registry.engine, "begin", self._on_begin)
-
-    def arm(self, n: int, *, writes_only: bool = False) -> BackendKiller:
-        self.left, self.writes_only = n, writes_only
-        return self
-
-    def _on_begin(self, conn: sa.Connection) -> None:
-        if self.left <= 0 or (self.writes_only and not conn.get_execution_options().get(_WRITE)):
-            return
-        self.left -= 1
-        pid = conn.connection.dbapi_connection.info.backend_pid
-        self.terminate([pid])
-
-    def terminate(self, pids: list[int]) -> None:
-        with self.admin.connect() as a:
-            for pid in pids:
-                a.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-            end = time.monotonic() + 5
-            while a.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"),
-                            {"p": pids}).scalar():
-                if time.monotonic() > end:
-                    raise AssertionError(f"backends {pids} outlived pg_terminate_backend")
-                time.sleep(0.01)
-        self.killed += pids
-
-    def idle_pids(self, app_name: str) -> list[int]:
-        with self.admin.connect() as a:
-            return list(a.execute(sa.text(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = :n"),
-                {"n": app_name}).scalars())
-
-
-def tagged_url(pg_url: str) -> tuple[str, str]:
-    """The test database URL with a unique application_name, so a test can find (and
-    terminate) its own connections and never another test's."""
-    name = f"lpx_fault_{uuid.uuid4().hex[:10]}"
-    sep = "&" if "?" in pg_url else "?"
-    return f"{pg_url}{sep}application_name={name}", name
-
-
 @pytest.fixture
-def pg_world(pg_url, pg_schema, tmp_path, micro_base, make_adapter):
-    url, app_name = tagged_url(pg_url)
+def pg_world(pg_url, pg_schema, tmp_path, micro_base, make_adapter, tagged_pg_url,
+             backend_killer):
+    url, app_name = tagged_pg_url(pg_url)
     reg = Registry.open(url, blob_dir=tmp_path / "blobs",
                         settings=RegistrySettings(db_schema=pg_schema))
     reg.register_base(ME, micro_base)
     reg.push(ME, make_adapter(seed=1), "acme/support")
-    yield reg, BackendKiller(reg, pg_url), app_name
+    yield reg, backend_killer(reg), app_name
     reg.close()
 
 
