@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from loraplex.errors import (
     LoraplexError,
@@ -24,6 +25,7 @@ from loraplex.errors import (
     StorageReadOnly,
 )
 from loraplex.registry import Identity, Registry
+from loraplex.registry.cli import app as cli_app
 
 ME = Identity.system()
 
@@ -93,6 +95,13 @@ def test_read_only_registry_lists_shows_pulls_and_verifies_and_refuses_writes(
                 write()
             assert refused.value.code == "FAILED_PRECONDITION"
             assert str(ro / "registry.db") in refused.value.message
+    runner, env = CliRunner(), {"LORAPLEX_REGISTRY": str(ro), "LORAPLEX_TOKEN": None}
+    for args in (["list"], ["show", "acme/support@prod"], ["verify"],
+                 ["pull", "acme/support@prod", str(tmp_path / "cli-out")]):
+        result = runner.invoke(cli_app, args, env=env)
+        assert result.exit_code == 0, (args, result.output, result.exception)
+    refused = runner.invoke(cli_app, ["alias", "acme/support:v1", "stable"], env=env)
+    assert refused.exit_code == 1 and refused.stderr.startswith("error: FAILED_PRECONDITION: ")
     assert _files(src) == before  # opening and reading wrote nothing (no WAL, no journal)
 
 
