@@ -30,6 +30,7 @@ import sqlalchemy as sa
 
 from loraplex.errors import (
     DatabaseUnavailable,
+    FailedPrecondition,
     LoraplexError,
     StorageAccessDenied,
     StorageFull,
@@ -87,6 +88,9 @@ def db_error(e: sa.exc.DBAPIError, where: str) -> LoraplexError | None:
     if code in _PG_READ_ONLY or "readonly database" in low or "read-only" in low:
         return StorageReadOnly(f"registry database {where} is read-only ({first}); reads "
                                "work, writes need write access to it and its directory")
+    if code == "42P01" or "no such table" in low:  # undefined_table
+        return FailedPrecondition(f"registry database {where} has no loraplex tables ({first}): "
+                                  "it is not a registry, or it was only ever opened read-only")
     if "unable to open database file" in low:
         return StorageAccessDenied(f"registry database {where}: {first}: check that it "
                                    "exists and that this process may read it (and write "

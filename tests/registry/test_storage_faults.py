@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraplex.errors import (
+    FailedPrecondition,
     LoraplexError,
     NotFound,
     StorageFull,
@@ -117,6 +118,16 @@ def test_read_only_blob_directory_refuses_the_push_and_leaves_no_version(
         assert str(blobs) in e.value.message and "read-only" in e.value.message
         with pytest.raises(NotFound):
             reg.list_versions(ME, "acme/support")
+
+
+def test_read_only_file_that_is_not_a_registry_is_a_precondition_not_a_bug(mounts, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "registry.db").touch()  # empty: a SQLite file without our tables
+    (tmp_path / "src" / "blobs" / "sha256").mkdir(parents=True)
+    ro = mounts.read_only(tmp_path / "src", tmp_path / "ro")
+    with Registry.open(ro) as reg, pytest.raises(FailedPrecondition) as e:
+        reg.list_adapters(ME)
+    assert "no loraplex tables" in e.value.message and str(ro) in e.value.message
 
 
 def _capless(*args: str) -> subprocess.CompletedProcess:
