@@ -18,14 +18,24 @@ from pathlib import Path
 
 import typer
 
+from loraplex.cli_errors import ErrorHandlingGroup
+
 # bitsandbytes' CPU backend tries to fetch an optional kernel from a model hub at import and
 # warns when it can't; nothing is downloaded at run time here, so the warning is only noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 app = typer.Typer(help="loraplex: LoRA adapter registry and multi-tenant serving runtime.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False,
+                  cls=ErrorHandlingGroup)  # every typed error: one line, exit 1
 base_app = typer.Typer(help="The embedded default base model.", no_args_is_help=True)
 app.add_typer(base_app, name="base")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(
+        False, "--debug", envvar="LORAPLEX_DEBUG",
+        help="Show the traceback of an error instead of one line.")) -> None:
+    """loraplex: LoRA adapter registry and multi-tenant serving runtime."""
 
 
 @base_app.command("build")

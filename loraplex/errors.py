@@ -97,3 +97,30 @@ class DataCorruption(LoraplexError):
     """A stored blob no longer matches its digest."""
 
     code = "DATA_LOSS"
+
+
+# ---- the environment failed (disk, permissions, database): never a bug, never INTERNAL
+
+
+class StorageFull(ResourceExhausted):
+    """The registry's disk or quota is full (ENOSPC/EDQUOT, SQLite "disk is full",
+    PostgreSQL 53100): free space or move the registry, then retry."""
+
+
+class StorageReadOnly(FailedPrecondition):
+    """The registry's storage is read-only (EROFS, a read-only SQLite file or directory,
+    a read-only PostgreSQL transaction): reads work, writes need writable storage."""
+
+
+class StorageAccessDenied(FailedPrecondition):
+    """This process may not read or write a registry path (EACCES/EPERM): fix the
+    owner or mode of the path the message names."""
+
+
+class StorageUnavailable(Unavailable):
+    """A registry path failed with an I/O error that may pass (EIO, a stale mount)."""
+
+
+class DatabaseUnavailable(Unavailable):
+    """The registry database dropped the connection or cannot be reached (already
+    retried once for reads): retry after the delay in RetryInfo."""

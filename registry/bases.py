@@ -36,11 +36,21 @@ class BaseCatalog:
     def register(self, identity: Identity, base_dir: str | os.PathLike[str],
                  names: list[str] | None) -> BaseFingerprint:
         fp = fingerprint_base(base_dir)
-        path = Path(base_dir)
-        all_names = sorted({str(base_dir), str(path.expanduser().resolve()), *(names or [])})
+        all_names = _names(base_dir, names)
         db.with_retries(lambda: self._store(identity, fp, all_names), self.retries)
         self._cache[fp.digest] = fp
         return fp
+
+    def registered(self, base_dir: str | os.PathLike[str], names: list[str] | None
+                   ) -> BaseFingerprint | None:
+        """The base's fingerprint if it is recorded under every name `register` would
+        give it (so registering again would change nothing), else None."""
+        fp = fingerprint_base(base_dir)
+        all_names = _names(base_dir, names)
+        with db.read_tx(self.engine) as conn:
+            found = dict(conn.execute(sa.select(base_names.c.name, base_names.c.digest)
+                                      .where(base_names.c.name.in_(all_names))).all())
+        return fp if all(found.get(n) == fp.digest for n in all_names) else None
 
     def _store(self, identity: Identity, fp: BaseFingerprint, names: list[str]) -> None:
         """Names point at the newest registration: re-registering a rebuilt base under
@@ -134,6 +144,12 @@ class BaseCatalog:
         problems.append(f"base: fingerprint {base.digest} carries no layer shapes and is "
                         "not registered; pass the base directory")
         return None
+
+
+def _names(base_dir: str | os.PathLike[str], names: list[str] | None) -> list[str]:
+    """The names a base answers to: the path as given, its absolute form, and `names`."""
+    path = Path(base_dir)
+    return sorted({str(base_dir), str(path.expanduser().resolve()), *(names or [])})
 
 
 def lineage_base_digest(lineage: dict[str, Any]) -> str | None:

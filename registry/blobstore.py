@@ -3,7 +3,9 @@
 Blobs are addressed by `sha256:<hex>` of their bytes. Writes go to a temp file, are
 fsynced and renamed into place, so a reader never sees half a blob, whatever crashes.
 Reads re-hash and raise `DataCorruption` on mismatch: a flipped bit on disk is reported,
-never served.
+never served. A full disk, a read-only mount or a forbidden path becomes a typed error
+naming the path (`registry/faults.py`); a failed write leaves nothing under the final name.
+A read-only blob directory serves every read: nothing is written to open or read it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from loraplex.errors import DataCorruption, NotFound
 from loraplex.registry.content import bytes_digest
+from loraplex.registry.faults import os_error
 from loraplex.registry.refs import check_digest
 
 _TMP_PREFIX = ".tmp-"
@@ -52,7 +55,10 @@ class LocalBlobStore:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+        try:
+            (self.root / "sha256").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise os_error(e, "creating blob directory", self.root / "sha256") from e
 
     def path(self, digest: str) -> Path:
         hexpart = check_digest(digest, field="digest").split(":", 1)[1]
@@ -61,20 +67,26 @@ class LocalBlobStore:
     def put(self, data: bytes) -> str:
         digest = bytes_digest(data)
         target = self.path(digest)
-        if target.exists() and self._intact(target, digest):
-            os.utime(target)  # young again: gc must not take it before our commit
-            return digest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        try:
+            if target.exists() and self._intact(target, digest):
+                os.utime(target)  # young again: gc must not take it before our commit
+                return digest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=target.parent)
+        except OSError as e:
+            raise os_error(e, "writing blob into", target.parent) from e
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, target)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(e, OSError):
+                raise os_error(e, f"writing blob {digest} ({len(data)} bytes) into",
+                               target.parent) from e
             raise
         _fsync_dir(target.parent)
         return digest
@@ -85,6 +97,8 @@ class LocalBlobStore:
             data = target.read_bytes()
         except FileNotFoundError:
             raise NotFound(f"blob {digest} is missing from the blob store") from None
+        except OSError as e:
+            raise os_error(e, "reading blob", target) from e
         if bytes_digest(data) != digest:
             raise DataCorruption(f"blob {digest} is corrupt: its bytes hash to "
                                  f"{bytes_digest(data)}", field="digest")
@@ -99,13 +113,15 @@ class LocalBlobStore:
             return True
         except FileNotFoundError:
             return False
+        except OSError as e:
+            raise os_error(e, "deleting blob", self.path(digest)) from e
 
     def list(self) -> Iterator[tuple[str, int, float]]:
         now = time.time()
-        for sub in sorted((self.root / "sha256").iterdir()):
+        for sub in sorted(_listdir(self.root / "sha256")):
             if not sub.is_dir():
                 continue
-            for f in sorted(sub.iterdir()):
+            for f in sorted(_listdir(sub)):
                 if f.name.startswith(_TMP_PREFIX):
                     continue
                 with contextlib.suppress(FileNotFoundError):
@@ -127,6 +143,13 @@ class LocalBlobStore:
             while chunk := fh.read(1 << 20):
                 h.update(chunk)
         return "sha256:" + h.hexdigest() == digest
+
+
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return list(path.iterdir())
+    except OSError as e:
+        raise os_error(e, "listing blob directory", path) from e
 
 
 def _fsync_dir(path: Path) -> None:

@@ -30,14 +30,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loraplex.errors import InvalidArgument, LoraplexError, ValidationFailed
+from loraplex.cli_errors import ErrorHandlingGroup, json_errors
+from loraplex.errors import InvalidArgument
 from loraplex.registry.records import UNSET, AdapterVersion, AliasMove, Identity
 from loraplex.registry.registry import Registry
 from loraplex.registry.settings import DEFAULT_LOCATION
 
 DEFAULT_REGISTRY = DEFAULT_LOCATION
 
-app = typer.Typer(help="Versioned LoRA adapter registry.", no_args_is_help=True)
+app = typer.Typer(help="Versioned LoRA adapter registry.", no_args_is_help=True,
+                  cls=ErrorHandlingGroup)
 token_app = typer.Typer(help="API tokens.", no_args_is_help=True)
 base_app = typer.Typer(help="Base models adapters are checked against.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -49,7 +51,8 @@ BlobDirOpt = Annotated[str | None, typer.Option(
     "--blob-dir", envvar="LORAPLEX_BLOB_DIR", help="Blob directory (for a database URL).")]
 TokenOpt = Annotated[str | None, typer.Option(
     "--token", envvar="LORAPLEX_TOKEN", help="Act as this token's tenant (default: admin).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.",
+                                       callback=json_errors)]
 
 
 class _Session:
@@ -70,32 +73,11 @@ class _Session:
 @contextmanager
 def _session(registry: str, blob_dir: str | None, token: str | None,
              as_json: bool) -> Iterator[_Session]:
-    """Open the registry, authenticate, and turn typed errors into a message + exit 1."""
-    reg: Registry | None = None
-    try:
-        reg = Registry.open(registry, blob_dir=blob_dir)
+    """Open the registry and authenticate. A typed error anywhere in the command is
+    printed by the CLI's one handler (`loraplex/cli_errors.py`), as JSON too with --json."""
+    with Registry.open(registry, blob_dir=blob_dir) as reg:
         me = reg.authenticate(token) if token else Identity.system()
         yield _Session(reg, me, as_json)
-    except LoraplexError as e:
-        _report_error(e, as_json)
-        raise typer.Exit(1) from None
-    finally:
-        if reg is not None:
-            reg.close()
-
-
-def _report_error(e: LoraplexError, as_json: bool) -> None:
-    violations = e.violations if isinstance(e, ValidationFailed) else []
-    if as_json:
-        typer.echo(json.dumps({"error": {"code": e.code, "message": e.message,
-                                         "field": e.field, "violations": violations}}))
-        return
-    if violations:
-        typer.echo(f"error [{e.code}]: adapter rejected:", err=True)
-        for line in violations:
-            typer.echo(f"  - {line}", err=True)
-    else:
-        typer.echo(f"error [{e.code}]: {e.message}", err=True)
 
 
 def _version_dict(v: AdapterVersion) -> dict[str, Any]:

@@ -9,10 +9,18 @@ Concurrency design, the same on both databases:
   through becomes an IntegrityError, which the caller retries;
 - the `changes` table is locked before an event row is inserted (PostgreSQL), so event
   ids become visible in id order and a watcher reading `id > last` never skips one.
+
+A SQLite registry in a directory this process cannot write (a read-only mount, another
+user's files) is opened read-only (`mode=ro`, or `immutable=1` when no WAL side files exist
+to read through): nothing is written on open (no table creation, no WAL switch), so it can
+still be listed, shown, pulled and verified. PostgreSQL connections are pre-pinged on
+checkout, so a connection the server dropped while idle is replaced transparently.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +31,7 @@ from typing import TypeVar
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from loraplex.registry import faults
 from loraplex.registry.settings import RegistrySettings
 
 metadata = sa.MetaData()
@@ -122,22 +131,49 @@ T = TypeVar("T")
 
 
 def database_url(location: str | Path) -> tuple[str, Path | None]:
-    """(SQLAlchemy URL, directory holding it or None). A plain path is a registry dir."""
+    """(SQLAlchemy URL, directory holding it or None). A plain path is a registry dir.
+    The directory is created when missing and possible; a read-only one is left alone."""
     text = str(location)
     if "://" in text:
-        if text.startswith("sqlite:///") and ":memory:" not in text and len(text) > 10:
-            Path(text[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        path = sqlite_file(text)
+        if path is not None:
+            _make_dir(path.parent)
         return text, None
     root = Path(text).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    _make_dir(root)
     return f"sqlite:///{root.resolve() / 'registry.db'}", root
 
 
-def create_engine(url: str, settings: RegistrySettings) -> Engine:
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a `sqlite:///path` URL (None for other URLs and `:memory:`)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and len(url) > len(prefix) and ":memory:" not in url:
+        return Path(url[len(prefix):].split("?", 1)[0])
+    return None
+
+
+def sqlite_read_only(url: str) -> bool:
+    """Whether a SQLite registry must be opened read-only: its file exists and this
+    process may not write it or create journal files beside it. A missing file in an
+    unwritable directory cannot be created: that is an error, raised here."""
+    path = sqlite_file(url)
+    if path is None:
+        return False
+    if not path.exists():
+        if _writable(path.parent):
+            return False
+        raise faults.os_error(_not_writable(path.parent), "creating registry database in",
+                              path.parent)
+    return not (_writable(path.parent) and os.access(path, os.R_OK | os.W_OK))
+
+
+def create_engine(url: str, settings: RegistrySettings, *, read_only: bool = False) -> Engine:
     """An engine with the transaction behaviour the module docstring relies on."""
     if url.startswith("sqlite"):
+        if read_only:
+            url = _read_only_url(url)
         engine = sa.create_engine(url, connect_args={"timeout": settings.sqlite_busy_timeout_s})
-        _sqlite_events(engine, settings)
+        _sqlite_events(engine, settings, read_only=read_only)
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
         if settings.db_schema:
@@ -145,7 +181,38 @@ def create_engine(url: str, settings: RegistrySettings) -> Engine:
     return engine
 
 
-def _sqlite_events(engine: Engine, settings: RegistrySettings) -> None:
+def _read_only_url(url: str) -> str:
+    """`sqlite:///file:PATH?mode=ro&uri=true`, plus `immutable=1` when there is no WAL file:
+    reading a WAL database needs its `-shm` file, which an unwritable directory cannot get
+    (SQLite's wal.html, "Read-Only Databases"), and with no `-wal` the main file holds
+    every commit. With a `-wal` file present, immutable would hide its commits: then plain
+    `mode=ro`, which fails loudly rather than reading stale data if it cannot open."""
+    path = sqlite_file(url)
+    if path is None:
+        raise ValueError(f"not a SQLite file URL: {url}")
+    flags = "mode=ro" if Path(f"{path}-wal").exists() else "mode=ro&immutable=1"
+    return f"sqlite:///file:{path.resolve()}?{flags}&uri=true"
+
+
+def _writable(directory: Path) -> bool:
+    """Root passes mode bits (os.access says yes) but not a read-only mount (EROFS)."""
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def _not_writable(path: Path) -> OSError:
+    readonly = bool(os.statvfs(path).f_flag & os.ST_RDONLY) if path.exists() else False
+    code = errno.EROFS if readonly else errno.EACCES
+    return OSError(code, os.strerror(code), str(path))
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise faults.os_error(e, "creating registry directory", path) from e
+
+
+def _sqlite_events(engine: Engine, settings: RegistrySettings, *, read_only: bool) -> None:
     busy_ms = int(settings.sqlite_busy_timeout_s * 1000)
 
     @sa.event.listens_for(engine, "connect")
@@ -153,7 +220,8 @@ def _sqlite_events(engine: Engine, settings: RegistrySettings) -> None:
         dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see _on_begin)
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
-        cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
+        if not read_only:  # switching to WAL writes the file header
+            cur.execute("PRAGMA journal_mode = WAL")  # readers never block the writer
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 

@@ -10,6 +10,11 @@ atomically), then insert the version row and its event in one transaction. A cra
 before the commit leaves at most unreferenced blobs, which `gc` removes; a crash after it
 leaves a complete version. No reader ever sees a version whose blobs are not in place.
 
+Environment failures (disk full, read-only or forbidden storage, a dropped database) come
+out as typed errors naming the path or database (`registry/faults.py`): public reads retry
+once on a dropped connection, writes never replay. A registry whose SQLite directory is
+not writable opens read-only: reads work, writes raise `StorageReadOnly` up front.
+
 Access rule: a tenant identity reads and changes only its own tenant's adapters; asking for
 another tenant's adapter raises exactly the `NotFound` that a missing one raises. Admins
 act on every tenant; only admins register bases and create admin tokens.
@@ -43,7 +48,7 @@ from loraplex.errors import (
     ValidationFailed,
 )
 from loraplex.fingerprint import BaseFingerprint
-from loraplex.registry import db, tensorfile
+from loraplex.registry import db, faults, tensorfile
 from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore
 from loraplex.registry.content import PEFT_PREFIX, adapter_digest
@@ -87,12 +92,19 @@ class Registry:
     """Metadata DB + blob store. Thread-safe; one instance per process is plenty."""
 
     def __init__(self, engine: Engine, blobs: BlobStore,
-                 settings: RegistrySettings | None = None) -> None:
+                 settings: RegistrySettings | None = None, *, read_only: bool = False) -> None:
         self.engine = engine
         self.blobs = blobs
         self.settings = settings or RegistrySettings()
+        self.read_only = read_only
+        self.db_where = _where(engine)
         self.base_catalog = BaseCatalog(engine, self.settings.commit_retries)
-        db.create_tables(engine)
+        if not read_only:
+            self._create_tables()
+
+    @faults.writes
+    def _create_tables(self) -> None:
+        db.create_tables(self.engine)
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
@@ -109,7 +121,9 @@ class Registry:
         if blob_root is None:
             raise InvalidArgument(f"{url.split('@')[-1]}: a database URL needs blob_dir or "
                                   "$LORAPLEX_BLOB_DIR", field="blob_dir")
-        return cls(db.create_engine(url, settings), LocalBlobStore(blob_root), settings)
+        read_only = db.sqlite_read_only(url)
+        return cls(db.create_engine(url, settings, read_only=read_only),
+                   LocalBlobStore(blob_root), settings, read_only=read_only)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -124,16 +138,34 @@ class Registry:
     def register_base(self, identity: Identity, base_dir: str | os.PathLike[str], *,
                       names: list[str] | None = None) -> BaseFingerprint:
         """Fingerprint a base and make it findable by the names adapters declare in
-        `base_model_name_or_path` (the path as given, its absolute form, plus `names`)."""
+        `base_model_name_or_path` (the path as given, its absolute form, plus `names`).
+        On a read-only registry a base already recorded so is fine (a server starting on
+        a read-only replica registers its base): nothing would change."""
         if not identity.is_admin:
             raise PermissionDenied("only an admin can register base models", field="base")
+        if self.read_only:
+            known = self._registered_base(base_dir, names)
+            if known is not None:
+                return known
+        return self._register_base(identity, base_dir, names)
+
+    @faults.reads
+    def _registered_base(self, base_dir: str | os.PathLike[str],
+                         names: list[str] | None) -> BaseFingerprint | None:
+        return self.base_catalog.registered(base_dir, names)
+
+    @faults.writes
+    def _register_base(self, identity: Identity, base_dir: str | os.PathLike[str],
+                       names: list[str] | None) -> BaseFingerprint:
         return self.base_catalog.register(identity, base_dir, names)
 
+    @faults.reads
     def list_bases(self) -> list[tuple[list[str], BaseFingerprint]]:
         """Every known base with the names it was registered under."""
         return self.base_catalog.list()
 
     # ---------------------------------------------------------------- registration
+    @faults.writes
     def push(self, identity: Identity, adapter_dir: str | os.PathLike[str], name: str, *,
              base: BaseArg = None, lineage: dict[str, Any] | None = None) -> AdapterVersion:
         """Register the peft adapter in `adapter_dir` as the next version of `name`.
@@ -156,9 +188,15 @@ class Registry:
                 problems.append(f"files: {fname} is missing from {d}")
         if any(p.startswith("files: ") and "missing" in p for p in problems):
             raise ValidationFailed(problems, field="files")
-        return self._register(identity, name, (d / CONFIG_FILE).read_bytes(),
-                              (d / WEIGHTS_FILE).read_bytes(), base, lineage, problems)
+        try:
+            config_bytes = (d / CONFIG_FILE).read_bytes()
+            weights_bytes = (d / WEIGHTS_FILE).read_bytes()
+        except OSError as e:
+            raise faults.os_error(e, "reading adapter files in", d) from e
+        return self._register(identity, name, config_bytes, weights_bytes, base, lineage,
+                              problems)
 
+    @faults.writes
     def push_bytes(self, identity: Identity, name: str, config_json: bytes,
                    safetensors: bytes, *, base: BaseArg = None,
                    lineage: dict[str, Any] | None = None) -> AdapterVersion:
@@ -234,6 +272,7 @@ class Registry:
             created_by=identity.who, config_blob=config_blob, weights_blob=weights_blob)
 
     # ---------------------------------------------------------------- reading
+    @faults.reads
     def resolve(self, identity: Identity, ref: str | AdapterRef) -> AdapterVersion:
         """The version a ref names right now (aliases and `latest` are followed)."""
         r = parse_ref(ref)
@@ -270,6 +309,7 @@ class Registry:
             raise NotFound(f"adapter {digest} not found", field="ref")
         return self._to_version(conn, row)
 
+    @faults.reads
     def list_adapters(self, identity: Identity, *, tenant: str | None = None,
                       page_size: int = 100, page_token: str | None = None
                       ) -> tuple[list[AdapterVersion], str | None]:
@@ -299,6 +339,7 @@ class Registry:
         token = _encode_page_token(out[-1].key) if len(rows) > page_size else None
         return out, token
 
+    @faults.reads
     def list_versions(self, identity: Identity, key: str) -> list[AdapterVersion]:
         """Every live version of `tenant/name`, oldest first."""
         tenant, name = parse_key(key, field="ref")
@@ -310,6 +351,7 @@ class Registry:
                 raise _not_found(tenant, name)
             return [self._to_version(conn, r) for r in rows]
 
+    @faults.reads
     def aliases(self, identity: Identity, key: str) -> dict[str, int]:
         """alias -> version number for `tenant/name` (`latest` is implicit, not listed)."""
         tenant, name = parse_key(key, field="ref")
@@ -321,6 +363,7 @@ class Registry:
         return {a: v for a, v in rows}
 
     # ---------------------------------------------------------------- aliases
+    @faults.writes
     def set_alias(self, identity: Identity, ref: str | AdapterRef, alias: str, *,
                   expected: int | None = UNSET) -> AliasMove:
         """Point `alias` at the version `ref` names, compare-and-set: `expected` is the
@@ -371,6 +414,7 @@ class Registry:
                        target.digest, now)
             return move
 
+    @faults.reads
     def alias_history(self, identity: Identity, key: str,
                       alias: str | None = None) -> list[AliasMove]:
         """The audit log of `tenant/name`'s aliases (one alias, or all), oldest first."""
@@ -385,6 +429,7 @@ class Registry:
                 for r in rows]
 
     # ---------------------------------------------------------------- retiring
+    @faults.writes
     def delete_version(self, identity: Identity, ref: str | AdapterRef, *,
                        force: bool = False) -> AdapterVersion:
         """Remove a version (its blobs go at the next `gc`). Refused while an alias points
@@ -450,12 +495,16 @@ class Registry:
         config_bytes = self.blobs.get(v.config_blob)
         weights = self.blobs.get(v.weights_blob)
         out = Path(dest)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / CONFIG_FILE).write_bytes(config_bytes)
-        (out / WEIGHTS_FILE).write_bytes(weights)
-        (out / MANIFEST_FILE).write_text(json.dumps(v.manifest(), indent=2, sort_keys=True))
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / CONFIG_FILE).write_bytes(config_bytes)
+            (out / WEIGHTS_FILE).write_bytes(weights)
+            (out / MANIFEST_FILE).write_text(json.dumps(v.manifest(), indent=2, sort_keys=True))
+        except OSError as e:
+            raise faults.os_error(e, f"pulling {v.ref} into", out) from e
         return out
 
+    @faults.reads
     def verify(self) -> list[str]:
         """Re-hash every blob; report corrupt blobs and versions whose blobs are gone."""
         users = self._blob_users()
@@ -473,6 +522,7 @@ class Registry:
                 problems.append(f"blob {digest} is missing (used by {', '.join(sorted(refs))})")
         return problems
 
+    @faults.writes
     def gc(self, *, min_age_s: float | None = None) -> GcReport:
         """Delete blobs no version references (and stale temp files), sparing blobs
         younger than `min_age_s`: they may belong to a registration still committing."""
@@ -503,6 +553,7 @@ class Registry:
         return users
 
     # ---------------------------------------------------------------- tokens
+    @faults.writes
     def create_token(self, identity: Identity, tenant: str, *, admin: bool = False) -> str:
         """A new API token for `tenant`; only its sha256 is stored, so show it once."""
         check_name(tenant, "tenant", field="tenant")
@@ -519,6 +570,7 @@ class Registry:
                 created_by=identity.who))
         return token
 
+    @faults.reads
     def authenticate(self, token: str) -> Identity:
         """The identity a token stands for; `Unauthenticated` for anything unknown.
         Tokens carry 256 random bits, so a plain sha256 is a safe, fast lookup key."""
@@ -533,6 +585,7 @@ class Registry:
                         subject=f"{row.role}:{row.tenant}/token:{h[:12]}")
 
     # ---------------------------------------------------------------- watchers
+    @faults.reads
     def changes(self, after: int = 0, *, limit: int = 1000) -> list[Change]:
         """Events with id > `after`, oldest first (ids are visible in commit order)."""
         with db.read_tx(self.engine) as conn:
@@ -606,10 +659,16 @@ def _same_base(existing: AdapterVersion, fp: BaseFingerprint) -> AdapterVersion:
 
 
 def _sqlite_blob_dir(url: str) -> Path | None:
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and len(url) > len(prefix) and ":memory:" not in url:
-        return Path(url[len(prefix):]).parent / "blobs"
-    return None
+    path = db.sqlite_file(url)
+    return None if path is None else path.parent / "blobs"
+
+
+def _where(engine: Engine) -> str:
+    """The database as shown in error messages: a SQLite file's path, or the URL without
+    its password."""
+    if engine.dialect.name == "sqlite":
+        return (engine.url.database or ":memory:").removeprefix("file:")
+    return engine.url.render_as_string(hide_password=True)
 
 
 def _token_hash(token: str) -> str:

@@ -35,20 +35,15 @@ def serve(
     config: Path = typer.Option(None, help="YAML or TOML file of server settings."),
 ) -> None:
     """Serve inference, registry and admin over gRPC, and /metrics over HTTP."""
-    from loraplex.errors import LoraplexError
     from loraplex.runtime.server import serve as run_server
     from loraplex.runtime.settings import load_settings
 
     flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
                  metrics_port=metrics_port, no_auth=no_auth, quantization=quantization,
                  device=device, grace_s=grace_s)
-    try:
-        settings = load_settings(flags, config)
-        if settings.base is None:
-            raise typer.BadParameter("--base DIR is required (or LORAPLEX_BASE)")
-    except LoraplexError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    settings = load_settings(flags, config)  # a typed error: one line (loraplex/cli_errors.py)
+    if settings.base is None:
+        raise typer.BadParameter("--base DIR is required (or LORAPLEX_BASE)")
     raise typer.Exit(run_server(settings))
 
 
@@ -68,26 +63,20 @@ def generate(
 ) -> None:
     """Generate text with an adapter on a running server."""
     from loraplex.client import Client
-    from loraplex.errors import LoraplexError
 
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
               stop=stop, timeout=timeout)
-    try:
-        with Client(target, token=token or os.environ.get("LORAPLEX_TOKEN")) as client:
-            if stream:
-                final = None
-                for chunk in client.stream(adapter or None, prompt, **kw):
-                    sys.stdout.write(chunk.text)
-                    sys.stdout.flush()
-                    final = chunk.final or final
-                sys.stdout.write("\n")
-            else:
-                final = client.generate(adapter or None, prompt, **kw)
-                typer.echo(final.text)
-    except LoraplexError as e:
-        field = f" (field {e.field})" if e.field else ""
-        typer.echo(f"error: {e.code}: {e}{field}", err=True)
-        raise typer.Exit(1) from None
+    with Client(target, token=token or os.environ.get("LORAPLEX_TOKEN")) as client:
+        if stream:
+            final = None
+            for chunk in client.stream(adapter or None, prompt, **kw):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                final = chunk.final or final
+            sys.stdout.write("\n")
+        else:
+            final = client.generate(adapter or None, prompt, **kw)
+            typer.echo(final.text)
     if final is not None:
         typer.echo(f"[{final.adapter_ref or 'base'} · {final.finish_reason} · "
                    f"{final.completion_tokens} tokens · ttft {final.timings['first_token_s']:.3f}s"

@@ -18,7 +18,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from loraplex.errors import LoraplexError, Overloaded, Unavailable
+from loraplex.errors import LoraplexError, Overloaded
 
 log = logging.getLogger("loraplex.runtime.grpc")
 DOMAIN = "loraplex.dev"
@@ -59,7 +59,7 @@ def rich_status(mapped: MappedError, request_id: str = "") -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=mapped.field,
                                                         description=mapped.message)])))
-    if mapped.reason in {Overloaded.__name__, Unavailable.__name__}:
+    if mapped.reason == Overloaded.__name__ or mapped.code == grpc.StatusCode.UNAVAILABLE:
         details.append(_pack(error_details_pb2.RetryInfo(
             retry_delay={"seconds": int(RETRY_AFTER_S),
                          "nanos": int((RETRY_AFTER_S % 1) * 1e9)})))

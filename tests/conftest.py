@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,150 @@ def pg_url() -> str:
     if why:
         pytest.skip(why)
     return PG_URL
+
+
+class Mounts:
+    """Real filesystem faults for tests (we run as root, and root ignores mode bits):
+    `tmpfs(path, kib)` a size-limited tmpfs (a real ENOSPC), `read_only(src, dst)` a
+    read-only bind mount of `src` (a real EROFS, even for root). Unmounted at teardown.
+    Where `mount` is refused (no CAP_SYS_ADMIN) the test is skipped with that reason."""
+
+    def __init__(self) -> None:
+        self.mounted: list[Path] = []
+
+    def _mount(self, *args: str) -> None:
+        import subprocess
+
+        done = subprocess.run(["mount", *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"mount {' '.join(args)} refused here: {done.stderr.strip()}")
+
+    def tmpfs(self, path: Path, kib: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        self._mount("-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path))
+        self.mounted.append(path)
+        return path
+
+    def read_only(self, src: Path, dst: Path) -> Path:
+        dst.mkdir(parents=True, exist_ok=True)
+        self._mount("--bind", str(src), str(dst))
+        self.mounted.append(dst)
+        self._mount("-o", "remount,bind,ro", str(dst))
+        return dst
+
+    def unmount_all(self) -> None:
+        import subprocess
+
+        for path in reversed(self.mounted):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+        self.mounted.clear()
+
+
+@pytest.fixture
+def mounts():
+    m = Mounts()
+    yield m
+    m.unmount_all()
+
+
+def fill_disk(directory: Path) -> Path:
+    """Write zeros into `directory/filler` until the filesystem is full (ENOSPC)."""
+    import errno
+
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.fixture
+def fill():
+    """fill(dir) -> the filler file that made `dir`'s filesystem full."""
+    return fill_disk
+
+
+# ---- PostgreSQL connections terminated under a registry (pg_terminate_backend)
+
+
+class BackendKiller:
+    """Terminates the backend of the next `n` transactions `registry` begins (only write
+    transactions with `writes_only`). `killed` lists the terminated backend pids."""
+
+    def __init__(self, registry, admin_url: str) -> None:
+        import sqlalchemy as sa
+        from sqlalchemy.pool import NullPool
+
+        self.admin = sa.create_engine(admin_url, poolclass=NullPool,
+                                      isolation_level="AUTOCOMMIT")  # fresh stats each poll
+        self.left, self.writes_only, self.killed = 0, False, []
+        sa.event.listen(registry.engine, "begin", self._on_begin)
+
+    def arm(self, n: int, *, writes_only: bool = False) -> BackendKiller:
+        self.left, self.writes_only = n, writes_only
+        return self
+
+    def _on_begin(self, conn) -> None:
+        from loraplex.registry.db import _WRITE
+
+        if self.left <= 0 or (self.writes_only and not conn.get_execution_options().get(_WRITE)):
+            return
+        self.left -= 1
+        pid = conn.connection.dbapi_connection.info.backend_pid
+        self.terminate([pid])
+
+    def terminate(self, pids: list[int]) -> None:
+        import sqlalchemy as sa
+
+        with self.admin.connect() as a:
+            for pid in pids:
+                a.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            end = time.monotonic() + 5
+            while a.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(:p)"),
+                            {"p": pids}).scalar():
+                if time.monotonic() > end:
+                    raise AssertionError(f"backends {pids} outlived pg_terminate_backend")
+                time.sleep(0.01)
+        self.killed += pids
+
+    def idle_pids(self, app_name: str) -> list[int]:
+        import sqlalchemy as sa
+
+        with self.admin.connect() as a:
+            return list(a.execute(sa.text(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = :n"),
+                {"n": app_name}).scalars())
+
+
+def _tagged_url(pg_url: str) -> tuple[str, str]:
+    """The test database URL with a unique application_name, so a test can find (and
+    terminate) its own connections and never another test's."""
+    name = f"lpx_fault_{uuid.uuid4().hex[:10]}"
+    sep = "&" if "?" in pg_url else "?"
+    return f"{pg_url}{sep}application_name={name}", name
+
+
+@pytest.fixture
+def tagged_pg_url(pg_url):
+    """tagged_pg_url(url) -> (url with a unique application_name, that name)."""
+    return _tagged_url
+
+
+@pytest.fixture
+def backend_killer(pg_url):
+    """backend_killer(registry) -> a BackendKiller on that registry's engine."""
+    killers: list[BackendKiller] = []
+
+    def make(registry) -> BackendKiller:
+        killers.append(BackendKiller(registry, pg_url))
+        return killers[-1]
+
+    yield make
+    for k in killers:
+        k.admin.dispose()

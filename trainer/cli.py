@@ -20,16 +20,8 @@ from typing import Any
 
 import typer
 
-from loraplex.errors import LoraplexError
-
 _HELP_TRAIN = "Train a LoRA adapter on a tenant's JSONL data and publish it as a new version."
 _HELP_EVAL = "Loss and exact-match of greedy completions: base alone vs base + adapter."
-
-
-def _fail(e: LoraplexError) -> typer.Exit:
-    where = f" [{e.field}]" if e.field else ""
-    typer.echo(f"error ({e.code}){where}: {e.message}", err=True)
-    return typer.Exit(2)
 
 
 def train_command(
@@ -78,10 +70,7 @@ def train_command(
 ) -> None:
     """Train, evaluate, publish; prints the new ref and digest."""
     flags = {k: v for k, v in locals().items() if k not in ("config", "as_json", "quiet")}
-    try:
-        result = run_train(flags, config, progress=not quiet)
-    except LoraplexError as e:
-        raise _fail(e) from None
+    result = run_train(flags, config, progress=not quiet)
     if result is None:  # a non-zero rank under torchrun: rank 0 reports
         return
     _report_train(result, as_json)
@@ -142,12 +131,9 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
 ) -> None:
     """Score the base alone and with the adapter on the same data."""
-    try:
-        report = run_eval(base, adapter, data, registry=registry, quantization=quantization,
-                          max_examples=max_examples, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size)
-    except LoraplexError as e:
-        raise _fail(e) from None
+    report = run_eval(base, adapter, data, registry=registry, quantization=quantization,
+                      max_examples=max_examples, max_new_tokens=max_new_tokens,
+                      batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps(report, sort_keys=True))
         return

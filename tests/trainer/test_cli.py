@@ -50,7 +50,7 @@ def test_train_then_eval_from_the_command_line(micro_base, acme_data, tmp_path, 
     build_base(other, size="micro", seed=5)
     res = runner.invoke(app, ["eval", "--base", str(other), "--adapter", "acme/upper",
                               "--data", str(acme_data), "--registry", str(tmp_path / "registry")])
-    assert res.exit_code == 2 and "FAILED_PRECONDITION" in res.output
+    assert res.exit_code == 1 and "FAILED_PRECONDITION" in res.output
     assert "was trained on base" in res.output
 
 
@@ -59,7 +59,7 @@ def test_bad_line_is_a_clear_cli_error(micro_base, tmp_path, quick_flags):
     bad.write_text('{"prompt": "a", "completion": "A"}\nnot json\n')
     res = CliRunner().invoke(app, ["train", "--quiet",
                                    *_cli_args(quick_flags(micro_base, bad, tmp_path))])
-    assert res.exit_code == 2
+    assert res.exit_code == 1
     assert "INVALID_ARGUMENT" in res.output and "bad.jsonl:2: not valid JSON" in res.output
 
 
