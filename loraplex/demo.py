@@ -32,6 +32,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from loraplex.peft_format import QUANTIZATIONS
+
 console = Console(highlight=False, width=110)
 TENANTS = {"acme": "acme/router", "globex": "globex/sentiment", "initech": "initech/numwords"}
 
@@ -323,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
     ap.add_argument("--quantization", default=os.environ.get("LORAPLEX_DEMO_QUANT", "nf4"),
-                    choices=["nf4", "int8", "none"], help="the served base (default nf4)")
-    ap.add_argument("--train-quantization", default=None, choices=["nf4", "int8", "none"],
+                    choices=QUANTIZATIONS, help="the served base (default nf4)")
+    ap.add_argument("--train-quantization", default=None, choices=QUANTIZATIONS,
                     help="training base (default: the trainer's demo recipe)")
     ap.add_argument("--size", default="tiny", choices=["micro", "tiny"],
                     help="base size; micro is a fast smoke run (accuracy meaningless)")

@@ -88,22 +88,18 @@ def base_digest(base_dir: Path, config: dict[str, Any]) -> str:
 
 
 def linear_shapes_from_config(config_dir: Path) -> dict[str, tuple[int, int]]:
-    """Instantiate the architecture on the meta device and list its projection shapes."""
+    """Instantiate the architecture on the meta device and list the (in, out) of every
+    layer an adapter may target: `peft_format.linear_modules`, i.e. peft's `all-linear`
+    (the output layer is left out, as the runtime never wraps it)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
+
+    from loraplex.peft_format import linear_modules
 
     cfg = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    shapes: dict[str, tuple[int, int]] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            shapes[name] = (mod.in_features, mod.out_features)
-        elif isinstance(mod, Conv1D):  # GPT-2 style: weight is [in, out]
-            w = mod.weight
-            shapes[name] = (int(w.shape[0]), int(w.shape[1]))
-    return shapes
+    return linear_modules(model)
 
 
 def _cfg_int(config: dict[str, Any], *keys: str, default: int = 0) -> int:

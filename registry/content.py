@@ -25,11 +25,11 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from loraplex.peft_format import PEFT_PREFIX  # noqa: F401 - re-exported for old imports
 from loraplex.registry.tensorfile import TensorFile
 
 VOLATILE_CONFIG_KEYS = frozenset(
     {"base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping"})
-PEFT_PREFIX = "base_model.model."
 _DOMAIN = b"loraplex-adapter-v1\0"
 
 

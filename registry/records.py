@@ -6,12 +6,12 @@ them to wire types happens only at the servicer boundary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraplex.fingerprint import BaseFingerprint
+from loraplex.peft_format import lora_scale, pair_tensors
 from loraplex.registry.refs import check_name
 
 if TYPE_CHECKING:
@@ -110,7 +110,7 @@ class AdapterVersion:
     def scale(self) -> float:
         """The factor peft multiplies B·A·x by: alpha/r, or alpha/sqrt(r) with rsLoRA.
         Modules matched by the config's `rank_pattern`/`alpha_pattern` use their own."""
-        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+        return lora_scale(self.rank, self.alpha, self.use_rslora)
 
     def manifest(self) -> dict[str, Any]:
         """The JSON manifest written beside the peft files on `pull`."""
@@ -177,9 +177,4 @@ class LoadedAdapter:
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """module path -> (A # [r, in], B # [out, r])."""
-        out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for key, t in self.tensors.items():
-            if key.endswith(".lora_A.weight"):
-                module = key[: -len(".lora_A.weight")]
-                out[module] = (t, self.tensors[module + ".lora_B.weight"])
-        return out
+        return pair_tensors(self.tensors).pairs

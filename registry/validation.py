@@ -4,10 +4,11 @@ A rejected adapter raises `ValidationFailed` whose `violations` are lines of the
 `<field>: <problem>` (field = the config key, `adapter_model.safetensors`, a tensor name,
 `base` or `size_bytes`), so a user fixes everything in one round trip.
 
-What the runtime can serve decides what is accepted: plain LoRA (A/B pairs on linear
-projections of the base), with peft's per-module `rank_pattern` / `alpha_pattern`
-(matched as peft matches them). DoRA, extra trainable modules and bias terms are refused
-here rather than silently served wrong.
+What the runtime can serve decides what is accepted: plain LoRA (A/B pairs on the linear
+layers of the base other than its output layer), with peft's per-module `rank_pattern` /
+`alpha_pattern`. DoRA, extra trainable modules and bias terms are refused here rather than
+silently served wrong. How tensor names, `target_modules` (incl. `all-linear`) and the
+patterns are read is `loraplex.peft_format`, shared with the runtime and the trainer.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.errors import ValidationFailed
+from loraplex import peft_format
+from loraplex.errors import InvalidArgument, ValidationFailed
 from loraplex.fingerprint import BaseFingerprint
+from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import tensorfile
-from loraplex.registry.content import PEFT_PREFIX, adapter_digest
+from loraplex.registry.content import adapter_digest
 from loraplex.registry.settings import RegistrySettings
 from loraplex.registry.tensorfile import FLOAT_CODES, TensorFile, TensorFileError
 
-_KEY_RE = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 # config key -> why a non-empty value is refused
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters are not supported by the runtime",
@@ -94,7 +96,7 @@ def validate(config_bytes: bytes, weights_bytes: bytes, base: BaseFingerprint | 
         config=config, config_bytes=config_bytes, weights_bytes=stored,
         digest=adapter_digest(config, tf, names), rank=int(config["r"]),
         alpha=float(config.get("lora_alpha", 8)), use_rslora=bool(config.get("use_rslora")),
-        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})), dtype=dtype)
+        target_modules=tuple(peft_format.leaf_names(modules)), dtype=dtype)
 
 
 def _check_config(raw: bytes, settings: RegistrySettings,
@@ -121,7 +123,10 @@ def _check_config(raw: bytes, settings: RegistrySettings,
     _check_pattern(config, "alpha_pattern", None, report)
     if not isinstance(config.get("use_rslora", False), bool):
         report.add("use_rslora", "`use_rslora` must be true or false")
-    _check_targets(config.get("target_modules"), report)
+    try:
+        peft_format.targets_of(config)
+    except InvalidArgument as e:
+        report.add(e.field or "target_modules", e.message)
     if config.get("bias", "none") != "none":
         report.add("bias", f"bias training is not supported, got {config.get('bias')!r}")
     for key, why in _UNSUPPORTED.items():
@@ -151,29 +156,6 @@ def _check_pattern(config: dict[str, Any], key: str, max_rank: int | None,
             report.add(key, f"{k!r}: not a valid regular expression: {e}")
 
 
-def pattern_value(pattern: Any, module: str, default: Any) -> Any:
-    """peft's `get_pattern_key`: the first key matching the end of the module path."""
-    for key, value in (pattern or {}).items() if isinstance(pattern, dict) else ():
-        try:
-            if re.match(rf"(.*\.)?({key})$", module):
-                return value
-        except re.error:
-            continue
-    return default
-
-
-def _check_targets(targets: Any, report: _Report) -> None:
-    if isinstance(targets, str):
-        try:
-            re.compile(targets)
-        except re.error as e:
-            report.add("target_modules", f"not a valid regular expression: {e}")
-        return
-    if (not isinstance(targets, list) or not targets
-            or not all(isinstance(t, str) and t for t in targets)):
-        report.add("target_modules", "must be a non-empty list of module names or a regex")
-
-
 def _parse_weights(raw: bytes, report: _Report) -> TensorFile | None:
     try:
         tf = tensorfile.parse(raw)
@@ -185,45 +167,50 @@ def _parse_weights(raw: bytes, report: _Report) -> TensorFile | None:
     return tf
 
 
-def targets_module(targets: Any, module: str) -> bool:
-    """peft's rule: a regex string must match the whole module path; a list entry must
-    equal the path or be its dotted suffix."""
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return not module.endswith("lm_head")
-        try:
-            return re.fullmatch(targets, module) is not None
-        except re.error:
-            return False
-    if isinstance(targets, list):
-        return any(isinstance(t, str) and (module == t or module.endswith("." + t))
-                   for t in targets)
-    return False
+def _targets(config: dict[str, Any] | None) -> peft_format.TargetModules | None:
+    """The config's targets, or None when the config is unreadable (already reported)."""
+    try:
+        return peft_format.targets_of(config) if config is not None else None
+    except InvalidArgument:
+        return None
+
+
+def _rank_of(config: dict[str, Any] | None, module: str) -> Any:
+    """`r` for `module` (its `rank_pattern` entry, else the config's); None if unknown."""
+    r = config.get("r") if config else None
+    pattern = config.get("rank_pattern") if config else None
+    if not isinstance(pattern, dict):
+        return r
+    try:
+        key = peft_format.pattern_key(pattern, module)
+    except re.error:  # reported by _check_pattern
+        return None
+    return r if key is None else pattern[key]
 
 
 def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFingerprint | None,
                    report: _Report) -> tuple[dict[str, str], set[str], str]:
     names: dict[str, str] = {}
-    halves: dict[str, set[str]] = {}
     codes: set[str] = set()
-    r = config.get("r") if config else None
-    targets = config.get("target_modules") if config else None
+    targets = _targets(config)
     shapes = base.linear_shapes if base is not None else None
     for stored, info in tf.tensors.items():
-        norm = stored[len(PEFT_PREFIX):] if stored.startswith(PEFT_PREFIX) else stored
-        m = _KEY_RE.fullmatch(norm)
-        if m is None:
+        key = peft_format.parse_key(stored)
+        if key is None:
             report.add(stored, "not a LoRA weight (expected '<module>.lora_A.weight' or "
                        "'<module>.lora_B.weight')")
             continue
-        if norm in names.values():
+        if key.adapter_name:
+            report.add(stored, f"names the adapter {key.adapter_name!r} (a live model's "
+                       "state_dict, not a saved adapter: save it with save_pretrained)")
+            continue
+        if key.normalized in names.values():
             report.add(stored, "appears twice (with and without peft's prefix)")
             continue
-        names[stored] = norm
-        module, ab = m.group("module"), m.group("ab")
-        halves.setdefault(module, set()).add(ab)
-        if config is not None and not targets_module(targets, module):
-            report.add(stored, f"module {module!r} is not among target_modules {targets!r}")
+        names[stored] = key.normalized
+        if targets is not None and not targets.matches(key.module, shapes):
+            report.add(stored, f"module {key.module!r} is not among target_modules "
+                       f"{config.get('target_modules')!r}")
         if info.code not in FLOAT_CODES:
             report.add(stored, f"dtype {info.dtype} is not a float type")
             continue
@@ -231,23 +218,24 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
         if bad := tensorfile.count_nonfinite(tf.data(info), info.code):
             report.add(stored, f"holds {bad} NaN/Inf values")
         if shapes is not None:
-            rank = pattern_value(config.get("rank_pattern") if config else None, module, r)
-            _check_shape(stored, module, ab, info.shape, rank, shapes, report)
-    for module, got in sorted(halves.items()):
-        if got != {"A", "B"}:
-            missing = "lora_B" if "A" in got else "lora_A"
-            report.add(module, f"has no {missing} weight")
+            _check_shape(stored, key.module, key.half, info.shape,
+                         _rank_of(config, key.module), shapes, report)
+    grouped = peft_format.pair_tensors({k: None for k in names.values()})
+    for module, missing in grouped.incomplete:
+        report.add(module, f"has no lora_{missing} weight")
     if len(codes) > 1:
         report.add("adapter_model.safetensors",
                    f"mixes dtypes {sorted(tensorfile.DTYPES[c][0] for c in codes)}")
     dtype = tensorfile.DTYPES[min(codes)][0] if codes else ""
-    return names, set(halves), dtype
+    modules = set(grouped.pairs) | {m for m, _ in grouped.incomplete}
+    return names, modules, dtype
 
 
 def _check_shape(stored: str, module: str, ab: str, shape: tuple[int, ...], r: Any,
                  shapes: dict[str, tuple[int, int]], report: _Report) -> None:
     if module not in shapes:
-        report.add(stored, f"module {module!r} is not a linear layer of the base model")
+        report.add(stored, f"module {module!r} is not a linear layer of the base model that "
+                   "the runtime serves LoRA on (every one but the output layer)")
         return
     fan_in, fan_out = shapes[module]
     rank = r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else None

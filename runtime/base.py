@@ -3,9 +3,9 @@
     base = load_base("./base", quantization="nf4", compute_dtype="float32", device="cpu")
     base.model, base.tokenizer, base.fingerprint   # fingerprint: which adapters may serve on it
 
-Quantization goes through transformers' `BitsAndBytesConfig`: "nf4" (4-bit NormalFloat with
-double quantization, matmuls in `compute_dtype`) or "int8" (LLM.int8()); "none" keeps the
-checkpoint's weights in `compute_dtype`. bitsandbytes >= 0.45 runs both on CPU (slowly), so
+Quantization goes through `peft_format.bnb_config` (the trainer's loader uses the same):
+"nf4" (4-bit NormalFloat with double quantization, matmuls in `compute_dtype`) or "int8"
+(LLM.int8()); "none" keeps the checkpoint's weights in `compute_dtype`. bitsandbytes >= 0.45 runs both on CPU (slowly), so
 the same code path serves tests here and GPUs in production.
 """
 
@@ -17,14 +17,10 @@ from typing import Any
 
 import torch
 
+from loraplex import peft_format
 from loraplex.errors import FailedPrecondition, InvalidArgument
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
 from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
-
-QUANTIZATIONS = ("nf4", "int8", "none")
-COMPUTE_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-}
 
 
 @dataclass(frozen=True)
@@ -47,15 +43,6 @@ class LoadedBase:
                 f"{self.fingerprint.summary()}", field="adapter")
 
 
-def _dtype(compute_dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(compute_dtype, torch.dtype) and compute_dtype in COMPUTE_DTYPES.values():
-        return compute_dtype
-    if isinstance(compute_dtype, str) and compute_dtype in COMPUTE_DTYPES:
-        return COMPUTE_DTYPES[compute_dtype]
-    raise InvalidArgument(f"unknown compute_dtype {compute_dtype!r}; choose one of "
-                          f"{sorted(COMPUTE_DTYPES)}", field="compute_dtype")
-
-
 def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
@@ -69,30 +56,14 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def quantization_config(quantization: str, compute_dtype: torch.dtype):
-    """The transformers BitsAndBytesConfig for `quantization`, or None for "none"."""
-    if quantization not in QUANTIZATIONS:
-        raise InvalidArgument(f"unknown quantization {quantization!r}; choose one of "
-                              f"{QUANTIZATIONS}", field="quantization")
-    if quantization == "none":
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype)
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 def load_base(base_dir: str | Path, *, quantization: str = "nf4",
               compute_dtype: str | torch.dtype = "float32",
               device: str | torch.device = "cpu") -> LoadedBase:
     """Load model + tokenizer from `base_dir` and fingerprint it. Typed errors for a bad
     directory, an unknown quantization/dtype/device."""
-    dtype = _dtype(compute_dtype)
     dev = _device(device)
-    qcfg = quantization_config(quantization, dtype)
+    dtype = peft_format.compute_dtype(compute_dtype, dev)
+    qcfg = peft_format.bnb_config(quantization, dtype)
     base_dir = Path(base_dir)
     fingerprint = fingerprint_base(base_dir)  # InvalidArgument for a non-model directory
 

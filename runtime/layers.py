@@ -33,15 +33,14 @@ something already imported it (a quantized model always has).
 
 from __future__ import annotations
 
-import math
-import re
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from loraplex import peft_format
 from loraplex.errors import FailedPrecondition, InvalidArgument
 from loraplex.runtime.lora_ops import LoraBatchPlan, add_lora, make_plan
 
@@ -304,61 +303,24 @@ class IncompatibleShapes(FailedPrecondition):
 # --------------------------------------------------------------------------- targets
 
 
-def _decoder_block_linears(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
-    """Wrappable modules inside the decoder blocks (a numbered ModuleList entry)."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    wrapped = [n + "." for n, m in model.named_modules() if isinstance(m, BatchedLoraLayer)]
-    for name, mod in model.named_modules():
-        if mod is out_emb or isinstance(mod, BatchedLoraLayer):
-            continue
-        if any(name.startswith(w) for w in wrapped):  # the base layer inside a wrapper
-            continue
-        if not any(part.isdigit() for part in name.split(".")):
-            continue
-        if dispatch(mod) is not None:
-            yield name, mod
+def _wrappable(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> module for every layer `all-linear` means (peft_format.linear_modules:
+    linear layers but the output head; a BatchedLoraLayer counts as the layer it wraps)."""
+    return {n: model.get_submodule(n)
+            for n in peft_format.linear_modules(model, wrappers=(BatchedLoraLayer,))}
 
 
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Leaf names of every linear projection in the decoder blocks (not lm_head/embeddings),
-    e.g. ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]."""
-    names = [n for n, _ in _decoder_block_linears(model)]
-    names += [n for n, m in model.named_modules() if isinstance(m, BatchedLoraLayer)]
-    return sorted({n.rsplit(".", 1)[-1] for n in names})
-
-
-def _matches(name: str, targets: str | Sequence[str]) -> bool:
-    """peft's rule: a str is a full regex over the module path; a list matches leaf suffixes."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-# --------------------------------------------------------------------------- injection
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+)\.(?P<ab>lora_[AB])(?:\.[^.]+)?\.weight$")
+    """Leaf names of every layer `all-linear` means (not lm_head/embeddings), e.g.
+    ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]."""
+    return peft_format.leaf_names(_wrappable(model))
 
 
 def parse_peft_key(key: str) -> tuple[str, str] | None:
-    """`base_model.model.model.layers.0.self_attn.q_proj.lora_A[.default].weight`
-    -> ("model.layers.0.self_attn.q_proj", "lora_A"); None for anything else."""
-    m = _KEY.match(key)
-    return (m["path"], m["ab"]) if m else None
-
-
-def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
-    """peft's scaling: alpha / r, or alpha / sqrt(r) with rank-stabilised LoRA."""
-    if r <= 0:
-        raise InvalidArgument("`r` must be > 0", field="r")
-    return float(alpha) / (math.sqrt(r) if use_rslora else r)
-
-
-def _pattern_value(pattern: Mapping[str, float] | None, module_path: str, default):
-    """peft's `get_pattern_key`: the first key matching the end of the module path wins."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
+    """Kept for runtime/engine.py until it calls `peft_format.parse_key` itself:
+    (module path, "lora_A" | "lora_B") or None."""
+    k = peft_format.parse_key(key)
+    return (k.module, f"lora_{k.half}") if k else None
 
 
 class LoraInjection:
@@ -407,35 +369,26 @@ class LoraInjection:
         if not 1 <= slot <= self.max_slots:
             raise InvalidArgument(f"slot must be in 1..{self.max_slots}, got {slot}",
                                   field="slot")
-        lora_scale(r, alpha, use_rslora)  # validates r
-        pairs: dict[str, dict[str, Tensor]] = {}
-        problems: list[str] = []
-        for key, t in tensors.items():
-            parsed = parse_peft_key(key)
-            if parsed is None:
-                problems.append(f"unsupported tensor {key!r} (only lora_A/lora_B weights)")
-                continue
-            path, ab = parsed
-            if path not in self.layers:
-                problems.append(f"{key!r} targets {path!r}, which is not an injected layer")
-                continue
-            pairs.setdefault(path, {})[ab] = t
-        for path, ab in pairs.items():
-            if set(ab) != {"lora_A", "lora_B"}:
-                problems.append(f"{path}: lora_A and lora_B must both be present")
-        if not pairs and not problems:
+        scaling = peft_format.LoraScaling(r, alpha, use_rslora, rank_pattern or (),
+                                          alpha_pattern or ())  # refuses a bad r
+        grouped = peft_format.pair_tensors(tensors)
+        problems = [f"unsupported tensor {k!r} (only lora_A/lora_B weights)"
+                    for k in grouped.unparsed]
+        problems += [f"{m}: lora_A and lora_B must both be present"
+                     for m, _ in grouped.incomplete]
+        problems += [f"{m!r} is not an injected layer"
+                     for m in grouped.pairs if m not in self.layers]
+        pairs = {m: ab for m, ab in grouped.pairs.items() if m in self.layers}
+        if not grouped.pairs and not problems:
             problems.append("no lora_A/lora_B tensors")
         if problems:
             raise IncompatibleShapes("adapter does not fit this base: " + "; ".join(problems),
                                      field="tensors")
-        ranks = {p: self.layers[p].check_shapes(ab["lora_A"], ab["lora_B"])
-                 for p, ab in pairs.items()}  # raises RankTooLarge / IncompatibleShapes
-        scales = {p: lora_scale(_pattern_value(rank_pattern, p, r),
-                                _pattern_value(alpha_pattern, p, alpha), use_rslora)
-                  for p in pairs}
+        ranks = {p: self.layers[p].check_shapes(a, b)
+                 for p, (a, b) in pairs.items()}  # raises RankTooLarge / IncompatibleShapes
         for path, layer in self.layers.items():
             if path in pairs:
-                layer.set_slot(slot, pairs[path]["lora_A"], pairs[path]["lora_B"], scales[path])
+                layer.set_slot(slot, *pairs[path], scaling.scale(path))
             elif layer.ranks[slot]:
                 layer.clear_slot(slot)
         self.slot_ranks[slot] = max(ranks.values())  # exact now: every layer was written
@@ -460,19 +413,22 @@ class LoraInjection:
 
 def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, max_slots: int,
                 max_rank: int, dtype: torch.dtype | None = None) -> LoraInjection:
-    """Replace every module matching `target_modules` (peft rules; None = the defaults of
-    `default_target_modules`) inside the decoder blocks with a BatchedLoraLayer holding
-    `max_slots` adapter slots (plus slot 0) of rank up to `max_rank`. `dtype`: of the LoRA
-    stacks (default: the base layer's compute dtype)."""
+    """Replace every module matching `target_modules` (peft's rules, `peft_format`: a list of
+    names, a full-match regex, or "all-linear"; None = "all-linear") with a BatchedLoraLayer
+    holding `max_slots` adapter slots (plus slot 0) of rank up to `max_rank`. `dtype`: of the
+    LoRA stacks (default: the base layer's compute dtype)."""
     if max_slots < 1:
         raise InvalidArgument("`max_slots` must be >= 1", field="max_slots")
     if max_rank < 1:
         raise InvalidArgument("`max_rank` must be >= 1", field="max_rank")
-    targets = default_target_modules(model) if target_modules is None else target_modules
-    found = [(n, m) for n, m in _decoder_block_linears(model) if _matches(n, targets)]
+    targets = peft_format.parse_targets(peft_format.ALL_LINEAR if target_modules is None
+                                        else target_modules)
+    candidates = {n: m for n, m in _wrappable(model).items()
+                  if not isinstance(m, BatchedLoraLayer) and dispatch(m) is not None}
+    found = [(n, candidates[n]) for n in targets.select(candidates)]
     if not found:
-        raise InvalidArgument(f"no module of the model matches target_modules {targets!r}",
-                              field="target_modules")
+        raise InvalidArgument("no module of the model matches target_modules "
+                              f"{target_modules!r}", field="target_modules")
     slot_ranks = [0] * (max_slots + 1)
     batch = LoraBatch(slot_ranks, dispatch(found[0][1]).device)
     layers: dict[str, BatchedLoraLayer] = {}

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from loraplex.errors import InvalidArgument
+from loraplex.peft_format import QUANTIZATIONS
 from loraplex.registry.settings import DEFAULT_LOCATION
 
 
@@ -36,7 +37,7 @@ class ServerSettings(BaseSettings):
     metrics_port: int | None = Field(
         9090, ge=0, le=65535, description="/metrics port; 0 picks one, None disables.")
     no_auth: bool = Field(False, description="Treat every caller as an admin (local use only).")
-    quantization: Literal["nf4", "int8", "none"] = Field("nf4", description="Base weights.")
+    quantization: Literal[QUANTIZATIONS] = Field("nf4", description="Base weights.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_slots: int = Field(8, gt=0, description="Adapters resident on the device at once.")
     max_batch: int = Field(32, gt=0, description="Sequences in the running batch.")

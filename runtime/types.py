@@ -150,7 +150,7 @@ class EngineConfig:
     host_cache_bytes: int = 1 << 30
     loader_threads: int = 2
     loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)
-    target_modules: tuple[str, ...] | None = None
+    target_modules: str | tuple[str, ...] | None = None  # peft's forms, incl. "all-linear"
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
 
@@ -175,7 +175,7 @@ class EngineConfig:
             problems.append(("host_cache_bytes", "`host_cache_bytes` must be >= 0"))
         if not (self.aging_s > 0 and math.isfinite(self.aging_s)):
             problems.append(("aging_s", "`aging_s` must be a positive number"))
-        if self.target_modules is not None and not isinstance(self.target_modules, tuple):
+        if self.target_modules is not None and not isinstance(self.target_modules, str | tuple):
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if problems:
             raise InvalidArgument("; ".join(m for _, m in problems), field=problems[0][0])

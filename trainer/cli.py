@@ -37,7 +37,8 @@ def train_command(
     alpha: float = typer.Option(None, help="LoRA alpha [16]."),
     dropout: float = typer.Option(None, help="LoRA dropout [0.05]."),
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised scaling."),
-    target_modules: str = typer.Option(None, help="Comma list [every linear projection]."),
+    target_modules: str = typer.Option(
+        None, help="Comma list, or all-linear [every linear layer but the output head]."),
     epochs: float = typer.Option(None, help="Epochs [3]."),
     max_steps: int = typer.Option(None, help="Optimizer steps; > 0 overrides --epochs."),
     lr: float = typer.Option(None, help="Peak learning rate [2e-4]."),

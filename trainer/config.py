@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loraplex.errors import InvalidArgument
+from loraplex.peft_format import ALL_LINEAR, COMPUTE_DTYPES, QUANTIZATIONS
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}/[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -32,13 +33,15 @@ class TrainConfig(BaseModel):
     val_data: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     # model
-    quantization: Literal["nf4", "int8", "none"] = "nf4"
-    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal[QUANTIZATIONS] = "nf4"  # peft_format's table, shared with serving
+    compute_dtype: Literal[("auto", *COMPUTE_DTYPES)] = "auto"
     r: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     rslora: bool = False
-    target_modules: list[str] | None = None  # None: every linear projection of the blocks
+    # None: every linear layer but the output head, by leaf name; "all-linear": the same set,
+    # resolved by peft; else names matched as peft matches them (loraplex.peft_format)
+    target_modules: list[str] | str | None = None
     # optimisation
     epochs: float = Field(3.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
@@ -80,6 +83,8 @@ class TrainConfig(BaseModel):
             v = [m.strip() for m in v.split(",") if m.strip()]
         if v is not None and not v:
             raise ValueError("must name at least one module (or be left out for all)")
+        if isinstance(v, list) and [str(m).lower() for m in v] == [ALL_LINEAR]:
+            return ALL_LINEAR  # peft knows the shorthand only as the whole string
         return v
 
     @property

@@ -1,62 +1,31 @@
 """Load a base causal LM (optionally 4/8-bit) and wrap it with LoRA.
 
-Target modules default to every linear projection inside the decoder blocks, found by
-walking the model (nn.Linear, bitsandbytes' Linear4bit/Linear8bitLt which subclass it, and
-GPT-2's Conv1D), so any Hugging Face causal LM works without a per-model table. The output
-head (lm_head) and anything outside numbered blocks (embeddings' projections) are left out.
+Target modules default to the leaf names of every layer peft's `all-linear` means (nn.Linear,
+bitsandbytes' Linear4bit/Linear8bitLt which subclass it, and GPT-2's Conv1D; never the output
+head), found by walking the model (`loraplex.peft_format`), so any Hugging Face causal LM
+works without a per-model table. `--target-modules all-linear` is passed to peft as is.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+from loraplex import peft_format
 from loraplex.errors import InvalidArgument
 from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
 from loraplex.trainer.config import TrainConfig
 
-_IN_BLOCK = re.compile(r"\.\d+\.")  # "model.layers.3.self_attn.q_proj", "transformer.h.0.attn.c_attn"
-
-
-def resolve_dtype(name: str, *, cuda: bool):
-    """"auto": bfloat16 where the GPU supports it, else float32 (CPU half precision is slow)."""
-    import torch
-
-    if name == "auto":
-        if cuda and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
 
 def linear_target_modules(model: Any) -> list[str]:
-    """Leaf names of every linear projection inside the decoder blocks, sorted."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-
-    head = model.get_output_embeddings()
-    names: set[str] = set()
-    for full, mod in model.named_modules():
-        if mod is head or not _IN_BLOCK.search(full + "."):
-            continue
-        if isinstance(mod, torch.nn.Linear | Conv1D):
-            names.add(full.rsplit(".", 1)[-1])
+    """Leaf names of every layer peft's `all-linear` means (`peft_format.linear_modules`:
+    linear layers but the output head), sorted: the default `target_modules`, short enough
+    to read in adapter_config.json, and the same set the runtime wraps by default."""
+    names = peft_format.leaf_names(peft_format.linear_modules(model))
     if not names:
-        raise InvalidArgument("no linear projections found inside the model's blocks; "
+        raise InvalidArgument("the model has no linear layers to put LoRA on; "
                               "pass --target-modules", field="target_modules")
-    return sorted(names)
-
-
-def _quantization_config(cfg: TrainConfig, dtype: Any):
-    from transformers import BitsAndBytesConfig
-
-    if cfg.quantization == "nf4":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
-    if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
-    return None
+    return names
 
 
 def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None):
@@ -68,13 +37,14 @@ def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None):
     if not (base / "config.json").is_file():
         raise InvalidArgument(f"{base} is not a model directory (no config.json)", field="base")
     cuda = torch.cuda.is_available()
-    dtype = resolve_dtype(cfg.compute_dtype, cuda=cuda)
-    qconf = _quantization_config(cfg, dtype)
+    dev = device if device is not None else ("cuda" if cuda else "cpu")
+    dtype = peft_format.compute_dtype(cfg.compute_dtype, dev)
+    qconf = peft_format.bnb_config(cfg.quantization, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qconf is not None:
         kwargs["quantization_config"] = qconf
         # bitsandbytes quantizes on load: place the weights on this process's device now.
-        kwargs["device_map"] = {"": device if device is not None else ("cuda" if cuda else "cpu")}
+        kwargs["device_map"] = {"": dev}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if cfg.quantization == "nf4" and not cuda:
         keep_cpu_4bit_in_compute_dtype(model, dtype)

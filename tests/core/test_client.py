@@ -1,14 +1,18 @@
-"""loraplex.client: request building, error translation, and the asyncio client over a real
-channel (registry-only server, --no-auth, so no model is needed)."""
+"""loraplex.client: request building, error translation, and the same cases run against the
+sync and the asyncio client over a real channel (a real server, engine on the micro base)."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import json
 import logging
+import socket
 
 import grpc
 import pytest
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from safetensors.torch import save_file
 
 from loraplex import errors
 from loraplex.client import (
@@ -20,7 +24,7 @@ from loraplex.client import (
     set_alias_request,
     typed_error,
 )
-from loraplex.registry import Registry
+from loraplex.registry import Identity, Registry
 from loraplex.runtime.grpc_errors import map_error, rich_status
 from loraplex.runtime.server import BackgroundServer
 from loraplex.runtime.settings import load_settings
@@ -117,39 +121,187 @@ def test_non_domain_errors_are_internal_and_logged(caplog):
     assert isinstance(back, RpcError) and back.code == "INTERNAL"
 
 
+# -- both clients, one set of cases ------------------------------------------------------------
+
+class Awaited:
+    """The async client driven from plain test code: every awaitable is awaited and every
+    async iterator collected on the client's own loop, so each case below reads the same for
+    both clients."""
+
+    def __init__(self, client: AsyncClient, loop: asyncio.AbstractEventLoop) -> None:
+        self._client, self._loop = client, loop
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def run(*args, **kw):
+            out = attr(*args, **kw)
+            if inspect.isawaitable(out):
+                return self._loop.run_until_complete(out)
+            if hasattr(out, "__anext__"):
+                return self._loop.run_until_complete(_collect(out))
+            return out
+
+        return run
+
+
+async def _collect(stream):
+    return [x async for x in stream]
+
+
+def _open(kind: str, target: str, **kw):
+    """(client, close) for "sync" or "async"."""
+    if kind == "sync":
+        c = Client(target, **kw)
+        return c, c.close
+    loop = asyncio.new_event_loop()
+
+    async def make():
+        return AsyncClient(target, **kw)
+
+    c = loop.run_until_complete(make())
+
+    def close():
+        loop.run_until_complete(c.close())
+        loop.close()
+
+    return Awaited(c, loop), close
+
+
 @pytest.fixture(scope="module")
-def open_server(micro_base, tmp_path_factory):
+def served(micro_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("client")
+    reg = Registry.open(root / "reg")
+    system = Identity.system()
+    tokens = {"acme": reg.create_token(system, "acme"),
+              "admin": reg.create_token(system, "ops", admin=True)}
     settings = load_settings({"base": micro_base, "registry": str(root / "reg"), "port": 0,
                               "host": "127.0.0.1", "metrics_port": 0,
-                              "metrics_host": "127.0.0.1", "no_auth": True})
-    with BackgroundServer(settings, registry=Registry.open(root / "reg"),
-                          with_engine=False) as bg:
-        yield bg
+                              "metrics_host": "127.0.0.1", "quantization": "none",
+                              "device": "cpu", "max_batch": 4,
+                              "engine": {"compute_dtype": "float32"}})
+    with BackgroundServer(settings, registry=reg) as bg:
+        yield {"target": bg.target, "tokens": tokens, "root": root, "base": micro_base}
 
 
-def test_no_auth_makes_every_caller_an_admin(open_server, caplog):
-    with Client(open_server.target) as c:
-        assert c.list_adapters(tenant="anyone").adapters == []
-        with pytest.raises(errors.Unavailable):  # admin passes auth; no engine here
-            c.stats()
+@pytest.fixture(params=["sync", "async"])
+def client(request, served):
+    c, close = _open(request.param, served["target"], token=served["tokens"]["acme"],
+                     timeout=30)
+    yield c
+    close()
 
 
-def test_async_client_over_a_real_channel(open_server):
-    async def main():
-        async with AsyncClient(open_server.target, timeout=10) as c:
-            assert await c.health("loraplex.v1.RegistryService") == "SERVING"
-            with pytest.raises(errors.NotFound):
-                await c.get_adapter("acme/nothing")
-            with pytest.raises(errors.InvalidArgument) as e:
-                await c.get_adapter("")
-            assert e.value.field == "ref"
-            with pytest.raises(errors.Unavailable):
-                await c.generate(None, "hi")
-            assert (await c.list_adapters()).adapters == []
-            assert [ch async for ch in c.watch(timeout=0.3)] == []
+def _adapter_dir(base, out):
+    """A valid peft-layout adapter for q/v of the micro base (written directly)."""
+    import torch
 
-    asyncio.run(main())
+    from loraplex.fingerprint import fingerprint_base
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (fan_in, fan_out) in fingerprint_base(base).linear_shapes.items():
+        if module.endswith(("q_proj", "v_proj")):
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(4, fan_in,
+                                                                              generator=g)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(fan_out, 4,
+                                                                              generator=g)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": str(base), "bias": "none"}))
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_request_ids_are_echoed(client):
+    g = client.generate(None, "hello", max_new_tokens=3, request_id="rid-gen")
+    assert g.request_id == "rid-gen" and g.completion_tokens == 3
+    with pytest.raises(errors.NotFound) as e:
+        client.get_adapter("acme/nothing", request_id="rid-missing")
+    assert e.value.request_id == "rid-missing"
+    with pytest.raises(errors.NotFound) as e:  # no id given: the client made one, and says it
+        client.get_adapter("acme/nothing")
+    assert len(e.value.request_id) == 32
+
+
+def test_stream_ends_with_what_generate_returns(client):
+    g = client.generate(None, "abc", max_new_tokens=5)
+    chunks = list(client.stream(None, "abc", max_new_tokens=5, request_id="rid-stream"))
+    final = chunks[-1].final
+    assert final.token_ids == g.token_ids and final.text == g.text
+    assert final.request_id == "rid-stream"
+    assert sum((c.token_ids for c in chunks), []) == g.token_ids
+
+
+def test_errors_map_to_the_same_typed_exceptions(client, served):
+    with pytest.raises(errors.InvalidArgument) as e:
+        client.get_adapter("")
+    assert e.value.field == "ref" and e.value.status_code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(errors.PermissionDenied):
+        client.stats()  # a tenant token is no admin
+    with pytest.raises(errors.InvalidArgument) as e:
+        client.generate(None, "x", max_new_tokens=3, top_p=2.0)
+    assert e.value.field == "sampling.top_p"
+    out = client.batch_generate([{"adapter": None, "prompt": "ok", "max_new_tokens": 2},
+                                 {"adapter": "acme/nothing", "prompt": "x"}])
+    assert out[0].completion_tokens == 2 and type(out[1]) is errors.NotFound
+    with pytest.raises(errors.InvalidArgument) as e:
+        client.register_adapter("acme/x", served["root"] / "no-such-dir")
+    assert e.value.field == "adapter_dir"
+    assert list(client.watch(timeout=0.3)) == []  # ends quietly at its deadline
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_bad_token_is_unauthenticated_with_its_request_id(served, kind):
+    c, close = _open(kind, served["target"], token="lpx_not-a-token", timeout=10)
+    try:
+        with pytest.raises(errors.Unauthenticated) as e:
+            c.list_adapters(request_id="rid-auth")
+        assert e.value.request_id == "rid-auth"
+    finally:
+        close()
+
+
+def test_streaming_upload_stores_the_adapter_as_pushed(client, served, tmp_path):
+    """Uploaded in 1 KiB chunks (many messages): the server stores exactly what a local
+    push of the same files stores (same digest), then serves it."""
+    adir = _adapter_dir(served["base"], tmp_path / "adapter")
+    assert len(list(register_messages("acme/up", adir, chunk_bytes=1024))) > 5
+    local = Registry.open(tmp_path / "local")
+    local.register_base(Identity.system(), served["base"])
+    want = local.push(Identity("acme"), adir, "acme/up", base=served["base"]).digest
+    name = f"acme/up-{type(client).__name__.lower()}"
+    resp = client.register_adapter(name, adir, chunk_bytes=1024)
+    assert resp.adapter.digest == want and resp.adapter.rank == 4
+    assert client.generate(name, "hi", max_new_tokens=2).adapter_digest == want
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_wait_ready(served, kind):
+    c, close = _open(kind, served["target"], timeout=10)
+    try:
+        c.wait_ready(10)
+        assert c.health() == "SERVING"
+    finally:
+        close()
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    c, close = _open(kind, dead)
+    try:
+        with pytest.raises(errors.Unavailable, match="not SERVING after"):
+            c.wait_ready(0.5)
+    finally:
+        close()
+
+
+def test_both_clients_have_the_same_methods():
+    names = {n for n in dir(Client) if not n.startswith("_")}
+    assert names == {n for n in dir(AsyncClient) if not n.startswith("_")}
+    assert {"generate", "stream", "register_adapter", "wait_ready", "watch"} <= names
 
 
 def test_no_auth_logs_a_warning(micro_base, tmp_path, caplog):

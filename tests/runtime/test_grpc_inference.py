@@ -187,7 +187,7 @@ def test_client_cancel_frees_the_slot(world):
     stub = inference_pb2_grpc.InferenceServiceStub(acme.channel)
     call = stub.GenerateStream(generate_request("acme/support@prod", "cancel me",
                                                 max_new_tokens=LONG),
-                               metadata=acme._metadata(), timeout=60)
+                               metadata=acme.metadata(), timeout=60)
     next(call)
     assert admin.stats().running == 1
     call.cancel()
@@ -205,7 +205,7 @@ def test_queue_full_is_resource_exhausted(world):
         admin = Client(bg.target, token=reg.create_token(Identity.system(), "ops", admin=True))
         stub = inference_pb2_grpc.InferenceServiceStub(c.channel)
         calls = [stub.GenerateStream(generate_request(None, "fill", max_new_tokens=LONG),
-                                     metadata=c._metadata(), timeout=60) for _ in range(2)]
+                                     metadata=c.metadata(), timeout=60) for _ in range(2)]
         end = time.monotonic() + 10
         while (admin.stats().waiting, admin.stats().running) != (1, 1):  # one runs, one waits
             assert time.monotonic() < end, admin.stats()

@@ -82,7 +82,7 @@ def test_register_refuses_oversized_and_malformed_streams(world):
     stub = registry_pb2_grpc.RegistryServiceStub(acme.channel)
     with pytest.raises(grpc.RpcError) as raw:
         stub.RegisterAdapter(iter([registry_pb2.RegisterAdapterRequest(chunk=b"x")]),
-                             metadata=acme._metadata(), timeout=10)
+                             metadata=acme.metadata(), timeout=10)
     assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 

@@ -12,8 +12,6 @@ from loraplex.runtime.layers import (
     RankTooLarge,
     default_target_modules,
     inject_lora,
-    lora_scale,
-    parse_peft_key,
 )
 
 # (name, r, alpha, use_rslora, target subset: None = every default target)
@@ -168,27 +166,6 @@ def test_load_adapter_errors_are_typed_and_leave_the_slot_untouched(micro_base):
         inj.set_batch([0, 3])  # slot 3 > max_slots
     with pytest.raises(InvalidArgument):
         inj.load_adapter(1, good, r=0, alpha=4)
-
-
-@pytest.mark.parametrize(
-    ("key", "want"),
-    [
-        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
-         ("model.layers.0.self_attn.q_proj", "lora_A")),
-        ("base_model.model.model.layers.1.mlp.down_proj.lora_B.default.weight",
-         ("model.layers.1.mlp.down_proj", "lora_B")),
-        ("transformer.h.0.attn.c_attn.lora_A.weight", ("transformer.h.0.attn.c_attn", "lora_A")),
-        ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", None),
-        ("base_model.model.lm_head.weight", None),
-    ],
-)
-def test_parse_peft_key(key, want):
-    assert parse_peft_key(key) == want
-
-
-def test_lora_scale_matches_peft():
-    assert lora_scale(8, 16, False) == 2.0
-    assert lora_scale(16, 8, True) == 2.0  # alpha / sqrt(r)
 
 
 @torch.no_grad()
