@@ -58,9 +58,13 @@ def admit_args_from_pb(pb: inference_pb2.GenerateRequest, *,
                 prompt_ids=list(pb.prompt_ids) or None, sampling=sampling_from_pb(pb.sampling))
 
 
-def deadline_from_remaining(remaining: float | None) -> float | None:
-    """grpc's `context.time_remaining()` → the engine's `time.monotonic()` deadline."""
-    return None if remaining is None else time.monotonic() + max(0.0, remaining)
+def deadline_from_remaining(remaining: float | None, margin_s: float = 0.0) -> float | None:
+    """grpc's `context.time_remaining()` → the engine's `time.monotonic()` deadline, less
+    `margin_s` (at most 10% of the time left) to answer before the caller's deadline."""
+    if remaining is None:
+        return None
+    remaining = max(0.0, remaining)
+    return time.monotonic() + remaining - min(margin_s, 0.1 * remaining)
 
 
 def resolved_pb(version: Any) -> common_pb2.ResolvedAdapter | None:
