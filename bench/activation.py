@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
 
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import GenerationRequest, SamplingParams
+    from loraplex.runtime.engine import SamplingParams
 
     me = Identity("bench")
     base_dir = bench_base_dir()
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name in running_on:
                 engine.pin(me, f"bench/{name}")
             g = torch.Generator().manual_seed(0)
-            streams = [engine.submit(GenerationRequest(
+            streams = [engine.submit(engine.admit(
                 f"run{i}", me, f"bench/{running_on[i % 2]}",
                 prompt_ids=torch.randint(0, 256, (32,), generator=g).tolist(),
                 sampling=SamplingParams(max_new_tokens=900)))

@@ -110,13 +110,13 @@ def start_engine(base_dir: Path, registry, *, max_slots: int, max_batch: int, ma
 def run_engine(engine, work, max_new: int) -> tuple[float, int]:
     """Everything submitted at once. Returns (seconds, tokens)."""
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import GenerationRequest, SamplingParams
+    from loraplex.runtime.engine import SamplingParams
 
     me = Identity("bench")
     t0 = time.perf_counter()
-    streams = [engine.submit(GenerationRequest(f"b{i}-{time.time_ns()}", me, f"bench/{name}",
-                                               prompt_ids=prompt,
-                                               sampling=SamplingParams(max_new_tokens=max_new)))
+    streams = [engine.submit(engine.admit(f"b{i}-{time.time_ns()}", me, f"bench/{name}",
+                                          prompt_ids=prompt,
+                                          sampling=SamplingParams(max_new_tokens=max_new)))
                for i, (name, prompt) in enumerate(work)]
     results = [s.wait(3600) for s in streams]
     return time.perf_counter() - t0, sum(len(r.token_ids) for r in results)

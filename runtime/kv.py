@@ -2,7 +2,7 @@
 
 The Hugging Face model is driven as-is; only three of its inputs are ours each step:
 explicit `position_ids`, a 4D attention mask (models return a 4D mask untouched), and
-`SlotKVCache`, a `transformers.Cache` whose `update` scatters the step's keys/values into
+`RowKVCache`, a `transformers.Cache` whose `update` scatters the step's keys/values into
 per-sequence rows and hands back just the rows in this step, gathered to the longest
 sequence. Every sequence keeps its own absolute positions, so rows of different lengths,
 prefill chunks and single decode tokens can share one forward.
@@ -11,7 +11,7 @@ A step's rows are left-padded to the longest chunk `Q`, so the last column of th
 every row's next-token distribution. Pad tokens write to a scratch column past
 `max_len` (never read) and attend only to key 0 (a fully masked row would give NaN).
 
-    layout = build_layout(chunks, max_len)       # chunks: (kv_row, start, token_ids)
+    layout = build_layout(feeds, max_len)        # feeds: RowFeed(kv_row, start, token_ids)
     cache.set_layout(layout.rows, layout.cache_pos, layout.kv_len, layout.first_row)
     model(input_ids=layout.input_ids, position_ids=layout.position_ids,
           attention_mask=layout.mask(bool_mask, dtype), cache=cache, use_cache=True,
@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache
 
 
 @dataclass(frozen=True)
-class Chunk:
+class RowFeed:
     """Tokens one sequence feeds this step: a prefill chunk or the single last token."""
 
     row: int  # KV row of the sequence
@@ -62,7 +62,7 @@ class StepLayout:
         return torch.where(allowed, zero, neg)
 
 
-def build_layout(chunks: Sequence[Chunk], max_len: int,
+def build_layout(chunks: Sequence[RowFeed], max_len: int,
                  device: torch.device | str = "cpu") -> StepLayout:
     """Left-pad `chunks` into one step. `max_len` is the scratch column for pads."""
     q = max(len(c.token_ids) for c in chunks)
@@ -98,8 +98,9 @@ def build_layout(chunks: Sequence[Chunk], max_len: int,
                       valid=valid.to(device), kv_len=kv_len, first_row=first_row)
 
 
-class SlotKVCache(Cache):
-    """Per-layer key/value buffers `[rows, kv_heads, max_len + 1, head_dim]`.
+class RowKVCache(Cache):
+    """Per-layer key/value buffers `[rows, kv_heads, max_len + 1, head_dim]`, indexed by KV
+    row (one per running sequence; "slot" always means an adapter slot in loraplex).
 
     Buffers are allocated by the first forward (the engine's warm-up), from the shapes the
     model produces, so any decoder-only attention layout works; afterwards nothing is
@@ -132,7 +133,7 @@ class SlotKVCache(Cache):
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Scatter `key_states # [B, H, Q, D]` into the rows; return `[B, H, L, D]` each."""
         if self._rows is None:
-            raise RuntimeError("SlotKVCache.set_layout must be called before a forward")
+            raise RuntimeError("RowKVCache.set_layout must be called before a forward")
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
@@ -183,6 +184,14 @@ class RowAllocator:
             return None
         self._free.sort()
         return self._free.pop(0)
+
+    def free_rows(self) -> list[int]:
+        """The free rows, lowest first (what the scheduler hands to the requests it admits)."""
+        return sorted(self._free)
+
+    def claim(self, row: int) -> None:
+        """Take a row the scheduler chose (it must be free)."""
+        self._free.remove(row)
 
     def give(self, row: int) -> None:
         if row not in self._free:

@@ -146,12 +146,12 @@ class ServerMetrics(EngineObserver):
 
     # -- EngineObserver hooks (engine thread) ---------------------------------------------
     def on_request_queued(self, request) -> None:
-        self._tenants[request.request_id] = self.tenant_label(request.identity.tenant)
+        self._tenants[request.request_id] = self.tenant_label(request.tenant)
 
-    def on_request_rejected(self, request, code: str) -> None:
+    def on_request_rejected(self, tenant: str, adapter: str | None, code: str) -> None:
         # A refused ref may be a typo or a probe: it must not take one of the K label places.
-        tenant = self.tenant_label(request.identity.tenant)
-        adapter = _key(request.adapter)
+        tenant = self.tenant_label(tenant)
+        adapter = _key(adapter)
         label = self.adapter_label.peek(adapter) if adapter else BASE
         self.requests.labels(code.lower(), tenant, label).inc()
 
@@ -185,6 +185,10 @@ class ServerMetrics(EngineObserver):
     def on_cache(self, event: str, tier: str) -> None:
         {"hit": self.cache_hits, "miss": self.cache_misses,
          "evict": self.cache_evictions}[event].labels(tier).inc()
+
+    def on_occupancy(self, running: int, waiting: int) -> None:
+        self.running.set(running)
+        self.waiting.set(waiting)
 
     def on_step(self, batch_size: int, running: int, waiting: int) -> None:
         self.batch_size.set(batch_size)

@@ -1,7 +1,8 @@
 """Engine events for metrics. `EngineObserver` does nothing; the metrics module subclasses it.
 
 Every hook is called from the engine thread (or a loader thread, for `on_adapter_load` and
-`on_cache` with tier "registry"), so implementations must be cheap and thread-safe and must
+`on_cache` with tier "registry"; or the caller's thread for `on_request_queued` and
+`on_request_rejected`), so implementations must be cheap and thread-safe and must
 not block. An exception raised by a hook is logged and swallowed: metrics never take the
 engine down. Durations are seconds (float), measured with `time.monotonic()`.
 """
@@ -23,9 +24,11 @@ class EngineObserver:
     def on_request_queued(self, request: GenerationRequest) -> None:
         """A request passed validation and entered the waiting queue (from `submit`)."""
 
-    def on_request_rejected(self, request: GenerationRequest, code: str) -> None:
-        """`submit` refused a request; `code` is the error's gRPC code name (e.g.
-        "RESOURCE_EXHAUSTED" for a full queue, "NOT_FOUND" for an unknown adapter)."""
+    def on_request_rejected(self, tenant: str, adapter: str | None, code: str) -> None:
+        """`admit` or `submit` refused a request of `tenant` for `adapter` (the ref as the
+        caller wrote it, or the resolved `t/n:vN`; None: the bare base); `code` is the
+        error's gRPC code name (e.g. "RESOURCE_EXHAUSTED" for a full queue, "NOT_FOUND" for
+        an unknown adapter). Called on the caller's thread."""
 
     def on_admitted(self, queue_s: float) -> None:
         """A request left the queue for the running batch after `queue_s` seconds."""
@@ -51,6 +54,10 @@ class EngineObserver:
     def on_cache(self, event: CacheEvent, tier: Tier) -> None:
         """Pool cache traffic: a lookup in `tier` ("device" slots or "host" memory) hit or
         missed, or an adapter was evicted from `tier`."""
+
+    def on_occupancy(self, running: int, waiting: int) -> None:
+        """The number of running sequences or waiting requests changed (admission, finish,
+        cancel, deadline — with or without a forward); called after the step that changed it."""
 
     def on_step(self, batch_size: int, running: int, waiting: int) -> None:
         """One engine step ran a forward over `batch_size` rows (prefill + decode); `running`

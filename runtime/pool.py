@@ -30,6 +30,7 @@ import torch
 
 from loraplex.errors import LoraplexError, ResourceExhausted, Unavailable
 from loraplex.runtime.observer import EngineObserver
+from loraplex.runtime.plan import Residency, StepPlan
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
@@ -70,6 +71,15 @@ class _Slot:
 class LoadFailure:
     digest: str
     error: LoraplexError
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What `activate_plan` did: the slot of every admitted request's adapter, and the
+    adapters that could not be put into a slot (their requests fail with that error)."""
+
+    slots: dict[str, int]  # request id -> adapter slot (0: no adapter)
+    failed: dict[str, LoraplexError]  # request id -> why its adapter could not be activated
 
 
 @dataclass
@@ -130,6 +140,15 @@ class AdapterPool:
     @property
     def host_bytes(self) -> int:
         return self._host_bytes
+
+    def residency(self) -> Residency:
+        """A snapshot for the scheduler (see `plan.Residency`)."""
+        busy = {d for d, i in self._slot_of.items()
+                if self._slots[i].refs > 0 or self._slots[i].pinned}
+        empty = sum(1 for s in self._slots[1:] if s.digest is None)
+        return Residency(in_slot=frozenset(self._slot_of), busy=frozenset(busy),
+                         on_host=frozenset(self._host), loading=frozenset(self._loading),
+                         spare_slots=empty + len(self._slot_of) - len(busy))
 
     def resident(self) -> list[dict]:
         """One dict per adapter held in a slot or in host memory (see ResidentAdapter)."""
@@ -249,6 +268,36 @@ class AdapterPool:
         self._slot_of[digest] = slot
         self._host.move_to_end(digest)
         return slot
+
+    def activate_plan(self, plan: StepPlan) -> Activation:
+        """Hold a slot for every request `plan` admits: adapters already in a slot first (so
+        no copy below can evict them), then host -> slot copies. A copy that raises fails
+        only the requests of that adapter (the pool leaves no half-written slot behind)."""
+        slots: dict[str, int] = {}
+        failed: dict[str, LoraplexError] = {}
+        errors: dict[str, LoraplexError] = {}
+        order = sorted(plan.admitted, key=lambda a: a.digest not in self._slot_of)
+        for a in order:
+            if a.digest is None:
+                slots[a.request_id] = 0
+                continue
+            if a.digest in errors:
+                failed[a.request_id] = errors[a.digest]
+                continue
+            try:
+                slot = self.acquire(a.digest)
+            except Exception as e:  # noqa: BLE001 - this adapter cannot go in: fail its requests
+                log.exception("activating adapter %s failed", a.digest)
+                errors[a.digest] = e if isinstance(e, LoraplexError) else LoraplexError(
+                    f"adapter {a.digest[:19]} could not be activated: {type(e).__name__}")
+                failed[a.request_id] = errors[a.digest]
+                continue
+            if slot is None:  # the plan's slot accounting disagrees with the pool: a bug
+                failed[a.request_id] = Unavailable("no adapter slot free; retry",
+                                                   field="adapter")
+            else:
+                slots[a.request_id] = slot
+        return Activation(slots, failed)
 
     def acquire(self, digest: str) -> int | None:
         """Activate and count one running sequence on the adapter; None if not possible now."""

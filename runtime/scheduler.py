@@ -15,11 +15,16 @@ blocking the ones behind it. Aging bounds every wait: a request queued for longe
 `aging_s` is admitted before anyone else, and while one such request cannot be placed for
 lack of capacity nothing else is admitted, so finishing sequences free room for it.
 
-The distinct-adapters-per-step cap is the pool's: `place` refuses a request whose adapter
-would need a device slot when all `max_slots` slots hold adapters of running sequences.
+The distinct-adapters-per-step cap is the pool's: a request whose adapter would need a
+device slot is not admitted when no slot is empty or evictable (`Residency.spare_slots`).
 
-Thread-safety: `push`, `remove` and `__len__` may be called from any thread (`submit`,
-`cancel`); `pick`, `charge`, `finished` from the engine thread.
+`schedule` decides a whole step from plain data — the pool's `Residency`, the free KV rows,
+the running sequences' `RunView`s — and returns a `StepPlan` (see `plan.py`). It calls
+nothing outside this module while it holds its lock, so no lock order can invert.
+
+Thread-safety: `push`, `remove`, `__len__` and `waiting` may be called from any thread
+(`submit`, `cancel`); `schedule`, `charge`, `finished` from the engine thread. The lock is a
+leaf: nothing is called while it is held.
 """
 
 from __future__ import annotations
@@ -27,31 +32,69 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 from loraplex.errors import Overloaded, ResourceExhausted
+from loraplex.runtime.plan import Admit, Residency, RunView, StepPlan, compose_batch
 
 
 class Placement(Enum):
-    ADMITTED = "admitted"  # the engine took it (row + adapter slot reserved)
-    NOT_READY = "not_ready"  # adapter still loading: try others, come back next step
+    ADMITTED = "admitted"  # a row (and adapter slot) is reserved for it in this plan
+    NOT_READY = "not_ready"  # adapter not in memory yet: try others, come back next step
     NO_CAPACITY = "no_capacity"  # no adapter slot / row for it now
-    DROPPED = "dropped"  # the engine finished it (error, cancelled, deadline): forget it
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Ticket:
-    """A waiting request as the scheduler sees it; `payload` is the engine's sequence."""
+    """A waiting request as the scheduler sees it."""
 
     request_id: str
     tenant: str
-    payload: Any
+    digest: str | None = None  # its adapter (None: the bare base)
+    prompt: Sequence[int] = ()
     enqueued: float = field(default_factory=time.monotonic)
     cost: int = 1  # tokens charged at admission (the prompt); generated ones via charge()
     budget: int = 0  # tokens it may cost in all (prompt + max_new_tokens): per-tenant caps
+    deadline: float | None = None  # time.monotonic() seconds
+
+
+class _Placer:
+    """Within one `schedule` call: which waiting requests fit, given the free rows and the
+    pool's residency, counting the slots this plan already claimed. Pure bookkeeping."""
+
+    def __init__(self, rows: Sequence[int], residency: Residency) -> None:
+        self.rows = list(rows)
+        self.res = residency
+        self.spare = residency.spare_slots
+        self.claimed: set[str] = set()  # digests this plan keeps in / brings into a slot
+        self.activate: list[str] = []
+        self.load: list[str] = []
+
+    def place(self, t: Ticket) -> Placement:
+        if not self.rows:
+            return Placement.NO_CAPACITY
+        d = t.digest
+        if d is None or d in self.claimed:
+            return Placement.ADMITTED
+        if d in self.res.in_slot:
+            if d not in self.res.busy:  # its slot was counted as evictable
+                if self.spare <= 0:
+                    return Placement.NO_CAPACITY
+                self.spare -= 1
+            self.claimed.add(d)
+            return Placement.ADMITTED
+        if d in self.res.on_host:
+            if self.spare <= 0:
+                return Placement.NO_CAPACITY
+            self.spare -= 1
+            self.claimed.add(d)
+            self.activate.append(d)
+            return Placement.ADMITTED
+        if d not in self.res.loading and d not in self.load:
+            self.load.append(d)  # e.g. dropped from host before it got in
+        return Placement.NOT_READY
 
 
 class Scheduler:
@@ -119,34 +162,21 @@ class Scheduler:
             return list(self._by_id.values())
 
     # -- engine thread -----------------------------------------------------------------
-    def pick(self, free_rows: int, place: Callable[[Ticket], Placement],
-             now: float | None = None) -> list[Ticket]:
-        """Admit up to `free_rows` requests; `place` tries to start one on the engine."""
-        now = time.monotonic() if now is None else now
-        admitted: list[Ticket] = []
+    def schedule(self, now: float, free_rows: Sequence[int], residency: Residency,
+                 running: Sequence[RunView] = (), prefill_budget: int = 512) -> StepPlan:
+        """Decide one step: drop waiting requests past their deadline, admit up to
+        `len(free_rows)` requests that fit, and compose the batch (`running` then the
+        newly admitted, oldest first)."""
+        placer = _Placer(free_rows, residency)
         with self._lock:
-            aged = sorted((t for t in self._by_id.values() if now - t.enqueued >= self.aging_s),
-                          key=lambda t: t.enqueued)
-            skipped: set[str] = set()  # request ids passed over this round
-            for t in aged:
-                if len(admitted) >= free_rows:
-                    return admitted
-                outcome = place(t)
-                if outcome is Placement.ADMITTED:
-                    self._take(t, admitted=True)
-                    admitted.append(t)
-                elif outcome is Placement.DROPPED:
-                    self._take(t, admitted=False)
-                elif outcome is Placement.NO_CAPACITY:
-                    return admitted  # hold everything back until this one fits
-                else:
-                    skipped.add(t.request_id)
-            while len(admitted) < free_rows:
-                ticket = self._next_fair(skipped, place)
-                if ticket is None:
-                    break
-                admitted.append(ticket)
-        return admitted
+            dropped = tuple(self._expire(now))
+            admitted = self._admit(placer, now)
+        views = list(running) + [RunView(a.row, t.prompt, 0, None, len(t.prompt))
+                                 for a, t in admitted]
+        decode, prefill = compose_batch(views, prefill_budget)
+        return StepPlan(admitted=tuple(a for a, _ in admitted), decode=decode,
+                        prefill=prefill, activate=tuple(placer.activate),
+                        load=tuple(placer.load), dropped=dropped)
 
     def charge(self, tenant: str, tokens: int) -> None:
         """Count `tokens` (prompt or generated) served to `tenant`."""
@@ -167,20 +197,48 @@ class Scheduler:
             return dict(self._served)
 
     # -- internals (lock held) -----------------------------------------------------------
-    def _next_fair(self, skipped: set[str], place: Callable[[Ticket], Placement]) -> Ticket | None:
+    def _expire(self, now: float) -> Iterator[str]:
+        for t in [t for t in self._by_id.values() if t.deadline is not None and now >= t.deadline]:
+            self._take(t, admitted=False)
+            yield t.request_id
+
+    def _admit(self, placer: _Placer, now: float) -> list[tuple[Admit, Ticket]]:
+        """Aged requests first (one that cannot fit holds everything back), then fair order."""
+        admitted: list[tuple[Admit, Ticket]] = []
+
+        def take(t: Ticket) -> None:
+            self._take(t, admitted=True)
+            admitted.append((Admit(t.request_id, t.tenant, t.digest, placer.rows.pop(0)), t))
+
+        aged = sorted((t for t in self._by_id.values() if now - t.enqueued >= self.aging_s),
+                      key=lambda t: t.enqueued)
+        skipped: set[str] = set()  # request ids passed over this round
+        for t in aged:
+            if not placer.rows:
+                return admitted
+            outcome = placer.place(t)
+            if outcome is Placement.ADMITTED:
+                take(t)
+            elif outcome is Placement.NO_CAPACITY:
+                return admitted  # hold everything back until this one fits
+            else:
+                skipped.add(t.request_id)
+        while placer.rows:
+            ticket = self._next_fair(skipped, placer)
+            if ticket is None:
+                break
+            take(ticket)
+        return admitted
+
+    def _next_fair(self, skipped: set[str], placer: _Placer) -> Ticket | None:
         """Try tenants from the smallest counter up; first placeable request wins."""
         order = sorted((t for t, q in self._queues.items() if q),
                        key=lambda t: (self._served.get(t, 0.0), self._queues[t][0].enqueued))
         for tenant in order:
             for ticket in list(self._tickets(tenant, skipped)):
-                outcome = place(ticket)
-                if outcome is Placement.ADMITTED:
-                    self._take(ticket, admitted=True)
+                if placer.place(ticket) is Placement.ADMITTED:
                     return ticket
-                if outcome is Placement.DROPPED:
-                    self._take(ticket, admitted=False)
-                else:
-                    skipped.add(ticket.request_id)
+                skipped.add(ticket.request_id)
         return None
 
     def _tickets(self, tenant: str, skipped: set[str]) -> Iterator[Ticket]:

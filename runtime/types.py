@@ -1,13 +1,14 @@
 """Plain dataclasses the engine speaks: requests, chunks, results, stats, configuration.
 
 No protobuf here: the gRPC servicers convert at their boundary. Validation of a request
-against the engine's limits lives in `validate_request` so that `Engine.submit` fails at once
-with a typed error naming the field.
+against the engine's limits lives in `admission.validate_request` so that `Engine.submit`
+fails at once with a typed error naming the field.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from loraplex.errors import InvalidArgument
 
 if TYPE_CHECKING:
-    from loraplex.registry import AdapterVersion, Identity
+    from loraplex.registry import AdapterVersion
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 Quantization = Literal["nf4", "int8", "none"]
@@ -46,20 +47,23 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One generation. `adapter=None` runs the bare base; `deadline` is `time.monotonic()` s."""
+    """One generation as the engine takes it: admitted at the edge (`admission.py`), so the
+    adapter is already resolved and authorized to an immutable version and the prompt is
+    already token ids. `adapter=None` runs the bare base; `tenant` is the fairness key;
+    `deadline` is `time.monotonic()` seconds."""
 
     request_id: str
-    identity: Identity
-    adapter: str | None = None
-    prompt: str | None = None
-    prompt_ids: list[int] | None = None
+    tenant: str
+    adapter: AdapterVersion | None
+    prompt_ids: Sequence[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """Newly final text and the token ids generated since the previous chunk."""
+    """What a `RequestStream` yields: newly final text and the token ids generated since
+    the previous chunk. (Not `kv.RowFeed`, the tokens a KV row is fed in one step.)"""
 
     text: str
     token_ids: list[int]

@@ -38,10 +38,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return convert.stats_pb(await asyncio.to_thread(engine.stats))
 
     async def _adapter_call(self, method: str, ref: str):
-        """Admin calls may wait on a registry read: run them off the event loop."""
+        """Resolve the ref once (a registry read) and run the command, both off the event
+        loop: the command waits for the engine thread (and a prefetch for the load)."""
         if not ref.strip():
             raise InvalidArgument("`ref` is required", field="ref")
         engine, identity = self.state.require_engine(), current_identity()
-        version = await asyncio.to_thread(self.state.registry.resolve, identity, ref.strip())
-        outcome = await asyncio.to_thread(getattr(engine, method), identity, version.ref)
+        version = await asyncio.to_thread(engine.admission.resolve, identity, ref.strip())
+        outcome = await asyncio.to_thread(getattr(engine.admin, method), version)
         return convert.admin_ack_pb(outcome, version)

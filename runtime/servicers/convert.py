@@ -14,7 +14,7 @@ from typing import Any
 from google.protobuf import timestamp_pb2
 
 from loraplex.errors import InvalidArgument
-from loraplex.runtime.types import GenerationRequest, GenerationResult, SamplingParams
+from loraplex.runtime.types import GenerationResult, SamplingParams
 from loraplex.v1 import admin_pb2, common_pb2, inference_pb2, registry_pb2
 
 FINISH_REASONS = {
@@ -44,24 +44,27 @@ def sampling_from_pb(pb: inference_pb2.SamplingParams) -> SamplingParams:
     )
 
 
-def request_from_pb(pb: inference_pb2.GenerateRequest, *, request_id: str, identity: Any,
-                    deadline: float | None, field_prefix: str = "") -> GenerationRequest:
-    """One `GenerateRequest` → the engine's request; exactly one of prompt/prompt_ids."""
+def admit_args_from_pb(pb: inference_pb2.GenerateRequest, *,
+                       field_prefix: str = "") -> dict[str, Any]:
+    """One `GenerateRequest` → keyword arguments of `Admission.admit` (adapter ref, prompt
+    or prompt ids, sampling); exactly one of prompt/prompt_ids."""
     if pb.prompt and pb.prompt_ids:
         raise InvalidArgument("give `prompt` or `prompt_ids`, not both",
                               field=f"{field_prefix}prompt_ids")
     if not pb.prompt and not pb.prompt_ids:
         raise InvalidArgument("`prompt` (text) or `prompt_ids` is required",
                               field=f"{field_prefix}prompt")
-    return GenerationRequest(
-        request_id=request_id, identity=identity, adapter=pb.adapter.strip() or None,
-        prompt=pb.prompt or None, prompt_ids=list(pb.prompt_ids) or None,
-        sampling=sampling_from_pb(pb.sampling), deadline=deadline)
+    return dict(adapter=pb.adapter.strip() or None, prompt=pb.prompt or None,
+                prompt_ids=list(pb.prompt_ids) or None, sampling=sampling_from_pb(pb.sampling))
 
 
-def deadline_from_remaining(remaining: float | None) -> float | None:
-    """grpc's `context.time_remaining()` → the engine's `time.monotonic()` deadline."""
-    return None if remaining is None else time.monotonic() + max(0.0, remaining)
+def deadline_from_remaining(remaining: float | None, margin_s: float = 0.0) -> float | None:
+    """grpc's `context.time_remaining()` → the engine's `time.monotonic()` deadline, less
+    `margin_s` (at most 10% of the time left) to answer before the caller's deadline."""
+    if remaining is None:
+        return None
+    remaining = max(0.0, remaining)
+    return time.monotonic() + remaining - min(margin_s, 0.1 * remaining)
 
 
 def resolved_pb(version: Any) -> common_pb2.ResolvedAdapter | None:

@@ -5,6 +5,11 @@ its deadline passes, the server shuts down — the `finally` of `_owned` cancels
 request, so its sequence slot and KV rows are freed at once instead of decoding for no one.
 The client's deadline is also handed to the engine (`GenerationRequest.deadline`) so that a
 queued request past its deadline never starts.
+
+Admission happens here, at the edge, off the event loop: the ref is resolved in the registry
+(authorization included) and the prompt tokenized in a worker thread (`asyncio.to_thread`),
+so a slow database or a busy tokenizer never stalls other calls; the engine receives the
+resolved version and the prompt ids.
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ from loraplex.runtime.servicers import convert
 from loraplex.runtime.servicers.state import ServingState
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
+# BatchGenerate hands the engine a deadline this much (at most 10% of the time) before the
+# caller's, so the reply — with DEADLINE_EXCEEDED in the error of each item that ran out —
+# reaches the caller before the call itself expires and the finished items are not lost.
+BATCH_REPLY_MARGIN_S = 0.25
+
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, state: ServingState) -> None:
@@ -28,7 +38,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request, context):
         engine = self.state.require_engine()
-        gen, client_id = self._request(request, context)
+        gen, client_id = await self._admit(engine, request, context)
         with self._owned(engine, gen.request_id) as owned:
             result = await engine.submit(gen).result()
             owned.done = True
@@ -37,7 +47,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GenerateStream(self, request, context) -> AsyncIterator:
         engine = self.state.require_engine()
-        gen, client_id = self._request(request, context)
+        gen, client_id = await self._admit(engine, request, context)
         with self._owned(engine, gen.request_id) as owned:
             stream = engine.submit(gen)
             async for chunk in stream:
@@ -52,8 +62,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         limit = self.state.settings.max_batch_items
         if len(request.items) > limit:
             raise InvalidArgument(f"at most {limit} items per BatchGenerate call", field="items")
-        deadline = convert.deadline_from_remaining(context.time_remaining())
-        results = await asyncio.gather(*(self._batch_item(engine, i, item, deadline)
+        deadline = convert.deadline_from_remaining(context.time_remaining(),
+                                                   margin_s=BATCH_REPLY_MARGIN_S)
+        results = await asyncio.gather(*(self._batch_item(engine, i, item, context, deadline)
                                          for i, item in enumerate(request.items)))
         return inference_pb2.BatchGenerateResponse(results=results)
 
@@ -66,25 +77,30 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             base=base, adapters=[convert.adapter_pb(a) for a in adapters])
 
     # -- helpers ----------------------------------------------------------------------------
-    def _request(self, request, context, field_prefix: str = ""):
-        client_id = request.request_id or current_request_id() or uuid.uuid4().hex
-        deadline = convert.deadline_from_remaining(context.time_remaining())
-        gen = convert.request_from_pb(request, request_id=uuid.uuid4().hex,
-                                      identity=current_identity(), deadline=deadline,
-                                      field_prefix=field_prefix)
+    async def _admit(self, engine, request, context, *, client_id: str | None = None,
+                     field_prefix: str = "", deadline: float | None = None):
+        """(GenerationRequest, client-facing request id): resolved and tokenized in a worker
+        thread (registry reads and the tokenizer lock stay off the event loop)."""
+        client_id = client_id or request.request_id or current_request_id() or uuid.uuid4().hex
+        if deadline is None:
+            deadline = convert.deadline_from_remaining(context.time_remaining())
+        args = convert.admit_args_from_pb(request, field_prefix=field_prefix)
+        gen = await asyncio.to_thread(engine.admit, uuid.uuid4().hex, current_identity(),
+                                      deadline=deadline, **args)
         return gen, client_id
 
-    async def _batch_item(self, engine, index: int, item, deadline: float | None):
-        """One item's outcome: its response, or the error it would have had alone."""
+    async def _batch_item(self, engine, index: int, item, context, deadline: float | None):
+        """One item's outcome: its response, or the error it would have had alone (a
+        deadline or cancel included, exactly as `Generate` reports it)."""
         prefix = f"items[{index}]."
         client_id = item.request_id or f"{current_request_id()}-{index}"
         try:
-            gen = convert.request_from_pb(item, request_id=uuid.uuid4().hex,
-                                          identity=current_identity(), deadline=deadline,
-                                          field_prefix=prefix)
+            gen, client_id = await self._admit(engine, item, context, client_id=client_id,
+                                               field_prefix=prefix, deadline=deadline)
             with self._owned(engine, gen.request_id) as owned:
                 result = await engine.submit(gen).result()
                 owned.done = True
+            _raise_if_cut_short(result)
             return inference_pb2.BatchItemResult(response=convert.response_pb(result, client_id))
         except LoraplexError as e:
             mapped = grpc_errors.map_error(e)

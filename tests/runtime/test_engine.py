@@ -11,7 +11,7 @@ from test_engine_util import SPECS, make_world, reference_greedy
 
 from loraplex.basemodel import EOS_ID
 from loraplex.registry import Identity
-from loraplex.runtime.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
 
 ACME = Identity("acme")
 
@@ -34,7 +34,7 @@ def _run_staggered(engine: Engine, reqs, max_new: int):
 
     def submit(batch):
         for rid, adapter, prompt in batch:
-            streams[rid] = engine.submit(GenerationRequest(
+            streams[rid] = engine.submit(engine.admit(
                 rid, ACME, f"acme/{adapter}" if adapter else None, prompt_ids=prompt,
                 sampling=SamplingParams(max_new_tokens=max_new)))
 
@@ -118,12 +118,12 @@ def test_long_prompt_prefills_in_chunks_while_others_decode(micro_base, tmp_path
     short = torch.randint(0, 256, (5,), generator=g).tolist()
     long = torch.randint(0, 256, (80,), generator=g).tolist()
     try:
-        s1 = engine.submit(GenerationRequest("short", ACME, "acme/a1", prompt_ids=short,
+        s1 = engine.submit(engine.admit("short", ACME, "acme/a1", prompt_ids=short,
                                              sampling=SamplingParams(max_new_tokens=30)))
         it = iter(s1)
         next(it)
         steps0 = engine.stats().steps
-        s2 = engine.submit(GenerationRequest("long", ACME, "acme/a2", prompt_ids=long,
+        s2 = engine.submit(engine.admit("long", ACME, "acme/a2", prompt_ids=long,
                                              sampling=SamplingParams(max_new_tokens=4)))
         r2 = s2.wait(60)
         r1 = s1.wait(60)
@@ -142,11 +142,11 @@ def test_sync_iteration_and_async_stream_agree_with_the_result(micro_base, tmp_p
     world = make_world(micro_base, tmp_path, specs=SPECS[:1])
     engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", device="cpu",
                                  max_slots=1, max_rank=16), world.registry).start()
-    req = GenerationRequest("s", ACME, "acme/a1", prompt="Hello there",
-                            sampling=SamplingParams(max_new_tokens=12))
+    req = engine.admit("s", ACME, "acme/a1", prompt="Hello there",
+                       sampling=SamplingParams(max_new_tokens=12))
 
     async def consume(rid):
-        stream = engine.submit(GenerationRequest(rid, ACME, "acme/a1", prompt="Hello there",
+        stream = engine.submit(engine.admit(rid, ACME, "acme/a1", prompt="Hello there",
                                                  sampling=SamplingParams(max_new_tokens=12)))
         chunks = [c async for c in stream]
         return chunks, await stream.result()
@@ -156,7 +156,7 @@ def test_sync_iteration_and_async_stream_agree_with_the_result(micro_base, tmp_p
         sync_chunks = list(stream)
         sync_result = stream.wait(10)
         async_chunks, async_result = asyncio.run(consume("a"))
-        blocking = engine.generate(GenerationRequest("g", ACME, "acme/a1", prompt="Hello there",
+        blocking = engine.generate(engine.admit("g", ACME, "acme/a1", prompt="Hello there",
                                                      sampling=SamplingParams(max_new_tokens=12)))
     finally:
         engine.shutdown()
@@ -175,14 +175,14 @@ def test_stop_string_is_cut_from_text_even_across_chunks(micro_base, tmp_path):
                                  max_slots=1, max_rank=16), world.registry).start()
     prompt = list(range(65, 75))
     try:
-        full = engine.generate(GenerationRequest("full", ACME, None, prompt_ids=prompt,
+        full = engine.generate(engine.admit("full", ACME, None, prompt_ids=prompt,
                                                  sampling=SamplingParams(max_new_tokens=24)))
         text = full.text
         # a stop string made of 3 generated characters from the middle of the output
         i = len(text) // 2
         stop = text[i:i + 3]
         cut = text.find(stop)
-        stream = engine.submit(GenerationRequest("cut", ACME, None, prompt_ids=prompt,
+        stream = engine.submit(engine.admit("cut", ACME, None, prompt_ids=prompt,
                                                  sampling=SamplingParams(max_new_tokens=24,
                                                                          stop=(stop, "\x00\x01"))))
         chunks = list(stream)
@@ -203,12 +203,12 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(micro_base, t
     params = SamplingParams(max_new_tokens=16, temperature=0.9, top_k=50, top_p=0.95, seed=7)
 
     def req(rid, seed=7):
-        return GenerationRequest(rid, ACME, "acme/a1", prompt="abc",
-                                 sampling=SamplingParams(**{**params.__dict__, "seed": seed}))
+        return engine.admit(rid, ACME, "acme/a1", prompt="abc",
+                            sampling=SamplingParams(**{**params.__dict__, "seed": seed}))
 
     try:
         alone = engine.generate(req("alone"))
-        noise = [engine.submit(GenerationRequest(f"n{i}", ACME, "acme/a2", prompt="xyz" * (i + 1),
+        noise = [engine.submit(engine.admit(f"n{i}", ACME, "acme/a2", prompt="xyz" * (i + 1),
                                                  sampling=SamplingParams(max_new_tokens=16,
                                                                          temperature=1.0)))
                  for i in range(3)]
@@ -250,7 +250,7 @@ def test_generate_after_shutdown_is_unavailable(micro_base):
     engine.shutdown()
     t0 = time.monotonic()
     with pytest.raises(Unavailable):
-        engine.submit(GenerationRequest("x", ACME, None, prompt="hi"))
+        engine.submit(engine.admit("x", ACME, None, prompt="hi"))
     assert time.monotonic() - t0 < 1
 
 
@@ -277,7 +277,7 @@ def test_sliding_window_models_match_their_own_forward(tmp_path, arch):
                                  max_slots=1, max_rank=4)).start()
     prompt = list(range(70, 82))
     try:
-        got = engine.generate(GenerationRequest("w", ACME, None, prompt_ids=prompt,
+        got = engine.generate(engine.admit("w", ACME, None, prompt_ids=prompt,
                                                 sampling=SamplingParams(max_new_tokens=8)))
     finally:
         engine.shutdown()

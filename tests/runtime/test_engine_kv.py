@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.runtime.kv import Chunk, RowAllocator, SlotKVCache, build_layout
+from loraplex.runtime.kv import RowAllocator, RowFeed, RowKVCache, build_layout
 
 
 def _model(base_dir, attn):
@@ -22,7 +22,7 @@ def _model(base_dir, attn):
 def test_mixed_rows_equal_each_row_alone(base_factory, arch, attn):
     model = _model(base_factory("micro", arch), attn)
     max_len = 64
-    cache = SlotKVCache(model.config.num_hidden_layers, rows=4, max_len=max_len)
+    cache = RowKVCache(model.config.num_hidden_layers, rows=4, max_len=max_len)
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (5, 11, 3)]
     rows = [2, 0, 3]  # not contiguous: exercises the gather path
@@ -36,8 +36,8 @@ def test_mixed_rows_equal_each_row_alone(base_factory, arch, attn):
         return out.logits[:, -1]  # [B, V]
 
     # step 1: row 0 whole prompt + row 1 first chunk; step 2: rest of row 1 + row 2 whole
-    got = {0: step([Chunk(rows[0], 0, seqs[0]), Chunk(rows[1], 0, seqs[1][:4])])[0]}
-    lg = step([Chunk(rows[1], 4, seqs[1][4:]), Chunk(rows[2], 0, seqs[2])])
+    got = {0: step([RowFeed(rows[0], 0, seqs[0]), RowFeed(rows[1], 0, seqs[1][:4])])[0]}
+    lg = step([RowFeed(rows[1], 4, seqs[1][4:]), RowFeed(rows[2], 0, seqs[2])])
     got[1], got[2] = lg[0], lg[1]
     full = [list(s) for s in seqs]
     worst = 0.0
@@ -46,18 +46,18 @@ def test_mixed_rows_equal_each_row_alone(base_factory, arch, attn):
             alone = model(input_ids=torch.tensor([full[i]])).logits[0, -1]
             worst = max(worst, float((alone - got[i]).abs().max()))
             full[i].append(int(got[i].argmax()))
-        lg = step([Chunk(rows[i], len(full[i]) - 1, [full[i][-1]]) for i in range(3)])
+        lg = step([RowFeed(rows[i], len(full[i]) - 1, [full[i][-1]]) for i in range(3)])
         got = {i: lg[i] for i in range(3)}
     assert worst < 1e-5
 
 
 def test_layout_left_pads_and_sends_pads_to_the_scratch_column():
-    lay = build_layout([Chunk(1, 4, [7, 8, 9]), Chunk(0, 0, [5])], max_len=32)
+    lay = build_layout([RowFeed(1, 4, [7, 8, 9]), RowFeed(0, 0, [5])], max_len=32)
     assert lay.input_ids.tolist() == [[7, 8, 9], [0, 0, 5]]
     assert lay.position_ids.tolist() == [[4, 5, 6], [0, 0, 0]]
     assert lay.cache_pos.tolist() == [[4, 5, 6], [32, 32, 0]]
     assert lay.kv_len == 7 and lay.first_row is None
-    assert build_layout([Chunk(2, 0, [1]), Chunk(3, 0, [1])], max_len=8).first_row == 2
+    assert build_layout([RowFeed(2, 0, [1]), RowFeed(3, 0, [1])], max_len=8).first_row == 2
     m = lay.mask(boolean=True, dtype=torch.float32)  # [B, 1, Q, L]
     assert m.shape == (2, 1, 3, 7)
     assert m[0, 0, 0].tolist() == [True] * 5 + [False] * 2  # position 4 sees keys 0..4

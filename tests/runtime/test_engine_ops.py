@@ -22,7 +22,7 @@ from loraplex.errors import (
     Unavailable,
 )
 from loraplex.registry import Identity
-from loraplex.runtime.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
 from loraplex.runtime.observer import EngineObserver
 
 ACME = Identity("acme")
@@ -67,10 +67,10 @@ def _engine(world, observer=None, **kw) -> Engine:
     return Engine(EngineConfig(**cfg), world.registry, observer).start()
 
 
-def _req(rid, adapter=None, prompt=(65, 66, 67), n=8, identity=ACME, **kw):
+def _req(engine, rid, adapter=None, prompt=(65, 66, 67), n=8, identity=ACME, **kw):
     sampling = kw.pop("sampling", None) or SamplingParams(max_new_tokens=n)
-    return GenerationRequest(rid, identity, adapter, prompt_ids=list(prompt), sampling=sampling,
-                             **kw)
+    return engine.admit(rid, identity, adapter, prompt_ids=list(prompt), sampling=sampling,
+                        **kw)
 
 
 def test_eviction_under_pressure_keeps_every_answer_right(world):
@@ -80,7 +80,7 @@ def test_eviction_under_pressure_keeps_every_answer_right(world):
     reqs = [(f"e{i}", world.names[i % 6], torch.randint(0, 256, (6,), generator=g).tolist())
             for i in range(12)]
     try:
-        streams = [engine.submit(_req(rid, f"acme/{a}", p, n=5)) for rid, a, p in reqs]
+        streams = [engine.submit(_req(engine, rid, f"acme/{a}", p, n=5)) for rid, a, p in reqs]
         results = [s.wait(60) for s in streams]
         stats = engine.stats()
     finally:
@@ -102,14 +102,14 @@ def test_pinned_adapter_stays_in_its_slot_and_unpin_lets_it_go(world):
             engine.pin(ACME, "acme/a3")  # would pin the last slot away
         assert engine.unpin(ACME, "acme/a2") is True
         for i, name in enumerate(world.names[1:7]):
-            engine.generate(_req(f"p{i}", f"acme/{name}", n=2))
+            engine.generate(_req(engine, f"p{i}", f"acme/{name}", n=2))
         pinned = {r.digest: r for r in engine.resident() if r.slot is not None}
         digest = world.registry.resolve(ACME, "acme/a1").digest
         assert digest in pinned and pinned[digest].pinned
         assert engine.unpin(ACME, "acme/a1") is True
         assert engine.unpin(ACME, "acme/a1") is False
         for i, name in enumerate(world.names[1:5]):
-            engine.generate(_req(f"q{i}", f"acme/{name}", n=2))
+            engine.generate(_req(engine, f"q{i}", f"acme/{name}", n=2))
         assert digest not in {r.digest for r in engine.resident() if r.slot is not None}
     finally:
         engine.shutdown()
@@ -137,12 +137,12 @@ def test_hot_swap_new_requests_see_the_alias_move_running_ones_finish_on_theirs(
     engine = _engine(world, Recorder(token_sleep=0.01))
     prompt = [70, 71, 72, 73]
     try:
-        old = engine.submit(_req("old", "acme/chat@prod", prompt, n=120))
+        old = engine.submit(_req(engine, "old", "acme/chat@prod", prompt, n=120))
         it = iter(old)
         next(it)
         v2 = reg.push(admin, world.dirs["a2"], "acme/chat", base=world.base_dir)
         reg.set_alias(admin, "acme/chat:v2", "prod", expected=1)
-        new = engine.generate(_req("new", "acme/chat@prod", prompt, n=6))
+        new = engine.generate(_req(engine, "new", "acme/chat@prod", prompt, n=6))
         assert not old.done  # the alias moved mid-stream
         old_result = old.wait(60)
     finally:
@@ -156,10 +156,10 @@ def test_hot_swap_new_requests_see_the_alias_move_running_ones_finish_on_theirs(
 def test_cancel_frees_the_row_for_the_next_request(world):
     engine = _engine(world, Recorder(token_sleep=0.005), max_batch=1)
     try:
-        long = engine.submit(_req("long", "acme/a1", n=200))
+        long = engine.submit(_req(engine, "long", "acme/a1", n=200))
         next(iter(long))
-        queued = engine.submit(_req("queued", "acme/a2", n=4))
-        waiting = engine.submit(_req("waiting", None, n=4))
+        queued = engine.submit(_req(engine, "queued", "acme/a2", n=4))
+        waiting = engine.submit(_req(engine, "waiting", None, n=4))
         assert engine.cancel("waiting") is True  # cancelled while still queued
         assert engine.cancel("waiting") is False
         assert engine.cancel("nope") is False
@@ -178,11 +178,11 @@ def test_cancel_frees_the_row_for_the_next_request(world):
 def test_deadlines_end_running_and_waiting_requests(world):
     engine = _engine(world, Recorder(token_sleep=0.01), max_batch=1)
     try:
-        running = engine.submit(_req("run", None, n=200, deadline=time.monotonic() + 0.3))
-        waiting = engine.submit(_req("wait", None, n=5, deadline=time.monotonic() + 0.1))
-        past = engine.submit(_req("past", None, n=5, deadline=time.monotonic() - 1))
+        running = engine.submit(_req(engine, "run", None, n=200, deadline=time.monotonic() + 0.3))
+        waiting = engine.submit(_req(engine, "wait", None, n=5, deadline=time.monotonic() + 0.1))
+        past = engine.submit(_req(engine, "past", None, n=5, deadline=time.monotonic() - 1))
         r_run, r_wait, r_past = running.wait(10), waiting.wait(10), past.wait(10)
-        after = engine.generate(_req("after", None, n=3))
+        after = engine.generate(_req(engine, "after", None, n=3))
     finally:
         engine.shutdown()
     assert r_run.finish_reason == "deadline" and 0 < len(r_run.token_ids) < 200
@@ -195,9 +195,9 @@ def test_one_tenants_burst_does_not_starve_another(world):
     rec = Recorder(token_sleep=0.002)
     engine = _engine(world, rec, max_batch=2)
     try:
-        burst = [engine.submit(_req(f"acme{i}", None, n=6)) for i in range(12)]
+        burst = [engine.submit(_req(engine, f"acme{i}", None, n=6)) for i in range(12)]
         time.sleep(0.05)
-        other = [engine.submit(_req(f"beta{i}", None, n=6, identity=BETA)) for i in range(2)]
+        other = [engine.submit(_req(engine, f"beta{i}", None, n=6, identity=BETA)) for i in range(2)]
         for s in burst + other:
             s.wait(60)
     finally:
@@ -216,12 +216,12 @@ def test_cold_load_does_not_stall_running_sequences(world):
         if version.digest == slow:
             time.sleep(1.5)
 
-    engine._load_hook = slow_registry
+    engine.loader.hook = slow_registry
     try:
-        running = engine.submit(_req("running", "acme/a1", n=120))
+        running = engine.submit(_req(engine, "running", "acme/a1", n=120))
         it = iter(running)
         next(it)
-        cold = engine.submit(_req("cold", "acme/a9", [80, 81], n=4))
+        cold = engine.submit(_req(engine, "cold", "acme/a9", [80, 81], n=4))
         stamps = [time.monotonic()]
         for _ in it:
             stamps.append(time.monotonic())
@@ -240,16 +240,16 @@ def test_cold_load_does_not_stall_running_sequences(world):
 def test_full_queue_is_overloaded_and_draining_is_unavailable(world):
     engine = _engine(world, Recorder(token_sleep=0.005), max_batch=1, max_waiting=2)
     try:
-        first = engine.submit(_req("1", None, n=100))
+        first = engine.submit(_req(engine, "1", None, n=100))
         next(iter(first))
-        engine.submit(_req("2", None, n=2))
-        engine.submit(_req("3", None, n=2))
+        engine.submit(_req(engine, "2", None, n=2))
+        engine.submit(_req(engine, "3", None, n=2))
         with pytest.raises(Overloaded):
-            engine.submit(_req("4", None, n=2))
+            engine.submit(_req(engine, "4", None, n=2))
         first.cancel()
         assert engine.drain(timeout=30) is True
         with pytest.raises(Unavailable):
-            engine.submit(_req("5", None, n=2))
+            engine.submit(_req(engine, "5", None, n=2))
     finally:
         engine.shutdown()
 
@@ -260,16 +260,16 @@ def test_per_tenant_limits_refuse_one_tenants_burst_but_not_another_tenant(world
     engine = _engine(world, Recorder(token_sleep=0.1), max_batch=1, max_waiting=50,
                      max_waiting_per_tenant=2, max_waiting_tokens_per_tenant=40)
     try:
-        first = engine.submit(_req("1", None, n=30))  # 33 tokens: within the cap alone
+        first = engine.submit(_req(engine, "1", None, n=30))  # 33 tokens: within the cap alone
         next(iter(first))  # running: no longer waiting
-        engine.submit(_req("2", None, n=5))  # 3 + 5 = 8 waiting tokens
+        engine.submit(_req(engine, "2", None, n=5))  # 3 + 5 = 8 waiting tokens
         with pytest.raises(ResourceExhausted, match="too many tokens"):
-            engine.submit(_req("big", None, n=35))  # 8 + 38 > 40
-        engine.submit(_req("3", None, n=5))
+            engine.submit(_req(engine, "big", None, n=35))  # 8 + 38 > 40
+        engine.submit(_req(engine, "3", None, n=5))
         with pytest.raises(ResourceExhausted, match="2 requests waiting") as err:
-            engine.submit(_req("4", None, n=2))
+            engine.submit(_req(engine, "4", None, n=2))
         assert not isinstance(err.value, Overloaded)  # a tenant limit, not a full queue
-        other = engine.submit(_req("b1", None, n=2, identity=BETA))
+        other = engine.submit(_req(engine, "b1", None, n=2, identity=BETA))
         first.cancel()
         assert other.wait(60).finish_reason == "length"
     finally:
@@ -296,10 +296,10 @@ def test_bad_input_is_a_typed_error_and_the_engine_keeps_serving(world, change, 
                   sampling=SamplingParams(max_new_tokens=2))
     fields.update(change)
     with pytest.raises(exc) as e:
-        engine_for_errors.submit(GenerationRequest(**fields))
+        engine_for_errors.submit(engine_for_errors.admit(**fields))
     if field:
         assert e.value.field == field
-    assert engine_for_errors.generate(_req("ok", "acme/a1", n=2)).finish_reason == "length"
+    assert engine_for_errors.generate(_req(engine_for_errors, "ok", "acme/a1", n=2)).finish_reason == "length"
 
 
 @pytest.fixture(scope="module")
@@ -311,17 +311,17 @@ def engine_for_errors(world):
 
 def test_prompt_text_errors_and_duplicate_ids(engine_for_errors):
     with pytest.raises(InvalidArgument) as e:
-        engine_for_errors.submit(GenerationRequest("t", ACME, None, prompt=""))
+        engine_for_errors.submit(engine_for_errors.admit("t", ACME, None, prompt=""))
     assert e.value.field == "prompt"
     with pytest.raises(InvalidArgument) as e:
-        engine_for_errors.submit(GenerationRequest("t", ACME, None, prompt="x", prompt_ids=[1]))
+        engine_for_errors.submit(engine_for_errors.admit("t", ACME, None, prompt="x", prompt_ids=[1]))
     assert e.value.field == "prompt"
     with pytest.raises(InvalidArgument) as e:
-        engine_for_errors.submit(GenerationRequest("t", ACME, None, prompt="x" * 400))
+        engine_for_errors.submit(engine_for_errors.admit("t", ACME, None, prompt="x" * 400))
     assert e.value.field == "prompt"
-    s = engine_for_errors.submit(_req("dup", None, n=30))
+    s = engine_for_errors.submit(_req(engine_for_errors, "dup", None, n=30))
     with pytest.raises(AlreadyExists):
-        engine_for_errors.submit(_req("dup", None, n=2))
+        engine_for_errors.submit(_req(engine_for_errors, "dup", None, n=2))
     s.wait(30)
 
 
@@ -336,8 +336,8 @@ def test_incompatible_adapter_is_refused(world, tmp_path):
     engine = _engine(world)
     try:
         with pytest.raises(IncompatibleAdapter):
-            engine.submit(_req("x", "acme/foreign"))
-        assert engine.generate(_req("ok", "acme/a2", n=2)).finish_reason == "length"
+            engine.submit(_req(engine, "x", "acme/foreign"))
+        assert engine.generate(_req(engine, "ok", "acme/a2", n=2)).finish_reason == "length"
     finally:
         engine.shutdown()
 
@@ -352,14 +352,14 @@ def test_corrupt_blob_fails_only_its_request(base_factory, tmp_path):
     path.write_bytes(bytes(data))
     engine = _engine(w, Recorder(token_sleep=0.005))
     try:
-        good = engine.submit(_req("good", "acme/a1", n=30))
-        bad = engine.submit(_req("bad", "acme/a2", n=5))
+        good = engine.submit(_req(engine, "good", "acme/a1", n=30))
+        bad = engine.submit(_req(engine, "bad", "acme/a2", n=5))
         with pytest.raises(DataCorruption):
             bad.wait(30)
         with pytest.raises(DataCorruption):
             list(bad)
         assert good.wait(30).finish_reason == "length"
-        assert engine.generate(_req("after", None, n=2)).finish_reason == "length"
+        assert engine.generate(_req(engine, "after", None, n=2)).finish_reason == "length"
     finally:
         engine.shutdown()
 
@@ -387,9 +387,9 @@ def test_observer_sees_the_request_lifecycle_and_its_errors_are_contained(world)
     obs = Counting()
     engine = _engine(world, obs)
     try:
-        r = engine.generate(_req("o1", "acme/a1", n=5))
+        r = engine.generate(_req(engine, "o1", "acme/a1", n=5))
         with pytest.raises(NotFound):
-            engine.submit(_req("o2", "acme/missing"))
+            engine.submit(_req(engine, "o2", "acme/missing"))
     finally:
         engine.shutdown()
     c = obs.calls

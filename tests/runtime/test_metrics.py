@@ -22,7 +22,7 @@ METRICS_MD = REPO / "runtime" / "METRICS.md"
 
 
 def _request(rid, tenant, adapter=None):
-    return NS(request_id=rid, identity=NS(tenant=tenant), adapter=adapter)
+    return NS(request_id=rid, tenant=tenant, adapter=adapter)
 
 
 def _result(rid, reason="stop", tenant="acme", prompt=3, completion=5, total=0.2):
@@ -45,7 +45,7 @@ def test_engine_hooks_feed_the_documented_series():
     for _ in range(4):
         m.on_token(0.002)
     m.on_finished(_result("r1"))
-    m.on_request_rejected(_request("r2", "acme", "acme/support"), "RESOURCE_EXHAUSTED")
+    m.on_request_rejected("acme", "acme/support", "RESOURCE_EXHAUSTED")
     m.on_cache("hit", "device")
     m.on_cache("miss", "host")
     m.on_cache("evict", "device")
@@ -157,7 +157,7 @@ def test_dashboard_and_prometheus_config_use_real_metrics():
 def test_refused_refs_do_not_take_label_places():
     m = ServerMetrics(top_k=2)
     for i in range(5):
-        m.on_request_rejected(_request(f"x{i}", "acme", f"acme/typo{i}"), "NOT_FOUND")
+        m.on_request_rejected("acme", f"acme/typo{i}", "NOT_FOUND")
     m.on_request_queued(_request("r1", "acme", "acme/support"))
     m.on_finished(_result("r1"))
     assert _value(m, "loraplex_requests_total", outcome="not_found", tenant="acme",

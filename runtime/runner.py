@@ -1,0 +1,189 @@
+"""The model side of a step: boot the base, then run forwards over row feeds.
+
+    runner = Runner.boot(config)                   # engine thread: base, LoRA layers, KV rows
+    out = runner.run(plan.decode, decode_slots, plan.prefill, prefill_slots)
+    out.decode.logits                              # [B, V], one row per decode feed
+
+A forward takes `RowFeed`s (KV row, start position, token ids) and one adapter slot per row,
+lays them out left-padded (`kv.build_layout`), builds the attention mask (with the sliding
+window where the model has one) and returns last-position logits. Decode (one token per
+running sequence) and prefill (prompt chunks) are separate forwards, so a long prompt never
+pads every decode row to its length. A forward that raises fails only its own rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from loraplex.errors import LoraplexError
+from loraplex.runtime.kv import RowAllocator, RowFeed, RowKVCache, StepLayout, build_layout
+
+if TYPE_CHECKING:
+    from loraplex.fingerprint import BaseFingerprint
+    from loraplex.runtime.layers import LoraInjection
+    from loraplex.runtime.types import EngineConfig
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """How this model wants its 4D attention mask."""
+
+    boolean: bool  # sdpa takes a boolean mask; eager an additive one
+    dtype: torch.dtype  # of the additive mask
+    sliding_window: int | None = None
+    per_layer_type: bool = False  # {"full_attention": .., "sliding_attention": ..}
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward's outcome: `logits # [B, V]` for `feeds`, or the error that failed them."""
+
+    feeds: tuple[RowFeed, ...]
+    logits: torch.Tensor | None = None
+    error: LoraplexError | None = None
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    decode: Forward
+    prefill: Forward
+
+    @property
+    def rows(self) -> int:
+        return len(self.decode.feeds) + len(self.prefill.feeds)
+
+
+def step_mask(layout: StepLayout, spec: MaskSpec) -> torch.Tensor | dict[str, torch.Tensor]:
+    """`[B, 1, Q, L]` mask: each query sees its own row's keys up to its position (and, with
+    a sliding window, only the last `window` of them)."""
+    full = layout.mask(boolean=spec.boolean, dtype=spec.dtype)  # [B, 1, Q, L]
+    if spec.sliding_window is None:
+        return full
+    keys = torch.arange(layout.kv_len, device=layout.position_ids.device)  # [L]
+    # key k is within the window of position p iff k > p - window (p itself always is)
+    near = keys[None, None, None, :] > layout.position_ids[:, None, :, None] \
+        - spec.sliding_window  # [B, 1, Q, L]
+    if spec.boolean:
+        sliding = full & near
+    else:
+        sliding = full.masked_fill(~near, torch.finfo(spec.dtype).min)
+    if spec.per_layer_type:
+        return {"full_attention": full, "sliding_attention": sliding}
+    return sliding
+
+
+def forward(model: Any, kv: RowKVCache, injection: LoraInjection, mask: MaskSpec,
+            feeds: Sequence[RowFeed], slots: Sequence[int], max_len: int,
+            device: torch.device) -> torch.Tensor:
+    """One model forward over `feeds`; `slots # [B]` adapter slot per row → logits `[B, V]`."""
+    layout = build_layout(feeds, max_len, device)
+    kv.set_layout(layout.rows, layout.cache_pos, layout.kv_len, layout.first_row)
+    injection.set_batch(list(slots))
+    with torch.inference_mode():
+        out = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                    attention_mask=step_mask(layout, mask), cache=kv, use_cache=True,
+                    logits_to_keep=1)
+    return out.logits[:, -1].float()  # [B, V]
+
+
+class Runner:
+    """Owns the model, its LoRA layers and the KV rows; engine thread only."""
+
+    def __init__(self, model: Any, tokenizer: Any, fingerprint: BaseFingerprint,
+                 injection: LoraInjection, kv: RowKVCache, mask: MaskSpec,
+                 max_seq_len: int, max_batch: int, device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.injection = injection
+        self.kv = kv
+        self.mask = mask
+        self.max_seq_len = max_seq_len
+        self.rows = RowAllocator(max_batch)
+        self.device = device
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        self.eos = eos_ids(model, tokenizer)
+        self.lora_dtype = next(iter(injection.layers.values())).lora_a.dtype
+
+    @classmethod
+    def boot(cls, cfg: EngineConfig) -> Runner:
+        """Load the base, wrap its target modules, allocate the KV rows (by a warm-up
+        forward, so nothing but per-step tensors is allocated on the request path)."""
+        from loraplex.runtime.base import load_base
+        from loraplex.runtime.layers import inject_lora
+
+        device = torch.device(cfg.device if cfg.device != "auto"
+                              else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if cfg.compute_dtype == "auto":
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        else:
+            dtype = _DTYPES[cfg.compute_dtype]
+        base = load_base(cfg.base_dir, quantization=cfg.quantization, compute_dtype=dtype,
+                         device=device)
+        model = base.model
+        model.eval()
+        mcfg = model.config.get_text_config()
+        limit = int(getattr(mcfg, "max_position_embeddings", 0) or MAX_CONTEXT)
+        max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
+        injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank)
+        kv = RowKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len)
+        runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
+                     mask_spec(model), max_seq_len, cfg.max_batch, base.device)
+        runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV buffers
+        return runner
+
+    def forward(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
+        return forward(self.model, self.kv, self.injection, self.mask, feeds, slots,
+                       self.max_seq_len, self.device)
+
+    def run(self, decode: Sequence[RowFeed], decode_slots: Sequence[int],
+            prefill: Sequence[RowFeed], prefill_slots: Sequence[int]) -> StepOutputs:
+        """The step's decode forward, then its prefill forward."""
+        return StepOutputs(self._safe(decode, decode_slots), self._safe(prefill, prefill_slots))
+
+    def _safe(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> Forward:
+        if not feeds:
+            return Forward(())
+        try:
+            return Forward(tuple(feeds), logits=self.forward(feeds, slots))
+        except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
+            log.exception("forward failed for %d rows", len(feeds))
+            err = e if isinstance(e, LoraplexError) else LoraplexError(
+                f"internal error in the forward pass: {type(e).__name__}")
+            return Forward(tuple(feeds), error=err)
+
+
+def mask_spec(model: Any) -> MaskSpec:
+    """Sliding-window attention: models with `layer_types` take a mask per layer type;
+    older ones (Mistral, Phi-3) one mask that must already carry the window."""
+    mcfg = model.config.get_text_config()
+    dtype = model.get_input_embeddings().weight.dtype
+    boolean = mcfg._attn_implementation == "sdpa"
+    types = getattr(mcfg, "layer_types", None)
+    window = getattr(mcfg, "sliding_window", None)
+    if types is not None:
+        return MaskSpec(boolean, dtype, int(window) if "sliding_attention" in types else None,
+                        per_layer_type=True)
+    if window and getattr(mcfg, "use_sliding_window", True):
+        return MaskSpec(boolean, dtype, int(window))
+    return MaskSpec(boolean, dtype)
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list | tuple):
+            ids.update(int(x) for x in v)
+    return frozenset(ids)
