@@ -25,7 +25,6 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from loraplex.peft_format import PEFT_PREFIX  # noqa: F401 - re-exported for old imports
 from loraplex.registry.tensorfile import TensorFile
 
 VOLATILE_CONFIG_KEYS = frozenset(

@@ -48,10 +48,11 @@ from loraplex.errors import (
     ValidationFailed,
 )
 from loraplex.fingerprint import BaseFingerprint
+from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import db, faults, tensorfile
 from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore
-from loraplex.registry.content import PEFT_PREFIX, adapter_digest
+from loraplex.registry.content import adapter_digest
 from loraplex.registry.db import adapters, alias_moves, aliases, versions
 from loraplex.registry.records import (
     UNSET,

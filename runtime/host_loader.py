@@ -1,8 +1,8 @@
 """Registry → host memory: read an adapter (digest-checked) and check it fits the layers.
 
 Runs on the pool's loader threads, never on the engine thread (a cold load must not stall
-decoding). `peft_target` is the one place the engine reads peft tensor names; it will be
-served by the shared peft-format module.
+decoding). Tensor names are read by the shared peft-format rules (`loraplex.peft_format`),
+the same ones the registry validated them with.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loraplex import peft_format
 from loraplex.errors import FailedPrecondition
 from loraplex.runtime.admission import Limits, check_compatible
 from loraplex.runtime.pool import HostAdapter
@@ -19,13 +20,6 @@ from loraplex.runtime.pool import HostAdapter
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion, Registry
     from loraplex.runtime.layers import LoraInjection
-
-
-def peft_target(key: str) -> tuple[str, str] | None:
-    """`base_model.model.<module>.lora_A[.default].weight` → (`<module>`, "lora_A")."""
-    from loraplex.runtime.layers import parse_peft_key
-
-    return parse_peft_key(key)
 
 
 class HostLoader:
@@ -61,15 +55,18 @@ class HostLoader:
 
 
 def fit_problems(tensors: dict[str, torch.Tensor], injection: LoraInjection) -> list[str]:
-    """Every tensor must target an injected layer with shapes it can hold."""
-    problems = []
-    for key, t in tensors.items():
-        parsed = peft_target(key)
-        layer = injection.layers.get(parsed[0]) if parsed else None
+    """Every tensor must be half of an A/B pair that targets an injected layer with shapes
+    it can hold (a lone half is refused here, not a KeyError on the loader thread)."""
+    grouped = peft_format.pair_tensors(tensors)
+    problems = [f"{key!r} is not a LoRA A/B weight" for key in grouped.unparsed]
+    problems += [f"module {module!r} has no lora_{half} weight"
+                 for module, half in grouped.incomplete]
+    for module, (a, b) in grouped.pairs.items():
+        layer = injection.layers.get(module)
         if layer is None:
-            problems.append(f"{key!r} targets no LoRA layer of this engine")
-        elif parsed[1] == "lora_A":
-            layer.check_shapes(t, tensors[key.replace("lora_A", "lora_B")])
+            problems.append(f"{module!r} targets no LoRA layer of this engine")
+        else:
+            layer.check_shapes(a, b)
     return problems
 
 

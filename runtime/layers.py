@@ -316,13 +316,6 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return peft_format.leaf_names(_wrappable(model))
 
 
-def parse_peft_key(key: str) -> tuple[str, str] | None:
-    """Kept for runtime/engine.py until it calls `peft_format.parse_key` itself:
-    (module path, "lora_A" | "lora_B") or None."""
-    k = peft_format.parse_key(key)
-    return (k.module, f"lora_{k.half}") if k else None
-
-
 class LoraInjection:
     """The BatchedLoraLayers put into one model, and the shared per-step batch state."""
 

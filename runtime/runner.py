@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from loraplex import peft_format
 from loraplex.errors import LoraplexError
 from loraplex.runtime.kv import RowAllocator, RowFeed, RowKVCache, StepLayout, build_layout
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from loraplex.runtime.types import EngineConfig
 
 log = logging.getLogger(__name__)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_CONTEXT = 4096
 
 
@@ -123,10 +123,7 @@ class Runner:
 
         device = torch.device(cfg.device if cfg.device != "auto"
                               else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if cfg.compute_dtype == "auto":
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        else:
-            dtype = _DTYPES[cfg.compute_dtype]
+        dtype = peft_format.compute_dtype(cfg.compute_dtype, device)
         base = load_base(cfg.base_dir, quantization=cfg.quantization, compute_dtype=dtype,
                          device=device)
         model = base.model

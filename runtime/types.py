@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from loraplex import peft_format
 from loraplex.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -20,8 +21,8 @@ if TYPE_CHECKING:
 
 FinishReason = Literal["stop", "length", "cancelled", "deadline"]
 Quantization = Literal["nf4", "int8", "none"]
-_QUANTIZATIONS = ("nf4", "int8", "none")
-_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_QUANTIZATIONS = peft_format.QUANTIZATIONS
+_DTYPES = ("auto", *peft_format.COMPUTE_DTYPES)
 
 
 @dataclass(frozen=True)

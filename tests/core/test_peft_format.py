@@ -257,7 +257,7 @@ def test_all_linear_adapters_are_served_token_for_token_as_peft(micro_base, tmp_
 
     from loraplex.basemodel import EOS_ID
     from loraplex.registry import Identity, Registry
-    from loraplex.runtime.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(micro_base, dtype=torch.float32).eval()
@@ -282,7 +282,7 @@ def test_all_linear_adapters_are_served_token_for_token_as_peft(micro_base, tmp_
                                  target_modules="all-linear", max_slots=2, max_rank=8,
                                  max_batch=4), reg).start()
     try:
-        streams = {(name, i): engine.submit(GenerationRequest(
+        streams = {(name, i): engine.submit(engine.admit(
             f"{name}{i}", Identity("acme"), f"acme/{name}", prompt_ids=p,
             sampling=SamplingParams(max_new_tokens=8)))
             for name in ("expanded", "shorthand") for i, p in enumerate(prompts)}
