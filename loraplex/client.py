@@ -301,6 +301,14 @@ class Client(_Base):
     def set_alias(self, ref: str, alias: str, expected: Any = ...):
         return self._call(self.registry.SetAlias, set_alias_request(ref, alias, expected))
 
+    def compress_adapter(self, ref: str, **fields):  # rank= | energy=, scope=, name=
+        return self._call(self.registry.CompressAdapter,
+                          registry_pb2.CompressAdapterRequest(ref=ref, **fields))
+
+    def merge_adapters(self, refs: Sequence[str], name: str, **fields):  # method=, weights=…
+        return self._call(self.registry.MergeAdapters,
+                          registry_pb2.MergeAdaptersRequest(refs=refs, name=name, **fields))
+
     def delete_version(self, ref: str, force: bool = False) -> None:
         self._call(self.registry.DeleteVersion,
                    registry_pb2.DeleteVersionRequest(ref=ref, force=force))
@@ -438,6 +446,14 @@ class AsyncClient(_Base):
 
     async def set_alias(self, ref: str, alias: str, expected: Any = ...):
         return await self._call(self.registry.SetAlias, set_alias_request(ref, alias, expected))
+
+    async def compress_adapter(self, ref: str, **fields):
+        return await self._call(self.registry.CompressAdapter,
+                                registry_pb2.CompressAdapterRequest(ref=ref, **fields))
+
+    async def merge_adapters(self, refs: Sequence[str], name: str, **fields):
+        return await self._call(self.registry.MergeAdapters,
+                                registry_pb2.MergeAdaptersRequest(refs=refs, name=name, **fields))
 
     async def delete_version(self, ref: str, force: bool = False) -> None:
         await self._call(self.registry.DeleteVersion,
