@@ -60,6 +60,7 @@ def base_build(
 # Package CLIs: (module, attribute, mount name or None for top-level commands).
 _PLUGINS = [
     ("loraplex.registry.cli", "app", "registry"),
+    ("loraplex.registry.algebra_cli", "register", None),  # `loraplex export`
     ("loraplex.trainer.cli", "register", None),
     ("loraplex.runtime.cli", "register", None),
 ]

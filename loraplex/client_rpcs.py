@@ -283,6 +283,16 @@ RPCS: dict[str, Rpc] = {
                          lambda resp: resp.versions, idempotent=True),
     "set_alias": Rpc("registry", "SetAlias", set_alias_request,
                      doc="Move an alias; `expected` makes it compare-and-set."),
+    "compress_adapter": Rpc("registry", "CompressAdapter",
+                            lambda ref, **fields: registry_pb2.CompressAdapterRequest(
+                                ref=ref, **fields),
+                            doc="Publish a lower-rank version (`rank=` or `energy=`, `scope=`, "
+                                "`name=`); returns the new version."),
+    "merge_adapters": Rpc("registry", "MergeAdapters",
+                          lambda refs, name, **fields: registry_pb2.MergeAdaptersRequest(
+                              refs=refs, name=name, **fields),
+                          doc="Publish a merge of several adapters (`method=`, `weights=`, "
+                              "`density=`); returns the new version."),
     "delete_version": Rpc("registry", "DeleteVersion",
                           lambda ref, force=False: registry_pb2.DeleteVersionRequest(
                               ref=ref, force=force), lambda _: None),

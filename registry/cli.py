@@ -9,6 +9,8 @@
     loraplex registry rm acme/support:v1 [--force]
     loraplex registry verify && loraplex registry gc
     loraplex registry token create acme [--admin]
+    loraplex registry compress acme/support@prod --rank 4 [--alias prod --gate … --gate-data …]
+    loraplex registry merge acme/a acme/b --method ties --density 0.5 --name acme/ab
 
 Every command takes `--registry` (or `$LORAPLEX_REGISTRY`; default `.loraplex/registry`),
 a directory or a database URL, and `--json` for scripts. Identity: with `--token` (or
@@ -316,6 +318,10 @@ def base_list(
             table.add_row(fp.summary(), "\n".join(names))
         s.emit([{"names": n, "digest": fp.digest, "architecture": fp.architecture}
                 for n, fp in rows], table)
+
+
+# compress / merge (and the root's `export`) live in algebra_cli.py; importing it attaches them.
+from loraplex.registry import algebra_cli  # noqa: E402,F401
 
 
 def main() -> None:  # pragma: no cover - `python -m loraplex.registry.cli`

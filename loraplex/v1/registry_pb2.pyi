@@ -17,10 +17,19 @@ class ChangeKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CHANGE_KIND_VERSION_CREATED: _ClassVar[ChangeKind]
     CHANGE_KIND_ALIAS_MOVED: _ClassVar[ChangeKind]
     CHANGE_KIND_VERSION_DELETED: _ClassVar[ChangeKind]
+
+class EnergyScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENERGY_SCOPE_UNSPECIFIED: _ClassVar[EnergyScope]
+    ENERGY_SCOPE_MODULE: _ClassVar[EnergyScope]
+    ENERGY_SCOPE_GLOBAL: _ClassVar[EnergyScope]
 CHANGE_KIND_UNSPECIFIED: ChangeKind
 CHANGE_KIND_VERSION_CREATED: ChangeKind
 CHANGE_KIND_ALIAS_MOVED: ChangeKind
 CHANGE_KIND_VERSION_DELETED: ChangeKind
+ENERGY_SCOPE_UNSPECIFIED: EnergyScope
+ENERGY_SCOPE_MODULE: EnergyScope
+ENERGY_SCOPE_GLOBAL: EnergyScope
 
 class RegisterAdapterHeader(_message.Message):
     __slots__ = ("name", "adapter_config", "lineage_json", "size_bytes", "base_digest")
@@ -151,3 +160,43 @@ class AdapterChange(_message.Message):
     digest: str
     at: _timestamp_pb2.Timestamp
     def __init__(self, id: _Optional[int] = ..., kind: _Optional[_Union[ChangeKind, str]] = ..., tenant: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., alias: _Optional[str] = ..., digest: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CompressAdapterRequest(_message.Message):
+    __slots__ = ("ref", "rank", "energy", "scope", "name")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    rank: int
+    energy: float
+    scope: EnergyScope
+    name: str
+    def __init__(self, ref: _Optional[str] = ..., rank: _Optional[int] = ..., energy: _Optional[float] = ..., scope: _Optional[_Union[EnergyScope, str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class MergeAdaptersRequest(_message.Message):
+    __slots__ = ("refs", "method", "weights", "density", "svd_rank", "seed", "name")
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    SVD_RANK_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    refs: _containers.RepeatedScalarFieldContainer[str]
+    method: str
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    density: float
+    svd_rank: int
+    seed: int
+    name: str
+    def __init__(self, refs: _Optional[_Iterable[str]] = ..., method: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ..., density: _Optional[float] = ..., svd_rank: _Optional[int] = ..., seed: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
+
+class DerivedAdapterResponse(_message.Message):
+    __slots__ = ("adapter", "created")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    adapter: _common_pb2.AdapterVersion
+    created: bool
+    def __init__(self, adapter: _Optional[_Union[_common_pb2.AdapterVersion, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...

@@ -70,6 +70,16 @@ class RegistryServiceStub:
                 request_serializer=loraplex_dot_v1_dot_registry__pb2.WatchAdaptersRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_registry__pb2.AdapterChange.FromString,
                 _registered_method=True)
+        self.CompressAdapter = channel.unary_unary(
+                '/loraplex.v1.RegistryService/CompressAdapter',
+                request_serializer=loraplex_dot_v1_dot_registry__pb2.CompressAdapterRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_registry__pb2.DerivedAdapterResponse.FromString,
+                _registered_method=True)
+        self.MergeAdapters = channel.unary_unary(
+                '/loraplex.v1.RegistryService/MergeAdapters',
+                request_serializer=loraplex_dot_v1_dot_registry__pb2.MergeAdaptersRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_registry__pb2.DerivedAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServiceServicer:
@@ -123,6 +133,22 @@ class RegistryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompressAdapter(self, request, context):
+        """Truncated SVD of every module of `ref` (a rank or an energy share), published as a new
+        version with lineage. Inputs and output belong to the caller's tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MergeAdapters(self, request, context):
+        """peft's add_weighted_adapter over stored versions (one tenant, one base), published as
+        a new version with lineage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +186,16 @@ def add_RegistryServiceServicer_to_server(servicer, server):
                     servicer.WatchAdapters,
                     request_deserializer=loraplex_dot_v1_dot_registry__pb2.WatchAdaptersRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_registry__pb2.AdapterChange.SerializeToString,
+            ),
+            'CompressAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompressAdapter,
+                    request_deserializer=loraplex_dot_v1_dot_registry__pb2.CompressAdapterRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_registry__pb2.DerivedAdapterResponse.SerializeToString,
+            ),
+            'MergeAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeAdapters,
+                    request_deserializer=loraplex_dot_v1_dot_registry__pb2.MergeAdaptersRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_registry__pb2.DerivedAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +387,60 @@ class RegistryService:
             '/loraplex.v1.RegistryService/WatchAdapters',
             loraplex_dot_v1_dot_registry__pb2.WatchAdaptersRequest.SerializeToString,
             loraplex_dot_v1_dot_registry__pb2.AdapterChange.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompressAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.RegistryService/CompressAdapter',
+            loraplex_dot_v1_dot_registry__pb2.CompressAdapterRequest.SerializeToString,
+            loraplex_dot_v1_dot_registry__pb2.DerivedAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.RegistryService/MergeAdapters',
+            loraplex_dot_v1_dot_registry__pb2.MergeAdaptersRequest.SerializeToString,
+            loraplex_dot_v1_dot_registry__pb2.DerivedAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

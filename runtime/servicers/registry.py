@@ -1,7 +1,9 @@
-"""RegistryService: register (streamed), inspect, alias and delete adapters; watch changes.
+"""RegistryService: register (streamed), inspect, alias and delete adapters; watch changes;
+derive new versions (compress, merge).
 
-Registry calls touch the database and the blob store, so they run in worker threads
-(`asyncio.to_thread`) and never block the event loop that serves generation streams.
+Registry calls touch the database and the blob store, and derivations do tensor work on
+every module of an adapter, so they all run in worker threads (`asyncio.to_thread`) and
+never block the event loop that serves generation streams.
 """
 
 from __future__ import annotations
@@ -89,6 +91,33 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             if not changes:
                 await asyncio.sleep(self.state.settings.watch_poll_s)
 
+    async def CompressAdapter(self, request, context):
+        from loraplex.registry.derive import compress_version
+
+        which = request.WhichOneof("target")
+        if which is None:
+            raise InvalidArgument("give `rank` or `energy`", field="rank")
+        scope = "global" if request.scope == registry_pb2.ENERGY_SCOPE_GLOBAL else "module"
+        version = await asyncio.to_thread(
+            compress_version, self.registry, current_identity(), _required(request.ref, "ref"),
+            rank=request.rank if which == "rank" else None,
+            energy=request.energy if which == "energy" else None, scope=scope,
+            name=request.name.strip() or None)
+        return _derived_pb(version)
+
+    async def MergeAdapters(self, request, context):
+        from loraplex.registry.derive import merge_versions
+
+        if not request.refs:
+            raise InvalidArgument("`refs` must name at least one version", field="refs")
+        version = await asyncio.to_thread(
+            merge_versions, self.registry, current_identity(), list(request.refs),
+            name=_required(request.name, "name"), method=request.method or "linear",
+            weights=list(request.weights) or None,
+            density=request.density if request.HasField("density") else None,
+            svd_rank=request.svd_rank or None, seed=request.seed)
+        return _derived_pb(version)
+
     # -- helpers ----------------------------------------------------------------------------
     async def _receive(self, request_iterator) -> tuple[registry_pb2.RegisterAdapterHeader,
                                                         bytes]:
@@ -136,6 +165,11 @@ def _required(value: str, field: str) -> str:
     if not value.strip():
         raise InvalidArgument(f"`{field}` is required", field=field)
     return value.strip()
+
+
+def _derived_pb(version) -> registry_pb2.DerivedAdapterResponse:
+    return registry_pb2.DerivedAdapterResponse(adapter=convert.adapter_pb(version),
+                                               created=getattr(version, "created", True))
 
 
 def _too_big(cap: int) -> ResourceExhausted:

@@ -202,3 +202,39 @@ def test_health_and_reflection(world):
             "loraplex.v1.AdminService", "grpc.health.v1.Health"} <= services
     method = db.FindFileContainingSymbol("loraplex.v1.InferenceService")
     assert method.name == "loraplex/v1/inference.proto"
+
+
+# -- adapter algebra over the wire ---------------------------------------------------------
+def test_compress_and_merge_over_grpc_answer_with_the_new_version(world):
+    acme = world["c"]["acme"]
+    src = acme.register_adapter("acme/alg", world["adapter"]).adapter
+    small = acme.compress_adapter("acme/alg:v1", rank=2)
+    assert small.created and small.adapter.ref == "acme/alg:v2" and small.adapter.rank == 2
+    lineage = json.loads(small.adapter.lineage_json)
+    assert lineage["source"]["digest"] == src.digest and lineage["parameters"] == {"rank": 2}
+    energy = acme.compress_adapter("acme/alg:v1", energy=0.5,
+                                   scope=registry_pb2.ENERGY_SCOPE_GLOBAL, name="acme/alg-e")
+    assert json.loads(energy.adapter.lineage_json)["parameters"]["scope"] == "global"
+    merged = acme.merge_adapters(["acme/alg:v1", "acme/alg:v2"], "acme/alg-mix", method="svd",
+                                 weights=[1.0, 0.5], svd_rank=3)
+    assert merged.adapter.rank == 3
+    assert [i["digest"] for i in json.loads(merged.adapter.lineage_json)["inputs"]] == [
+        src.digest, small.adapter.digest]
+    with pytest.raises(InvalidArgument):
+        acme.compress_adapter("acme/alg:v1")  # neither rank nor energy
+    with pytest.raises(InvalidArgument, match="density"):
+        acme.merge_adapters(["acme/alg:v1", "acme/alg:v2"], "acme/x", method="ties")
+
+
+def test_algebra_over_grpc_is_tenant_scoped(world):
+    acme, globex, admin = (world["c"][k] for k in ("acme", "globex", "admin"))
+    acme.register_adapter("acme/own", world["adapter"])
+    globex.register_adapter("globex/own", world["adapter"])
+    with pytest.raises(NotFound):
+        globex.compress_adapter("acme/own:v1", rank=1, name="globex/stolen")
+    with pytest.raises(NotFound):
+        globex.merge_adapters(["globex/own", "acme/own"], "globex/mix")
+    with pytest.raises(NotFound):  # admins may read both, but not mix tenants
+        admin.merge_adapters(["globex/own", "acme/own"], "globex/mix")
+    with pytest.raises(NotFound):
+        globex.get_adapter("globex/stolen")
