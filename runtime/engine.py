@@ -472,7 +472,7 @@ class Engine:
         elif window and getattr(mcfg, "use_sliding_window", True):
             self._sliding_window = int(window)
         self._injection = inject_lora(self.model, cfg.target_modules, cfg.max_slots,
-                                      cfg.max_rank)
+                                      cfg.max_rank, cfg.lora_stack_dtype)
         self._lora_dtype = next(iter(self._injection.layers.values())).lora_a.dtype
         self._kv = SlotKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, self.max_seq_len)
         self._rows = RowAllocator(cfg.max_batch)
