@@ -481,7 +481,7 @@ class Engine:
             load_fn=self._load_adapter, write_slot=self._write_slot,
             clear_slot=self._injection.clear_slot, loader_threads=cfg.loader_threads,
             loader_nice=cfg.loader_nice,
-            observer=self.observer, on_loaded=self._wake.set)
+            observer=self.observer, on_loaded=self._wake.set, device=self._device)
         # Warm-up: allocates the KV buffers (and lets kernels pick their paths) before the
         # first request, so nothing is allocated on the request path but per-step tensors.
         self._forward([KVChunk(0, 0, [0])], [0])
