@@ -7,7 +7,8 @@
 #      alone on the same GPU, fp32 and bf16 adapter stacks (tests/runtime/test_engine_cuda.py)
 #   2. the Triton kernels compiled, against the Semantics loop and the torch strategy
 #      (tests/runtime/kernels/, which run under the interpreter on CPU elsewhere)
-#   3. bench.lora_ops on the GPU: decode step, bf16 base, bf16 stacks, torch vs Triton
+#   3. bench.lora_ops on the GPU: decode step, nf4 base (bf16 compute), bf16 stacks, torch
+#      vs Triton kernels, against the base step and peft's mixed batch
 #   4. bench.serve --quick on the GPU (loraplex vs one-at-a-time peft)
 # and writes one JSON: each step's exit code, seconds and test counts, and the figures.
 # Exit 0 only if every step passed. Without CUDA it prints one line and exits 2.
@@ -43,8 +44,8 @@ step engine_cuda 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -s \
     tests/runtime/test_engine_cuda.py --junitxml="$WORK/engine_cuda.xml"
 step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/runtime/kernels \
     --junitxml="$WORK/kernels.xml"
-step lora_ops 120 "$PY" -m bench.lora_ops --device cuda --stacks bfloat16 \
-    --kernels torch,triton --quick --out "$WORK/lora_ops.json"
+step lora_ops 120 "$PY" -m bench.lora_ops --device cuda --quantization nf4 \
+    --stacks bfloat16 --kernels torch,triton --quick --out "$WORK/lora_ops.json"
 step serve 120 "$PY" -m bench.serve --quick --device cuda --json
 
 "$PY" - "$WORK" "$OUT" "${STEPS[@]}" <<'PYEOF'

@@ -49,7 +49,16 @@ def bench_base(base_dir: Path) -> Path:
     return build_base(base_dir, size="bench", arch="llama", seed=0)
 
 
-def load_fp32(base_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_fp32(base_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+              quantization: str = "none"):
+    """The bench base (fp32 by default; `quantization` "nf4"/"int8" through the runtime's
+    own loader, bitsandbytes, with `dtype` as compute dtype)."""
+    if quantization != "none":
+        from loraplex.runtime.base import load_base
+
+        model = load_base(base_dir, quantization=quantization, compute_dtype=dtype,
+                          device=device).model
+        return model.eval().requires_grad_(False)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
@@ -124,7 +133,8 @@ class DecodeStep:
 
 def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank: int = 16,
         rounds: int | None = None, clock: str = "wall", device: str = "cpu",
-        stacks: tuple[str, ...] = ("float32",), kernels: tuple[str, ...] = ("auto",)) -> dict:
+        stacks: tuple[str, ...] = ("float32",), kernels: tuple[str, ...] = ("auto",),
+        quantization: str = "none") -> dict:
     from loraplex.runtime.layers import inject_lora
 
     rounds = rounds or (6 if quick else 20)
@@ -134,11 +144,13 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
     base_dir = bench_base(base_dir)
     _say(f"loading the base and making {max(NS)} peft adapters ...")
     base_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    plain = load_fp32(base_dir, base_dtype, device)
+    plain = load_fp32(base_dir, base_dtype, device, quantization)
     variants = [(st, k) for st in stacks for k in kernels]
-    models = [load_fp32(base_dir, base_dtype, device) for _ in range(len(variants) + 1)]
-    for other in models:  # one copy of the weights: same memory for every config
-        other.load_state_dict(plain.state_dict(), assign=True)
+    models = [load_fp32(base_dir, base_dtype, device, quantization)
+              for _ in range(len(variants) + 1)]
+    if quantization == "none":  # one copy of the weights: same memory for every config
+        for other in models:
+            other.load_state_dict(plain.state_dict(), assign=True)
     peft_base, ours_models = models[0], models[1:]
     peft_model, dicts = make_adapters(peft_base, max(NS), rank)
     injections = {}
@@ -186,6 +198,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
         "config": {"base": "bench (llama, 8 layers, hidden 1024, ~100M params)",
                    "dtype": str(base_dtype).removeprefix("torch."), "rank": rank,
                    "batch": batch, "prompt_len": prompt_len, "device": device,
+                   "quantization": quantization,
                    "variants": list(injections), "ours": first,
                    "projections": PROJECTIONS, "rounds": rounds, "quick": quick,
                    "clock": clock},
@@ -252,7 +265,7 @@ def render(result: dict) -> str:
     c = result["config"]
     lines = [
         f"bench.lora_ops — decode step, batch {c['batch']}, KV {c['prompt_len']}, rank "
-        f"{c['rank']} on 7 projections, {c['dtype']} base on {c['device']}, {c['rounds']} rounds "
+        f"{c['rank']} on 7 projections, {c['dtype']} {c['quantization']} base on {c['device']}, {c['rounds']} rounds "
         f"(medians, {c['clock']} clock); ours = {c['ours']}",
         f"machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch "
         f"threads, load avg {result['machine']['load_avg']}",
@@ -297,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of adapter stack dtypes (float32,bfloat16,float16)")
     ap.add_argument("--kernels", default="auto",
                     help="comma list of lora_ops kernels (auto,torch,triton)")
+    ap.add_argument("--quantization", default="none", choices=("none", "nf4", "int8"),
+                    help="the base's quantization (bitsandbytes; nf4 is the GPU target)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE_DIR,
                     help="where the bench base is built/cached")
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = run(args.quick, args.base_dir, rounds=args.rounds, clock=args.clock,
                  device=args.device, stacks=tuple(args.stacks.split(",")),
-                 kernels=tuple(args.kernels.split(",")))
+                 kernels=tuple(args.kernels.split(",")), quantization=args.quantization)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else render(result))
