@@ -97,3 +97,13 @@ def test_stack_dtype_auto_is_bf16_on_cuda_fp32_on_cpu_and_names_bad_values():
     with pytest.raises(InvalidArgument) as e:
         resolve_stack_dtype("int8", torch.device("cpu"))
     assert e.value.field == "stack_dtype"
+
+
+def test_engine_config_takes_the_stack_dtype_and_names_a_bad_one():
+    from loraplex.runtime.types import EngineConfig
+
+    assert EngineConfig(base_dir=".").lora_stack_dtype == "auto"
+    assert EngineConfig(base_dir=".", lora_stack_dtype="bfloat16").lora_stack_dtype == "bfloat16"
+    with pytest.raises(InvalidArgument) as e:
+        EngineConfig(base_dir=".", lora_stack_dtype="int8")
+    assert e.value.field == "lora_stack_dtype"
