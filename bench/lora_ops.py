@@ -3,13 +3,16 @@
     python -m bench.lora_ops            # full run (a few minutes on 2 cores)
     python -m bench.lora_ops --quick    # about a minute
     python -m bench.lora_ops --json     # the figures as JSON on stdout
+    python -m bench.lora_ops --stacks float32,bfloat16   # fp32 and bf16 adapter stacks, one run
+    python -m bench.lora_ops --device cuda --kernels torch,triton   # on a GPU (bf16 base)
 
 On the `bench` base (~100M params, fp32), rank-16 adapters on all seven projections, batch 32,
 one decode step (1 new token per row over a KV cache of a 32-token prompt): the step time
 with N in {1, 4, 16, 32} distinct adapters (rows assigned to adapters in a shuffled order,
 as an engine's rows are) divided by the plain base's step at the same batch; and peft's own
 mixed batch (`model(..., adapter_names=[...])`) on the same base and adapters, divided by
-the same base step. Every configuration is timed in each round, rounds interleaved, after a
+the same base step. Each variant (stack dtype x kernel: `--stacks`, `--kernels`) is its own
+injection over the same weights, timed in the same rounds; the first is "ours". Every configuration is timed in each round, rounds interleaved, after a
 warm-up; figures are medians over rounds. The ratios are what to compare across machines.
 """
 
@@ -46,10 +49,19 @@ def bench_base(base_dir: Path) -> Path:
     return build_base(base_dir, size="bench", arch="llama", seed=0)
 
 
-def load_fp32(base_dir: Path):
+def load_fp32(base_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+              quantization: str = "none"):
+    """The bench base (fp32 by default; `quantization` "nf4"/"int8" through the runtime's
+    own loader, bitsandbytes, with `dtype` as compute dtype)."""
+    if quantization != "none":
+        from loraplex.runtime.base import load_base
+
+        model = load_base(base_dir, quantization=quantization, compute_dtype=dtype,
+                          device=device).model
+        return model.eval().requires_grad_(False)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
     return model.eval().requires_grad_(False)
 
 
@@ -82,6 +94,7 @@ def prefill_cache(model, batch: int, prompt_len: int):
 
     prompt = torch.randint(0, 256, (batch, prompt_len),
                            generator=torch.Generator().manual_seed(0))  # [B, P]
+    prompt = prompt.to(model.device)
     cache = DynamicCache()
     with torch.no_grad():
         model(input_ids=prompt, past_key_values=cache, use_cache=True)
@@ -96,24 +109,32 @@ class DecodeStep:
                  kwargs: dict | None = None) -> None:
         g = torch.Generator().manual_seed(1)
         self.model, self.cache, self.before, self.kwargs = model, cache, before, kwargs or {}
-        self.next_ids = torch.randint(0, 256, (batch, 1), generator=g)  # [B, 1]
-        self.positions = torch.full((batch, 1), prompt_len)  # [B, 1]
+        dev = model.device
+        self.next_ids = torch.randint(0, 256, (batch, 1), generator=g).to(dev)  # [B, 1]
+        self.positions = torch.full((batch, 1), prompt_len, device=dev)  # [B, 1]
+        self.cuda = dev.type == "cuda"  # time the GPU's work, not only the launches
 
     clock: Callable[[], float] = time.perf_counter
 
     @torch.no_grad()
     def __call__(self) -> float:
         self.before()
+        if self.cuda:
+            torch.cuda.synchronize()
         t0 = self.clock()
         self.model(input_ids=self.next_ids, past_key_values=self.cache, use_cache=True,
                    position_ids=self.positions, **self.kwargs)
+        if self.cuda:
+            torch.cuda.synchronize()
         dt = self.clock() - t0
         self.cache.crop(-1)  # drop the step's token: back to the prompt
         return dt
 
 
 def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank: int = 16,
-        rounds: int | None = None, clock: str = "wall") -> dict:
+        rounds: int | None = None, clock: str = "wall", device: str = "cpu",
+        stacks: tuple[str, ...] = ("float32",), kernels: tuple[str, ...] = ("auto",),
+        quantization: str = "none") -> dict:
     from loraplex.runtime.layers import inject_lora
 
     rounds = rounds or (6 if quick else 20)
@@ -122,14 +143,23 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
     DecodeStep.clock = staticmethod(time.thread_time if clock == "cpu" else time.perf_counter)
     base_dir = bench_base(base_dir)
     _say(f"loading the base and making {max(NS)} peft adapters ...")
-    plain = load_fp32(base_dir)
-    ours, peft_base = load_fp32(base_dir), load_fp32(base_dir)
-    for other in (ours, peft_base):  # one copy of the weights: same memory for every config
-        other.load_state_dict(plain.state_dict(), assign=True)
+    base_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    plain = load_fp32(base_dir, base_dtype, device, quantization)
+    variants = [(st, k) for st in stacks for k in kernels]
+    models = [load_fp32(base_dir, base_dtype, device, quantization)
+              for _ in range(len(variants) + 1)]
+    if quantization == "none":  # one copy of the weights: same memory for every config
+        for other in models:
+            other.load_state_dict(plain.state_dict(), assign=True)
+    peft_base, ours_models = models[0], models[1:]
     peft_model, dicts = make_adapters(peft_base, max(NS), rank)
-    inj = inject_lora(ours, PROJECTIONS, max_slots=max(NS), max_rank=rank)
-    for slot, (_name, sd) in enumerate(dicts.items(), start=1):
-        inj.load_adapter(slot, sd, r=rank, alpha=2 * rank)
+    injections = {}
+    for (st, k), model in zip(variants, ours_models, strict=True):
+        inj = inject_lora(model, PROJECTIONS, max_slots=max(NS), max_rank=rank,
+                          stack_dtype=st, kernel=k)
+        for slot, (_name, sd) in enumerate(dicts.items(), start=1):
+            inj.load_adapter(slot, sd, r=rank, alpha=2 * rank)
+        injections[_variant_name(st, k)] = (model, inj)
 
     order = torch.randperm(batch, generator=torch.Generator().manual_seed(1)).tolist()
     row_slots = {n: [order[i] % n + 1 for i in range(batch)] for n in NS}  # shuffled rows
@@ -142,10 +172,11 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
     strategies = {}
     for n in NS:
         slots = row_slots[n]
-        steps[f"ours_n{n}"] = DecodeStep(ours, cache, batch, prompt_len,
-                                         lambda s=slots: inj.set_batch(s))
-        inj.set_batch(slots)
-        strategies[n] = inj.batch.plan_for(batch, batch).strategy
+        for vname, (model, inj) in injections.items():
+            steps[f"{vname}_n{n}"] = DecodeStep(model, cache, batch, prompt_len,
+                                                lambda s=slots, i=inj: i.set_batch(s))
+            inj.set_batch(slots)
+            strategies[(vname, n)] = inj.batch.plan_for(batch, batch).strategy
         names = [f"ad{s}" for s in slots]
         steps[f"peft_n{n}"] = DecodeStep(peft_model, cache, batch, prompt_len, noop,
                                          {"adapter_names": names})
@@ -162,9 +193,13 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
 
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["base"]
+    first = next(iter(injections))
     result = {
         "config": {"base": "bench (llama, 8 layers, hidden 1024, ~100M params)",
-                   "dtype": "float32", "rank": rank, "batch": batch, "prompt_len": prompt_len,
+                   "dtype": str(base_dtype).removeprefix("torch."), "rank": rank,
+                   "batch": batch, "prompt_len": prompt_len, "device": device,
+                   "quantization": quantization,
+                   "variants": list(injections), "ours": first,
                    "projections": PROJECTIONS, "rounds": rounds, "quick": quick,
                    "clock": clock},
         "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
@@ -175,11 +210,15 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
         "rows": [],
     }
     for n in NS:
-        o, p = med[f"ours_n{n}"], med[f"peft_n{n}"]
+        o, p = med[f"{first}_n{n}"], med[f"peft_n{n}"]
         result["rows"].append({
-            "n_adapters": n, "strategy": strategies[n],
+            "n_adapters": n, "strategy": strategies[(first, n)],
             "ours_ms": o * 1e3, "ours_ratio": o / base,
             "peft_ms": p * 1e3, "peft_ratio": p / base, "speedup_vs_peft": p / o,
+            "variants": {v: {"strategy": strategies[(v, n)], "ms": med[f"{v}_n{n}"] * 1e3,
+                             "ratio": med[f"{v}_n{n}"] / base,
+                             "speedup_vs_peft": p / med[f"{v}_n{n}"]}
+                         for v in injections},
         })
     by_n = {r["n_adapters"]: r for r in result["rows"]}
     result["targets"] = {
@@ -193,6 +232,12 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
                                 >= TARGETS["speedup_vs_peft_n32"]},
     }
     return result
+
+
+def _variant_name(stack_dtype: str, kernel: str) -> str:
+    short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(stack_dtype,
+                                                                           stack_dtype)
+    return f"ours_{short}" + ("" if kernel == "auto" else f"_{kernel}")
 
 
 def _say(msg: str) -> None:
@@ -220,7 +265,8 @@ def render(result: dict) -> str:
     c = result["config"]
     lines = [
         f"bench.lora_ops — decode step, batch {c['batch']}, KV {c['prompt_len']}, rank "
-        f"{c['rank']} on 7 projections, fp32, {c['rounds']} rounds (medians, {c['clock']} clock)",
+        f"{c['rank']} on 7 projections, {c['dtype']} {c['quantization']} base on {c['device']}, {c['rounds']} rounds "
+        f"(medians, {c['clock']} clock); ours = {c['ours']}",
         f"machine: {result['machine']['cpu']}, {result['machine']['torch_threads']} torch "
         f"threads, load avg {result['machine']['load_avg']}",
         f"base-only step: {result['base_ms']:.1f} ms",
@@ -232,6 +278,13 @@ def render(result: dict) -> str:
         lines.append(f"{r['n_adapters']:>10} {r['strategy']:>9} {r['ours_ms']:>8.1f} "
                      f"{r['ours_ratio']:>8.2f}x {r['peft_ms']:>8.1f} {r['peft_ratio']:>8.2f}x "
                      f"{r['speedup_vs_peft']:>8.2f}x")
+    if len(c["variants"]) > 1:
+        lines += ["", f"{'N adapters':>10} {'variant':>18} {'strategy':>9} {'ms':>8} "
+                      f"{'x base':>7} {'peft/it':>8}"]
+        for r in result["rows"]:
+            for v, f in r["variants"].items():
+                lines.append(f"{r['n_adapters']:>10} {v:>18} {f['strategy']:>9} {f['ms']:>8.1f} "
+                             f"{f['ratio']:>6.2f}x {f['speedup_vs_peft']:>7.2f}x")
     lines.append("")
     labels = {"ours_n1": "ours/base at N=1", "ours_n32": "ours/base at N=32",
               "speedup_vs_peft_n32": "peft/ours at N=32"}
@@ -252,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="cpu: thread CPU time with 1 torch thread, for a busy shared machine")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 base on cuda)")
+    ap.add_argument("--stacks", default="float32",
+                    help="comma list of adapter stack dtypes (float32,bfloat16,float16)")
+    ap.add_argument("--kernels", default="auto",
+                    help="comma list of lora_ops kernels (auto,torch,triton)")
+    ap.add_argument("--quantization", default="none", choices=("none", "nf4", "int8"),
+                    help="the base's quantization (bitsandbytes; nf4 is the GPU target)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE_DIR,
                     help="where the bench base is built/cached")
     args = ap.parse_args(argv)
@@ -260,7 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         args.threads = 1  # thread CPU time only accounts for a single-threaded forward
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.quick, args.base_dir, rounds=args.rounds, clock=args.clock)
+    result = run(args.quick, args.base_dir, rounds=args.rounds, clock=args.clock,
+                 device=args.device, stacks=tuple(args.stacks.split(",")),
+                 kernels=tuple(args.kernels.split(",")), quantization=args.quantization)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else render(result))
     return 0
 

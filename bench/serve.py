@@ -59,6 +59,7 @@ class Load:
     # which slowed the batched engine 5-20x here (the one-row baseline far less).
     threads: int = 1
     seed: int = 0
+    device: str = "cpu"  # both servers; "cuda": bf16 engine (its CUDA defaults), bf16 peft
 
 
 QUICK = Load(size="tiny", clients=8, adapters=8, duration_s=15.0, warmup_s=4.0)
@@ -109,7 +110,9 @@ def baseline_server(base: Path, adapters: dict[str, Path], port: int) -> None:
     from loraplex.v1 import inference_pb2, inference_pb2_grpc
 
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    device = os.environ.get("LORAPLEX_BENCH_DEVICE", "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device)
     names = {ref: ref.split("/")[1] for ref in adapters}
     first, *rest = adapters
     model = PeftModel.from_pretrained(model, adapters[first], adapter_name=names[first])
@@ -123,14 +126,14 @@ def baseline_server(base: Path, adapters: dict[str, Path], port: int) -> None:
             t0 = time.monotonic()
             with lock, torch.inference_mode():
                 model.set_adapter(names[request.adapter.split("@")[0]])
-                ids = torch.tensor([tok(request.prompt).input_ids])
+                ids = torch.tensor([tok(request.prompt).input_ids], device=device)
                 past, out = None, []
                 for _ in range(request.sampling.max_new_tokens):
                     step = model(input_ids=ids, past_key_values=past, use_cache=True)
                     past = step.past_key_values
                     token = int(step.logits[0, -1].argmax())
                     out.append(token)
-                    ids = torch.tensor([[token]])
+                    ids = torch.tensor([[token]], device=device)
                     yield inference_pb2.GenerateStreamResponse(token_ids=[token])
             yield inference_pb2.GenerateStreamResponse(
                 finish_reason=inference_pb2.FINISH_REASON_LENGTH,
@@ -297,7 +300,7 @@ def loraplex_phase(base: Path, adapters: dict[str, Path], load: Load) -> dict:
     config = WORK / "server.yaml"
     config.write_text(yaml.safe_dump({
         "max_slots": max(8, load.adapters), "max_batch": max(8, load.clients),
-        "max_waiting": 4 * load.clients, "quantization": "none", "device": "cpu",
+        "max_waiting": 4 * load.clients, "quantization": "none", "device": load.device,
         "engine": {"max_rank": load.rank, "max_new_tokens_limit": load.new_tokens,
                    **({"prefill_token_budget": load.prefill_budget}
                       if load.prefill_budget else {})}}))
@@ -371,14 +374,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--prefill-budget", type=int)
     p.add_argument("--threads", type=int, help="torch threads of each server (0: default)")
+    p.add_argument("--device", help="cpu (default) or cuda, for both servers")
     p.add_argument("--baseline-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     ns = p.parse_args(argv)
     load = QUICK if ns.quick else Load()
     over = {"clients": ns.clients, "adapters": ns.adapters, "duration_s": ns.duration,
             "size": ns.size, "rank": ns.rank, "seed": ns.seed,
-            "prefill_budget": ns.prefill_budget, "threads": ns.threads}
+            "prefill_budget": ns.prefill_budget, "threads": ns.threads, "device": ns.device}
     load = Load(**{**asdict(load), **{k: v for k, v in over.items() if v is not None}})
     WORK.mkdir(parents=True, exist_ok=True)
+    os.environ["LORAPLEX_BENCH_DEVICE"] = load.device  # the baseline subprocess reads it
     base, adapters = prepare(load)
     if ns.baseline_server is not None:
         baseline_server(base, adapters, ns.baseline_server)

@@ -293,7 +293,8 @@ class Engine:
             max_slots=cfg.max_slots, host_cache_bytes=cfg.host_cache_bytes,
             load_fn=self.loader, write_slot=write_slot(runner.injection),
             clear_slot=runner.injection.clear_slot, loader_threads=cfg.loader_threads,
-            loader_nice=cfg.loader_nice, observer=self.observer, on_loaded=self._wake.set)
+            loader_nice=cfg.loader_nice, observer=self.observer, on_loaded=self._wake.set,
+            device=runner.device)
         self._core = EngineCore(cfg, runner, pool, self.scheduler, self._inbox, self.observer)
         self._admission = Admission(self.registry, tokenizer, limits)
 

@@ -14,8 +14,17 @@ Strategies (picked by `make_plan`, measured on a 2-core Xeon, see bench/README.m
                two `bmm`s. The decode case: many adapters, few tokens each.
 - "segments":  a loop over the distinct slots, two `mm`s per slot on slices of the tokens
                sorted by slot. The prefill case, or slots too scattered to group cheaply.
+- "triton":    CUDA only (or CPU under Triton's interpreter, for tests): the "segments"
+               layout handed to two fused kernels (runtime/triton_lora.py), a shrink and an
+               expand, two launches per layer whatever the number of adapters or ranks.
+               Chosen automatically when the plan's device is CUDA and triton imports
+               (`kernel="auto"`); `kernel="torch"` keeps the torch strategies on CUDA.
 A "gathered bmm" (copy `a[slot[t]]` for every token, then `bmm`) was measured too: it copies
 `T * R * (in + out)` weights per layer and lost to "grouped" in every case, so it is not here.
+
+Stacks in half precision (`a`, `b` in bf16/fp16) are allowed: the torch strategies compute
+in the stacks' dtype (the layer casts `x` first), "triton" accumulates in fp32. `scale` may
+stay fp32 (it does in BatchedLoraLayer) so alpha/sqrt(r) is not rounded to 8 bits.
 """
 
 from __future__ import annotations
@@ -29,8 +38,11 @@ from torch import Tensor
 
 from loraplex.errors import InvalidArgument
 
-Strategy = Literal["base_only", "single", "grouped", "segments"]
-STRATEGIES: tuple[str, ...] = ("single", "grouped", "segments")  # those a caller may force
+Strategy = Literal["base_only", "single", "grouped", "segments", "triton"]
+STRATEGIES: tuple[str, ...] = ("single", "grouped", "segments")  # torch ones a caller may force
+Kernel = Literal["auto", "torch", "triton"]
+KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
+_NO_RANK = 1 << 30  # seg_table rank of a slot whose true rank is unknown: the stacks' R
 
 # "grouped" computes K * L padded rows and reads K slots' weights; it is chosen while that
 # stays within these factors of the real work (T_lora rows, U distinct slots).
@@ -65,6 +77,8 @@ class LoraBatchPlan:
     seg_slots: tuple[int, ...] = ()  # [U] distinct slots, ascending
     seg_lens: tuple[int, ...] = ()  # [U] tokens per slot
     seg_ranks: tuple[int | None, ...] = ()  # [U] rank per slot (None = R)
+    # "triton": perm (None = identity) and one int32 table, both copied in one transfer
+    seg_table: Tensor | None = None  # [U, 4] int32: start in perm, length, slot, rank
 
     @property
     def num_adapters(self) -> int:
@@ -82,6 +96,7 @@ def make_plan(
     slot_ranks: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     strategy: Strategy | None = None,
+    kernel: Kernel = "auto",
 ) -> LoraBatchPlan:
     """Plan one step. `slots # [T]`: slot per token (0 = no adapter).
 
@@ -89,11 +104,16 @@ def make_plan(
     skipped when all adapters in the batch share a smaller rank); None = always use R.
     `strategy` forces one of STRATEGIES (tests, benchmarks; "single" falls back to
     "segments" for several adapters); None picks by the rules in the module doc. A batch
-    without adapter tokens is always "base_only".
+    without adapter tokens is always "base_only". `kernel`: "auto" = "triton" on CUDA when
+    triton imports, else a torch strategy; "torch" never "triton"; "triton" always (on CPU
+    only under TRITON_INTERPRET=1). A forced `strategy` wins over `kernel`.
     """
-    if strategy is not None and strategy not in STRATEGIES:
-        raise InvalidArgument(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}",
-                              field="strategy")
+    if strategy is not None and strategy not in (*STRATEGIES, "triton"):
+        raise InvalidArgument(f"unknown strategy {strategy!r}; choose one of "
+                              f"{(*STRATEGIES, 'triton')}", field="strategy")
+    if kernel not in KERNELS:
+        raise InvalidArgument(f"unknown kernel {kernel!r}; choose one of {KERNELS}",
+                              field="kernel")
     host = torch.as_tensor(slots, dtype=torch.int64, device="cpu").reshape(-1)  # [T]
     if device is None:
         device = slots.device if isinstance(slots, Tensor) else torch.device("cpu")
@@ -125,6 +145,12 @@ def make_plan(
     all_tokens = t_lora == n
     identity = all_tokens and bool(torch.equal(perm, torch.arange(n)))
 
+    if strategy is None and (kernel == "triton"
+                             or (kernel == "auto" and device.type == "cuda" and triton_ready())):
+        strategy = "triton"
+    if strategy == "triton":
+        return _triton_plan(n, dev_slots, perm, identity, seg_slots, seg_lens, seg_ranks,
+                            top_rank, device)
     if strategy is None:
         strategy = _choose(seg_slots, seg_lens, t_lora)
 
@@ -166,6 +192,44 @@ def make_plan(
     )
 
 
+def triton_ready() -> bool:
+    """True if the Triton kernels can be used (triton imports); cached after the first call."""
+    global _TRITON_READY
+    if _TRITON_READY is None:
+        try:
+            from loraplex.runtime import triton_lora  # noqa: F401
+            _TRITON_READY = True
+        except ImportError:
+            _TRITON_READY = False
+    return _TRITON_READY
+
+
+_TRITON_READY: bool | None = None
+
+
+def _triton_plan(n: int, dev_slots: Tensor, perm: Tensor, identity: bool,
+                 seg_slots: tuple[int, ...], seg_lens: tuple[int, ...],
+                 seg_ranks: tuple[int | None, ...], top_rank: int | None,
+                 device: torch.device) -> LoraBatchPlan:
+    """The segments layout as one int32 host buffer `[U*4 + T_lora]` (seg table, then perm),
+    moved to the device in one copy: the kernels find each segment's rows, slot and rank."""
+    u = len(seg_slots)
+    starts = [0] * u
+    for i in range(1, u):
+        starts[i] = starts[i - 1] + seg_lens[i - 1]
+    ranks = [_NO_RANK if r is None else r for r in seg_ranks]
+    table = [v for row in zip(starts, seg_lens, seg_slots, ranks, strict=True) for v in row]
+    host = torch.tensor(table, dtype=torch.int32)  # [U*4]
+    if not identity:
+        host = torch.cat([host, perm.to(torch.int32)])  # [U*4 + T_lora]
+    dev = host.to(device, non_blocking=True)
+    return LoraBatchPlan(
+        num_tokens=n, strategy="triton", slots=dev_slots, rank=top_rank,
+        perm=None if identity else dev[4 * u:], seg_table=dev[: 4 * u].view(u, 4),
+        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+    )
+
+
 def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int) -> Strategy:
     if len(seg_slots) == 1:
         return "single"
@@ -191,7 +255,9 @@ def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
     a     # [S, R, in]   stacked A matrices, zero-padded to rank R; a[0] == 0
     b     # [S, out, R]  stacked B matrices, zero-padded to rank R; b[0] == 0
     scale # [S]          alpha / r (or alpha / sqrt(r) for rslora); scale[0] == 0
-    All four tensors share one dtype and device. Slot 0 tokens are skipped, never computed.
+    All tensors share one device. Torch strategies need x, y, a, b in one dtype (scale may
+    be fp32); "triton" takes any float x and y with fp32 accumulation. Slot 0 tokens are
+    skipped, never computed.
     """
     if x.shape[0] != plan.num_tokens:
         raise InvalidArgument(f"plan is for {plan.num_tokens} tokens, x has {x.shape[0]}",
@@ -202,6 +268,12 @@ def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
         return _add_single(y, x, a, b, scale, plan)
     if plan.strategy == "grouped":
         return _add_grouped(y, x, a, b, scale, plan)
+    if plan.strategy == "triton":
+        from loraplex.runtime.triton_lora import add_lora_triton
+
+        return add_lora_triton(y, x, a, b, scale, seg_table=plan.seg_table, tokens=plan.perm,
+                               num_rows=sum(plan.seg_lens), max_seg_len=max(plan.seg_lens),
+                               rank=plan.rank)
     return _add_segments(y, x, a, b, scale, plan)
 
 

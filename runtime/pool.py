@@ -21,8 +21,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -97,7 +98,8 @@ class AdapterPool:
                  loader_threads: int = 2,
                  loader_nice: int = 0,
                  observer: EngineObserver | None = None,
-                 on_loaded: Callable[[], None] | None = None) -> None:
+                 on_loaded: Callable[[], None] | None = None,
+                 device: torch.device | None = None) -> None:
         self.max_slots = max_slots
         self.host_cache_bytes = host_cache_bytes
         self._load_fn = load_fn
@@ -118,6 +120,9 @@ class AdapterPool:
         self._drop_when_idle: set[str] = set()  # unloaded while in use
         self._landing: dict[str, list[Future]] = {}  # prefetch waiters, by digest
         self._host_bytes = 0
+        # CUDA: host->slot copies (from the pinned host tier) on their own stream
+        self._copy_stream = (torch.cuda.Stream(device) if device is not None
+                             and device.type == "cuda" else None)
 
     # -- queries ---------------------------------------------------------------------------
     def slot_of(self, digest: str) -> int | None:
@@ -255,7 +260,8 @@ class AdapterPool:
             return None
         t0 = time.monotonic()
         try:
-            self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
+            with _copy_stream(self._copy_stream):
+                self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
         except Exception:
             self._clear_slot(slot)  # leave no half-written slot behind
             self._evict(digest, "host")  # and no host copy that cannot be placed
@@ -409,6 +415,22 @@ class AdapterPool:
             getattr(self._observer, hook)(*args)
         except Exception:  # noqa: BLE001 - a metrics bug must not break serving
             log.exception("observer.%s failed", hook)
+
+
+@contextmanager
+def _copy_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """CUDA only (None: nothing): run a slot write on the pool's copy stream. It first waits
+    for the compute stream's queued work (a reused slot may still be read by a step in
+    flight), then copies from pinned memory without blocking the host; the compute stream
+    waits for the copies before its next kernel, on the GPU, with no host synchronize."""
+    if stream is None:
+        yield
+        return
+    compute = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(compute)
+    with torch.cuda.stream(stream):
+        yield
+    compute.wait_stream(stream)
 
 
 def _loader_priority(nice: int) -> None:

@@ -131,7 +131,8 @@ class Runner:
         mcfg = model.config.get_text_config()
         limit = int(getattr(mcfg, "max_position_embeddings", 0) or MAX_CONTEXT)
         max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
-        injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank)
+        injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
+                                cfg.lora_stack_dtype)
         kv = RowKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len)
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)

@@ -156,6 +156,8 @@ class EngineConfig:
     loader_threads: int = 2
     loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)
     target_modules: str | tuple[str, ...] | None = None  # peft's forms, incl. "all-linear"
+    # adapter A/B stacks: "auto" = bfloat16 on CUDA, float32 on CPU (layers.resolve_stack_dtype)
+    lora_stack_dtype: str = "auto"
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
 
@@ -165,6 +167,8 @@ class EngineConfig:
             problems.append(("quantization", f"`quantization` must be one of {_QUANTIZATIONS}"))
         if self.compute_dtype not in _DTYPES:
             problems.append(("compute_dtype", f"`compute_dtype` must be one of {_DTYPES}"))
+        if self.lora_stack_dtype not in _DTYPES:
+            problems.append(("lora_stack_dtype", f"`lora_stack_dtype` must be one of {_DTYPES}"))
         for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",
                      "prefill_token_budget", "loader_threads"):
             if int(getattr(self, name)) <= 0:

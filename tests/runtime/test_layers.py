@@ -182,7 +182,7 @@ def test_lora_dtype_differs_from_base_dtype():
     """bf16 base layer, fp32 LoRA stacks: delta computed in fp32, added in bf16."""
     base = nn.Linear(16, 12).to(torch.bfloat16)
     model = nn.Sequential(nn.ModuleList([base]))  # a numbered child, like a decoder block
-    inj = inject_lora(model, ["0.0"], max_slots=1, max_rank=2, dtype=torch.float32)
+    inj = inject_lora(model, ["0.0"], max_slots=1, max_rank=2, stack_dtype=torch.float32)
     layer = inj.layers["0.0"]
     a, b = torch.randn(2, 16), torch.randn(12, 2)
     layer.set_slot(1, a, b, 0.5)

@@ -117,3 +117,17 @@ def test_plan_for_other_token_count_and_bad_input_are_typed_errors():
         make_plan([1, -1])
     with pytest.raises(InvalidArgument):
         make_plan([1], strategy="fastest")
+    with pytest.raises(InvalidArgument) as e:
+        make_plan([1], kernel="cutlass")
+    assert e.value.field == "kernel"
+
+
+def test_auto_kernel_keeps_torch_strategies_on_cpu_and_triton_plans_segments():
+    """On CPU "auto" never picks the Triton kernels (they would need the interpreter); a
+    forced "triton" plan holds the segment table the kernels read: start, length, slot,
+    rank per distinct slot, over the tokens sorted by slot."""
+    assert make_plan([2, 1, 2, 0], slot_ranks=RANKS).strategy == "grouped"
+    plan = make_plan([2, 1, 2, 0], slot_ranks=RANKS, kernel="triton")
+    assert plan.strategy == "triton" and plan.num_adapters == 2
+    assert plan.seg_table.tolist() == [[0, 1, 1, 4], [1, 2, 2, 2]]
+    assert plan.perm.tolist() == [1, 0, 2]
