@@ -33,12 +33,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from loraplex import peft_format
 from loraplex.errors import InvalidArgument
-from loraplex.registry.validation import pattern_value
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 Method = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
-_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<ab>[AB])\.weight")
 
 
 @dataclass(frozen=True)
@@ -67,22 +66,14 @@ class Derived:
 def modules_of(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Module]:
     """The (A, B, scale) of every module of a stored adapter, in path order; the scale is
     peft's, patterns included."""
-    halves: dict[str, dict[str, Tensor]] = {}
-    for key, t in tensors.items():
-        m = _KEY.fullmatch(key)
-        if m is None:
-            raise InvalidArgument(f"{key!r} is not a LoRA weight", field="tensors")
-        halves.setdefault(m["path"], {})[m["ab"]] = t
-    r, alpha = int(config["r"]), float(config.get("lora_alpha", 8))
-    rslora = bool(config.get("use_rslora"))
-    out: dict[str, Module] = {}
-    for path in sorted(halves):
-        ab = halves[path]
-        rank = int(pattern_value(config.get("rank_pattern"), path, r))
-        a_alpha = float(pattern_value(config.get("alpha_pattern"), path, alpha))
-        out[path] = Module(a=ab["A"], b=ab["B"],
-                           scale=a_alpha / (math.sqrt(rank) if rslora else rank))
-    return out
+    grouped = peft_format.pair_tensors(tensors)
+    if grouped.unparsed or grouped.incomplete:
+        bad = [repr(k) for k in grouped.unparsed] + [f"{m!r} (no lora_{h})"
+                                                     for m, h in grouped.incomplete]
+        raise InvalidArgument(f"not LoRA A/B pairs: {', '.join(bad[:5])}", field="tensors")
+    scaling = peft_format.LoraScaling.from_config(config)
+    return {path: Module(a=a, b=b, scale=scaling.scale(path))
+            for path, (a, b) in sorted(grouped.pairs.items())}
 
 
 # ------------------------------------------------------------------------------ SVD

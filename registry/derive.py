@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from loraplex.errors import IncompatibleAdapter, InvalidArgument, NotFound
+from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import algebra
-from loraplex.registry.content import PEFT_PREFIX
 from loraplex.registry.records import AdapterVersion, Identity
 from loraplex.registry.refs import parse_key
 from loraplex.registry.registry import Registry

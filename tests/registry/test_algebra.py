@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from loraplex.errors import InvalidArgument
+from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import algebra
-from loraplex.registry.content import PEFT_PREFIX
 
 A_KEY = "m.layers.{}.q_proj.lora_A.weight"
 B_KEY = "m.layers.{}.q_proj.lora_B.weight"

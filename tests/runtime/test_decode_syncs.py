@@ -17,7 +17,7 @@ import torch
 from test_engine_util import SPECS, make_world
 
 from loraplex.registry import Identity
-from loraplex.runtime.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
 
 # (file, function) allowed to read tensors to the host, and why
 ALLOWED = {
@@ -50,7 +50,7 @@ def test_a_decode_step_reads_back_only_the_sampled_tokens(micro_base, tmp_path, 
             if hasattr(torch.Tensor, name):
                 monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
         monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: syncs.append(a))
-        streams = [engine.submit(GenerationRequest(
+        streams = [engine.submit(engine.admit(
             f"r{i}", Identity("acme"), f"acme/{world.names[i % len(world.names)]}",
             prompt_ids=[5 + i, 7, 9], sampling=SamplingParams(max_new_tokens=5)))
             for i in range(4)]
