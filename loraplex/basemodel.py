@@ -106,9 +106,10 @@ def _byte_of(ch: str) -> int:
     return dict(zip(cs, bs, strict=True))[ord(ch)]
 
 
-# A pre-training hook: (model, tokenizer, seed) -> None. The trainer package registers the
-# brief deterministic pre-training that makes the tiny base a fast learner; kept pluggable so
-# this core module does not depend on the trainer.
+# A pre-training hook: (model, tokenizer, seed) -> None. The trainer provides the brief
+# deterministic pre-training that makes the tiny base a fast learner
+# (`loraplex.trainer.pretrain.default_pretrain`); callers pass it in, so this core module
+# does not depend on the trainer (dependencies point from the packages to the core).
 PretrainFn = Callable[[object, object, int], None]
 
 
@@ -136,13 +137,3 @@ def build_base(out_dir: str | Path, *, size: str = "tiny", arch: str = "llama", 
     (out / "loraplex_base.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
-
-def default_pretrain(size: str) -> PretrainFn | None:
-    """The brief pre-training used for `micro`/`tiny` bases, if the trainer provides one."""
-    if size == "bench":
-        return None
-    try:
-        from loraplex.trainer.pretrain import pretrain_base
-    except ModuleNotFoundError:
-        return None
-    return pretrain_base
