@@ -89,17 +89,21 @@ def test_every_source_module_is_in_the_wheel(wheel):
     assert "loraplex/runtime/servicers/inference.py" in names
 
 
-def test_installed_wheel_serves_outside_the_checkout(wheel, tmp_path, micro_base):
+@pytest.fixture(scope="module")
+def venv_bin(wheel, tmp_path_factory) -> Path:
+    return make_venv(tmp_path_factory.mktemp("venv") / "venv", wheel)
+
+
+def test_installed_wheel_serves_outside_the_checkout(venv_bin, tmp_path, micro_base):
     work = tmp_path / "elsewhere"  # outside the checkout: its loraplex/ cannot shadow
     work.mkdir()
     assert not work.resolve().is_relative_to(ROOT)
-    bin_dir = make_venv(tmp_path / "venv", wheel)
-    env = clean_env()
+    bin_dir, env = venv_bin, clean_env()
 
     where = subprocess.run(
         [str(bin_dir / "python"), "-c", "import loraplex.runtime.servicers as s; "
          "print(s.__file__)"], cwd=work, env=env, check=True, capture_output=True, text=True)
-    assert where.stdout.startswith(str(tmp_path / "venv")), where.stdout
+    assert where.stdout.startswith(str(bin_dir.parent)), where.stdout
 
     proc = subprocess.Popen(
         [str(bin_dir / "loraplex"), "serve", "--base", str(micro_base), "--registry",
@@ -160,3 +164,13 @@ def test_images_install_the_same_wheel(dockerfile):
     assert re.search(r"^COPY --from=wheel /wheels /wheels$", text, re.M)
     assert re.search(r"^RUN pip install /wheels/loraplex-\*\.whl", text, re.M)
     assert not re.search(r"pip install (-e )?\.", text)
+
+
+def test_benchmarks_in_the_checkout_ask_for_the_editable_install(venv_bin):
+    """From the checkout its loraplex/ folder hides a regular install: `bench` says so in one
+    line (bench/README.md, "How to run") instead of failing deep inside a run."""
+    out = subprocess.run([str(venv_bin / "python"), "-m", "bench.lora_ops", "--quick"],
+                         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "editable" in out.stderr and "make bench" in out.stderr
+    assert "Traceback" not in out.stderr
