@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 BYTE_VOCAB = 256
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 256, 257, 258
@@ -69,7 +69,7 @@ def _hf_config(arch: str, s: BaseSize):
     if arch == "gpt2":
         return GPT2Config(n_embd=s.hidden, n_inner=s.intermediate, n_layer=s.layers,
                           n_head=s.heads, n_positions=s.max_positions, **common)
-    raise InvalidArgument(f"unknown architecture {arch!r}; choose one of {ARCHS}", field="arch")
+    raise InvalidArgument(f"unknown architecture {quote(arch)}; choose one of {ARCHS}", field="arch")
 
 
 def build_tokenizer():
@@ -120,7 +120,7 @@ def build_base(out_dir: str | Path, *, size: str = "tiny", arch: str = "llama", 
     from transformers import AutoModelForCausalLM
 
     if size not in SIZES:
-        raise InvalidArgument(f"unknown size {size!r}; choose one of {sorted(SIZES)}", field="size")
+        raise InvalidArgument(f"unknown size {quote(size)}; choose one of {sorted(SIZES)}", field="size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _hf_config(arch, SIZES[size])

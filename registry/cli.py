@@ -30,7 +30,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loraplex.errors import InvalidArgument, LoraplexError, ValidationFailed
+from loraplex.errors import InvalidArgument, LoraplexError, ValidationFailed, quote
 from loraplex.registry.records import UNSET, AdapterVersion, AliasMove, Identity
 from loraplex.registry.registry import Registry
 from loraplex.registry.settings import DEFAULT_LOCATION
@@ -136,7 +136,7 @@ def _parse_expect(text: str | None) -> Any:
         return None
     digits = text[1:] if text.lower().startswith("v") else text
     if not digits.isdigit() or int(digits) < 1:
-        raise InvalidArgument(f"--expect {text!r}: write a version like v3, or 'none'",
+        raise InvalidArgument(f"--expect {quote(text)}: write a version like v3, or 'none'",
                               field="expected")
     return int(digits)
 

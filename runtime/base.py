@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from loraplex.errors import FailedPrecondition, InvalidArgument
+from loraplex.errors import FailedPrecondition, InvalidArgument, quote
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
 from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
 
@@ -52,7 +52,7 @@ def _dtype(compute_dtype: str | torch.dtype) -> torch.dtype:
         return compute_dtype
     if isinstance(compute_dtype, str) and compute_dtype in COMPUTE_DTYPES:
         return COMPUTE_DTYPES[compute_dtype]
-    raise InvalidArgument(f"unknown compute_dtype {compute_dtype!r}; choose one of "
+    raise InvalidArgument(f"unknown compute_dtype {quote(compute_dtype)}; choose one of "
                           f"{sorted(COMPUTE_DTYPES)}", field="compute_dtype")
 
 
@@ -60,9 +60,9 @@ def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise InvalidArgument(f"unknown device {device!r}: {e}", field="device") from e
+        raise InvalidArgument(f"unknown device {quote(device)}: {e}", field="device") from e
     if dev.type not in ("cpu", "cuda"):
-        raise InvalidArgument(f"device must be cpu or cuda, got {device!r}", field="device")
+        raise InvalidArgument(f"device must be cpu or cuda, got {quote(device)}", field="device")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition("device cuda requested but no CUDA device is available",
                                  field="device")
@@ -72,7 +72,7 @@ def _device(device: str | torch.device) -> torch.device:
 def quantization_config(quantization: str, compute_dtype: torch.dtype):
     """The transformers BitsAndBytesConfig for `quantization`, or None for "none"."""
     if quantization not in QUANTIZATIONS:
-        raise InvalidArgument(f"unknown quantization {quantization!r}; choose one of "
+        raise InvalidArgument(f"unknown quantization {quote(quantization)}; choose one of "
                               f"{QUANTIZATIONS}", field="quantization")
     if quantization == "none":
         return None

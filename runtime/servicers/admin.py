@@ -39,9 +39,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def _adapter_call(self, method: str, ref: str):
         """Admin calls may wait on a registry read: run them off the event loop."""
-        if not ref.strip():
+        if not ref:
             raise InvalidArgument("`ref` is required", field="ref")
         engine, identity = self.state.require_engine(), current_identity()
-        version = await asyncio.to_thread(self.state.registry.resolve, identity, ref.strip())
+        version = await asyncio.to_thread(self.state.registry.resolve, identity, ref)
         outcome = await asyncio.to_thread(getattr(engine, method), identity, version.ref)
         return convert.admin_ack_pb(outcome, version)

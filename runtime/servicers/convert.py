@@ -54,7 +54,7 @@ def request_from_pb(pb: inference_pb2.GenerateRequest, *, request_id: str, ident
         raise InvalidArgument("`prompt` (text) or `prompt_ids` is required",
                               field=f"{field_prefix}prompt")
     return GenerationRequest(
-        request_id=request_id, identity=identity, adapter=pb.adapter.strip() or None,
+        request_id=request_id, identity=identity, adapter=pb.adapter or None,
         prompt=pb.prompt or None, prompt_ids=list(pb.prompt_ids) or None,
         sampling=sampling_from_pb(pb.sampling), deadline=deadline)
 

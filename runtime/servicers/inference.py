@@ -1,10 +1,11 @@
 """InferenceService: Generate, GenerateStream, BatchGenerate, ListModels.
 
 A generation RPC owns one engine request. Whatever ends the RPC early — the client cancels,
-its deadline passes, the server shuts down — the `finally` of `_owned` cancels the engine
-request, so its sequence slot and KV rows are freed at once instead of decoding for no one.
-The client's deadline is also handed to the engine (`GenerationRequest.deadline`) so that a
-queued request past its deadline never starts.
+the server shuts down — the `finally` of `_owned` cancels the engine request, so its
+sequence slot and KV rows are freed at once instead of decoding for no one. The client's
+deadline is handed to the engine (`GenerationRequest.deadline`): a queued request past it
+never starts, and a call its deadline ended is left to the engine, which ends it by that
+same deadline within a step, so it is counted as `deadline`, not `cancelled`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 
 from loraplex.errors import Cancelled, DeadlineExceeded, InvalidArgument, LoraplexError
 from loraplex.runtime import grpc_errors
-from loraplex.runtime.interceptors import current_identity, current_request_id
+from loraplex.runtime.interceptors import current_identity, current_request_id, ended_by_client
 from loraplex.runtime.servicers import convert
 from loraplex.runtime.servicers.state import ServingState
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
@@ -29,7 +30,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request, context):
         engine = self.state.require_engine()
         gen, client_id = self._request(request, context)
-        with self._owned(engine, gen.request_id) as owned:
+        with self._owned(engine, gen.request_id, context) as owned:
             result = await engine.submit(gen).result()
             owned.done = True
         _raise_if_cut_short(result)
@@ -38,7 +39,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(self, request, context) -> AsyncIterator:
         engine = self.state.require_engine()
         gen, client_id = self._request(request, context)
-        with self._owned(engine, gen.request_id) as owned:
+        with self._owned(engine, gen.request_id, context) as owned:
             stream = engine.submit(gen)
             async for chunk in stream:
                 yield convert.chunk_pb(chunk, client_id)
@@ -53,7 +54,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         if len(request.items) > limit:
             raise InvalidArgument(f"at most {limit} items per BatchGenerate call", field="items")
         deadline = convert.deadline_from_remaining(context.time_remaining())
-        results = await asyncio.gather(*(self._batch_item(engine, i, item, deadline)
+        results = await asyncio.gather(*(self._batch_item(engine, i, item, deadline, context)
                                          for i, item in enumerate(request.items)))
         return inference_pb2.BatchGenerateResponse(results=results)
 
@@ -74,7 +75,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                       field_prefix=field_prefix)
         return gen, client_id
 
-    async def _batch_item(self, engine, index: int, item, deadline: float | None):
+    async def _batch_item(self, engine, index: int, item, deadline: float | None, context):
         """One item's outcome: its response, or the error it would have had alone."""
         prefix = f"items[{index}]."
         client_id = item.request_id or f"{current_request_id()}-{index}"
@@ -82,7 +83,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             gen = convert.request_from_pb(item, request_id=uuid.uuid4().hex,
                                           identity=current_identity(), deadline=deadline,
                                           field_prefix=prefix)
-            with self._owned(engine, gen.request_id) as owned:
+            with self._owned(engine, gen.request_id, context) as owned:
                 result = await engine.submit(gen).result()
                 owned.done = True
             return inference_pb2.BatchItemResult(response=convert.response_pb(result, client_id))
@@ -105,13 +106,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 return out
 
     @contextmanager
-    def _owned(self, engine, request_id: str):
-        """Cancel the engine request unless the body marked it done (see module doc)."""
+    def _owned(self, engine, request_id: str, context):
+        """Cancel the engine request unless the body marked it done or the call's deadline
+        ended it (the engine retires it by that deadline itself; see module doc)."""
         owned = _Owned()
         try:
             yield owned
         finally:
-            if not owned.done:
+            if not owned.done and ended_by_client(context) != "DEADLINE_EXCEEDED":
                 engine.cancel(request_id)
 
 
