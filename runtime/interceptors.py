@@ -110,8 +110,11 @@ def wrap_handler(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethod
         return wrapped
 
     def stream_response(behavior):
-        if not inspect.isasyncgenfunction(behavior):  # already a writer (an inner wrap)
+        if inspect.iscoroutinefunction(behavior):  # already a writer (an inner wrap)
             return unary_response(behavior)
+        if not inspect.isasyncgenfunction(behavior):
+            raise TypeError(f"streaming handler {behavior!r} is not async: grpc.aio serves "
+                            "async generators (or coroutines that write)")
 
         async def wrapped(request, context):  # see the module doc: write, don't re-yield
             async with scope(context), aclosing(behavior(request, context)) as items:
