@@ -29,8 +29,12 @@ test: $(STAMP) prometheus
 demo: $(STAMP)
 	$(BIN)/python -m loraplex.demo
 
+# Benchmarks run from the checkout on the editable install above (bench/README.md, "How to
+# run"): `make bench` is bench.lora_ops --quick; `make bench BENCH=serve ARGS="--duration 40"`.
+BENCH ?= lora_ops
+ARGS ?= --quick
 bench: $(STAMP)
-	$(BIN)/python -m bench.lora_ops --quick
+	$(BIN)/python -m bench.$(BENCH) $(ARGS)
 
 proto: $(STAMP)
 	$(BIN)/python -m loraplex.protogen

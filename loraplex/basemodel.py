@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 BYTE_VOCAB = 256
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 256, 257, 258
@@ -69,7 +69,7 @@ def _hf_config(arch: str, s: BaseSize):
     if arch == "gpt2":
         return GPT2Config(n_embd=s.hidden, n_inner=s.intermediate, n_layer=s.layers,
                           n_head=s.heads, n_positions=s.max_positions, **common)
-    raise InvalidArgument(f"unknown architecture {arch!r}; choose one of {ARCHS}", field="arch")
+    raise InvalidArgument(f"unknown architecture {quote(arch)}; choose one of {ARCHS}", field="arch")
 
 
 def build_tokenizer():
@@ -106,9 +106,10 @@ def _byte_of(ch: str) -> int:
     return dict(zip(cs, bs, strict=True))[ord(ch)]
 
 
-# A pre-training hook: (model, tokenizer, seed) -> None. The trainer package registers the
-# brief deterministic pre-training that makes the tiny base a fast learner; kept pluggable so
-# this core module does not depend on the trainer.
+# A pre-training hook: (model, tokenizer, seed) -> None. The trainer provides the brief
+# deterministic pre-training that makes the tiny base a fast learner
+# (`loraplex.trainer.pretrain.default_pretrain`); callers pass it in, so this core module
+# does not depend on the trainer (dependencies point from the packages to the core).
 PretrainFn = Callable[[object, object, int], None]
 
 
@@ -119,7 +120,7 @@ def build_base(out_dir: str | Path, *, size: str = "tiny", arch: str = "llama", 
     from transformers import AutoModelForCausalLM
 
     if size not in SIZES:
-        raise InvalidArgument(f"unknown size {size!r}; choose one of {sorted(SIZES)}", field="size")
+        raise InvalidArgument(f"unknown size {quote(size)}; choose one of {sorted(SIZES)}", field="size")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = _hf_config(arch, SIZES[size])
@@ -136,13 +137,3 @@ def build_base(out_dir: str | Path, *, size: str = "tiny", arch: str = "llama", 
     (out / "loraplex_base.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
-
-def default_pretrain(size: str) -> PretrainFn | None:
-    """The brief pre-training used for `micro`/`tiny` bases, if the trainer provides one."""
-    if size == "bench":
-        return None
-    try:
-        from loraplex.trainer.pretrain import pretrain_base
-    except ModuleNotFoundError:
-        return None
-    return pretrain_base

@@ -47,8 +47,9 @@ def base_build(
     pretrain: bool = typer.Option(True, help="Briefly pre-train (tiny/micro) so LoRA learns fast."),
 ) -> None:
     """Build the embedded base model as a Hugging Face directory."""
-    from loraplex.basemodel import build_base, default_pretrain
+    from loraplex.basemodel import build_base
     from loraplex.fingerprint import fingerprint_base
+    from loraplex.trainer.pretrain import default_pretrain
 
     fn = default_pretrain(size) if pretrain else None
     build_base(out_dir, size=size, arch=arch, seed=seed, pretrain=fn)
@@ -67,14 +68,9 @@ _PLUGINS = [
 
 
 def _attach_plugins() -> None:
+    """Every package CLI is part of the product: one that cannot be imported is a bug."""
     for module, attr, name in _PLUGINS:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name == module:  # package CLI not written yet
-                continue
-            raise
-        obj = getattr(mod, attr)
+        obj = getattr(importlib.import_module(module), attr)
         if name is not None:
             app.add_typer(obj, name=name)
         else:

@@ -52,7 +52,7 @@ class DemoPlan:
 # -- steps ------------------------------------------------------------------------------------
 def build_base(out: Path, size: str) -> Path:
     from loraplex.basemodel import build_base as build
-    from loraplex.basemodel import default_pretrain
+    from loraplex.trainer.pretrain import default_pretrain
 
     base = out / "base"
     meta = base / "loraplex_base.json"

@@ -7,6 +7,24 @@ is not a `LoraplexError` reaching the edge is a bug and becomes INTERNAL.
 
 from __future__ import annotations
 
+ECHO_CHARS = 64  # how much of a caller's input an error message quotes
+
+
+def quote(value: object, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)` for an error message, cut to a short prefix when long.
+
+    Every error that quotes what a caller sent quotes it through here. Errors reach gRPC
+    clients in trailing metadata (message plus google.rpc details), which a default client
+    refuses beyond 16 KiB: an error that quoted a 10,000-character ref in full reached its
+    caller as RESOURCE_EXHAUSTED instead of INVALID_ARGUMENT. The length says how much was
+    cut, so the message still tells the caller what was wrong.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f" ({len(value)} characters)" if isinstance(value, str | bytes) else ""
+    return f"{text[:limit]}...{size}"
+
 
 class LoraplexError(Exception):
     """Base of every error a user can cause. `field` names the offending input, if any."""

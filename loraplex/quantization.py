@@ -16,12 +16,9 @@ def keep_cpu_4bit_in_compute_dtype(model: Any, compute_dtype: Any) -> None:
     repacked path is used only for a bfloat16 compute dtype and shapes it supports; the
     others take the generic dequantize-then-matmul path in the requested dtype.
     """
+    import bitsandbytes.nn as bnb_nn  # a declared dependency: missing is a broken install
     import torch
 
-    try:
-        import bitsandbytes.nn as bnb_nn
-    except ImportError:  # no bitsandbytes: nothing is 4-bit
-        return
     for mod in model.modules():
         if isinstance(mod, bnb_nn.Linear4bit):
             qs = getattr(mod.weight, "quant_state", None)

@@ -16,7 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from loraplex.errors import LoraplexError
+from loraplex.errors import LoraplexError, quote
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
 from loraplex.registry import db
 from loraplex.registry.db import base_names, bases
@@ -114,13 +114,13 @@ class BaseCatalog:
         if base is None:
             fp = declared_fp
             if fp is None:
-                problems.append(f"base: no registered base is named {declared!r} (the "
+                problems.append(f"base: no registered base is named {quote(declared)} (the "
                                 "adapter's base_model_name_or_path); pass base= or register "
                                 "the base first")
         else:
             fp = self._explicit(base, problems)
         if fp is not None and declared_fp is not None and declared_fp.digest != fp.digest:
-            problems.append(f"base: the adapter declares base {declared!r} "
+            problems.append(f"base: the adapter declares base {quote(declared)} "
                             f"({declared_fp.digest}) but was pushed against {fp.digest}")
         want = lineage_base_digest(lineage)
         if fp is not None and want is not None and want != fp.digest:

@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from loraplex.cli_errors import ErrorHandlingGroup, json_errors
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 from loraplex.registry.records import UNSET, AdapterVersion, AliasMove, Identity
 from loraplex.registry.registry import Registry
 from loraplex.registry.settings import DEFAULT_LOCATION
@@ -120,7 +120,7 @@ def _parse_expect(text: str | None) -> Any:
         return None
     digits = text[1:] if text.lower().startswith("v") else text
     if not digits.isdigit() or int(digits) < 1:
-        raise InvalidArgument(f"--expect {text!r}: write a version like v3, or 'none'",
+        raise InvalidArgument(f"--expect {quote(text)}: write a version like v3, or 'none'",
                               field="expected")
     return int(digits)
 

@@ -49,9 +49,9 @@ class Identity:
     def __post_init__(self) -> None:
         check_name(self.tenant, "tenant", field="identity")
         if self.role not in ("tenant", "admin"):
-            from loraplex.errors import InvalidArgument
+            from loraplex.errors import InvalidArgument, quote
 
-            raise InvalidArgument(f"role must be 'tenant' or 'admin', got {self.role!r}",
+            raise InvalidArgument(f"role must be 'tenant' or 'admin', got {quote(self.role)}",
                                   field="identity")
 
     @classmethod

@@ -6,8 +6,10 @@
     sha256:<64 hex>         -> the version with that content digest
 
 Tenants, adapter names and aliases share one alphabet: `[a-z0-9][a-z0-9._-]{0,63}`.
-Parsing is strict (no upper case, no `v03`) so that `str(parse_ref(s)) == s` for every
-valid `s`: a ref printed in a log can be pasted back verbatim.
+Parsing is strict (no upper case, no `v03`, no surrounding whitespace: a ref is valid as
+sent or refused, never quietly trimmed) so that `str(parse_ref(s)) == s` for every valid
+`s` (a digest's hex is case-folded): a ref printed in a log can be pasted back verbatim.
+Errors quote the caller's text through `errors.quote`, cut to a short prefix.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 NAME_PATTERN = r"[a-z0-9][a-z0-9._-]{0,63}"
 _NAME_RE = re.compile(NAME_PATTERN)
@@ -31,7 +33,7 @@ def check_name(value: str, what: str, *, field: str = "ref") -> str:
         raise InvalidArgument(f"{what} is empty", field=field)
     if not _NAME_RE.fullmatch(value):
         raise InvalidArgument(
-            f"{what} {value!r} is invalid: use 1-64 characters of [a-z0-9._-], "
+            f"{what} {quote(value)} is invalid: use 1-64 characters of [a-z0-9._-], "
             "starting with a letter or digit", field=field)
     return value
 
@@ -39,14 +41,14 @@ def check_name(value: str, what: str, *, field: str = "ref") -> str:
 def check_digest(value: str, *, field: str = "ref") -> str:
     """Normalise `sha256:<hex>` (hex case-folded) or raise a precise InvalidArgument."""
     if not value.startswith(DIGEST_PREFIX):
-        raise InvalidArgument(f"digest {value!r} must start with 'sha256:'", field=field)
+        raise InvalidArgument(f"digest {quote(value)} must start with 'sha256:'", field=field)
     hexpart = value[len(DIGEST_PREFIX):].lower()
     if len(hexpart) != 64:
         raise InvalidArgument(
-            f"digest {value!r} must have 64 hex digits after 'sha256:', got {len(hexpart)}",
+            f"digest {quote(value)} must have 64 hex digits after 'sha256:', got {len(hexpart)}",
             field=field)
     if not _HEX64_RE.fullmatch(hexpart):
-        raise InvalidArgument(f"digest {value!r} has non-hex characters", field=field)
+        raise InvalidArgument(f"digest {quote(value)} has non-hex characters", field=field)
     return DIGEST_PREFIX + hexpart
 
 
@@ -88,13 +90,13 @@ def parse_key(text: str, *, field: str = "name") -> tuple[str, str]:
     if not isinstance(text, str):
         raise InvalidArgument(f"adapter name must be a string, got {type(text).__name__}",
                               field=field)
-    text = text.strip()
+    _refuse_whitespace(text, "adapter name", field)
     if "@" in text or ":" in text:
         raise InvalidArgument(
-            f"{text!r}: expected 'tenant/name' without an alias or version", field=field)
+            f"{quote(text)}: expected 'tenant/name' without an alias or version", field=field)
     parts = text.split("/")
     if len(parts) != 2:
-        raise InvalidArgument(f"{text!r}: expected 'tenant/name' (exactly one '/')",
+        raise InvalidArgument(f"{quote(text)}: expected 'tenant/name' (exactly one '/')",
                               field=field)
     return (check_name(parts[0], "tenant", field=field),
             check_name(parts[1], "adapter name", field=field))
@@ -106,17 +108,17 @@ def parse_ref(text: str | AdapterRef) -> AdapterRef:
         return text
     if not isinstance(text, str):
         raise InvalidArgument(f"ref must be a string, got {type(text).__name__}", field="ref")
-    text = text.strip()
     if not text:
         raise InvalidArgument("ref is empty", field="ref")
+    _refuse_whitespace(text, "ref", "ref")
     if text.startswith(DIGEST_PREFIX):
         return AdapterRef(digest=check_digest(text))
     algo, colon, _ = text.partition(":")
     if colon and "/" not in algo and "@" not in algo:
-        raise InvalidArgument(f"ref {text!r}: unsupported digest {algo!r}; write "
+        raise InvalidArgument(f"ref {quote(text)}: unsupported digest {quote(algo)}; write "
                               "'sha256:<64 hex>' or 'tenant/name[:vN|@alias]'", field="ref")
     if "@" in text and ":" in text:
-        raise InvalidArgument(f"ref {text!r} has both an alias and a version; use one",
+        raise InvalidArgument(f"ref {quote(text)} has both an alias and a version; use one",
                               field="ref")
     head, alias, version = text, None, None
     if "@" in text:
@@ -133,6 +135,14 @@ def _parse_version(text: str) -> int:
     m = _VERSION_RE.fullmatch(text)
     if not m:
         raise InvalidArgument(
-            f"version {text!r} is invalid: write 'v' and a number from 1 without leading "
+            f"version {quote(text)} is invalid: write 'v' and a number from 1 without leading "
             "zeros, e.g. ':v3'", field="ref")
     return int(m.group(1))
+
+
+def _refuse_whitespace(text: str, what: str, field: str) -> None:
+    """A ref is valid as sent or refused: trimming would serve something other than what was
+    sent. (Whitespace inside fails the name alphabet further on.)"""
+    if text != text.strip():
+        raise InvalidArgument(f"{what} {quote(text)} has leading or trailing whitespace",
+                              field=field)

@@ -46,6 +46,7 @@ from loraplex.errors import (
     PermissionDenied,
     Unauthenticated,
     ValidationFailed,
+    quote,
 )
 from loraplex.fingerprint import BaseFingerprint
 from loraplex.peft_format import PEFT_PREFIX
@@ -377,7 +378,7 @@ class Registry:
         if expected is not UNSET and expected is not None and (
                 isinstance(expected, bool) or not isinstance(expected, int) or expected < 1):
             raise InvalidArgument(f"expected must be a version number >= 1, None or UNSET, "
-                                  f"got {expected!r}", field="expected")
+                                  f"got {quote(expected)}", field="expected")
         target = self.resolve(identity, ref)
         return db.with_retries(lambda: self._move_alias(identity, target, alias, expected),
                                self.settings.commit_retries)

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loraplex.errors import quote
+
 # safetensors dtype code -> (torch-style name, item size in bytes)
 DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2),
@@ -89,22 +91,22 @@ def parse(raw: bytes) -> TensorFile:
 
 def _tensor_info(name: str, entry: object, data_start: int, total: int) -> TensorInfo:
     if not isinstance(entry, dict):
-        raise TensorFileError(f"tensor {name!r}: header entry is not an object")
+        raise TensorFileError(f"tensor {quote(name)}: header entry is not an object")
     code = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
     if code not in DTYPES:
-        raise TensorFileError(f"tensor {name!r}: unknown dtype {code!r}")
+        raise TensorFileError(f"tensor {quote(name)}: unknown dtype {quote(code)}")
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise TensorFileError(f"tensor {name!r}: bad shape {shape!r}")
+        raise TensorFileError(f"tensor {quote(name)}: bad shape {quote(shape)}")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(isinstance(o, int) for o in offsets)):
-        raise TensorFileError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+        raise TensorFileError(f"tensor {quote(name)}: bad data_offsets {quote(offsets)}")
     begin, end = data_start + offsets[0], data_start + offsets[1]
     if not data_start <= begin <= end <= total:
-        raise TensorFileError(f"tensor {name!r}: data_offsets point outside the file")
+        raise TensorFileError(f"tensor {quote(name)}: data_offsets point outside the file")
     if end - begin != math.prod(shape) * DTYPES[code][1]:
-        raise TensorFileError(f"tensor {name!r}: byte length does not match shape and dtype")
+        raise TensorFileError(f"tensor {quote(name)}: byte length does not match shape and dtype")
     return TensorInfo(name=name, code=code, shape=tuple(shape), begin=begin, end=end)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from loraplex import peft_format
-from loraplex.errors import FailedPrecondition, InvalidArgument
+from loraplex.errors import FailedPrecondition, InvalidArgument, quote
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
 from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
 
@@ -47,9 +47,9 @@ def _device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise InvalidArgument(f"unknown device {device!r}: {e}", field="device") from e
+        raise InvalidArgument(f"unknown device {quote(device)}: {e}", field="device") from e
     if dev.type not in ("cpu", "cuda"):
-        raise InvalidArgument(f"device must be cpu or cuda, got {device!r}", field="device")
+        raise InvalidArgument(f"device must be cpu or cuda, got {quote(device)}", field="device")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise FailedPrecondition("device cuda requested but no CUDA device is available",
                                  field="device")

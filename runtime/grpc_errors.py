@@ -23,6 +23,11 @@ from loraplex.errors import LoraplexError, Overloaded
 log = logging.getLogger("loraplex.runtime.grpc")
 DOMAIN = "loraplex.dev"
 RETRY_AFTER_S = 1.0
+# An error travels three times in the trailing metadata (grpc-message percent-encoded, then
+# the base64 Status holding the message and a BadRequest description); a default client
+# refuses more than 16 KiB of metadata. Inputs are quoted short (`errors.quote`); this cap
+# (UTF-8 bytes) keeps any message, e.g. a long list of violations, within the limit too.
+MAX_MESSAGE_BYTES = 1536
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ def status_code(name: str) -> grpc.StatusCode:
 def map_error(error: BaseException, request_id: str = "") -> MappedError:
     """Classify any exception; logs the ones that are bugs."""
     if isinstance(error, LoraplexError):
-        return MappedError(status_code(error.code), error.message, error.field,
+        return MappedError(status_code(error.code), cap_message(error.message), error.field,
                            type(error).__name__)
     log.error("internal error in request %s", request_id or "-", exc_info=error)
     suffix = f" (request id {request_id})" if request_id else ""
@@ -74,6 +79,15 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException,
     status = rich_status(map_error(error, request_id), request_id)
     await context.abort(status.code, status.details, status.trailing_metadata)
     raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def cap_message(message: str) -> str:
+    """`message`, cut at `MAX_MESSAGE_BYTES` of UTF-8 with a note saying so."""
+    raw = message.encode()
+    if len(raw) <= MAX_MESSAGE_BYTES:
+        return message
+    head = raw[:MAX_MESSAGE_BYTES].decode(errors="ignore")  # no half character
+    return f"{head}... (cut; {len(message)} characters in all)"
 
 
 def _pack(message) -> any_pb2.Any:

@@ -18,7 +18,8 @@ PG_URL = os.environ.get("LORAPLEX_TEST_PG_URL", "postgresql+psycopg://postgres@1
 @pytest.fixture(scope="session")
 def base_factory(tmp_path_factory):
     """build(size, arch, pretrained=False) -> Path, each distinct base built once a session."""
-    from loraplex.basemodel import build_base, default_pretrain
+    from loraplex.basemodel import build_base
+    from loraplex.trainer.pretrain import default_pretrain
 
     cache: dict[tuple[str, str, bool], Path] = {}
     root = tmp_path_factory.mktemp("bases")

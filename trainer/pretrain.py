@@ -2,9 +2,10 @@
 
 A LoRA on a randomly initialised base must learn language *and* the task from a few hundred
 examples; on CPU that takes many epochs. So `loraplex base build --size tiny|micro` runs this
-short pre-training first (`loraplex.basemodel.default_pretrain`). It teaches generic skills
-through explicit instructions on a generated corpus, in the same prompt template the
-trainer uses (`data.render_prompt`):
+short pre-training first (`default_pretrain` picks it; `loraplex.basemodel.build_base` takes it
+as a hook, so the core does not import the trainer). It teaches generic skills through
+explicit instructions on a generated corpus, in the same prompt template the trainer uses
+(`data.render_prompt`):
 
     "<words>"              -> "<words>"             echo (no instruction: the default)
     "upper: <words>"       -> "<WORDS>"             letter case
@@ -28,6 +29,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+from loraplex.basemodel import PretrainFn
 from loraplex.trainer.data import IGNORE_INDEX, encode, pad_batch, render_prompt
 from loraplex.trainer.tasks import WORDS, number_to_words, random_number
 
@@ -138,4 +140,11 @@ def pretrain_base(model: Any, tokenizer: Any, seed: int, *, plan: PretrainPlan |
     model.eval()
 
 
-__all__ = ["IGNORE_INDEX", "PLANS", "PretrainPlan", "corpus_example", "pretrain_base"]
+def default_pretrain(size: str) -> PretrainFn | None:
+    """The pre-training `loraplex base build --size SIZE` runs: `pretrain_base` for the
+    `micro`/`tiny` bases; none for `bench`, whose timings need no trained weights."""
+    return None if size == "bench" else pretrain_base
+
+
+__all__ = ["IGNORE_INDEX", "PLANS", "PretrainPlan", "corpus_example", "default_pretrain",
+           "pretrain_base"]

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import AliasConflict, InvalidArgument, NotFound
+from loraplex.errors import AliasConflict, InvalidArgument, NotFound, quote
 from loraplex.trainer.config import TrainConfig
 from loraplex.trainer.data import Example
 
@@ -53,7 +53,7 @@ class GateOutcome:
 def parse_gate(text: str) -> Gate:
     m = _GATE.match(text)
     if not m:
-        raise InvalidArgument(f"gate {text!r} must look like 'val_loss<=0.5' (metric, one of "
+        raise InvalidArgument(f"gate {quote(text)} must look like 'val_loss<=0.5' (metric, one of "
                               f"{' '.join(_OPS)}, number)", field="gate")
     return Gate(metric=m.group(1), op=m.group(2), value=float(m.group(3)))
 
@@ -140,7 +140,7 @@ def decide_gate(registry: Any, identity: Any, cfg: TrainConfig, new: Any,
         g = parse_gate(cfg.gate)
         if g.metric not in metrics or metrics[g.metric] is None:
             have = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, int | float)))
-            raise InvalidArgument(f"gate metric {g.metric!r} is not measured by this run; "
+            raise InvalidArgument(f"gate metric {quote(g.metric)} is not measured by this run; "
                                   f"available: {have}", field="gate")
         ok = _OPS[g.op](float(metrics[g.metric]), g.value)
         why = f"{g.metric}={float(metrics[g.metric]):.6g} {'meets' if ok else 'fails'} {g}"

@@ -40,9 +40,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def _adapter_call(self, method: str, ref: str):
         """Resolve the ref once (a registry read) and run the command, both off the event
         loop: the command waits for the engine thread (and a prefetch for the load)."""
-        if not ref.strip():
+        if not ref:
             raise InvalidArgument("`ref` is required", field="ref")
         engine, identity = self.state.require_engine(), current_identity()
-        version = await asyncio.to_thread(engine.admission.resolve, identity, ref.strip())
+        version = await asyncio.to_thread(engine.admission.resolve, identity, ref)
         outcome = await asyncio.to_thread(getattr(engine.admin, method), version)
         return convert.admin_ack_pb(outcome, version)

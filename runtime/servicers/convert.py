@@ -54,7 +54,7 @@ def admit_args_from_pb(pb: inference_pb2.GenerateRequest, *,
     if not pb.prompt and not pb.prompt_ids:
         raise InvalidArgument("`prompt` (text) or `prompt_ids` is required",
                               field=f"{field_prefix}prompt")
-    return dict(adapter=pb.adapter.strip() or None, prompt=pb.prompt or None,
+    return dict(adapter=pb.adapter or None, prompt=pb.prompt or None,
                 prompt_ids=list(pb.prompt_ids) or None, sampling=sampling_from_pb(pb.sampling))
 
 

@@ -3,8 +3,9 @@
 A generation RPC owns one engine request. Whatever ends the RPC early — the client cancels,
 its deadline passes, the server shuts down — the `finally` of `_owned` cancels the engine
 request, so its sequence slot and KV rows are freed at once instead of decoding for no one.
-The client's deadline is also handed to the engine (`GenerationRequest.deadline`) so that a
-queued request past its deadline never starts.
+The client's deadline is handed to the engine (`GenerationRequest.deadline`): a queued
+request past it never starts, and a call its deadline ended is left to the engine, which ends
+it by that same deadline within a step, so it is counted as `deadline`, not `cancelled`.
 
 Admission happens here, at the edge, off the event loop: the ref is resolved in the registry
 (authorization included) and the prompt tokenized in a worker thread (`asyncio.to_thread`),
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 
 from loraplex.errors import Cancelled, DeadlineExceeded, InvalidArgument, LoraplexError
 from loraplex.runtime import grpc_errors
-from loraplex.runtime.interceptors import current_identity, current_request_id
+from loraplex.runtime.interceptors import current_identity, current_request_id, ended_by_client
 from loraplex.runtime.servicers import convert
 from loraplex.runtime.servicers.state import ServingState
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
@@ -39,7 +40,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request, context):
         engine = self.state.require_engine()
         gen, client_id = await self._admit(engine, request, context)
-        with self._owned(engine, gen.request_id) as owned:
+        with self._owned(engine, gen.request_id, context) as owned:
             result = await engine.submit(gen).result()
             owned.done = True
         _raise_if_cut_short(result)
@@ -48,7 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GenerateStream(self, request, context) -> AsyncIterator:
         engine = self.state.require_engine()
         gen, client_id = await self._admit(engine, request, context)
-        with self._owned(engine, gen.request_id) as owned:
+        with self._owned(engine, gen.request_id, context) as owned:
             stream = engine.submit(gen)
             async for chunk in stream:
                 yield convert.chunk_pb(chunk, client_id)
@@ -97,7 +98,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         try:
             gen, client_id = await self._admit(engine, item, context, client_id=client_id,
                                                field_prefix=prefix, deadline=deadline)
-            with self._owned(engine, gen.request_id) as owned:
+            with self._owned(engine, gen.request_id, context) as owned:
                 result = await engine.submit(gen).result()
                 owned.done = True
             _raise_if_cut_short(result)
@@ -121,13 +122,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 return out
 
     @contextmanager
-    def _owned(self, engine, request_id: str):
-        """Cancel the engine request unless the body marked it done (see module doc)."""
+    def _owned(self, engine, request_id: str, context):
+        """Cancel the engine request unless the body marked it done or the call's deadline
+        ended it (the engine retires it by that deadline itself; see module doc)."""
         owned = _Owned()
         try:
             yield owned
         finally:
-            if not owned.done:
+            if not owned.done and ended_by_client(context) != "DEADLINE_EXCEEDED":
                 engine.cancel(request_id)
 
 

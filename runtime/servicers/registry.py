@@ -162,9 +162,10 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
 
 def _required(value: str, field: str) -> str:
-    if not value.strip():
+    """`value` as sent (refs and names are never trimmed: `registry/refs.py`)."""
+    if not value:
         raise InvalidArgument(f"`{field}` is required", field=field)
-    return value.strip()
+    return value
 
 
 def _derived_pb(version) -> registry_pb2.DerivedAdapterResponse:

@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +46,25 @@ def test_tokenizer_round_trips_any_utf8():
 def test_unknown_size_is_a_typed_error(tmp_path):
     with pytest.raises(InvalidArgument, match="size"):
         build_base(tmp_path / "x", size="huge")
+
+
+# The application entry points assemble every package; the rest of the core is below them.
+ENTRY_POINTS = {"cli.py", "demo.py"}
+
+
+def test_core_does_not_import_the_trainer_or_the_runtime() -> None:
+    """Dependencies point from the packages to the core (a core module importing the trainer,
+    even lazily inside a function, once turned a missing trainer into a silent no-op)."""
+    import ast
+
+    core = Path(__file__).resolve().parents[2] / "loraplex"
+    offenders = []
+    for path in sorted(core.glob("*.py")):
+        if path.name in ENTRY_POINTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names
+                          if n.startswith(("loraplex.trainer", "loraplex.runtime"))]
+    assert not offenders

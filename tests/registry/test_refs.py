@@ -50,6 +50,23 @@ def test_arbitrary_text_parses_or_raises_invalid_argument(text: str) -> None:
     else:
         assert isinstance(ref, AdapterRef)
         assert parse_ref(str(ref)) == ref
+        # valid as sent: nothing trimmed or rewritten (a digest's hex is only case-folded)
+        assert str(ref) == (text.lower() if text.startswith("sha256:") else text)
+
+
+whitespace = st.text(alphabet=" \t\n\r\x0b\x0c\u00a0\u2003", min_size=1, max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(refs, whitespace, st.sampled_from(["lead", "trail", "both"]))
+def test_valid_refs_with_surrounding_whitespace_are_refused(text: str, ws: str,
+                                                             where: str) -> None:
+    padded = (ws if where != "trail" else "") + text + (ws if where != "lead" else "")
+    with pytest.raises(InvalidArgument, match="leading or trailing whitespace") as info:
+        parse_ref(padded)
+    assert info.value.field == "ref"
+    with pytest.raises(InvalidArgument, match="whitespace"):
+        parse_key(padded.replace(text, "acme/support"))
 
 
 @settings(max_examples=200, deadline=None)
@@ -67,7 +84,11 @@ def test_uppercase_digest_is_normalised() -> None:
 
 @pytest.mark.parametrize(("text", "problem"), [
     ("", "empty"),
-    ("   ", "empty"),
+    ("   ", "leading or trailing whitespace"),
+    (" acme/support", "leading or trailing whitespace"),
+    ("acme/support@prod\n", "leading or trailing whitespace"),
+    ("acme/ support", "adapter name ' support' is invalid"),
+    ("acme/support :v1", "whitespace"),
     ("acme", "exactly one '/'"),
     ("acme/support/x", "exactly one '/'"),
     ("/support", "tenant is empty"),
@@ -100,3 +121,12 @@ def test_keys_refuse_aliases_and_versions() -> None:
         with pytest.raises(InvalidArgument) as info:
             parse_key(bad)
         assert info.value.field == "name"
+
+
+def test_errors_quote_a_short_prefix_of_a_huge_ref() -> None:
+    for text in ("acme/" + "x" * 10_000, "x" * 10_000 + "/support", "acme/s@" + "p" * 10_000,
+                 "acme/s:v" + "9" * 10_000, "sha256:" + "a" * 10_000, "md5:" + "a" * 10_000):
+        with pytest.raises(InvalidArgument) as info:
+            parse_ref(text)
+        assert len(info.value.message) < 300, info.value.message
+        assert "characters)" in info.value.message
