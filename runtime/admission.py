@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loraplex.errors import FailedPrecondition, IncompatibleAdapter, InvalidArgument, NotFound
+from loraplex.errors import FailedPrecondition, IncompatibleAdapter, InvalidArgument, NotFound, quote
 from loraplex.runtime.sampling import validate_sampling
 from loraplex.runtime.types import GenerationRequest, SamplingParams
 
@@ -102,7 +102,7 @@ class Admission:
     def resolve(self, identity: Identity, ref: str) -> AdapterVersion:
         """The version `ref` names for `identity`, checked against this engine."""
         if self.registry is None:
-            raise NotFound(f"adapter {ref!r}: this engine has no registry", field="adapter")
+            raise NotFound(f"adapter {quote(ref)}: this engine has no registry", field="adapter")
         version = self.registry.resolve(identity, ref)  # NotFound, InvalidArgument
         check_compatible(version, self.limits)
         return version

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-from loraplex.errors import AlreadyExists, LoraplexError, Unavailable
+from loraplex.errors import AlreadyExists, LoraplexError, Unavailable, quote
 from loraplex.runtime.commit import Seq, result_of, take_token
 from loraplex.runtime.observer import EngineObserver
 from loraplex.runtime.plan import StepPlan
@@ -57,7 +57,7 @@ class Inbox:
             if self._closed:
                 raise Unavailable("engine is stopped")
             if s.id in self._live:
-                raise AlreadyExists(f"request {s.id!r} is already in flight", field="request_id")
+                raise AlreadyExists(f"request {quote(s.id)} is already in flight", field="request_id")
             scheduler.push(ticket)
             self._live[s.id] = s
             self._arrivals.append(s)
