@@ -21,7 +21,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from loraplex.errors import FailedPrecondition, IncompatibleAdapter, InvalidArgument, NotFound, quote
+from loraplex.errors import (
+    FailedPrecondition,
+    IncompatibleAdapter,
+    InvalidArgument,
+    NotFound,
+    quote,
+)
 from loraplex.runtime.sampling import validate_sampling
 from loraplex.runtime.types import GenerationRequest, SamplingParams
 
