@@ -56,7 +56,9 @@ def test_storm_of_submits_cancels_and_activation_failures(micro_base, tmp_path):
                     sampling=SamplingParams(max_new_tokens=rng.randint(1, 4))))
                 with lock:
                     streams[rid] = s
-                if rng.random() < 0.3:  # cancel someone's request, maybe another thread's
+                if i % 4 == 0:  # cancel it at once (still queued, most likely)
+                    engine.cancel(rid)
+                elif rng.random() < 0.3:  # cancel someone's request, maybe another thread's
                     with lock:
                         victim = rng.choice(list(streams))
                     engine.cancel(victim)
