@@ -93,6 +93,8 @@ async def write(context: grpc.aio.ServicerContext, item: Any) -> None:
     the write's batch (`ExecuteBatchError`, the error its own streaming loop swallows for a
     closed call) instead of cancelling the task. The call is over either way: raise what a
     cancel raises, so every scope sees one kind of ending and grpc ends the call quietly.
+    (`ErrorInterceptor` does the same when sending an error status finds the call gone,
+    e.g. the engine retired a request by its deadline just as the client gave up.)
     """
     try:
         await context.write(item)
@@ -173,7 +175,10 @@ class ErrorInterceptor(_ScopeInterceptor):
         except Exception as e:  # noqa: BLE001 - the one place every failure is classified
             if not isinstance(e, LoraplexError):
                 log.error("bug in %s", method)
-            await grpc_errors.abort(context, e, current_request_id())
+            try:
+                await grpc_errors.abort(context, e, current_request_id())
+            except ExecuteBatchError as dead:  # the call ended first (see `write`)
+                raise asyncio.CancelledError("the call ended before its status") from dead
 
 
 class MetricsInterceptor(_ScopeInterceptor):

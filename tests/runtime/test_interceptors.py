@@ -2,7 +2,7 @@
 writes block on flow control (1 MiB messages the client does not read): a client cancel or
 deadline then lands while the RPC waits to send, not inside the servicer. Each call must be
 counted with the code its client saw, leave no task failing in the background, and run the
-servicer's cleanup at once.
+servicer's cleanup at once. Also a method that raises its error only after the client left.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import grpc
 import pytest
 
+from loraplex.errors import DeadlineExceeded
 from loraplex.registry import Identity
 from loraplex.runtime.interceptors import (
     AuthInterceptor,
@@ -26,6 +27,7 @@ from loraplex.runtime.interceptors import (
 from loraplex.runtime.metrics import ServerMetrics
 
 METHOD = "/test.Flood/Stream"
+LATE = "/test.Flood/Late"
 MESSAGE = b"x" * (1 << 20)  # far over HTTP/2's initial 64 KiB window: the second write waits
 N = 8
 
@@ -44,9 +46,18 @@ def flood_server(cleaned: list[str]):
         finally:
             cleaned.append(current_request_id())
 
-    handler = grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b)
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "test.Flood", {"Stream": handler})])
+    async def late(request, context):
+        """Raises its error only once the call is over, as a servicer does when the engine
+        retires a request by its deadline just as the client gives up."""
+        try:
+            await asyncio.sleep(0.6)  # the client cancels after 0.2 s
+        except asyncio.CancelledError:
+            pass
+        raise DeadlineExceeded("too late")
+
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Flood", {
+        "Stream": grpc.unary_stream_rpc_method_handler(stream, lambda b: b, lambda b: b),
+        "Late": grpc.unary_unary_rpc_method_handler(late, lambda b: b, lambda b: b)})])
     return server, server.add_insecure_port("127.0.0.1:0"), metrics
 
 
@@ -70,8 +81,16 @@ async def cut_short(port: int, cleaned: list[str]) -> list[grpc.StatusCode]:
                 pass
             codes.append(await call.code())
 
+        async def late_one(i: int) -> None:
+            call = channel.unary_unary(LATE, lambda b: b, lambda b: b)(
+                b"", timeout=60, metadata=[("x-request-id", f"gone-{i}")])
+            await asyncio.sleep(0.2)
+            call.cancel()
+            codes.append(await call.code())
+
         await asyncio.gather(*(cancel_one(i) for i in range(N)),
-                             *(deadline_one(i) for i in range(N)))
+                             *(deadline_one(i) for i in range(N)),
+                             *(late_one(i) for i in range(N)))
     for _ in range(20):  # let grpc retire the calls, then collect what they left behind
         await asyncio.sleep(0.05)
     gc.collect()
@@ -92,13 +111,16 @@ def test_cut_short_streams_are_counted_right_and_cleaned_up_in_their_own_task(ca
             await server.stop(0)
 
     codes, metrics = asyncio.run(main())
-    assert sorted(c.name for c in codes) == ["CANCELLED"] * N + ["DEADLINE_EXCEEDED"] * N
+    assert sorted(c.name for c in codes) == (["CANCELLED"] * 2 * N
+                                             + ["DEADLINE_EXCEEDED"] * N)
 
-    def rpcs(code: str) -> float:
+    def rpcs(code: str, method: str = METHOD) -> float:
         return metrics.registry.get_sample_value(
-            "loraplex_grpc_requests_total", {"method": METHOD, "code": code}) or 0.0
+            "loraplex_grpc_requests_total", {"method": method, "code": code}) or 0.0
 
     assert (rpcs("CANCELLED"), rpcs("DEADLINE_EXCEEDED"), rpcs("UNKNOWN")) == (N, N, 0)
+    # An error raised after its call ended is not a bug and not UNKNOWN: the call was cut.
+    assert (rpcs("CANCELLED", LATE), rpcs("UNKNOWN", LATE)) == (N, 0)
     # The servicer's `finally` ran for every call, still seeing that call's request id.
     assert sorted(cleaned) == sorted([f"cancel-{i}" for i in range(N)]
                                      + [f"late-{i}" for i in range(N)])
