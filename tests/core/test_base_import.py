@@ -111,3 +111,16 @@ def test_cli_says_a_hub_id_needs_a_hub(tmp_path, monkeypatch):
     assert res.exit_code == 1
     assert "error [UNAVAILABLE]" in res.stderr and "no model hub is reachable" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_directory_imports_with_the_same_weights(micro_base, tmp_path):
+    from safetensors.torch import load_file
+
+    res = import_base(str(micro_base), tmp_path / "out")
+    assert res.source.kind == "hf_dir" and res.eos_token_ids == [258]  # no end-of-turn token
+    before, after = load_file(micro_base / "model.safetensors"), load_file(
+        res.dest / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all((before[k] == after[k]).all() for k in before)
+    with pytest.raises(InvalidArgument, match="exists and is not empty"):
+        import_base(str(micro_base), res.dest)
