@@ -120,3 +120,40 @@ def test_property_any_ids_stream_to_the_tokenizers_own_decode(tokenizers, tables
     tok = tokenizers["smollm2"]
     d, _ = _stream(tables["smollm2"], ids, step=step)
     assert d.text == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _sentencepiece_style_tokenizer():
+    """A Llama-2-style tokenizer (Metaspace "▁", byte fallback `<0xE2>` tokens, a decoder that
+    fuses and strips): not byte-level, so the detokenizer takes its fallback path."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    vocab.update({"▁": 259, "a": 260, "b": 261, "▁a": 262, "é": 263})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "a")], byte_fallback=True,
+                               unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                           normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+SP_TOK = _sentencepiece_style_tokenizer()
+SP_TABLE = TokenTable.for_tokenizer(SP_TOK)
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(["a", "b", " ", "é", "😀", "世", "\u0301"]),
+                    min_size=1, max_size=20),
+       step=st.integers(1, 3), stop=st.sampled_from([(), ("😀",), ("a b",)]))
+def test_property_fallback_tokenizers_stream_exactly(text, step, stop):
+    assert not SP_TABLE.byte_level
+    ids = SP_TOK(text, add_special_tokens=False)["input_ids"]
+    d, chunks = _stream(SP_TABLE, ids, stop=stop, step=step)
+    assert all("\ufffd" not in c for c in chunks)
+    full = SP_TOK.decode(ids, skip_special_tokens=True)
+    cut = min([i for s in stop if (i := full.find(s)) >= 0], default=len(full))
+    assert d.text == full[:cut]
