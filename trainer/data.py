@@ -1,15 +1,22 @@
-"""Tenant datasets: parse and check JSONL, render prompts, tokenize with completion-only labels.
+"""Tenant datasets: parse and check JSONL, tokenize with labels on what the model must say.
 
-Accepted lines (one JSON object each):
+Two row formats, as in TRL (one per file):
 
-    {"prompt": "send the box", "completion": "SEND THE BOX"}
-    {"messages": [{"role": "user", "content": "…"}, {"role": "assistant", "content": "…"}]}
+    {"prompt": "Ticket: refund please\\nDesk:", "completion": " BILLING"}
+    {"messages": [{"role": "system", "content": "…"}, {"role": "user", "content": "…"},
+                  {"role": "assistant", "content": "…"}, …]}
 
-Rendering. A prompt is wrapped as one user turn of the tokenizer's chat template (with the
-generation prompt) when the tokenizer has one, else in `DEFAULT_TEMPLATE`; the completion
-follows, then EOS. A `messages` example trains on its last assistant turn: every turn
-before it is rendered as the prompt. `render_prompt` is the one place this happens, so
-serving code that wants the trained behaviour renders prompts with it too.
+What you train is what you serve:
+
+- `prompt`/`completion` rows train on the text *as written*: prompt tokens (tokenized the
+  way `Generate` tokenizes a prompt), then the completion, then EOS. No template is added,
+  so the same prompt sent to `Generate`, to plain peft or to the OpenAI completions route
+  meets the adapter exactly as in training. Put any separator you want in the prompt.
+- `messages` rows are rendered with the base's own chat template, the rendering a server
+  applies to chat `messages`. Loss is on every assistant turn (its content and the
+  template's end-of-turn token), nothing else; a system turn is optional. When the template
+  closes a turn with no special token (the embedded base's), EOS follows the last reply so
+  the model learns to stop.
 
 The whole file is checked before any training starts: a malformed line raises
 `InvalidArgument` naming the file, the line number and the reason.
@@ -25,18 +32,25 @@ from typing import Any
 
 from loraplex.errors import InvalidArgument
 
-# Used only for tokenizers without a chat template (GPT-2's, for example).
-DEFAULT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
+PROMPT_COMPLETION, MESSAGES = "prompt_completion", "messages"
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training pair after parsing; `prompt` may be a list of chat messages."""
+    """One row after parsing. For a `messages` row, `prompt` is the turns before the last
+    assistant reply and `completion` that reply (what exact-match compares); `messages` is
+    the whole conversation (what training and loss use)."""
 
     prompt: str | list[dict[str, str]]
     completion: str
     line: int
+    messages: tuple[dict[str, str], ...] | None = None
+
+    @property
+    def format(self) -> str:
+        return MESSAGES if self.messages is not None else PROMPT_COMPLETION
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,10 @@ class Dataset:
     path: Path
     examples: list[Example]
     digest: str  # "sha256:<hex>" of the file bytes: pins the data in the lineage
+
+    @property
+    def format(self) -> str:
+        return self.examples[0].format
 
 
 def _bad(path: Path, line: int, reason: str) -> InvalidArgument:
@@ -57,12 +75,22 @@ def _parse_messages(path: Path, line: int, msgs: Any) -> Example:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(
                 m.get("content"), str):
             raise _bad(path, line, f'messages[{i}] must be {{"role": str, "content": str}}')
-    if msgs[-1]["role"] != "assistant":
-        raise _bad(path, line, 'the last message must have role "assistant" (what is learned)')
-    if len(msgs) < 2:
-        raise _bad(path, line, '"messages" needs at least one turn before the assistant reply')
-    prompt = [{"role": m["role"], "content": m["content"]} for m in msgs[:-1]]
-    return Example(prompt=prompt, completion=msgs[-1]["content"], line=line)
+        if m["role"] not in ROLES:
+            raise _bad(path, line, f'messages[{i}]: unknown role {m["role"]!r} (one of '
+                                   f'{", ".join(ROLES)})')
+        if m["role"] == "system" and i:
+            raise _bad(path, line, f"messages[{i}]: a system turn may only come first")
+    roles = [m["role"] for m in msgs]
+    if "assistant" not in roles:
+        raise _bad(path, line, "no assistant turn: nothing to learn")
+    if "user" not in roles[:roles.index("assistant")]:
+        raise _bad(path, line, "the first assistant turn must follow a user turn")
+    if roles[-1] != "assistant":
+        raise _bad(path, line, 'the last message must have role "assistant" (turns after the '
+                               "last reply teach nothing)")
+    clean = tuple({"role": m["role"], "content": m["content"]} for m in msgs)
+    return Example(prompt=list(clean[:-1]), completion=clean[-1]["content"], line=line,
+                   messages=clean)
 
 
 def parse_line(path: Path, line: int, text: str) -> Example:
@@ -88,7 +116,8 @@ def parse_line(path: Path, line: int, text: str) -> Example:
 
 
 def load_jsonl(path: str | Path) -> Dataset:
-    """Read and check every line; blank lines are skipped, anything else must parse."""
+    """Read and check every line; blank lines are skipped, anything else must parse, and
+    every row must use the format of the first."""
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -103,47 +132,130 @@ def load_jsonl(path: str | Path) -> Dataset:
                 if t.strip()]
     if not examples:
         raise InvalidArgument(f"{path}: no examples", field="data")
+    for ex in examples:
+        if ex.format != examples[0].format:
+            raise _bad(path, ex.line, f"a {ex.format} row in a {examples[0].format} file "
+                                      f"(line {examples[0].line}); use one format per file")
     return Dataset(path=path, examples=examples, digest="sha256:" + hashlib.sha256(raw).hexdigest())
 
 
-def render_prompt(tokenizer: Any, prompt: str | list[dict[str, str]]) -> str:
-    """The text the model sees before the completion (see the module docstring)."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(prompt, str):
-        prompt = "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-    return DEFAULT_TEMPLATE.format(prompt=prompt)
+# -- rendering and tokenizing ----------------------------------------------------------------
+def _template(tokenizer: Any, messages: Any, *, generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument('the base has no chat template: "messages" rows need one; write '
+                              '{"prompt", "completion"} rows instead', field="data")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """`messages` in the base's chat template, ending with the assistant's generation prompt:
+    the text a server renders for a chat request."""
+    return _template(tokenizer, messages, generation_prompt=True)
+
+
+def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
+    """Token ids a server sees before the answer: a prompt as written (tokenized like
+    `Generate` does), or the chat rendering of the turns before the last reply."""
+    if ex.messages is None:
+        return list(tokenizer(ex.prompt)["input_ids"])
+    return list(tokenizer(chat_prompt(tokenizer, ex.prompt),
+                          add_special_tokens=False)["input_ids"])
+
+
+def stop_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:
+    """Ids that end an answer: EOS and the generation config's eos list (end-of-turn)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    v = getattr(generation_config, "eos_token_id", None)
+    ids.update(v if isinstance(v, list | tuple) else [v] if v is not None else [])
+    return ids
 
 
 @dataclass(frozen=True)
 class Encoded:
     input_ids: list[int]
-    labels: list[int]  # IGNORE_INDEX on prompt tokens unless train_on_prompt
+    labels: list[int]  # IGNORE_INDEX where the model is not asked to predict
     truncated: bool
 
 
-def encode(tokenizer: Any, prompt_text: str, completion: str, *, max_seq_len: int,
+def _cut(ids: list[int], labels: list[int], max_seq_len: int) -> Encoded:
+    return Encoded(ids[:max_seq_len], labels[:max_seq_len], len(ids) > max_seq_len)
+
+
+def encode(tokenizer: Any, prompt_ids_: list[int], completion: str, *, max_seq_len: int,
            train_on_prompt: bool = False) -> Encoded:
-    """Token ids and labels of prompt+completion+EOS, cut to max_seq_len from the right."""
-    p = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    """prompt ids + completion + EOS, labels on the completion (and EOS), cut from the right."""
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         c = c + [tokenizer.eos_token_id]
-    ids = p + c
-    labels = (list(ids) if train_on_prompt else [IGNORE_INDEX] * len(p) + c)
-    truncated = len(ids) > max_seq_len
-    return Encoded(ids[:max_seq_len], labels[:max_seq_len], truncated)
+    ids = list(prompt_ids_) + c
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids_) + c
+    return _cut(ids, labels, max_seq_len)
+
+
+def assistant_spans(tokenizer: Any, messages: tuple[dict[str, str], ...] | list
+                    ) -> tuple[str, list[tuple[int, int]]]:
+    """(full chat text, [start, end) character spans of each assistant turn). A turn's span
+    is what the template adds after the generation prompt: the reply and its end marker."""
+    text = _template(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _template(tokenizer, messages[:i], generation_prompt=True)
+        upto = _template(tokenizer, messages[:i + 1], generation_prompt=False)
+        if not (upto.startswith(before) and text.startswith(upto)):
+            raise InvalidArgument("the chat template does not render a conversation as a "
+                                  "growing prefix; its assistant turns cannot be located",
+                                  field="data")
+        spans.append((len(before), len(upto)))
+    return text, spans
+
+
+def encode_messages(tokenizer: Any, messages: tuple[dict[str, str], ...] | list, *,
+                    max_seq_len: int, stop: set[int] | None = None,
+                    train_on_prompt: bool = False) -> Encoded:
+    """The conversation in the chat template; labels on every assistant turn up to and
+    including its first stop token (nothing the template writes after it)."""
+    stop = stop_ids(tokenizer) if stop is None else stop
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        for t, (start, _) in enumerate(enc["offset_mapping"]):
+            if a <= start < b:
+                labels[t] = ids[t]
+                if ids[t] in stop:
+                    break
+    last_closed = any(labels[t] in stop for t in range(len(ids)) if labels[t] != IGNORE_INDEX)
+    if not last_closed and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)  # the template never ends a turn: teach stopping
+        labels.append(tokenizer.eos_token_id)
+    if train_on_prompt:
+        labels = list(ids)
+    return _cut(ids, labels, max_seq_len)
+
+
+def encode_example(tokenizer: Any, ex: Example, *, max_seq_len: int,
+                   train_on_prompt: bool = False, stop: set[int] | None = None) -> Encoded:
+    """Training ids and labels of one row, in its own format (see the module docstring)."""
+    if ex.messages is not None:
+        return encode_messages(tokenizer, ex.messages, max_seq_len=max_seq_len, stop=stop,
+                               train_on_prompt=train_on_prompt)
+    return encode(tokenizer, prompt_ids(tokenizer, ex), ex.completion, max_seq_len=max_seq_len,
+                  train_on_prompt=train_on_prompt)
 
 
 def encode_dataset(tokenizer: Any, examples: list[Example], *, max_seq_len: int,
-                   train_on_prompt: bool = False) -> tuple[list[dict[str, list[int]]], int]:
+                   train_on_prompt: bool = False, stop: set[int] | None = None
+                   ) -> tuple[list[dict[str, list[int]]], int]:
     """Encode every example; returns (rows, number truncated). Rows with no label left after
     truncation are kept (they still count) but contribute no loss."""
     rows, n_trunc = [], 0
     for ex in examples:
-        enc = encode(tokenizer, render_prompt(tokenizer, ex.prompt), ex.completion,
-                     max_seq_len=max_seq_len, train_on_prompt=train_on_prompt)
+        enc = encode_example(tokenizer, ex, max_seq_len=max_seq_len,
+                             train_on_prompt=train_on_prompt, stop=stop)
         n_trunc += enc.truncated
         rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
     return rows, n_trunc

@@ -1,9 +1,11 @@
 """Loss and exact-match of greedy completions: the numbers that say an adapter works.
 
-Both metrics use the same rendering as training (`data.render_prompt`), so the base and the
-adapter are scored on exactly the text the adapter was trained on. Exact-match compares the
-greedy completion (up to EOS or `max_new_tokens`) with the reference, surrounding whitespace
-ignored. Batched with left padding; generation is the slow part, so callers cap the number
+Both metrics see each row exactly as training does (`data.encode_example`,
+`data.prompt_ids`): a prompt/completion row as written, a chat row in the base's chat
+template with loss on every assistant turn. Exact-match compares the greedy completion of
+the prompt (a chat row: the turns before its last reply) up to a stop token (EOS or the
+generation config's end-of-turn ids) or `max_new_tokens` with the reference, surrounding
+whitespace ignored. Batched with left padding; generation is the slow part, so callers cap the number
 of examples where they only need an estimate.
 """
 
@@ -13,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from loraplex.trainer.data import Example, encode, pad_batch, render_prompt
+from loraplex.trainer.data import Example, encode_example, pad_batch, prompt_ids, stop_ids
 
 
 @dataclass(frozen=True)
@@ -34,18 +36,18 @@ def _device(model: Any):
 
 def completion_loss(model: Any, tokenizer: Any, examples: list[Example], *,
                     batch_size: int = 16, max_seq_len: int = 512) -> float:
-    """Token-weighted mean loss over completion tokens (what training minimises)."""
+    """Token-weighted mean loss over labelled tokens (what training minimises)."""
     import torch
 
     pad = tokenizer.pad_token_id
+    stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
     total, count = 0.0, 0
     dev = _device(model)
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             rows = []
             for ex in examples[i:i + batch_size]:
-                enc = encode(tokenizer, render_prompt(tokenizer, ex.prompt), ex.completion,
-                             max_seq_len=max_seq_len)
+                enc = encode_example(tokenizer, ex, max_seq_len=max_seq_len, stop=stop)
                 rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
             b = {k: v.to(dev) for k, v in pad_batch(rows, pad).items()}
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -66,12 +68,11 @@ def greedy_completions(model: Any, tokenizer: Any, examples: list[Example], *,
 
     pad = tokenizer.pad_token_id
     dev = _device(model)
+    stop = sorted(stop_ids(tokenizer, getattr(model, "generation_config", None)))
     outputs: list[str] = []
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
-            prompts = [tokenizer(render_prompt(tokenizer, ex.prompt),
-                                 add_special_tokens=False)["input_ids"]
-                       for ex in examples[i:i + batch_size]]
+            prompts = [prompt_ids(tokenizer, ex) for ex in examples[i:i + batch_size]]
             n = max(len(p) for p in prompts)
             ids = torch.full((len(prompts), n), pad, dtype=torch.long)  # [B, T] left-padded
             mask = torch.zeros((len(prompts), n), dtype=torch.long)  # [B, T]
@@ -80,7 +81,7 @@ def greedy_completions(model: Any, tokenizer: Any, examples: list[Example], *,
                 mask[j, n - len(p):] = 1
             out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+                                 pad_token_id=pad, eos_token_id=stop or None)
             for row in out[:, n:]:
                 outputs.append(tokenizer.decode(row, skip_special_tokens=True))
     return outputs

@@ -4,8 +4,8 @@ A LoRA on a randomly initialised base must learn language *and* the task from a 
 examples; on CPU that takes many epochs. So `loraplex base build --size tiny|micro` runs this
 short pre-training first (`default_pretrain` picks it; `loraplex.basemodel.build_base` takes it
 as a hook, so the core does not import the trainer). It teaches generic skills through
-explicit instructions on a generated corpus, in the same prompt template the trainer uses
-(`data.render_prompt`):
+explicit instructions on a generated corpus, in the embedded base's chat template
+(`data.chat_prompt`, one user turn):
 
     "<words>"              -> "<words>"             echo (no instruction: the default)
     "upper: <words>"       -> "<WORDS>"             letter case
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex.basemodel import PretrainFn
-from loraplex.trainer.data import IGNORE_INDEX, encode, pad_batch, render_prompt
+from loraplex.trainer.data import IGNORE_INDEX, chat_prompt, encode, pad_batch
 from loraplex.trainer.tasks import WORDS, number_to_words, random_number
 
 
@@ -90,7 +90,9 @@ def _batches(tokenizer: Any, rng: random.Random, plan: PretrainPlan):
         for _ in range(plan.batch_size):
             p, c = corpus_example(rng)
             # Loss on the prompt too: learning to model the words costs no extra compute.
-            enc = encode(tokenizer, render_prompt(tokenizer, p), c, max_seq_len=MAX_SEQ_LEN,
+            ids = tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p}]),
+                            add_special_tokens=False)["input_ids"]
+            enc = encode(tokenizer, ids, c, max_seq_len=MAX_SEQ_LEN,
                          train_on_prompt=True)
             rows.append({"input_ids": enc.input_ids, "labels": enc.labels})
         yield pad_batch(rows, pad)

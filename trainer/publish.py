@@ -74,6 +74,8 @@ def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
     ds = splits.dataset
     dataset: dict[str, Any] = {
         "path": str(cfg.data), "digest": ds.digest, "examples": len(ds.examples),
+        # prompt_completion: trained on the prompt as written; messages: in the chat template
+        "format": ds.format,
         "train_examples": len(splits.train), "val_examples": len(splits.val),
     }
     if splits.val_dataset is not None:

@@ -1,6 +1,7 @@
 """Three small tenant tasks that make specialization visible, generated deterministically.
 
     python -m loraplex.trainer.tasks ./data          # writes acme.train.jsonl, acme.test.jsonl, …
+                                                    # (chat rows: {"messages": [user, assistant]})
     loraplex train --config ./data/train.yaml --base ./base --data ./data/acme.train.jsonl \
         --name acme/router                          # the demo's recipe (DEMO_TRAIN_CONFIG)
 
@@ -145,7 +146,20 @@ def make_split(tenant: str, *, seed: int = 0, n_train: int = 400, n_test: int = 
     return out[n_test:], out[:n_test]
 
 
-def write_jsonl(path: Path, rows: list[dict[str, str]]) -> None:
+def as_chat(row: dict[str, str]) -> dict[str, list[dict[str, str]]]:
+    """A prompt/completion pair as a one-turn conversation: the demo trains and serves chat
+    rows, so the base's chat template frames the task the same way in both."""
+    return {"messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["completion"]}]}
+
+
+def from_chat(row: dict) -> dict[str, str]:
+    """The (prompt, completion) pair of a one-turn chat row written by `write_tasks`."""
+    user, reply = row["messages"][-2], row["messages"][-1]
+    return {"prompt": user["content"], "completion": reply["content"]}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
@@ -161,15 +175,16 @@ DEMO_TRAIN_CONFIG: dict[str, object] = {
 
 def write_tasks(out_dir: str | Path, *, seed: int = 0, n_train: int = 400, n_test: int = 50,
                 tenants: tuple[str, ...] = TENANTS) -> dict[str, dict[str, Path]]:
-    """Write `<tenant>.train.jsonl` and `<tenant>.test.jsonl` per tenant; returns the paths."""
+    """Write `<tenant>.train.jsonl` and `<tenant>.test.jsonl` (chat rows) per tenant; returns
+    the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, dict[str, Path]] = {}
     for tenant in tenants:
         train, test = make_split(tenant, seed=seed, n_train=n_train, n_test=n_test)
         paths[tenant] = {"train": out / f"{tenant}.train.jsonl", "test": out / f"{tenant}.test.jsonl"}
-        write_jsonl(paths[tenant]["train"], train)
-        write_jsonl(paths[tenant]["test"], test)
+        write_jsonl(paths[tenant]["train"], [as_chat(r) for r in train])
+        write_jsonl(paths[tenant]["test"], [as_chat(r) for r in test])
     import yaml
 
     (out / "train.yaml").write_text(yaml.safe_dump(DEMO_TRAIN_CONFIG, sort_keys=False))

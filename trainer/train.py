@@ -26,7 +26,14 @@ from typing import Any
 from loraplex.errors import InvalidArgument
 from loraplex.trainer.callbacks import MetricsFileCallback, RichProgressCallback, Throughput
 from loraplex.trainer.config import TrainConfig
-from loraplex.trainer.data import Dataset, Example, encode_dataset, load_jsonl, pad_batch
+from loraplex.trainer.data import (
+    Dataset,
+    Example,
+    encode_dataset,
+    load_jsonl,
+    pad_batch,
+    stop_ids,
+)
 
 log = logging.getLogger("loraplex.trainer")
 MAX_EM_EXAMPLES = 64  # greedy generation is slow on CPU: exact-match on at most this many
@@ -55,6 +62,9 @@ def load_splits(cfg: TrainConfig) -> Splits:
     ds = load_jsonl(cfg.data)
     if cfg.val_data:
         vds = load_jsonl(cfg.val_data)
+        if vds.format != ds.format:
+            raise InvalidArgument(f"{cfg.val_data} holds {vds.format} rows but {cfg.data} holds "
+                                  f"{ds.format} rows; use one format", field="val_data")
         return Splits(train=ds.examples, val=vds.examples, dataset=ds, val_dataset=vds)
     idx = list(range(len(ds.examples)))
     random.Random(cfg.seed).shuffle(idx)
@@ -83,9 +93,10 @@ class _Rows:
         return self.rows[i]
 
 
-def _encode(tokenizer: Any, examples: list[Example], cfg: TrainConfig, what: str) -> _Rows:
+def _encode(tokenizer: Any, examples: list[Example], cfg: TrainConfig, what: str,
+            stop: set[int]) -> _Rows:
     rows, n_trunc = encode_dataset(tokenizer, examples, max_seq_len=cfg.max_seq_len,
-                                   train_on_prompt=cfg.train_on_prompt)
+                                   train_on_prompt=cfg.train_on_prompt, stop=stop)
     if n_trunc:
         log.warning("%d of %d %s example(s) are longer than --max-seq-len %d and were truncated",
                     n_trunc, len(rows), what, cfg.max_seq_len)
@@ -189,8 +200,9 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     device = f"cuda:{args.local_process_index}" if cuda else "cpu"
     model, tokenizer = load_base(cfg.base, cfg, device=device)
     model = wrap_lora(model, cfg)
-    train_rows = _encode(tokenizer, splits.train, cfg, "training")
-    val_rows = _encode(tokenizer, splits.val, cfg, "validation") if splits.val else None
+    stop = stop_ids(tokenizer, getattr(model, "generation_config", None))  # EOS + end-of-turn
+    train_rows = _encode(tokenizer, splits.train, cfg, "training", stop)
+    val_rows = _encode(tokenizer, splits.val, cfg, "validation", stop) if splits.val else None
 
     clock = Throughput()
     callbacks: list[Any] = [MetricsFileCallback(cfg.run_dir / "metrics.jsonl", clock),

@@ -51,5 +51,6 @@ def test_write_tasks_writes_jsonl_per_tenant(tmp_path):
     assert sorted(paths) == sorted(TENANTS)
     for p in paths.values():
         rows = [json.loads(x) for x in p["train"].read_text().splitlines()]
-        assert len(rows) == 10 and set(rows[0]) == {"prompt", "completion"}
+        assert len(rows) == 10 and set(rows[0]) == {"messages"}  # chat rows
+        assert [m["role"] for m in rows[0]["messages"]] == ["user", "assistant"]
         assert len(p["test"].read_text().splitlines()) == 3

@@ -42,6 +42,7 @@ def test_lineage_metrics_file_and_best_weights(micro_base, acme_data, tmp_path, 
     lin = v.lineage
     assert lin["dataset"]["examples"] == 40 and lin["dataset"]["digest"].startswith("sha256:")
     assert lin["dataset"]["val_examples"] == 8 and lin["seed"] == 0
+    assert lin["dataset"]["format"] == "prompt_completion"  # trained on the prompt as written
     assert lin["base"]["digest"] == v.base.digest
     assert lin["hyperparameters"]["lr"] == 1e-3 and lin["hyperparameters"]["r"] == 8
     for k in ("train_loss", "val_loss", "val_exact_match", "wall_s", "tokens_per_s"):
