@@ -45,7 +45,7 @@ from loraplex.errors import (
 from loraplex.fingerprint import BaseFingerprint
 from loraplex.registry import db, tensorfile
 from loraplex.registry.bases import BaseArg, BaseCatalog
-from loraplex.registry.blobstore import BlobStore, LocalBlobStore
+from loraplex.registry.blobstore import BlobStore, LocalBlobStore, open_blob_store
 from loraplex.registry.content import PEFT_PREFIX, adapter_digest
 from loraplex.registry.db import adapters, alias_moves, aliases, versions
 from loraplex.registry.records import (
@@ -101,7 +101,8 @@ class Registry:
              settings: RegistrySettings | None = None) -> Registry:
         """`location`: a registry directory (SQLite `registry.db` + `blobs/`) or a
         SQLAlchemy URL, whose blobs live in `blob_dir` or `$LORAPLEX_BLOB_DIR` (for a
-        `sqlite:///` URL, default: `blobs/` beside the database file)."""
+        `sqlite:///` URL, default: `blobs/` beside the database file). A blob location
+        `s3://bucket/prefix` keeps blobs in S3-compatible storage (`s3store.py`)."""
         settings = settings or RegistrySettings()
         url, root = db.database_url(location)
         blob_root = blob_dir or (root / "blobs" if root else None) \
@@ -109,7 +110,8 @@ class Registry:
         if blob_root is None:
             raise InvalidArgument(f"{url.split('@')[-1]}: a database URL needs blob_dir or "
                                   "$LORAPLEX_BLOB_DIR", field="blob_dir")
-        return cls(db.create_engine(url, settings), LocalBlobStore(blob_root), settings)
+        blobs = open_blob_store(blob_root, **settings.s3_options())
+        return cls(db.create_engine(url, settings), blobs, settings)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
 def serve(
     base: Path = typer.Option(None, help="Hugging Face model directory of the base."),
     registry: str = typer.Option(None, help="Registry directory or SQLAlchemy URL."),
-    blob_dir: Path = typer.Option(None, help="Blob directory (for a database URL registry)."),
+    blob_dir: str = typer.Option(None, help="Blob directory or s3://bucket/prefix (for a "
+                                 "database URL registry)."),
     host: str = typer.Option(None, help="gRPC listen address (default 0.0.0.0)."),
     port: int = typer.Option(None, help="gRPC port (default 50051); 0 picks a free one."),
     metrics_port: int = typer.Option(None, help="Prometheus /metrics port (default 9090)."),

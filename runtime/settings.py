@@ -29,7 +29,8 @@ class ServerSettings(BaseSettings):
 
     base: Path | None = Field(None, description="Hugging Face model directory of the base.")
     registry: str = Field(DEFAULT_LOCATION, description="Registry directory or SQLAlchemy URL.")
-    blob_dir: Path | None = Field(None, description="Blob directory for a database URL registry.")
+    blob_dir: str | None = Field(None, description="Blob directory or s3://bucket/prefix "
+                                 "for a database URL registry.")
     host: str = Field("0.0.0.0", description="gRPC listen address.")  # noqa: S104
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_host: str = Field("0.0.0.0", description="/metrics listen address.")  # noqa: S104
