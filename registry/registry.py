@@ -66,6 +66,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "loraplex_manifest.json"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TOKEN_PREFIX = "lpx_"
+CHANGES_CHANNEL = "lpx_changes"  # PostgreSQL NOTIFY channel of new `changes` rows
 
 
 def _now() -> datetime:
@@ -594,6 +595,8 @@ class Registry:
         conn.execute(sa.insert(db.changes).values(kind=kind, tenant=tenant, name=name,
                                                   version=version, alias=alias, digest=digest,
                                                   at=at))
+        if conn.dialect.name == "postgresql":  # delivered at commit; followers wake at once
+            conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
 
 
 def _same_base(existing: AdapterVersion, fp: BaseFingerprint) -> AdapterVersion:

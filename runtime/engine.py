@@ -399,6 +399,11 @@ class Engine:
         version = self._resolve(identity, ref)
         return self._call(lambda: self._pool.remove(version.digest))
 
+    def evict(self, digest: str) -> bool:
+        """`unload` by digest, without asking the registry: the version may already be
+        deleted there (the registry follower calls this on `version_deleted`)."""
+        return self._call(lambda: self._pool.remove(digest))
+
     def pin(self, identity: Identity, ref: str) -> bool:
         """Keep an adapter in a device slot until `unpin` (loads it if needed)."""
         version = self._resolve(identity, ref)

@@ -53,6 +53,12 @@ class ServerSettings(BaseSettings):
     max_batch_items: int = Field(256, gt=0, description="Items in one BatchGenerate call.")
     watch_poll_s: float = Field(0.5, gt=0, description="WatchAdapters polls the registry this often.")
     metrics_top_k: int = Field(20, gt=0, description="Distinct tenant/adapter label values.")
+    follow_registry: bool = Field(True, description="Follow the registry's change feed: evict "
+                                  "deleted versions, prefetch promoted ones (follower.py).")
+    follow_poll_s: float = Field(0.5, gt=0, description="Change-feed poll interval (PostgreSQL "
+                                 "also wakes the follower by NOTIFY at once).")
+    prefetch_aliases: list[str] = Field(default_factory=list, description="Aliases whose newly "
+                                        "promoted versions every replica loads ahead of use.")
     max_message_bytes: int = Field(8 << 20, gt=0, description="gRPC message size limit.")
 
     @field_validator("engine")
