@@ -34,6 +34,9 @@ def serve(
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
     grace_s: float = typer.Option(None, help="SIGTERM: seconds to finish in-flight calls."),
     config: Path = typer.Option(None, help="YAML or TOML file of server settings."),
+    ray: bool = typer.Option(None, "--ray/--no-ray",
+                             help="Engines as Ray Serve replicas behind this gRPC ingress."),
+    replicas: int = typer.Option(None, help="--ray: engine replicas (default 2)."),
 ) -> None:
     """Serve inference, registry and admin over gRPC, and /metrics over HTTP."""
     from loraplex.errors import LoraplexError
@@ -42,7 +45,7 @@ def serve(
 
     flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
                  metrics_port=metrics_port, no_auth=no_auth, quantization=quantization,
-                 device=device, grace_s=grace_s)
+                 device=device, grace_s=grace_s, ray=ray, replicas=replicas)
     try:
         settings = load_settings(flags, config)
         if settings.base is None:

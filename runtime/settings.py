@@ -59,6 +59,11 @@ class ServerSettings(BaseSettings):
                                  "also wakes the follower by NOTIFY at once).")
     prefetch_aliases: list[str] = Field(default_factory=list, description="Aliases whose newly "
                                         "promoted versions every replica loads ahead of use.")
+    ray: bool = Field(False, description="Run the engines as a Ray Serve deployment behind "
+                      "this gRPC ingress (ray_serve.py).")
+    replicas: int = Field(2, gt=0, description="--ray: engine replicas, each with the base.")
+    ray_address: str | None = Field(None, description="--ray: cluster to join (`auto`, "
+                                    "`ray://…`); default: $RAY_ADDRESS or a local Ray.")
     max_message_bytes: int = Field(8 << 20, gt=0, description="gRPC message size limit.")
 
     @field_validator("engine")
