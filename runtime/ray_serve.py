@@ -13,8 +13,9 @@ id when it can and to a less loaded one otherwise, and the replica's `@serve.mul
 loader (a prefetch) brings a new adapter in: adapter affinity, without a router of ours.
 
 Replica failures: Ray restarts a dead replica. A request that loses its replica before any
-token reached the caller is sent again (generation is deterministic for greedy or seeded
-sampling); one that had streamed tokens ends with UNAVAILABLE, which clients retry.
+token reached the caller (any unary Generate) is sent again to another replica (greedy and
+seeded sampling give the same tokens again); a stream that had already delivered tokens
+ends with UNAVAILABLE instead of repeating them, and the caller retries.
 
 Engine calls used on each replica (the boundary a redesigned engine must keep):
 `Engine(config, registry, observer=None)`, `start()`, `ready`, `submit(GenerationRequest)`
@@ -185,6 +186,7 @@ class RayStream:
         self._result: GenerationResult | None = None
         self._call: Any = None
         self._cancelled = False
+        self._outward = False  # True once the caller iterates: chunks reached someone
         self._iter = self._run()
         self.done = False
 
@@ -198,6 +200,7 @@ class RayStream:
         return self
 
     async def __anext__(self) -> Chunk:
+        self._outward = True
         return await self._iter.__anext__()
 
     async def result(self) -> GenerationResult:
@@ -224,7 +227,7 @@ class RayStream:
                             self._result = dataclasses.replace(item["result"],
                                                                adapter=self.version)
                             return
-                        sent = True
+                        sent = sent or self._outward
                         yield item["chunk"]
                     return
                 except Exception as e:  # noqa: BLE001 - only a lost replica is retried

@@ -28,7 +28,6 @@ ADAPTERS = {"acme": "acme/support@prod", "globex": "globex/sales@prod"}
 @pytest.fixture(scope="module")
 def world(micro_base, tmp_path_factory):
     import ray
-    from ray import serve
 
     root = tmp_path_factory.mktemp("ray")
     reg = Registry.open(root / "reg")
@@ -55,15 +54,15 @@ def world(micro_base, tmp_path_factory):
                 BackgroundServer(settings, registry=Registry.open(root / "reg")) as single:
             yield {"ingress": ingress, "single": single, "tokens": tokens}
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        ray.shutdown()  # ends Serve's controller and replicas with it (serve.shutdown is slow)
 
 
-def _ask(target: str, token: str, ref: str | None, prompt: str, retries: int = 0):
+def _ask(target: str, token: str, ref: str | None, prompt: str, retries: int = 0,
+         n: int = 12):
     with Client(target, token=token, timeout=60) as c:
         for attempt in range(retries + 1):
             try:
-                return c.generate(ref, prompt, max_new_tokens=12)
+                return c.generate(ref, prompt, max_new_tokens=n)
             except Unavailable:
                 if attempt == retries:
                     raise
@@ -71,13 +70,13 @@ def _ask(target: str, token: str, ref: str | None, prompt: str, retries: int = 0
     raise AssertionError("unreachable")
 
 
-def test_same_tokens_as_one_server_and_tenant_rules(world) -> None:
+def _same_tokens_and_tenant_rules(world) -> None:
     ingress, single = world["ingress"].target, world["single"].target
     for tenant, ref in ADAPTERS.items():
         token = world["tokens"][tenant]
         for prompt in PROMPTS:
             for r in (ref, None):
-                a, b = _ask(ingress, token, r, prompt), _ask(single, token, r, prompt)
+                a, b = _ask(ingress, token, r, prompt, 5), _ask(single, token, r, prompt)
                 assert a.token_ids == b.token_ids and a.text == b.text
                 assert a.adapter_ref == b.adapter_ref
     with pytest.raises(NotFound):  # acme cannot use globex's adapter, through Ray either
@@ -97,30 +96,31 @@ def _replica_actors() -> list[str]:
                   if a["name"].startswith(f"SERVE_REPLICA::{APP}#{DEPLOYMENT}#"))
 
 
-def test_a_killed_replica_is_replaced_and_retried_requests_succeed(world) -> None:
+def test_replicas_answer_like_one_server_and_survive_a_killed_replica(world) -> None:
+    """One flow, so the checks run while Ray brings the replacement replica up."""
     import ray
 
     ingress, single = world["ingress"].target, world["single"].target
     jobs = [(t, ADAPTERS[t], p) for t in ADAPTERS for p in PROMPTS] * 2
-    expected = {(t, p): _ask(single, world["tokens"][t], ref, p).token_ids
+    expected = {(t, p): _ask(single, world["tokens"][t], ref, p, n=32).token_ids
                 for t, ref, p in jobs}
     before = _replica_actors()
     assert len(before) == 2
     with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(_ask, ingress, world["tokens"][t], ref, p, 5)
+        futures = [pool.submit(_ask, ingress, world["tokens"][t], ref, p, 5, 32)
                    for t, ref, p in jobs]
         time.sleep(0.3)  # traffic is flowing
+        in_flight = sum(not f.done() for f in futures)
         ray.kill(ray.get_actor(before[0], namespace="serve"), no_restart=True)
         results = [f.result(timeout=120) for f in futures]
+    assert in_flight >= 4, "the replica must die with requests in flight"
     for (t, _ref, p), r in zip(jobs, results, strict=True):
         assert r.token_ids == expected[(t, p)]
-    deadline = time.monotonic() + 90
+    _same_tokens_and_tenant_rules(world)
+    deadline = time.monotonic() + 120
     while True:  # Ray Serve replaces the dead replica
         now = _replica_actors()
         if len(now) == 2 and before[0] not in now:
             break
         assert time.monotonic() < deadline, now
         time.sleep(0.5)
-    for t, ref in ADAPTERS.items():  # and the new pair serves
-        assert _ask(ingress, world["tokens"][t], ref, PROMPTS[1], 5).token_ids == \
-            expected[(t, PROMPTS[1])]
