@@ -2,10 +2,12 @@
 
     loraplex serve --ray --replicas 4 --base ./base --registry postgresql+psycopg://… \
         --blob-dir s3://bucket/loraplex          # RAY_ADDRESS=auto joins a running cluster
+    serve run loraplex.runtime.ray_serve:app base=./base replicas=4   # or KubeRay RayService
 
 Layout: `EngineReplica` is a Ray Serve deployment; each replica holds the base once and an
-`Engine` over the shared registry. The ingress is the ordinary loraplex gRPC server (auth,
-the proto contract, health, metrics) whose `engine` is a `RayEngine`: it resolves the ref
+`Engine` over the shared registry. `GrpcIngress`, a second deployment, runs the ordinary
+loraplex gRPC server (auth, the proto contract, health, metrics) whose `engine` is a
+`RayEngine` over the replicas' deployment handle: it resolves the ref
 with the caller's identity (so tenant rules are enforced at the edge, as on one server),
 then sends the request to the deployment with the adapter's digest as Ray Serve's
 *multiplexed model id*. Ray's router sends a request to a replica that already holds that
@@ -258,25 +260,74 @@ def _typed(name: str, message: str, field: str | None) -> LoraplexError:
         return Unavailable(message)
 
 
+# ------------------------------------------------------------------------ the application
+class GrpcIngress:
+    """Our gRPC server (auth, contract, health, /metrics) in front of the engine replicas,
+    itself a Serve deployment, so Ray restarts it like any replica."""
+
+    def __init__(self, engines: Any, settings: Any) -> None:
+        from loraplex.runtime.server import BackgroundServer, open_registry
+
+        registry = open_registry(settings)
+        ingress = settings.model_copy(update={"follow_registry": False})  # replicas follow
+        self.server = BackgroundServer(ingress, registry=registry,
+                                       engine=RayEngine(engines, registry)).start()
+
+    def check_health(self) -> None:
+        """Ray Serve's health hook: a failed ingress is replaced."""
+        if self.server.server is None or self.server.server.startup_error is not None:
+            raise Unavailable("the gRPC ingress is not serving")
+
+    def __del__(self) -> None:
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
+
+
+def build(settings: Any) -> Any:
+    """The Serve application: `settings.replicas` engine replicas behind one gRPC ingress."""
+    from ray import serve
+
+    ingress = serve.deployment(name="GrpcIngress", num_replicas=1,
+                               ray_actor_options={"num_cpus": 0})(GrpcIngress)
+    return ingress.bind(deployment(settings, settings.replicas), settings)
+
+
+def app(args: dict[str, Any]) -> Any:
+    """Application builder for `serve run loraplex.runtime.ray_serve:app` and KubeRay's
+    RayService (`import_path` + `args`): the args are server settings (`base`, `replicas`,
+    `port`, …) over `LORAPLEX_*` variables."""
+    from loraplex.runtime.settings import load_settings
+
+    return build(load_settings(dict(args)))
+
+
 # ------------------------------------------------------------------------ running it
-def start_app(settings: Any, replicas: int, *, address: str | None = None) -> Any:
-    """Connect to (or start) Ray, deploy the replicas, return the deployment handle."""
+def start(settings: Any, *, address: str | None = None) -> None:
+    """Connect to (or start) Ray and deploy the application (returns once it is up)."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     serve.start(proxy_location="Disabled")
-    return serve.run(deployment(settings, replicas), name=APP, route_prefix=None)
+    serve.run(build(settings), name=APP, route_prefix=None)
 
 
-async def run(settings: Any) -> int:
-    """`loraplex serve --ray`: the gRPC ingress in this process, engines on Ray."""
-    from loraplex.runtime import server as srv
+def run(settings: Any) -> int:
+    """`loraplex serve --ray`: deploy, serve until SIGTERM/SIGINT, then take the app down
+    (the ingress drains: health NOT_SERVING, in-flight calls finish within `grace_s`)."""
+    import signal
+    import threading
 
-    registry = srv.open_registry(settings)
-    handle = await asyncio.to_thread(start_app, settings, settings.replicas,
-                                     address=settings.ray_address)
-    engine = RayEngine(handle, registry)
-    ingress = settings.model_copy(update={"follow_registry": False})  # replicas follow
-    return await srv.run(ingress, registry=registry, engine=engine)
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    start(settings, address=settings.ray_address)
+    log.info("loraplex on Ray Serve: %d engine replicas, gRPC on %s:%d", settings.replicas,
+             settings.host, settings.port)
+    stop.wait()
+    serve.delete(APP)
+    return 0

@@ -231,9 +231,9 @@ def register_served_base(settings: ServerSettings, registry: Any):
     return registry.register_base(Identity.system(), settings.base)
 
 
-async def run(settings: ServerSettings, **create_kw: Any) -> int:
+async def run(settings: ServerSettings) -> int:
     """Serve until SIGTERM/SIGINT, then drain; the exit status (0 after a clean drain)."""
-    server, port = create_server(settings, **create_kw)
+    server, port = create_server(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -261,7 +261,7 @@ def serve(settings: ServerSettings) -> int:
     if settings.ray:
         from loraplex.runtime import ray_serve
 
-        return asyncio.run(ray_serve.run(settings))
+        return ray_serve.run(settings)
     return asyncio.run(run(settings))
 
 

@@ -1,4 +1,5 @@
-"""Two engine replicas on Ray Serve (a local Ray on 127.0.0.1) behind the gRPC ingress.
+"""The Ray Serve application (a local Ray on 127.0.0.1): the gRPC ingress deployment in front
+of two engine replicas, deployed as `loraplex serve --ray` and KubeRay's RayService do.
 
 Same answers as one server token for token, tenant rules intact at the ingress, and a
 replica killed mid-traffic: Ray starts a new one and the callers' retries succeed.
@@ -6,6 +7,7 @@ replica killed mid-traffic: Ray starts a new one and the callers' retries succee
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +17,7 @@ from loraplex.client import Client
 from loraplex.errors import NotFound, Unauthenticated, Unavailable
 from loraplex.fingerprint import fingerprint_base
 from loraplex.registry import Identity, Registry
-from loraplex.runtime.ray_serve import APP, DEPLOYMENT, RayEngine, start_app
+from loraplex.runtime.ray_serve import APP, DEPLOYMENT, start
 from loraplex.runtime.server import BackgroundServer
 from loraplex.runtime.settings import load_settings
 from tests.registry.conftest import adapter_files, write_adapter
@@ -41,18 +43,18 @@ def world(micro_base, tmp_path_factory):
         v = reg.push(system, d, key, base=fp)
         reg.set_alias(system, v.ref, "prod")
     tokens = {t: reg.create_token(system, t) for t in ADAPTERS}
-    settings = load_settings({
-        "base": micro_base, "registry": str(root / "reg"), "port": 0, "host": "127.0.0.1",
-        "metrics_port": 0, "metrics_host": "127.0.0.1", "quantization": "none",
-        "device": "cpu", "max_batch": 4, "max_slots": 2, "follow_poll_s": 1.0,
-        "engine": {"compute_dtype": "float32"}})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    common = {"base": micro_base, "registry": str(root / "reg"), "host": "127.0.0.1",
+              "metrics_port": 0, "metrics_host": "127.0.0.1", "quantization": "none",
+              "device": "cpu", "max_batch": 4, "max_slots": 2, "follow_poll_s": 1.0,
+              "engine": {"compute_dtype": "float32"}}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        handle = start_app(settings, 2)
-        with BackgroundServer(settings, registry=reg,
-                              engine=RayEngine(handle, reg)) as ingress, \
-                BackgroundServer(settings, registry=Registry.open(root / "reg")) as single:
-            yield {"ingress": ingress, "single": single, "tokens": tokens}
+        start(load_settings({**common, "port": port, "replicas": 2}))
+        with BackgroundServer(load_settings({**common, "port": 0})) as single:
+            yield {"ingress": f"127.0.0.1:{port}", "single": single.target, "tokens": tokens}
     finally:
         ray.shutdown()  # ends Serve's controller and replicas with it (serve.shutdown is slow)
 
@@ -71,7 +73,7 @@ def _ask(target: str, token: str, ref: str | None, prompt: str, retries: int = 0
 
 
 def _same_tokens_and_tenant_rules(world) -> None:
-    ingress, single = world["ingress"].target, world["single"].target
+    ingress, single = world["ingress"], world["single"]
     for tenant, ref in ADAPTERS.items():
         token = world["tokens"][tenant]
         for prompt in PROMPTS:
@@ -100,7 +102,7 @@ def test_replicas_answer_like_one_server_and_survive_a_killed_replica(world) -> 
     """One flow, so the checks run while Ray brings the replacement replica up."""
     import ray
 
-    ingress, single = world["ingress"].target, world["single"].target
+    ingress, single = world["ingress"], world["single"]
     jobs = [(t, ADAPTERS[t], p) for t in ADAPTERS for p in PROMPTS] * 2
     expected = {(t, p): _ask(single, world["tokens"][t], ref, p, n=32).token_ids
                 for t, ref, p in jobs}
