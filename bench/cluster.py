@@ -17,8 +17,9 @@ distribution (seeded); `clients` closed-loop clients replay it through a router:
   favourite among the replicas under `max_load`, so an adapter keeps landing on the
   same replica.
 
-Reported per policy: cold loads (adapter reads from the registry, counted by the engines)
-per 1,000 requests, generated tokens/s, TTFT p50/p99, and the ratios. `--simulate` replays
+Reported per policy, after `warmup` requests have filled the caches: cold loads (adapter
+reads from the registry, counted by the engines) per 1,000 requests, generated tokens/s,
+TTFT p50/p99, and the ratios. `--simulate` replays
 the policies against LRU caches at fleet scale (no model), with the cold-load and request
 costs measured in the real run, for the paper model in bench/README.md.
 """
@@ -94,13 +95,14 @@ def zipf_trace(n: int, adapters: int, s: float, seed: int) -> list[int]:
 class Load:
     replicas: int = 2
     adapters: int = 64
-    requests: int = 384
+    requests: int = 512
+    warmup: int = 192  # the first requests fill the caches; they are not counted
     clients: int = 8
     zipf_s: float = 1.1
     rank: int = 64
-    max_slots: int = 4
-    host_adapters: int = 16
-    max_new_tokens: int = 16
+    max_slots: int = 8
+    host_adapters: int = 32  # the pair holds all 64; one replica holds half
+    max_new_tokens: int = 12
     prompt_len: int = 24
     seed: int = 0
 
@@ -182,6 +184,9 @@ def run_policy(policy, engines, trace: list[int], load: Load) -> dict:
                 i = next(next_i, None)
                 if i is None:
                     return
+                if i == load.warmup:  # steady state from here on
+                    cold0[:] = [obs.count for _, obs in engines]
+                    t_start[0] = time.perf_counter()
                 r = policy.pick(f"a{trace[i]}", loads)
                 loads[r] += 1
             engine = engines[r][0]
@@ -191,19 +196,21 @@ def run_policy(policy, engines, trace: list[int], load: Load) -> dict:
                 sampling=SamplingParams(max_new_tokens=load.max_new_tokens))).wait(600)
             with lock:
                 loads[r] -= 1
-                ttfts.append(res.timings.first_token_s)
-                tokens[0] += len(res.token_ids)
+                if i >= load.warmup:
+                    ttfts.append(res.timings.first_token_s)
+                    tokens[0] += len(res.token_ids)
 
-    t0 = time.perf_counter()
+    t_start = [time.perf_counter()]
     threads = [threading.Thread(target=client) for _ in range(load.clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - t_start[0]
     cold = sum(obs.count for _, obs in engines) - sum(cold0)
+    measured = len(trace) - load.warmup
     ttfts.sort()
-    return {"policy": policy.name, "cold_loads_per_1k": 1000 * cold / len(trace),
+    return {"policy": policy.name, "cold_loads_per_1k": 1000 * cold / measured,
             "tokens_per_s": tokens[0] / wall, "ttft_p50_s": statistics.median(ttfts),
             "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
             "seconds": wall}
@@ -241,7 +248,8 @@ def real_run(load: Load) -> dict:
 def simulate(replicas: int, adapters: int, *, cache: int, requests: int, zipf_s: float,
              concurrency: int, seed: int = 0) -> list[dict]:
     """Each replica: an LRU of `cache` adapters; load = its share of the last
-    `replicas * concurrency` arrivals (Little's law at a steady rate)."""
+    `replicas * concurrency` arrivals (Little's law at a steady rate). The first half of
+    the trace warms the caches; the second half is counted."""
     trace = zipf_trace(requests, adapters, zipf_s, seed)
     out = []
     for make in (RoundRobin, Affine):
@@ -249,7 +257,9 @@ def simulate(replicas: int, adapters: int, *, cache: int, requests: int, zipf_s:
         caches = [OrderedDict() for _ in range(replicas)]
         loads, window = [0] * replicas, deque()
         cold, served = 0, [0] * replicas
-        for a in trace:
+        for i, a in enumerate(trace):
+            if i == requests // 2:
+                cold, served = 0, [0] * replicas
             key = f"a{a}"
             r = policy.pick(key, loads)
             window.append(r)
@@ -265,8 +275,9 @@ def simulate(replicas: int, adapters: int, *, cache: int, requests: int, zipf_s:
                 lru[key] = None
                 if len(lru) > cache:
                     lru.popitem(last=False)
-        out.append({"policy": policy.name, "cold_per_1k": 1000 * cold / requests,
-                    "busiest_share_x_mean": max(served) * replicas / requests})
+        counted = requests - requests // 2
+        out.append({"policy": policy.name, "cold_per_1k": 1000 * cold / counted,
+                    "busiest_share_x_mean": max(served) * replicas / counted})
     return out
 
 
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = real_run(Load(requests=args.requests))
     if args.simulate:
         rr = report["rows"][0]
-        request_s = rr["seconds"] * Load.clients / Load.requests / Load.replicas
+        request_s = rr["seconds"] * Load.clients / (Load.requests - Load.warmup) / Load.replicas
         report["simulation"] = {
             f"{c}/replica": paper_model(simulate(100, 10_000, cache=c, requests=200_000,
                                                  zipf_s=Load.zipf_s, concurrency=8),
@@ -302,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         rr = report["rows"][0]
         print(f"{Load.replicas} replicas, {Load.adapters} adapters of "
               f"{report['adapter_bytes'] / 1e6:.1f} MB, Zipf s={Load.zipf_s}, "
-              f"{report['load']['requests']} requests, mean cold load "
+              f"{report['load']['requests']} requests ({Load.warmup} warm-up), mean cold load "
               f"{rr['cold_load_s_mean'] * 1000:.0f} ms")
         print(f"{'policy':<12} {'cold/1k':>8} {'tok/s':>8} {'ttft p50':>9} {'ttft p99':>9}")
         for r in report["rows"]:
