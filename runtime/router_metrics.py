@@ -75,9 +75,10 @@ class RouterMetrics(Collector):
     def bind(self, stats: Callable[[], Any], resident: Callable[[], list]) -> None:
         self._stats, self._resident = stats, resident
 
-    def queued(self, request_id: str, adapter: str | None) -> None:
+    def queued(self, request_id: str, adapter: Any) -> None:
+        """`adapter`: the ref as requested, or a resolved version (its `ref`), or None."""
         with self._lock:
-            self._refs[request_id] = adapter or ""
+            self._refs[request_id] = getattr(adapter, "ref", adapter) or ""
 
     def done(self, request_id: str) -> None:
         with self._lock:
