@@ -1,4 +1,4 @@
-"""Content-addressed blob storage behind a small interface (an S3 backend comes later).
+"""Content-addressed blob storage behind a small interface (local files here, S3 in s3store).
 
 Blobs are addressed by `sha256:<hex>` of their bytes. Writes go to a temp file, are
 fsynced and renamed into place, so a reader never sees half a blob, whatever crashes.
@@ -160,3 +160,12 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def open_blob_store(location: str | Path, **s3: object) -> BlobStore:
+    """The store a location names: `s3://bucket/prefix` (see s3store.py) or a directory."""
+    if str(location).startswith("s3://"):
+        from loraplex.registry.s3store import S3BlobStore
+
+        return S3BlobStore(str(location), **s3)  # type: ignore[arg-type]
+    return LocalBlobStore(location)

@@ -52,7 +52,7 @@ from loraplex.fingerprint import BaseFingerprint
 from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import db, faults, tensorfile
 from loraplex.registry.bases import BaseArg, BaseCatalog
-from loraplex.registry.blobstore import BlobStore, LocalBlobStore
+from loraplex.registry.blobstore import BlobStore, LocalBlobStore, open_blob_store
 from loraplex.registry.content import adapter_digest
 from loraplex.registry.db import adapters, alias_moves, aliases, versions
 from loraplex.registry.records import (
@@ -73,6 +73,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "loraplex_manifest.json"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 TOKEN_PREFIX = "lpx_"
+CHANGES_CHANNEL = "lpx_changes"  # PostgreSQL NOTIFY channel of new `changes` rows
 
 
 def _now() -> datetime:
@@ -115,7 +116,8 @@ class Registry:
              settings: RegistrySettings | None = None) -> Registry:
         """`location`: a registry directory (SQLite `registry.db` + `blobs/`) or a
         SQLAlchemy URL, whose blobs live in `blob_dir` or `$LORAPLEX_BLOB_DIR` (for a
-        `sqlite:///` URL, default: `blobs/` beside the database file)."""
+        `sqlite:///` URL, default: `blobs/` beside the database file). A blob location
+        `s3://bucket/prefix` keeps blobs in S3-compatible storage (`s3store.py`)."""
         settings = settings or RegistrySettings()
         url, root = db.database_url(location)
         blob_root = blob_dir or (root / "blobs" if root else None) \
@@ -124,8 +126,9 @@ class Registry:
             raise InvalidArgument(f"{url.split('@')[-1]}: a database URL needs blob_dir or "
                                   "$LORAPLEX_BLOB_DIR", field="blob_dir")
         read_only = db.sqlite_read_only(url)
-        return cls(db.create_engine(url, settings, read_only=read_only),
-                   LocalBlobStore(blob_root), settings, read_only=read_only)
+        blobs = open_blob_store(blob_root, **settings.s3_options())
+        return cls(db.create_engine(url, settings, read_only=read_only), blobs, settings,
+                   read_only=read_only)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -647,6 +650,8 @@ class Registry:
         conn.execute(sa.insert(db.changes).values(kind=kind, tenant=tenant, name=name,
                                                   version=version, alias=alias, digest=digest,
                                                   at=at))
+        if conn.dialect.name == "postgresql":  # delivered at commit; followers wake at once
+            conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
 
 
 def _same_base(existing: AdapterVersion, fp: BaseFingerprint) -> AdapterVersion:

@@ -31,6 +31,19 @@ class RegistrySettings(BaseSettings):
     commit_retries: int = Field(20, gt=0, description="Retries of a registration that "
                                 "lost a race (unique violation or a locked database).")
 
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint for `s3://` blob locations (default: "
+        "$AWS_ENDPOINT_URL, else AWS itself).")
+    s3_connect_timeout_s: float = Field(5.0, gt=0, description="S3 connect timeout.")
+    s3_max_attempts: int = Field(3, gt=0, description="Attempts per S3 call (transient "
+                                 "failures are retried with backoff) before UNAVAILABLE.")
+
+    def s3_options(self) -> dict:
+        """Keyword arguments of `S3BlobStore` these settings give."""
+        return {"endpoint_url": self.s3_endpoint_url,
+                "connect_timeout_s": self.s3_connect_timeout_s,
+                "max_attempts": self.s3_max_attempts}
+
     @field_validator("db_schema")
     @classmethod
     def _schema_is_identifier(cls, v: str | None) -> str | None:

@@ -23,7 +23,8 @@ def register(app: typer.Typer) -> None:
 def serve(
     base: Path = typer.Option(None, help="Hugging Face model directory of the base."),
     registry: str = typer.Option(None, help="Registry directory or SQLAlchemy URL."),
-    blob_dir: Path = typer.Option(None, help="Blob directory (for a database URL registry)."),
+    blob_dir: str = typer.Option(None, help="Blob directory or s3://bucket/prefix (for a "
+                                 "database URL registry)."),
     host: str = typer.Option(None, help="gRPC listen address (default 0.0.0.0)."),
     port: int = typer.Option(None, help="gRPC port (default 50051); 0 picks a free one."),
     metrics_port: int = typer.Option(None, help="Prometheus /metrics port (default 9090)."),
@@ -33,6 +34,9 @@ def serve(
     device: str = typer.Option(None, help="auto | cpu | cuda | cuda:N (default auto)."),
     grace_s: float = typer.Option(None, help="SIGTERM: seconds to finish in-flight calls."),
     config: Path = typer.Option(None, help="YAML or TOML file of server settings."),
+    ray: bool = typer.Option(None, "--ray/--no-ray",
+                             help="Engines as Ray Serve replicas behind this gRPC ingress."),
+    replicas: int = typer.Option(None, help="--ray: engine replicas (default 2)."),
 ) -> None:
     """Serve inference, registry and admin over gRPC, and /metrics over HTTP."""
     from loraplex.runtime.server import exit_process
@@ -41,7 +45,7 @@ def serve(
 
     flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
                  metrics_port=metrics_port, no_auth=no_auth, quantization=quantization,
-                 device=device, grace_s=grace_s)
+                 device=device, grace_s=grace_s, ray=ray, replicas=replicas)
     settings = load_settings(flags, config)  # a typed error: one line (loraplex/cli_errors.py)
     if settings.base is None:
         raise typer.BadParameter("--base DIR is required (or LORAPLEX_BASE)")

@@ -49,6 +49,11 @@ class AdminCommands:
         """Drop an adapter from slot and host memory (after its running sequences end)."""
         return self._call(lambda pool: pool.remove(version.digest))
 
+    def evict(self, digest: str) -> bool:
+        """`unload` by digest, without a version: the registry may have deleted it already
+        (the registry follower calls this on `version_deleted`)."""
+        return self._call(lambda pool: pool.remove(digest))
+
     def pin(self, version: AdapterVersion) -> bool:
         """Keep an adapter in a device slot until `unpin` (loads it if needed)."""
 

@@ -229,6 +229,11 @@ class Engine:
     def unload(self, identity: Identity, ref: str) -> bool:
         return self.admin.unload(self._resolve(identity, ref))
 
+    def evict(self, digest: str) -> bool:
+        """`unload` by digest, without asking the registry: the version may already be
+        deleted there (the registry follower calls this on `version_deleted`)."""
+        return self.admin.evict(digest)
+
     def pin(self, identity: Identity, ref: str) -> bool:
         return self.admin.pin(self._resolve(identity, ref))
 

@@ -26,6 +26,7 @@ from prometheus_client import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.runtime.observer import EngineObserver
+from loraplex.runtime.router_metrics import RouterMetrics
 
 PREFIX = "loraplex"
 OTHER = "other"
@@ -117,6 +118,7 @@ class ServerMetrics(EngineObserver):
                             ("method", "code"), registry=r)
         self.rpc_duration = hist("grpc_request_duration_seconds", "RPC duration by method.",
                                  DURATION_BUCKETS, ("method",))
+        self.router = RouterMetrics(r)  # vLLM-named gauges for LoRA-aware routers
 
     # -- wiring ---------------------------------------------------------------------------
     def bind_engine(self, stats: Callable[[], object],
@@ -125,6 +127,7 @@ class ServerMetrics(EngineObserver):
         self.resident.labels("device").set_function(lambda: getattr(stats(), "slots_used", 0))
         self.host_bytes.set_function(lambda: getattr(stats(), "host_bytes", 0))
         if resident is not None:
+            self.router.bind(stats, resident)
             self.resident.labels("host").set_function(
                 lambda: sum(1 for a in resident() if getattr(a, "on_host", False)))
 
@@ -147,6 +150,7 @@ class ServerMetrics(EngineObserver):
     # -- EngineObserver hooks (engine thread) ---------------------------------------------
     def on_request_queued(self, request) -> None:
         self._tenants[request.request_id] = self.tenant_label(request.tenant)
+        self.router.queued(request.request_id, request.adapter)
 
     def on_request_rejected(self, tenant: str, adapter: str | None, code: str) -> None:
         # A refused ref may be a typo or a probe: it must not take one of the K label places.
@@ -165,6 +169,7 @@ class ServerMetrics(EngineObserver):
         self.inter_token.observe(inter_token_s)
 
     def on_finished(self, result) -> None:
+        self.router.done(result.request_id)
         tenant = self._tenants.pop(result.request_id, None)
         adapter = result.adapter
         if tenant is None:
@@ -176,6 +181,7 @@ class ServerMetrics(EngineObserver):
         self.generated_tokens.labels(tenant).inc(result.usage.completion_tokens)
 
     def on_failed(self, request_id: str, code: str) -> None:
+        self.router.done(request_id)
         tenant = self._tenants.pop(request_id, OTHER)
         self.requests.labels(code.lower(), tenant, OTHER).inc()
 

@@ -84,6 +84,7 @@ class LoraplexServer:
             self.grpc)
         self._bring_up: asyncio.Task | None = None
         self.startup_error: BaseException | None = None
+        self.follower = None  # RegistryFollower, once the engine is ready
 
     @property
     def engine(self):
@@ -144,9 +145,20 @@ class LoraplexServer:
             self.startup_error = e
             return
         self.metrics.bind_engine(engine.stats, engine.resident)
+        self._follow()
         self.state.ready = True
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.SERVING)
         log.info("base loaded: serving inference")
+
+    def _follow(self) -> None:
+        """Start following the registry's change feed (replicas of one registry)."""
+        if not self.settings.follow_registry or not hasattr(self.registry, "changes"):
+            return
+        from loraplex.runtime.follower import RegistryFollower
+
+        self.follower = RegistryFollower(
+            self.registry, engine=self.engine, prefetch_aliases=self.settings.prefetch_aliases,
+            poll_s=self.settings.follow_poll_s).start()
 
     async def drain(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
         """Stop admitting, let in-flight calls finish within `grace_s`, then shut down.
@@ -171,6 +183,8 @@ class LoraplexServer:
         """Release the engine, metrics port and registry (after the gRPC server stopped)."""
         if self._bring_up is not None and not self._bring_up.done():
             self._bring_up.cancel()
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.stop)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown, 0.0)
         self.metrics.close()
@@ -249,6 +263,10 @@ async def run(settings: ServerSettings) -> int:
 def serve(settings: ServerSettings) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.ray:
+        from loraplex.runtime import ray_serve
+
+        return ray_serve.run(settings)
     return asyncio.run(run(settings))
 
 

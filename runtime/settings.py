@@ -30,7 +30,8 @@ class ServerSettings(BaseSettings):
 
     base: Path | None = Field(None, description="Hugging Face model directory of the base.")
     registry: str = Field(DEFAULT_LOCATION, description="Registry directory or SQLAlchemy URL.")
-    blob_dir: Path | None = Field(None, description="Blob directory for a database URL registry.")
+    blob_dir: str | None = Field(None, description="Blob directory or s3://bucket/prefix "
+                                 "for a database URL registry.")
     host: str = Field("0.0.0.0", description="gRPC listen address.")  # noqa: S104
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_host: str = Field("0.0.0.0", description="/metrics listen address.")  # noqa: S104
@@ -53,6 +54,17 @@ class ServerSettings(BaseSettings):
     max_batch_items: int = Field(256, gt=0, description="Items in one BatchGenerate call.")
     watch_poll_s: float = Field(0.5, gt=0, description="WatchAdapters polls the registry this often.")
     metrics_top_k: int = Field(20, gt=0, description="Distinct tenant/adapter label values.")
+    follow_registry: bool = Field(True, description="Follow the registry's change feed: evict "
+                                  "deleted versions, prefetch promoted ones (follower.py).")
+    follow_poll_s: float = Field(0.5, gt=0, description="Change-feed poll interval (PostgreSQL "
+                                 "also wakes the follower by NOTIFY at once).")
+    prefetch_aliases: list[str] = Field(default_factory=list, description="Aliases whose newly "
+                                        "promoted versions every replica loads ahead of use.")
+    ray: bool = Field(False, description="Run the engines as a Ray Serve deployment behind "
+                      "this gRPC ingress (ray_serve.py).")
+    replicas: int = Field(2, gt=0, description="--ray: engine replicas, each with the base.")
+    ray_address: str | None = Field(None, description="--ray: cluster to join (`auto`, "
+                                    "`ray://…`); default: $RAY_ADDRESS or a local Ray.")
     max_message_bytes: int = Field(8 << 20, gt=0, description="gRPC message size limit.")
 
     @field_validator("engine")

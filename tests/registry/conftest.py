@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
 from loraplex.registry import Registry, RegistrySettings
+from tests.registry.s3server import S3_ENV, MotoServer
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -106,3 +107,20 @@ def sqlite_reg(tmp_path: Path) -> Iterator[Registry]:
     reg = sqlite_registry(tmp_path)
     yield reg
     reg.close()
+
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    """One moto S3 server for the session (tests that kill a server start their own)."""
+    server = MotoServer()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Fake credentials in this process's environment (boto3 reads them there)."""
+    for k, v in S3_ENV.items():
+        monkeypatch.setenv(k, v)
+    return dict(S3_ENV)
