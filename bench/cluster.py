@@ -167,7 +167,7 @@ def _engines(base: Path, reg, load: Load, adapter_size: int):
 
 def run_policy(policy, engines, trace: list[int], load: Load) -> dict:
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import GenerationRequest, SamplingParams
+    from loraplex.runtime.engine import SamplingParams
 
     cold0 = [obs.count for _, obs in engines]
     loads = [0] * len(engines)
@@ -190,7 +190,7 @@ def run_policy(policy, engines, trace: list[int], load: Load) -> dict:
                 r = policy.pick(f"a{trace[i]}", loads)
                 loads[r] += 1
             engine = engines[r][0]
-            res = engine.submit(GenerationRequest(
+            res = engine.submit(engine.admit(
                 f"{policy.name}-{i}", Identity("bench"), f"bench/a{trace[i]}",
                 prompt_ids=prompts[i],
                 sampling=SamplingParams(max_new_tokens=load.max_new_tokens))).wait(600)

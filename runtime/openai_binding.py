@@ -1,7 +1,7 @@
 """Binds the OpenAI HTTP front door (`openai_http.Backend`) to the engine and registry.
 
 This is the only file of the HTTP door that knows the engine: `submit` turns an OpenAI call
-into a `GenerationRequest` and `Engine.submit`'s `RequestStream` into text chunks and an
+into an admitted `GenerationRequest` (`Engine.admit`) and `Engine.submit`'s `RequestStream` into text chunks and an
 `Outcome`. Chat `messages` are rendered here with the base's own chat template (generation
 prompt added); the engine stops at EOS and the generation config's end-of-turn ids.
 
@@ -81,14 +81,16 @@ class EngineBackend:
 
     def submit(self, identity: Any, model: str, *, prompt: str | None,
                messages: list[dict[str, str]] | None, sampling: Sampling) -> _EngineText:
-        from loraplex.runtime.types import GenerationRequest, SamplingParams
+        from loraplex.runtime.types import SamplingParams
 
         text = self.render(messages) if messages is not None else prompt
         params = SamplingParams(max_new_tokens=sampling.max_tokens,
                                 temperature=sampling.temperature, top_p=sampling.top_p,
                                 seed=sampling.seed, stop=sampling.stop)
-        req = GenerationRequest(request_id="http-" + uuid.uuid4().hex, identity=identity,
-                                adapter=None if model == self.base_name else model,
+        # admission (registry read, tokenizer) runs here, off the event loop (the HTTP door
+        # calls `submit` through asyncio.to_thread), exactly as the gRPC servicers do
+        req = self.engine.admit("http-" + uuid.uuid4().hex, identity,
+                                None if model == self.base_name else model,
                                 prompt=text, sampling=params)
         return _EngineText(self.engine.submit(req))
 

@@ -14,7 +14,7 @@ from loraplex.runtime.metrics import scrape
 from loraplex.runtime.router_metrics import adapter_key, snapshot
 from loraplex.runtime.server import BackgroundServer
 from loraplex.runtime.settings import load_settings
-from loraplex.runtime.types import GenerationRequest, SamplingParams
+from loraplex.runtime.types import SamplingParams
 from tests.registry.conftest import adapter_files, write_adapter
 
 
@@ -71,7 +71,7 @@ def test_live_server_reports_running_and_waiting_adapters(micro_base, tmp_path) 
                                "max_lora": "1"}
         assert abs(info.value - time.time()) < 60  # a timestamp: routers take the newest
         engine = bg.server.engine
-        streams = [engine.submit(GenerationRequest(
+        streams = [engine.submit(engine.admit(
             f"r-{name}", Identity("acme"), name, prompt="hello",
             sampling=SamplingParams(max_new_tokens=1000))) for name in ("acme/a", "acme/b")]
         try:
