@@ -67,6 +67,13 @@ class ServerSettings(BaseSettings):
                                     "`ray://…`); default: $RAY_ADDRESS or a local Ray.")
     max_message_bytes: int = Field(8 << 20, gt=0, description="gRPC message size limit.")
 
+    @field_validator("blob_dir", mode="before")
+    @classmethod
+    def _blob_dir_text(cls, v: Any) -> Any:
+        """A directory may be given as a Path; kept as text because `Path` would fold the
+        `//` of `s3://bucket/prefix`."""
+        return str(v) if isinstance(v, PurePath) else v
+
     @field_validator("engine")
     @classmethod
     def _no_shadowing(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def test_gauges_follow_cancels_on_an_idle_server(edge):
     url = f"http://127.0.0.1:{bg.metrics_port}/metrics"
     stub = inference_pb2_grpc.InferenceServiceStub(acme.channel)
     calls = [stub.GenerateStream(generate_request(None, f"busy {i}", max_new_tokens=LONG),
-                                 metadata=acme._metadata(), timeout=60) for i in range(3)]
+                                 metadata=acme.metadata(), timeout=60) for i in range(3)]
     for call in calls:
         next(call)  # each has a token: all three run
     _wait_gauge(url, "loraplex_running_requests", 3)
