@@ -146,7 +146,6 @@ class LoraplexServer:
             return
         self.metrics.bind_engine(engine.stats, engine.resident)
         self._follow()
-        self.state.ready = True
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.SERVING)
         log.info("base loaded: serving inference")
 
@@ -170,10 +169,8 @@ class LoraplexServer:
         grace = self.settings.grace_s if grace_s is None else grace_s
         delay = self.settings.drain_delay_s if delay_s is None else delay_s
         log.info("draining: finishing in-flight calls within %.1fs", grace)
-        self.state.draining = True
+        self.state.begin_drain()  # the engine stops admitting; in-flight requests run on
         await self.health.enter_graceful_shutdown()
-        if self.engine is not None:  # stop admitting; in-flight requests keep running
-            await asyncio.to_thread(self.engine.drain, 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
         await self.grpc.stop(grace)  # refuses new calls, waits up to `grace` for running ones

@@ -15,7 +15,7 @@ from concurrent.futures import wait as futures_wait
 import pytest
 
 from loraplex.client import Client
-from loraplex.errors import NotFound, Unauthenticated, Unavailable
+from loraplex.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
 from loraplex.fingerprint import fingerprint_base
 from loraplex.registry import Identity, Registry
 from loraplex.runtime.ray_serve import APP, DEPLOYMENT, start
@@ -44,6 +44,7 @@ def world(micro_base, tmp_path_factory):
         v = reg.push(system, d, key, base=fp)
         reg.set_alias(system, v.ref, "prod")
     tokens = {t: reg.create_token(system, t) for t in ADAPTERS}
+    tokens["admin"] = reg.create_token(system, "ops", admin=True)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -90,6 +91,10 @@ def _same_tokens_and_tenant_rules(world) -> None:
         streamed = [ch for ch in c.stream(ADAPTERS["acme"], PROMPTS[0], max_new_tokens=12)]
     expected = _ask(single, world["tokens"]["acme"], ADAPTERS["acme"], PROMPTS[0])
     assert [t for ch in streamed for t in ch.token_ids] == expected.token_ids
+    with Client(ingress, token=world["tokens"]["admin"], timeout=60) as admin:
+        with pytest.raises(FailedPrecondition):  # placement is Ray's, said so, not INTERNAL
+            admin.prefetch(ADAPTERS["acme"])
+        assert admin.stats().ready
 
 
 def _replica_actors() -> list[str]:
