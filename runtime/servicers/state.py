@@ -17,7 +17,7 @@ from loraplex.errors import Unavailable
 @dataclass
 class ServingState:
     registry: Any  # loraplex.registry.Registry
-    engine: Any | None  # Engine, or RayEngine (ray_serve.py); None: registry-only server
+    engine: Any | None  # Engine, or RayEngine (ray_ingress.py); None: registry-only server
     settings: Any  # ServerSettings
     base_fingerprint: Any | None = None  # BaseFingerprint of the served base, once known
     _registry_only_draining: bool = False
