@@ -7,40 +7,39 @@
 Layout: `EngineReplica` is a Ray Serve deployment; each replica holds the base once and an
 `Engine` over the shared registry. `GrpcIngress`, a second deployment, runs the ordinary
 loraplex gRPC server (auth, the proto contract, health, metrics) whose `engine` is a
-`RayEngine` over the replicas' deployment handle: it resolves the ref
-with the caller's identity (so tenant rules are enforced at the edge, as on one server),
-then sends the request to the deployment with the adapter's digest as Ray Serve's
-*multiplexed model id*. Ray's router sends a request to a replica that already holds that
-id when it can and to a less loaded one otherwise, and the replica's `@serve.multiplexed`
-loader (a prefetch) brings a new adapter in: adapter affinity, without a router of ours.
+`RayEngine` over the replicas' deployment handle. Admission happens once, at the edge, as on
+one server: `RayEngine.admit` is `Admission.admit` (the ref resolved with the caller's
+identity in the shared registry, so tenant rules hold; the prompt tokenized with the base's
+tokenizer; the replicas' limits checked). `RayEngine.submit` sends the admitted
+`GenerationRequest` — resolved `AdapterVersion` and token ids — to the deployment with the
+version's digest as Ray Serve's *multiplexed model id*, and the replica hands it to its
+engine's `submit` as is: nothing is resolved again there, the replica's pool loads that
+version from the shared registry. Ray's router sends a request to a replica that already
+holds that id when it can and to a less loaded one otherwise: adapter affinity, without a
+router of ours. Base-model requests carry no id (every replica holds the base).
 
 Replica failures: Ray restarts a dead replica. A request that loses its replica before any
 token reached the caller (any unary Generate) is sent again to another replica (greedy and
 seeded sampling give the same tokens again); a stream that had already delivered tokens
 ends with UNAVAILABLE instead of repeating them, and the caller retries.
 
-Engine calls used on each replica (the boundary a redesigned engine must keep):
-`Engine(config, registry, observer=None)`, `start()`, `ready`, `submit(GenerationRequest)`
-(async iteration of `Chunk`s, `await result()`), `cancel(request_id)`, `prefetch(identity,
-ref, wait=True)`, `stats()`, `resident()`, `drain(timeout)`, `shutdown(grace_s)`, `evict`
-(through the follower). The request a replica gets is the caller's `GenerationRequest` with
-`adapter` replaced by `sha256:<digest>` and the deadline made relative (clocks differ
-between machines); a replica re-resolves that digest under the caller's identity.
+What the ingress does not do: adapter placement (AdminService Prefetch/Unload/Pin/Unpin)
+is per replica, so those answer FAILED_PRECONDITION (Ray Serve places adapters); `Resident`
+and `Stats` show one replica's view; each replica follows the registry's change feed itself.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex import errors
 from loraplex.errors import FailedPrecondition, LoraplexError, Unavailable
-from loraplex.registry import Identity
-from loraplex.runtime.types import Chunk, EngineStats, GenerationRequest, GenerationResult
+from loraplex.runtime.admission import Limits
+from loraplex.runtime.ray_ingress import RayEngine, model_id
+from loraplex.runtime.types import EngineStats, GenerationRequest
 
 log = logging.getLogger(__name__)
 APP = "loraplex"
@@ -64,8 +63,9 @@ class EngineReplica:
                                          poll_s=settings.follow_poll_s).start()
 
     async def _adapter(self, digest: str) -> str:
-        """Ray Serve's multiplexed loader: make the adapter resident on this replica."""
-        await asyncio.to_thread(self.engine.prefetch, Identity.system(), digest, wait=True)
+        """Ray Serve's multiplexed loader: records that this replica serves `digest`, so Ray
+        routes its next requests here. The load itself is the engine's: the pool brings the
+        version in when the request is scheduled (and keeps its own LRU)."""
         return digest
 
     async def generate(self, request: GenerationRequest, timeout_s: float | None
@@ -74,14 +74,16 @@ class EngineReplica:
         as `{"error": (class name, message, field)}` (Ray would wrap the exception)."""
         from ray import serve
 
-        digest = serve.get_multiplexed_model_id()
         stream = None
         try:
+            digest = serve.get_multiplexed_model_id()
+            if digest != model_id(request):
+                raise FailedPrecondition(f"routed as {digest!r}, the request's adapter is "
+                                         f"{model_id(request)!r}", field="adapter")
             if digest:
                 await self._adapter(digest)
             request = dataclasses.replace(
-                request, adapter=digest or None,
-                deadline=None if timeout_s is None else time.monotonic() + timeout_s)
+                request, deadline=None if timeout_s is None else time.monotonic() + timeout_s)
             stream = self.engine.submit(request)
             async for chunk in stream:
                 yield {"chunk": chunk}
@@ -91,6 +93,11 @@ class EngineReplica:
         finally:
             if stream is not None and not stream.done:  # the caller went away: free the row
                 self.engine.cancel(request.request_id)
+
+    def limits(self) -> Limits:
+        """What admission checks at the ingress (vocab, context, caps, the base's
+        fingerprint); answered once this replica's base is loaded."""
+        return self.engine.admission.limits
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -122,144 +129,6 @@ def deployment(settings: Any, replicas: int) -> Any:
     return dep.bind(settings)
 
 
-# ------------------------------------------------------------------------ at the ingress
-_RETRYABLE_NAMES = ("RayActorError", "ActorDiedError", "ActorUnavailableError",
-                    "ReplicaUnavailableError", "DeploymentUnavailableError")
-
-
-class RayEngine:
-    """The engine interface the gRPC servicers use, served by the deployment's replicas."""
-
-    def __init__(self, handle: Any, registry: Any, *, retries: int = 3) -> None:
-        self.handle = handle
-        self.registry = registry
-        self.retries = retries
-        self.ready = False
-        self._live: dict[str, RayStream] = {}
-        self._draining = False
-
-    def start(self, *, wait: bool = True, timeout: float | None = 300.0) -> RayEngine:
-        self.handle.stats.remote().result(timeout_s=timeout)  # a replica answers: ready
-        self.ready = True
-        return self
-
-    def submit(self, request: GenerationRequest) -> RayStream:
-        if not self.ready or self._draining:
-            raise Unavailable("the Ray ingress is not accepting requests")
-        version = None
-        if request.adapter:  # authorization at the edge: NotFound for foreign adapters
-            version = self.registry.resolve(request.identity, request.adapter)
-        stream = RayStream(self, request, version)
-        self._live[request.request_id] = stream
-        return stream
-
-    def cancel(self, request_id: str) -> bool:
-        stream = self._live.pop(request_id, None)
-        return stream.cancel() if stream is not None else False
-
-    def stats(self) -> EngineStats:
-        """One replica's view (Ray picks which); per-replica numbers are on each replica."""
-        return self.handle.stats.remote().result(timeout_s=30)
-
-    def resident(self) -> list:
-        return self.handle.resident.remote().result(timeout_s=30)
-
-    def prefetch(self, *_a: Any, **_k: Any) -> bool:
-        raise FailedPrecondition("admin adapter placement is per replica; with --ray, Ray "
-                                 "Serve places adapters (multiplexing)", field="ref")
-
-    unload = pin = unpin = prefetch
-
-    def drain(self, timeout: float | None = None) -> bool:
-        self._draining = True
-        return not self._live
-
-    def shutdown(self, grace_s: float = 0.0) -> None:
-        self._draining = True
-        for rid in list(self._live):
-            self.cancel(rid)
-
-
-class RayStream:
-    """`RequestStream`'s async face over a Ray Serve streaming call, with retries."""
-
-    def __init__(self, engine: RayEngine, request: GenerationRequest, version: Any) -> None:
-        self.engine, self.request, self.version = engine, request, version
-        self._result: GenerationResult | None = None
-        self._call: Any = None
-        self._cancelled = False
-        self._outward = False  # True once the caller iterates: chunks reached someone
-        self._iter = self._run()
-        self.done = False
-
-    def cancel(self) -> bool:
-        self._cancelled = True
-        if self._call is not None:
-            self._call.cancel()
-        return True
-
-    def __aiter__(self) -> RayStream:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        self._outward = True
-        return await self._iter.__anext__()
-
-    async def result(self) -> GenerationResult:
-        async for _ in self._iter:
-            pass
-        if self._result is None:
-            raise errors.Cancelled("the request was cancelled")
-        return self._result
-
-    async def _run(self) -> AsyncIterator[Chunk]:
-        req, digest = self.request, self.version.digest if self.version else ""
-        timeout_s = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
-        try:
-            for attempt in range(self.engine.retries + 1):
-                sent = False
-                self._call = self.engine.handle.options(
-                    multiplexed_model_id=digest, stream=True).generate.remote(
-                        dataclasses.replace(req, deadline=None), timeout_s)
-                try:
-                    async for item in self._call:
-                        if "error" in item:
-                            raise _typed(*item["error"])
-                        if "result" in item:
-                            self._result = dataclasses.replace(item["result"],
-                                                               adapter=self.version)
-                            return
-                        sent = sent or self._outward
-                        yield item["chunk"]
-                    return
-                except Exception as e:  # noqa: BLE001 - only a lost replica is retried
-                    if isinstance(e, LoraplexError) or not _replica_lost(e) or self._cancelled:
-                        raise
-                    if sent or attempt == self.engine.retries:
-                        raise Unavailable(f"the replica serving this request was lost: "
-                                          f"{type(e).__name__}; retry") from None
-                    log.warning("replica lost before the first token; resending (%d)", attempt)
-                    await asyncio.sleep(0.5 * (attempt + 1))
-        finally:
-            self.done = True
-            self.engine._live.pop(req.request_id, None)
-
-
-def _replica_lost(e: BaseException) -> bool:
-    """Ray's errors for a replica that died or became unreachable (by name: Ray wraps them)."""
-    return any(c.__name__ in _RETRYABLE_NAMES for c in type(e).__mro__)
-
-
-def _typed(name: str, message: str, field: str | None) -> LoraplexError:
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, LoraplexError)):
-        cls = errors.LoraplexError
-    try:
-        return cls(message, field=field)
-    except TypeError:  # an error class with its own constructor
-        return Unavailable(message)
-
-
 # ------------------------------------------------------------------------ the application
 class GrpcIngress:
     """Our gRPC server (auth, contract, health, /metrics) in front of the engine replicas,
@@ -271,7 +140,8 @@ class GrpcIngress:
         registry = open_registry(settings)
         ingress = settings.model_copy(update={"follow_registry": False})  # replicas follow
         self.server = BackgroundServer(ingress, registry=registry,
-                                       engine=RayEngine(engines, registry)).start()
+                                       engine=RayEngine(engines, registry,
+                                                         settings.base)).start()
 
     def check_health(self) -> None:
         """Ray Serve's health hook: a failed ingress is replaced."""

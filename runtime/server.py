@@ -1,14 +1,16 @@
 """The loraplex gRPC server: inference, registry and admin services on one `grpc.aio` port,
 standard health checking and reflection, Prometheus `/metrics` on a second port.
 
-    loraplex serve --base ./base --port 50051 --metrics-port 9090
+    loraplex serve --base ./base --port 50051 --metrics-port 9090 [--http-port 8000]
 
 `create_server(settings) -> (server, port)` builds and binds without starting, so tests bind
 port 0 and talk over a real channel; `serve(settings)` runs until SIGTERM/SIGINT and then
 drains: health goes NOT_SERVING, new calls are refused (UNAVAILABLE), in-flight calls get
 `grace_s` to finish, the engine shuts down, and the process exits 0.
 
-The engine runs on its own thread; the event loop here only moves messages.
+Readiness and draining are the engine's (`ServingState` reads `engine.ready`/`draining`):
+health, the servicers and the OpenAI HTTP door (`--http-port`) see one truth. The engine runs
+on its own thread; the event loop here only moves messages.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class LoraplexServer:
         self._bring_up: asyncio.Task | None = None
         self.startup_error: BaseException | None = None
         self.follower = None  # RegistryFollower, once the engine is ready
+        self.http = None  # the OpenAI HTTP door (openai_binding.HttpThread), with http_port
 
     @property
     def engine(self):
@@ -124,8 +127,30 @@ class LoraplexServer:
             self.metrics_port = self.metrics.serve_http(self.settings.metrics_port,
                                                         self.settings.metrics_host)
         await self.grpc.start()
+        if self.engine is not None and self.settings.http_port is not None:
+            self.http = await asyncio.to_thread(self._open_http)
         if self.engine is not None:
             self._bring_up = asyncio.create_task(self._start_engine())
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http is not None else None
+
+    def _open_http(self):
+        """The OpenAI routes over the same engine (an `Engine`, or the Ray ingress's
+        `RayEngine`): they admit through it, so readiness, draining and the tenant rules
+        are the gRPC door's."""
+        from pathlib import Path
+
+        from loraplex.runtime.openai_binding import EngineBackend, HttpThread
+        from loraplex.runtime.openai_http import create_app
+
+        name = self.settings.model_name or (Path(self.settings.base).name
+                                            if self.settings.base else "base")
+        backend = EngineBackend(self.engine, None if self.settings.no_auth else self.registry,
+                                base_name=name)
+        return HttpThread(create_app(backend), host=self.settings.http_host,
+                          port=self.settings.http_port).__enter__()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the base is loaded (raises what the engine raised, if it failed)."""
@@ -146,7 +171,6 @@ class LoraplexServer:
             return
         self.metrics.bind_engine(engine.stats, engine.resident)
         self._follow()
-        self.state.ready = True
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.SERVING)
         log.info("base loaded: serving inference")
 
@@ -170,10 +194,8 @@ class LoraplexServer:
         grace = self.settings.grace_s if grace_s is None else grace_s
         delay = self.settings.drain_delay_s if delay_s is None else delay_s
         log.info("draining: finishing in-flight calls within %.1fs", grace)
-        self.state.draining = True
+        self.state.begin_drain()  # the engine stops admitting; in-flight requests run on
         await self.health.enter_graceful_shutdown()
-        if self.engine is not None:  # stop admitting; in-flight requests keep running
-            await asyncio.to_thread(self.engine.drain, 0.0)
         if delay > 0:
             await asyncio.sleep(delay)
         await self.grpc.stop(grace)  # refuses new calls, waits up to `grace` for running ones
@@ -183,6 +205,8 @@ class LoraplexServer:
         """Release the engine, metrics port and registry (after the gRPC server stopped)."""
         if self._bring_up is not None and not self._bring_up.done():
             self._bring_up.cancel()
+        if self.http is not None:
+            await asyncio.to_thread(self.http.__exit__, None, None, None)
         if self.follower is not None:
             await asyncio.to_thread(self.follower.stop)
         if self.engine is not None:
@@ -244,8 +268,10 @@ async def run(settings: ServerSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    log.info("loraplex serving gRPC on %s:%d, metrics on %s", settings.host, port,
-             server.metrics_port if server.metrics_port is not None else "(off)")
+    log.info("loraplex serving gRPC on %s:%d, metrics on %s, OpenAI HTTP on %s",
+             settings.host, port,
+             server.metrics_port if server.metrics_port is not None else "(off)",
+             server.http_port if server.http_port is not None else "(off)")
     ready = asyncio.ensure_future(server.wait_ready())
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -331,6 +357,10 @@ class BackgroundServer:
     @property
     def metrics_port(self) -> int | None:
         return self.server.metrics_port if self.server else None
+
+    @property
+    def http_port(self) -> int | None:
+        return self.server.http_port if self.server else None
 
     @property
     def target(self) -> str:

@@ -37,6 +37,12 @@ class ServerSettings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="/metrics listen address.")  # noqa: S104
     metrics_port: int | None = Field(
         9090, ge=0, le=65535, description="/metrics port; 0 picks one, None disables.")
+    http_host: str = Field("0.0.0.0", description="OpenAI HTTP listen address.")  # noqa: S104
+    http_port: int | None = Field(None, ge=0, le=65535, description="OpenAI-compatible HTTP "
+                                  "routes (/v1/...) beside gRPC; 0 picks one, None (default) "
+                                  "disables.")
+    model_name: str | None = Field(None, description="The base's `model` name in the OpenAI "
+                                   "routes (default: the base directory's name).")
     no_auth: bool = Field(False, description="Treat every caller as an admin (local use only).")
     quantization: Literal[QUANTIZATIONS] = Field("nf4", description="Base weights.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -15,7 +15,7 @@ from concurrent.futures import wait as futures_wait
 import pytest
 
 from loraplex.client import Client
-from loraplex.errors import NotFound, Unauthenticated, Unavailable
+from loraplex.errors import FailedPrecondition, NotFound, Unauthenticated, Unavailable
 from loraplex.fingerprint import fingerprint_base
 from loraplex.registry import Identity, Registry
 from loraplex.runtime.ray_serve import APP, DEPLOYMENT, start
@@ -44,20 +44,27 @@ def world(micro_base, tmp_path_factory):
         v = reg.push(system, d, key, base=fp)
         reg.set_alias(system, v.ref, "prod")
     tokens = {t: reg.create_token(system, t) for t in ADAPTERS}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    tokens["admin"] = reg.create_token(system, "ops", admin=True)
+    port, http_port = _free_port(), _free_port()
     common = {"base": micro_base, "registry": str(root / "reg"), "host": "127.0.0.1",
               "metrics_port": 0, "metrics_host": "127.0.0.1", "quantization": "none",
               "device": "cpu", "max_batch": 4, "max_slots": 2, "follow_poll_s": 1.0,
-              "engine": {"compute_dtype": "float32"}}
+              "engine": {"compute_dtype": "float32"},
+              "http_host": "127.0.0.1", "model_name": "micro"}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        start(load_settings({**common, "port": port, "replicas": 2}))
-        with BackgroundServer(load_settings({**common, "port": 0})) as single:
-            yield {"ingress": f"127.0.0.1:{port}", "single": single.target, "tokens": tokens}
+        start(load_settings({**common, "port": port, "replicas": 2, "http_port": http_port}))
+        with BackgroundServer(load_settings({**common, "port": 0, "http_port": 0})) as single:
+            yield {"ingress": f"127.0.0.1:{port}", "single": single.target, "tokens": tokens,
+                   "http": {"ingress": http_port, "single": single.http_port}}
     finally:
         ray.shutdown()  # ends Serve's controller and replicas with it (serve.shutdown is slow)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _ask(target: str, token: str, ref: str | None, prompt: str, retries: int = 0,
@@ -90,6 +97,32 @@ def _same_tokens_and_tenant_rules(world) -> None:
         streamed = [ch for ch in c.stream(ADAPTERS["acme"], PROMPTS[0], max_new_tokens=12)]
     expected = _ask(single, world["tokens"]["acme"], ADAPTERS["acme"], PROMPTS[0])
     assert [t for ch in streamed for t in ch.token_ids] == expected.token_ids
+    _openai_door_like_one_server(world)
+    with Client(ingress, token=world["tokens"]["admin"], timeout=60) as admin:
+        with pytest.raises(FailedPrecondition):  # placement is Ray's, said so, not INTERNAL
+            admin.prefetch(ADAPTERS["acme"])
+        assert admin.stats().ready
+
+
+def _openai_door_like_one_server(world) -> None:
+    """`--http-port` on the Ray ingress: the OpenAI routes admit through the same RayEngine."""
+    import openai
+
+    def oa(door: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{world['http'][door]}/v1",
+                             api_key=world["tokens"]["acme"], max_retries=0, timeout=60)
+
+    ray_oa, ref = oa("ingress"), ADAPTERS["acme"]
+    assert [m.id for m in ray_oa.models.list()] == ["micro", "acme/support"]
+    texts = {door: oa(door).completions.create(model=ref, prompt=PROMPTS[0], max_tokens=8,
+                                                temperature=0).choices[0].text
+             for door in ("ingress", "single")}
+    assert texts["ingress"] == texts["single"]
+    chunks = ray_oa.completions.create(model=ref, prompt=PROMPTS[0], max_tokens=8,
+                                       temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == texts["single"]
+    with pytest.raises(openai.NotFoundError):  # tenant rules over HTTP through Ray too
+        ray_oa.completions.create(model=ADAPTERS["globex"], prompt="hi", max_tokens=2)
 
 
 def _replica_actors() -> list[str]:
