@@ -11,7 +11,7 @@ file's `engine:` table and are passed to `EngineConfig` whole, which validates t
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
