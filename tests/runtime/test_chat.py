@@ -97,8 +97,8 @@ def test_chat_stops_at_end_of_turn_and_cuts_stop_strings_mid_token(server, tok):
     trained = prompt_ids(tok, parse_line(Path("d.jsonl"), 1, json.dumps(
         {"messages": CHAT + [{"role": "assistant", "content": "x"}]})))
     out = server["client"].batch_generate([
-        dict(messages=CHAT, max_new_tokens=24), dict(prompt_ids=trained, max_new_tokens=24),
-        dict(messages=CHAT, max_new_tokens=24, stop=["apit"]),
+        dict(messages=CHAT, max_new_tokens=10), dict(prompt_ids=trained, max_new_tokens=10),
+        dict(messages=CHAT, max_new_tokens=10, stop=["apit"]),
         dict(messages=[{"role": "robot", "content": "x"}])])
     chat, ids, cut, bad = out
     assert "Paris" in chat.text and chat.token_ids == ids.token_ids
@@ -114,7 +114,7 @@ def test_chat_stops_at_end_of_turn_and_cuts_stop_strings_mid_token(server, tok):
     assert e.value.field == "messages"
 
     res = CliRunner().invoke(app, ["generate", "--chat", "--system", CHAT[0]["content"],
-                                   CHAT[1]["content"], "--max-new-tokens", "24",
+                                   CHAT[1]["content"], "--max-new-tokens", "10",
                                    "--target", server["bg"].target,
                                    "--token", server["bg"].token])
     assert res.exit_code == 0, res.output
@@ -123,7 +123,7 @@ def test_chat_stops_at_end_of_turn_and_cuts_stop_strings_mid_token(server, tok):
 
 def test_streamed_emoji_and_cjk_are_whole_characters(server, tok):
     chunks = list(server["client"].stream(None, messages=[{"role": "user", "content": EMOJI}],
-                                          max_new_tokens=24))
+                                          max_new_tokens=10))
     final = chunks[-1].final
     pieces = [_bytes_of(p) for p in tok.convert_ids_to_tokens(final.token_ids)]
     assert any(not _valid_utf8(p) for p in pieces), \
