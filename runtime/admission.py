@@ -101,7 +101,7 @@ class Admission:
                                 ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise InvalidArgument("give exactly one of `prompt`, `prompt_ids` and `messages`",
-                                  field=given[-1] if given else "prompt")
+                                  field=given[0] if given else "prompt")
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InvalidArgument("`prompt` must be a string", field="prompt")

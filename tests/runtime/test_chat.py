@@ -81,8 +81,8 @@ def test_bad_messages_name_the_field(tok, messages, field):
 def test_exactly_one_prompt_form_and_a_template_is_required(tok):
     adm = _admission(tok)
     with pytest.raises(InvalidArgument) as e:
-        adm.admit("r", Identity.system(), prompt="hi", messages=CHAT)
-    assert e.value.field == "messages"
+        adm.admit("r", Identity.system(), prompt_ids=[1, 2], messages=CHAT)
+    assert e.value.field == "prompt_ids"
     bare = type(tok).from_pretrained(tok.name_or_path)
     bare.chat_template = None
     with pytest.raises(InvalidArgument, match="no chat template") as e:
