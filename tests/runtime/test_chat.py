@@ -159,3 +159,35 @@ def _valid_utf8(b: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def test_generation_config_end_of_turn_ids_stop_beside_eos(micro_base, tmp_path):
+    """A base whose generation config lists an end-of-turn id that is not the tokenizer's
+    EOS (Llama 3's <|eot_id|> style): the engine stops there too, leaving it out."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from loraplex.runtime.engine import Engine
+    from loraplex.runtime.types import EngineConfig, SamplingParams
+
+    base = Path(shutil.copytree(micro_base, tmp_path / "base"))
+    tok = AutoTokenizer.from_pretrained(base)
+    req = _admission(tok).admit("r", Identity.system(), messages=CHAT[1:])
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    ids = list(req.prompt_ids)
+    with torch.no_grad():  # greedy reference, full forwards
+        for _ in range(6):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    ref = ids[len(req.prompt_ids):]
+    k = next(i for i in range(1, 6) if ref[i] not in ref[:i] and ref[i] != tok.eos_token_id)
+    GenerationConfig(eos_token_id=[tok.eos_token_id, ref[k]]).save_pretrained(base)
+    engine = Engine(EngineConfig(base_dir=base, quantization="none", device="cpu",
+                                 compute_dtype="float32", max_seq_len=64, max_batch=1)).start()
+    try:
+        res = engine.generate(engine.admit("r2", Identity.system(), messages=CHAT[1:],
+                                           sampling=SamplingParams(max_new_tokens=6)), 60)
+    finally:
+        engine.shutdown()
+    assert (res.token_ids, res.finish_reason) == (ref[:k], "stop")
