@@ -10,6 +10,7 @@ starts in the middle of a token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from test_grpc_inference import settings_for  # same folder (rootdir mode)
 from typer.testing import CliRunner
 
 from loraplex.cli import app
-from loraplex.client import Client
+from loraplex.client import AsyncClient, Client
 from loraplex.errors import InvalidArgument
 from loraplex.registry import Identity, Registry
 from loraplex.runtime.admission import Admission, Limits, LockedTokenizer
@@ -119,6 +120,13 @@ def test_chat_stops_at_end_of_turn_and_cuts_stop_strings_mid_token(server, tok):
                                    "--token", server["bg"].token])
     assert res.exit_code == 0, res.output
     assert res.stdout.splitlines()[0] == tok.decode(chat.token_ids[:3])  # same turns
+
+    async def via_async_client():
+        async with AsyncClient(server["bg"].target, token=server["bg"].token,
+                               timeout=120) as client:
+            return await client.generate(None, messages=CHAT, max_new_tokens=3)
+
+    assert asyncio.run(via_async_client()).token_ids == chat.token_ids[:3]
 
 
 def test_streamed_emoji_and_cjk_are_whole_characters(server, tok):
