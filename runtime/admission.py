@@ -8,7 +8,8 @@
 is NotFound), checks the version fits this engine's base and limits, and tokenizes the
 prompt: text as written, or chat `messages` rendered with the base's own chat template
 (`loraplex.chat.render`, the trainer's rendering; the engine then also stops at the
-template's end-of-turn ids, which `Runner` reads from the base's generation config). It reads the database and takes the tokenizer lock, so the gRPC servicers call it in
+template's end-of-turn ids, which `Runner` reads from the base's generation config). It
+reads the database and takes the tokenizer lock, so the gRPC servicers call it in
 a worker thread (`asyncio.to_thread`), never on the event loop; the engine itself receives
 only the resolved version and token ids. Refs are resolved once, here: new requests see an
 alias move at once, admitted ones finish on the version (digest) they were given.
