@@ -104,8 +104,11 @@ def generate_request(adapter: str | None, prompt: str | None = None, *,
                      prompt_ids: Sequence[int] | None = None, max_new_tokens: int | None = None,
                      temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
                      seed: int | None = None, stop: Iterable[str] = (),
-                     request_id: str = "") -> inference_pb2.GenerateRequest:
-    """Only the sampling fields given are set, so the server's defaults apply to the rest."""
+                     request_id: str = "", messages: Sequence[dict[str, str]] | None = None
+                     ) -> inference_pb2.GenerateRequest:
+    """Exactly one of `prompt`, `prompt_ids` and `messages` ([{"role": "user", "content":
+    "hi"}], rendered by the server with the base's chat template). Only the sampling fields
+    given are set, so the server's defaults apply to the rest."""
     sampling = inference_pb2.SamplingParams(temperature=temperature, top_k=top_k,
                                             stop=list(stop))
     if max_new_tokens is not None:
@@ -114,9 +117,11 @@ def generate_request(adapter: str | None, prompt: str | None = None, *,
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
+    chat = [inference_pb2.ChatMessage(role=m["role"], content=m["content"])
+            for m in messages or ()]
     return inference_pb2.GenerateRequest(adapter=adapter or "", prompt=prompt or "",
                                          prompt_ids=list(prompt_ids or ()), sampling=sampling,
-                                         request_id=request_id)
+                                         request_id=request_id, messages=chat)
 
 
 def batch_request(items: Sequence[inference_pb2.GenerateRequest | dict]

@@ -6,7 +6,10 @@
 
 `admit` resolves the ref in the registry (authorization included: a foreign tenant's adapter
 is NotFound), checks the version fits this engine's base and limits, and tokenizes the
-prompt. It reads the database and takes the tokenizer lock, so the gRPC servicers call it in
+prompt: text as written, or chat `messages` rendered with the base's own chat template
+(`loraplex.chat.render`, the trainer's rendering; the engine then also stops at the
+template's end-of-turn ids, which `Runner` reads from the base's generation config). It
+reads the database and takes the tokenizer lock, so the gRPC servicers call it in
 a worker thread (`asyncio.to_thread`), never on the event loop; the engine itself receives
 only the resolved version and token ids. Refs are resolved once, here: new requests see an
 alias move at once, admitted ones finish on the version (digest) they were given.
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from loraplex import chat
 from loraplex.errors import (
     FailedPrecondition,
     IncompatibleAdapter,
@@ -55,17 +59,20 @@ class LockedTokenizer:
         self.inner = tokenizer
         self._lock = threading.Lock()
 
-    def __call__(self, text: str) -> Any:
+    def __call__(self, text: str, **kw: Any) -> Any:
         with self._lock:
-            return self.inner(text)
+            return self.inner(text, **kw)
 
     def encode_ids(self, text: str) -> list[int]:
         with self._lock:
             return list(self.inner(text)["input_ids"])
 
-    def decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int], **kw: Any) -> str:
         with self._lock:
-            return self.inner.decode(ids)
+            return self.inner.decode(ids, **kw)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
@@ -82,28 +89,40 @@ class Admission:
 
     def admit(self, request_id: str, identity: Identity, adapter: str | None = None,
               prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
-              sampling: SamplingParams | None = None,
-              deadline: float | None = None) -> GenerationRequest:
-        """Raises InvalidArgument (field named), NotFound / IncompatibleAdapter /
+              sampling: SamplingParams | None = None, deadline: float | None = None,
+              messages: Sequence[dict[str, str]] | None = None) -> GenerationRequest:
+        """Exactly one of `prompt`, `prompt_ids`, `messages` ([{"role", "content"}]).
+        Raises InvalidArgument (field named), NotFound / IncompatibleAdapter /
         FailedPrecondition (adapter)."""
         tenant = getattr(identity, "tenant", None)
         if tenant is None:
             raise InvalidArgument("`identity` is required", field="identity")
         sampling = sampling if sampling is not None else SamplingParams()
-        if (prompt is None) == (prompt_ids is None):
-            raise InvalidArgument("give exactly one of `prompt` and `prompt_ids`",
-                                  field="prompt")
+        given = [n for n, v in (("prompt", prompt), ("prompt_ids", prompt_ids),
+                                ("messages", messages)) if v is not None]
+        if len(given) != 1:
+            raise InvalidArgument("give exactly one of `prompt`, `prompt_ids` and `messages`",
+                                  field=given[0] if given else "prompt")
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise InvalidArgument("`prompt` must be a string", field="prompt")
             ids = self.tokenizer.encode_ids(prompt) if prompt else []
             check_prompt(ids, "prompt", self.limits)
+        elif messages is not None:
+            ids = self.chat_ids(messages)
         else:
             ids = list(prompt_ids)
         request = GenerationRequest(request_id, tenant, None, ids, sampling, deadline)
         validate_request(request, self.limits)  # before the registry: cheap problems first
         version = self.resolve(identity, adapter) if adapter else None
         return GenerationRequest(request_id, tenant, version, ids, sampling, deadline)
+
+    def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """`messages` checked (roles), rendered with the base's chat template and tokenized."""
+        clean = chat.check_messages(messages)
+        ids = chat.render_ids(self.tokenizer, clean)
+        check_prompt(ids, "messages", self.limits)
+        return ids
 
     def resolve(self, identity: Identity, ref: str) -> AdapterVersion:
         """The version `ref` names for `identity`, checked against this engine."""

@@ -2,6 +2,7 @@
 
     loraplex serve --base ./base --registry ./.loraplex/registry --port 50051 --metrics-port 9090
     loraplex generate --adapter acme/support@prod "Where is my order?" --stream --token lpx_...
+    loraplex generate --chat --system "Answer in one word." "Which desk handles refunds?"
 
 Unset flags fall back to `LORAPLEX_*` environment variables, then to `--config FILE`.
 """
@@ -56,7 +57,7 @@ def serve(
 
 
 def generate(
-    prompt: str = typer.Argument(..., help="Prompt text."),
+    prompt: str = typer.Argument(..., help="Prompt text (with --chat: the user's turn)."),
     adapter: str = typer.Option("", help="Adapter ref (t/n@prod, t/n:v3); empty: the base."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they arrive."),
     target: str = typer.Option("localhost:50051", envvar="LORAPLEX_TARGET",
@@ -68,12 +69,20 @@ def generate(
     seed: int = typer.Option(None, help="Sampling seed."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable)."),
     timeout: float = typer.Option(60.0, help="Deadline in seconds."),
+    chat: bool = typer.Option(False, "--chat", help="Send chat messages (the server renders "
+                              "them with the base's chat template) instead of raw text."),
+    system: list[str] = typer.Option([], help="With --chat: a system message (repeatable)."),
 ) -> None:
     """Generate text with an adapter on a running server."""
     from loraplex.client import Client
 
+    if system and not chat:
+        raise typer.BadParameter("--system needs --chat", param_hint="--system")
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
               stop=stop, timeout=timeout)
+    if chat:
+        kw["messages"] = chat_messages(prompt, system)
+        prompt = None
     with Client(target, token=token or os.environ.get("LORAPLEX_TOKEN")) as client:
         if stream:
             final = None
@@ -89,3 +98,10 @@ def generate(
         typer.echo(f"[{final.adapter_ref or 'base'} · {final.finish_reason} · "
                    f"{final.completion_tokens} tokens · ttft {final.timings['first_token_s']:.3f}s"
                    f" · total {final.timings['total_s']:.3f}s]", err=True)
+
+
+def chat_messages(user: str, system: list[str]) -> list[dict[str, str]]:
+    """`--system` texts, then the positional text as the user's turn. Several `--system`
+    options join into one system message: templates accept a system turn only first."""
+    head = [{"role": "system", "content": "\n\n".join(system)}] if system else []
+    return head + [{"role": "user", "content": user}]

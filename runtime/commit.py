@@ -1,5 +1,10 @@
 """After a forward: tokens become text, stop strings and limits end sequences, results.
 
+Text comes from the sequence's incremental `Detokenizer`: a chunk carries only whole
+characters (never half an emoji split across byte-level tokens, never U+FFFD), the chunks
+concatenate to the result's text, and a stop string is cut exactly where it starts, even in
+the middle of a token.
+
 `Seq` is one request's state inside the engine (engine thread only). `take_token` applies one
 sampled token to it and says whether the sequence ends and with what text; `result_of` builds
 the `GenerationResult` a finished sequence reports. Nothing here touches the model, the pool
@@ -14,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loraplex.runtime.detokenize import Detokenizer
 from loraplex.runtime.plan import RunView
-from loraplex.runtime.sampling import TextTail
 from loraplex.runtime.stream import RequestStream
 from loraplex.runtime.types import (
     FinishReason,
@@ -36,7 +41,7 @@ class Seq:
 
     request: GenerationRequest
     stream: RequestStream
-    tail: TextTail
+    detok: Detokenizer  # generated ids -> whole-character text, stop strings cut
     generator: torch.Generator | None
     t_submit: float
     state: str = "waiting"  # waiting | running | done
@@ -101,8 +106,8 @@ def take_token(s: Seq, token: int, eos: frozenset[int], max_seq_len: int) -> Tok
     if token in eos:
         return TokenOutcome("", [], "stop")
     s.generated.append(token)
-    text = s.tail.push([token])
-    if s.tail.stopped:
+    text = s.detok.feed([token])
+    if s.detok.stopped:
         return TokenOutcome(text, [token], "stop")
     if len(s.generated) >= s.params.max_new_tokens or s.length >= max_seq_len:
         return TokenOutcome(text, [token], "length")
@@ -117,6 +122,6 @@ def result_of(s: Seq, reason: FinishReason, now: float) -> GenerationResult:
         first_token_s=(s.t_first - s.t_submit) if s.t_first else 0.0,
         total_s=now - s.t_submit)
     return GenerationResult(
-        request_id=s.id, text=s.tail.text, token_ids=list(s.generated), finish_reason=reason,
+        request_id=s.id, text=s.detok.text, token_ids=list(s.generated), finish_reason=reason,
         usage=Usage(prompt_tokens=len(s.prompt), completion_tokens=len(s.generated)),
         timings=timings, adapter=s.version)

@@ -286,7 +286,7 @@ class EngineCore:
 
     def _finish(self, s: Seq, reason: FinishReason, text: str = "",
                 token_ids: list[int] | None = None) -> None:
-        text += s.tail.flush()
+        text += s.detok.finish()
         if text or token_ids:
             s.stream._publish(Chunk(text, list(token_ids or [])))
         self._release(s)

@@ -32,11 +32,12 @@ from loraplex.runtime.admission import Admission, Limits, LockedTokenizer, valid
 from loraplex.runtime.commands import AdminCommands
 from loraplex.runtime.commit import Seq
 from loraplex.runtime.core import EngineCore, Inbox
+from loraplex.runtime.detokenize import Detokenizer, TokenTable
 from loraplex.runtime.host_loader import HostLoader, write_slot
 from loraplex.runtime.observer import EngineObserver
 from loraplex.runtime.pool import AdapterPool
 from loraplex.runtime.runner import Runner
-from loraplex.runtime.sampling import TextTail, make_generator
+from loraplex.runtime.sampling import make_generator
 from loraplex.runtime.scheduler import Scheduler
 from loraplex.runtime.stream import RequestStream
 from loraplex.runtime.types import (
@@ -86,6 +87,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._core: EngineCore | None = None  # set by the engine thread once booted
         self._admission: Admission | None = None
+        self._tokens: TokenTable | None = None  # the base's token → bytes table (boot)
         self.loader: HostLoader | None = None  # registry → host reads (tests set `.hook`)
         self.admin = AdminCommands(lambda: self._core.pool if self._core else None,
                                    self._command)
@@ -153,14 +155,14 @@ class Engine:
 
     def admit(self, request_id: str, identity: Identity, adapter: str | None = None,
               prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
-              sampling: SamplingParams | None = None,
-              deadline: float | None = None) -> GenerationRequest:
+              sampling: SamplingParams | None = None, deadline: float | None = None,
+              messages: Sequence[dict[str, str]] | None = None) -> GenerationRequest:
         """`admission.admit` (see there), with refusals reported to the observer."""
         try:
             self._check_admitting()
             return self.admission.admit(request_id, identity, adapter, prompt=prompt,
                                         prompt_ids=prompt_ids, sampling=sampling,
-                                        deadline=deadline)
+                                        deadline=deadline, messages=messages)
         except LoraplexError as e:
             self._notify("on_request_rejected", getattr(identity, "tenant", None) or "",
                          adapter, e.code)
@@ -174,7 +176,7 @@ class Engine:
             self._check_admitting()
             validate_request(request, self.admission.limits)
             s = Seq(request=request, stream=RequestStream(request.request_id, self.cancel),
-                    tail=TextTail(self.admission.tokenizer, request.sampling.stop),
+                    detok=Detokenizer(self._tokens, stop=request.sampling.stop),
                     generator=make_generator(request.sampling, self._core.runner.device),
                     t_submit=time.monotonic())
             self._inbox.add(s, self.scheduler)
@@ -292,6 +294,7 @@ class Engine:
                         max_new_tokens=cfg.max_new_tokens_limit, max_rank=cfg.max_rank,
                         fingerprint=runner.fingerprint)
         tokenizer = LockedTokenizer(runner.tokenizer)
+        self._tokens = TokenTable.for_tokenizer(tokenizer)  # streamed text: whole characters
         self.loader = HostLoader(self.registry, runner.injection, limits, runner.lora_dtype,
                                  pin_memory=runner.device.type == "cuda")
         pool = AdapterPool(

@@ -1,9 +1,10 @@
 """Binds the OpenAI HTTP front door (`openai_http.Backend`) to the engine and registry.
 
 This is the only file of the HTTP door that knows the engine: `submit` turns an OpenAI call
-into an admitted `GenerationRequest` (`Engine.admit`) and `Engine.submit`'s `RequestStream` into text chunks and an
-`Outcome`. Chat `messages` are rendered here with the base's own chat template (generation
-prompt added); the engine stops at EOS and the generation config's end-of-turn ids.
+into an admitted `GenerationRequest` (`Engine.admit`) and `Engine.submit`'s `RequestStream`
+into text chunks and an `Outcome`. Chat `messages` go to admission as they are, exactly as
+gRPC's `GenerateRequest.messages` do: rendered there with the base's own chat template
+(generation prompt added); the engine stops at EOS and the generation config's end-of-turn ids.
 
     backend = EngineBackend(engine, registry, base_name="smollm2")
     with HttpThread(create_app(backend), host="127.0.0.1", port=0) as http:
@@ -18,7 +19,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from loraplex import chat
+from loraplex.errors import Cancelled, DeadlineExceeded
 from loraplex.runtime.openai_http import Outcome, Sampling
 
 
@@ -73,17 +75,13 @@ class EngineBackend:
                 return names
 
     def render(self, messages: list[dict[str, str]]) -> str:
-        tok = self.engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise InvalidArgument("the base has no chat template: use /v1/completions",
-                                  field="messages")
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        """The text admission renders for `messages` (shown for debugging and tests)."""
+        return chat.render(self.engine.tokenizer, chat.check_messages(messages))
 
     def submit(self, identity: Any, model: str, *, prompt: str | None,
                messages: list[dict[str, str]] | None, sampling: Sampling) -> _EngineText:
         from loraplex.runtime.types import SamplingParams
 
-        text = self.render(messages) if messages is not None else prompt
         params = SamplingParams(max_new_tokens=sampling.max_tokens,
                                 temperature=sampling.temperature, top_p=sampling.top_p,
                                 seed=sampling.seed, stop=sampling.stop)
@@ -91,7 +89,7 @@ class EngineBackend:
         # calls `submit` through asyncio.to_thread), exactly as the gRPC servicers do
         req = self.engine.admit("http-" + uuid.uuid4().hex, identity,
                                 None if model == self.base_name else model,
-                                prompt=text, sampling=params)
+                                prompt=prompt, messages=messages, sampling=params)
         return _EngineText(self.engine.submit(req))
 
 

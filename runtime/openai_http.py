@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from loraplex.chat import ROLES  # the roles chat admission accepts
 from loraplex.errors import InvalidArgument, LoraplexError, Unauthenticated
 
 # gRPC code -> HTTP status, as the OpenAI API and grpc-gateway use them.
@@ -34,7 +35,6 @@ STATUS = {
     "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
     "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "DATA_LOSS": 500, "INTERNAL": 500,
 }
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)

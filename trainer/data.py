@@ -30,11 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraplex import chat
+from loraplex.chat import ROLES  # the roles a server accepts in chat requests
 from loraplex.errors import InvalidArgument
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 PROMPT_COMPLETION, MESSAGES = "prompt_completion", "messages"
-ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,15 @@ def load_jsonl(path: str | Path) -> Dataset:
 
 # -- rendering and tokenizing ----------------------------------------------------------------
 def _template(tokenizer: Any, messages: Any, *, generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
+    if not chat.has_template(tokenizer):
         raise InvalidArgument('the base has no chat template: "messages" rows need one; write '
                               '{"prompt", "completion"} rows instead', field="data")
-    return tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                         add_generation_prompt=generation_prompt)
+    return chat.render(tokenizer, messages, generation_prompt=generation_prompt, field="data")
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """`messages` in the base's chat template, ending with the assistant's generation prompt:
-    the text a server renders for a chat request."""
+    the text a server renders for a chat request (`loraplex.chat.render`, shared with it)."""
     return _template(tokenizer, messages, generation_prompt=True)
 
 
@@ -160,7 +160,7 @@ def prompt_ids(tokenizer: Any, ex: Example) -> list[int]:
     if ex.messages is None:
         return list(tokenizer(ex.prompt)["input_ids"])
     return list(tokenizer(chat_prompt(tokenizer, ex.prompt),
-                          add_special_tokens=False)["input_ids"])
+                          add_special_tokens=False)["input_ids"])  # = chat.render_ids
 
 
 def stop_ids(tokenizer: Any, generation_config: Any = None) -> set[int]:

@@ -46,16 +46,19 @@ def sampling_from_pb(pb: inference_pb2.SamplingParams) -> SamplingParams:
 
 def admit_args_from_pb(pb: inference_pb2.GenerateRequest, *,
                        field_prefix: str = "") -> dict[str, Any]:
-    """One `GenerateRequest` → keyword arguments of `Admission.admit` (adapter ref, prompt
-    or prompt ids, sampling); exactly one of prompt/prompt_ids."""
-    if pb.prompt and pb.prompt_ids:
-        raise InvalidArgument("give `prompt` or `prompt_ids`, not both",
-                              field=f"{field_prefix}prompt_ids")
-    if not pb.prompt and not pb.prompt_ids:
-        raise InvalidArgument("`prompt` (text) or `prompt_ids` is required",
+    """One `GenerateRequest` → keyword arguments of `Admission.admit` (adapter ref, prompt,
+    prompt ids or chat messages, sampling); exactly one of prompt/prompt_ids/messages."""
+    given = [n for n in ("prompt", "prompt_ids", "messages") if getattr(pb, n)]
+    if len(given) > 1:
+        raise InvalidArgument(f"give exactly one of `prompt`, `prompt_ids` and `messages`, not "
+                              f"{' and '.join(given)}", field=f"{field_prefix}{given[-1]}")
+    if not given:
+        raise InvalidArgument("`prompt` (text), `prompt_ids` or `messages` is required",
                               field=f"{field_prefix}prompt")
+    messages = [{"role": m.role, "content": m.content} for m in pb.messages]
     return dict(adapter=pb.adapter or None, prompt=pb.prompt or None,
-                prompt_ids=list(pb.prompt_ids) or None, sampling=sampling_from_pb(pb.sampling))
+                prompt_ids=list(pb.prompt_ids) or None, messages=messages or None,
+                sampling=sampling_from_pb(pb.sampling))
 
 
 def deadline_from_remaining(remaining: float | None, margin_s: float = 0.0) -> float | None:
