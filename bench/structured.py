@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--base-dir", type=Path, default=None, help="a loraplex base directory")
     ap.add_argument("--size", default="micro", help="random base to build (no --base-dir)")
     ap.add_argument("--rows", type=int, default=16)
-    ap.add_argument("--max-new", type=int, default=96)
+    ap.add_argument("--max-new", type=int, default=320,
+                    help="room for a random base's long escaped strings")
     ap.add_argument("--repeats", type=int, default=2, help="alternating free/half runs")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -30,6 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from loraplex.errors import InvalidArgument
@@ -129,32 +130,30 @@ class GrammarState:
 
 
 def mask_logits(logits: torch.Tensor, states: Sequence[GrammarState | None]) -> torch.Tensor:
-    """`logits # [B, V]` → the same with every token a row's grammar forbids at -inf.
-    Rows whose state is None are returned unchanged (free decoding); no copy when no row
-    is constrained."""
+    """`logits # [B, V]` (the caller's own copy: masked in place) with every token a row's
+    grammar forbids set to -inf; rows whose state is None (free decoding) are untouched.
+    Only the constrained rows are read and written: the cost is O(constrained rows × V)."""
     rows = [i for i, st in enumerate(states) if st is not None]
     if not rows:
         return logits
     vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    bitmask = torch.zeros((len(rows), words), dtype=torch.int32)  # [R, W]
+    bitmask = torch.zeros((len(rows), (vocab + 31) // 32), dtype=torch.int32)  # [R, W]
     for j, i in enumerate(rows):
         states[i].fill_mask(bitmask, j)
     allowed = unpack_bits(bitmask, vocab).to(logits.device)  # [R, V] bool
-    out = logits.clone()
-    idx = torch.tensor(rows, device=logits.device)
-    out[idx] = out[idx].masked_fill(~allowed, float("-inf"))
-    return out
-
-
-_SHIFTS = torch.arange(32, dtype=torch.int32)  # [32]
+    idx = torch.tensor(rows, device=logits.device)  # [R]
+    logits[idx] = torch.where(allowed, logits[idx], torch.tensor(float("-inf"),
+                                                                  dtype=logits.dtype,
+                                                                  device=logits.device))
+    return logits
 
 
 def unpack_bits(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """`bitmask # [R, W]` int32, bit b of word w = token 32*w+b → `[R, vocab]` bool.
-    Tokens past the tokenizer's words (a padded embedding) come out False."""
-    bits = (bitmask.unsqueeze(-1) >> _SHIFTS) & 1  # [R, W, 32]
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()  # [R, V]
+    numpy's unpackbits (little-endian words, little bit order) is one C pass, several
+    times cheaper than shifting in torch. Tokens past the tokenizer's words come out False."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+    return torch.from_numpy(bits[:, :vocab]).bool()  # [R, V]
 
 
 class GrammarCompiler:

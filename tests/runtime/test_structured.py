@@ -141,3 +141,16 @@ def test_a_token_the_grammar_refuses_ends_with_grammar(setup, micro_base):
         tok.encode("z", add_special_tokens=False)[0]
     assert take_token(s, digit, frozenset({EOS_ID}), 512).finish is None
     assert take_token(s, letter, frozenset({EOS_ID}), 512).finish == "grammar"
+
+
+def test_unpack_bits_reads_token_t_from_bit_t_mod_32_of_word_t_div_32():
+    import torch
+
+    from loraplex.runtime.grammar import unpack_bits
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (3, 4), dtype=torch.int32, generator=g)
+    got = unpack_bits(words, 100)  # [3, 100]
+    want = [[bool((int(words[r, t // 32]) >> (t % 32)) & 1) for t in range(100)]
+            for r in range(3)]
+    assert got.tolist() == want
