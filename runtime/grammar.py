@@ -1,12 +1,14 @@
 """Constrained decoding: a JSON schema, a regex or a choice list masks each row's logits.
 
-Library: **llguidance** (Microsoft's Rust "low-level guidance", the engine behind vLLM's and
-SGLang's `guidance` backend). Chosen over xgrammar and outlines-core because it installs as
-one abi3 wheel with no torch pin (xgrammar depends on torch/transformers versions), builds
-its token trie once per tokenizer and then compiles a schema lazily in milliseconds
-(xgrammar precomputes a per-vocabulary mask cache per schema; outlines-core builds a full
-regex index per schema, slow for large JSON schemas), computes a row's mask on CPU with
-the GIL released, and has a direct HF fast-tokenizer bridge (`llguidance.hf`).
+Library: **llguidance** (Microsoft's Rust "low-level guidance", one of vLLM's and SGLang's
+structured-output backends). Chosen over xgrammar and outlines-core because it installs as
+one abi3 wheel that needs neither torch nor transformers (xgrammar brings both as its own
+dependencies, outlines-core is lighter but builds a full regex index over the vocabulary
+per schema, slow for large JSON schemas), builds its token trie once per tokenizer and then
+compiles a schema lazily in milliseconds (measured here: ~2 ms for a second schema on the
+SmolLM2 tokenizer, after a one-off ~5 s tokenizer import under load), computes a row's mask
+on CPU with the GIL released, and has a direct HF fast-tokenizer bridge (`llguidance.hf`).
+Only llguidance was installed and run here; the others were judged from their docs.
 
     compiler = GrammarCompiler(hf_tokenizer, eos_ids)        # one per engine (tokenizer)
     grammar = compiler.compile(sampling)                     # at admission; LRU-cached
