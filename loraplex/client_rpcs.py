@@ -30,7 +30,8 @@ REQUEST_ID_KEY = "x-request-id"  # the server binds it for logs and error detail
 FINISH_REASONS = {inference_pb2.FINISH_REASON_STOP: "stop",
                   inference_pb2.FINISH_REASON_LENGTH: "length",
                   inference_pb2.FINISH_REASON_CANCELLED: "cancelled",
-                  inference_pb2.FINISH_REASON_DEADLINE: "deadline"}
+                  inference_pb2.FINISH_REASON_DEADLINE: "deadline",
+                  inference_pb2.FINISH_REASON_GRAMMAR: "grammar"}
 _ERRORS: dict[str, type[errors.LoraplexError]] = {
     cls.code: cls for cls in (
         errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
@@ -104,13 +105,19 @@ def generate_request(adapter: str | None, prompt: str | None = None, *,
                      prompt_ids: Sequence[int] | None = None, max_new_tokens: int | None = None,
                      temperature: float = 0.0, top_k: int = 0, top_p: float | None = None,
                      seed: int | None = None, stop: Iterable[str] = (),
+                     json_schema: str | dict | None = None, regex: str | None = None,
+                     choice: Iterable[str] = (),
                      request_id: str = "", messages: Sequence[dict[str, str]] | None = None
                      ) -> inference_pb2.GenerateRequest:
     """Exactly one of `prompt`, `prompt_ids` and `messages` ([{"role": "user", "content":
     "hi"}], rendered by the server with the base's chat template). Only the sampling fields
-    given are set, so the server's defaults apply to the rest."""
+    given are set, so the server's defaults apply to the rest. At most one constraint:
+    `json_schema` (a dict is sent as its JSON text), `regex` or `choice`."""
+    if isinstance(json_schema, dict):
+        json_schema = json.dumps(json_schema)
     sampling = inference_pb2.SamplingParams(temperature=temperature, top_k=top_k,
-                                            stop=list(stop))
+                                            stop=list(stop), json_schema=json_schema or "",
+                                            regex=regex or "", choice=list(choice))
     if max_new_tokens is not None:
         sampling.max_new_tokens = max_new_tokens
     if top_p is not None:

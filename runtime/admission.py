@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from loraplex import chat
@@ -38,6 +38,7 @@ from loraplex.runtime.types import GenerationRequest, SamplingParams
 if TYPE_CHECKING:
     from loraplex.fingerprint import BaseFingerprint
     from loraplex.registry import AdapterVersion, Identity, Registry
+    from loraplex.runtime.grammar import GrammarCompiler
 
 
 @dataclass(frozen=True)
@@ -82,10 +83,11 @@ class Admission:
     """Ref + prompt → `GenerationRequest` (see the module docstring). Thread-safe."""
 
     def __init__(self, registry: Registry | None, tokenizer: LockedTokenizer,
-                 limits: Limits) -> None:
+                 limits: Limits, grammars: GrammarCompiler | None = None) -> None:
         self.registry = registry
         self.tokenizer = tokenizer
         self.limits = limits
+        self.grammars = grammars
 
     def admit(self, request_id: str, identity: Identity, adapter: str | None = None,
               prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
@@ -115,7 +117,19 @@ class Admission:
         request = GenerationRequest(request_id, tenant, None, ids, sampling, deadline)
         validate_request(request, self.limits)  # before the registry: cheap problems first
         version = self.resolve(identity, adapter) if adapter else None
-        return GenerationRequest(request_id, tenant, version, ids, sampling, deadline)
+        return self.with_grammar(GenerationRequest(request_id, tenant, version, ids, sampling,
+                                                   deadline))
+
+    def with_grammar(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with its constraint compiled (cached per schema; a new one may take
+        milliseconds, so on this caller's thread, never the engine's). InvalidArgument
+        naming `sampling.json_schema` / `.regex` / `.choice` when it does not compile."""
+        if request.grammar is not None or not request.sampling.constrained:
+            return request
+        if self.grammars is None:
+            raise InvalidArgument("this engine does not support constrained decoding",
+                                  field="sampling")
+        return replace(request, grammar=self.grammars.compile(request.sampling))
 
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """`messages` checked (roles), rendered with the base's chat template and tokenized."""

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraplex.runtime.detokenize import Detokenizer
+from loraplex.runtime.grammar import GrammarState
 from loraplex.runtime.plan import RunView
 from loraplex.runtime.stream import RequestStream
 from loraplex.runtime.types import (
@@ -57,6 +58,7 @@ class Seq:
     t_prefill: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
+    grammar: GrammarState | None = None  # the request's constraint, advanced per token
 
     @property
     def id(self) -> str:
@@ -102,12 +104,17 @@ class TokenOutcome:
 def take_token(s: Seq, token: int, eos: frozenset[int], max_seq_len: int) -> TokenOutcome:
     """Apply one sampled token: EOS ends with "stop" (left out of the output), a completed
     stop string ends with "stop" (cut from the text), the token or context limit with
-    "length"."""
+    "length". Under a grammar (whose mask allowed EOS only where it accepts): a token it
+    cannot take ends with "grammar", a complete match that allows nothing more with "stop"."""
     if token in eos:
         return TokenOutcome("", [], "stop")
     s.generated.append(token)
     text = s.detok.feed([token])
+    if s.grammar is not None and not s.grammar.advance(token):
+        return TokenOutcome(text, [token], "grammar")
     if s.detok.stopped:
+        return TokenOutcome(text, [token], "stop")
+    if s.grammar is not None and s.grammar.done:
         return TokenOutcome(text, [token], "stop")
     if len(s.generated) >= s.params.max_new_tokens or s.length >= max_seq_len:
         return TokenOutcome(text, [token], "length")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraplex.errors import AlreadyExists, LoraplexError, Unavailable, quote
 from loraplex.runtime.commit import Seq, result_of, take_token
+from loraplex.runtime.grammar import mask_logits
 from loraplex.runtime.observer import EngineObserver
 from loraplex.runtime.plan import StepPlan
 from loraplex.runtime.runner import Forward, StepOutputs
@@ -244,7 +245,8 @@ class EngineCore:
             if not idx:
                 return
         done = [seqs[i] for i in idx]
-        tokens = sample_next(fwd.logits[idx], [s.params for s in done],
+        logits = mask_logits(fwd.logits[idx], [s.grammar for s in done])  # [B, V]
+        tokens = sample_next(logits, [s.params for s in done],
                              [s.generator for s in done])  # logits [B, V]
         now = time.monotonic()
         for s, t in zip(done, tokens, strict=True):

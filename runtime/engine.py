@@ -33,6 +33,7 @@ from loraplex.runtime.commands import AdminCommands
 from loraplex.runtime.commit import Seq
 from loraplex.runtime.core import EngineCore, Inbox
 from loraplex.runtime.detokenize import Detokenizer, TokenTable
+from loraplex.runtime.grammar import GrammarCompiler
 from loraplex.runtime.host_loader import HostLoader, write_slot
 from loraplex.runtime.observer import EngineObserver
 from loraplex.runtime.pool import AdapterPool
@@ -175,10 +176,12 @@ class Engine:
         try:
             self._check_admitting()
             validate_request(request, self.admission.limits)
+            request = self.admission.with_grammar(request)
             s = Seq(request=request, stream=RequestStream(request.request_id, self.cancel),
                     detok=Detokenizer(self._tokens, stop=request.sampling.stop),
                     generator=make_generator(request.sampling, self._core.runner.device),
-                    t_submit=time.monotonic())
+                    t_submit=time.monotonic(),
+                    grammar=request.grammar.start() if request.grammar is not None else None)
             self._inbox.add(s, self.scheduler)
         except LoraplexError as e:
             adapter = request.adapter.ref if request.adapter is not None else None
@@ -304,7 +307,11 @@ class Engine:
             loader_nice=cfg.loader_nice, observer=self.observer, on_loaded=self._wake.set,
             device=runner.device)
         self._core = EngineCore(cfg, runner, pool, self.scheduler, self._inbox, self.observer)
-        self._admission = Admission(self.registry, tokenizer, limits)
+        grammars = GrammarCompiler(
+            runner.tokenizer, sorted(runner.eos), vocab_size=runner.vocab_size,
+            on_compile=lambda sec: self._notify("on_grammar_compile", sec),
+            on_cache=lambda hit: self._notify("on_grammar_cache", hit))
+        self._admission = Admission(self.registry, tokenizer, limits, grammars)
 
     def _notify(self, hook: str, *args: Any) -> None:
         try:

@@ -92,6 +92,14 @@ class ServerMetrics(EngineObserver):
         self.adapter_load = hist("adapter_load_seconds",
                                  "Bringing an adapter up one tier (registry→host, host→device).",
                                  LOAD_BUCKETS, ("tier",))
+        self.grammar_compile = hist("grammar_compile_seconds",
+                                    "Compiling a constraint (JSON schema, regex, choice).",
+                                    LOAD_BUCKETS)
+        self.grammar_hits = Counter(f"{PREFIX}_grammar_cache_hits",
+                                    "Constrained requests whose grammar was cached.", registry=r)
+        self.grammar_misses = Counter(f"{PREFIX}_grammar_cache_misses",
+                                      "Constrained requests whose grammar was compiled.",
+                                      registry=r)
         self.requests = Counter(f"{PREFIX}_requests", "Generation requests by outcome.",
                                 ("outcome", "tenant", "adapter"), registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.",
@@ -191,6 +199,12 @@ class ServerMetrics(EngineObserver):
     def on_cache(self, event: str, tier: str) -> None:
         {"hit": self.cache_hits, "miss": self.cache_misses,
          "evict": self.cache_evictions}[event].labels(tier).inc()
+
+    def on_grammar_compile(self, seconds: float) -> None:
+        self.grammar_compile.observe(seconds)
+
+    def on_grammar_cache(self, hit: bool) -> None:
+        (self.grammar_hits if hit else self.grammar_misses).inc()
 
     def on_occupancy(self, running: int, waiting: int) -> None:
         self.running.set(running)

@@ -62,3 +62,11 @@ class EngineObserver:
     def on_step(self, batch_size: int, running: int, waiting: int) -> None:
         """One engine step ran a forward over `batch_size` rows (prefill + decode); `running`
         sequences are in the batch and `waiting` requests are queued after the step."""
+
+    def on_grammar_compile(self, seconds: float) -> None:
+        """A constraint (JSON schema, regex, choice) was compiled in `seconds`, on the
+        admitting caller's thread (a cache miss that compiled)."""
+
+    def on_grammar_cache(self, hit: bool) -> None:
+        """A constrained request looked up its compiled grammar: `hit` or a miss (caller's
+        thread)."""

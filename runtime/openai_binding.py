@@ -84,7 +84,8 @@ class EngineBackend:
 
         params = SamplingParams(max_new_tokens=sampling.max_tokens,
                                 temperature=sampling.temperature, top_p=sampling.top_p,
-                                seed=sampling.seed, stop=sampling.stop)
+                                seed=sampling.seed, stop=sampling.stop,
+                                json_schema=sampling.json_schema)
         # admission (registry read, tokenizer) runs here, off the event loop (the HTTP door
         # calls `submit` through asyncio.to_thread), exactly as the gRPC servicers do
         req = self.engine.admit("http-" + uuid.uuid4().hex, identity,

@@ -44,6 +44,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None  # from `response_format` (JSON text of the schema)
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,32 @@ def _sampling(body: dict[str, Any], default_max: int) -> Sampling:
                         temperature=float(body.get("temperature", 1.0)),
                         top_p=float(body.get("top_p", 1.0)),
                         seed=None if body.get("seed") is None else int(body["seed"]),
-                        stop=tuple(stop))
+                        stop=tuple(stop), json_schema=_response_format(body))
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"bad sampling value: {e}", field="sampling") from e
+
+
+def _response_format(body: dict[str, Any]) -> str | None:
+    """OpenAI's `response_format` → a JSON schema (text) for constrained decoding:
+    {"type": "json_schema", "json_schema": {"schema": {...}}} that schema, {"type":
+    "json_object"} any JSON object, {"type": "text"} or absent none."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidArgument("`response_format.json_schema.schema` must be a JSON object",
+                                  field="response_format.json_schema.schema")
+        return json.dumps(schema)
+    raise InvalidArgument("`response_format.type` must be one of text, json_object, "
+                          "json_schema", field="response_format.type")
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, str]]:

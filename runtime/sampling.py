@@ -3,8 +3,8 @@
 `validate_sampling` checks user values (typed errors naming the field); `sample_next` picks
 the next token of every row from the step's last-position logits (greedy rows in one
 argmax, sampled rows each with their own `torch.Generator`, so a seeded request gives the
-same tokens whatever else shares its batch); `TextTail` turns token ids into text
-incrementally and finds stop strings, holding back text that could still become one.
+same tokens whatever else shares its batch). Token ids become text in
+`runtime/detokenize.py` (whole characters only, stop strings held back and cut).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -91,66 +90,3 @@ def sample_next(logits: torch.Tensor, params: Sequence[SamplingParams],
         probs = filter_logits(logits[i], p.temperature, p.top_k, p.top_p)  # [V]
         out[i] = int(torch.multinomial(probs, 1, generator=g).item())
     return out
-
-
-@dataclass
-class TextTail:
-    """Incremental detokenization with stop strings.
-
-    `push(ids)` returns the text that became final. Text is held back while it ends in an
-    incomplete UTF-8 sequence or in the beginning of a stop string, so the emitted text
-    never contains a stop string, even when one spans several tokens or chunks.
-    """
-
-    tokenizer: object
-    stop: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        self.ids: list[int] = []
-        self.text = ""  # decoded so far (complete characters only)
-        self.emitted = 0  # characters of `text` already returned
-        self.stopped = False
-        self._prefix = 0  # TGI-style offsets: decode ids[_prefix:] and diff against
-        self._read = 0  # the decode of ids[_prefix:_read]
-
-    def push(self, ids: Sequence[int]) -> str:
-        """Append generated ids; return newly final text ("" while holding back)."""
-        if self.stopped:
-            return ""
-        self.ids.extend(ids)
-        prefix_text = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        new_text = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.text += new_text[len(prefix_text):]
-            self._prefix, self._read = self._read, len(self.ids)
-        if self.stop:
-            cut = self._find_stop()
-            if cut is not None:
-                self.stopped = True
-                self.text = self.text[:cut]
-                return self._emit(len(self.text))
-        return self._emit(max(self.emitted, len(self.text) - self._partial_stop()))
-
-    def flush(self) -> str:
-        """At the end (length, EOS, cancel): release whatever is held back."""
-        return self._emit(len(self.text))
-
-    def _partial_stop(self) -> int:
-        """Length of the longest end of `text` that could still grow into a stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
-
-    def _find_stop(self) -> int | None:
-        # Emitted text holds no stop string, and one ending in it would have been seen then.
-        hits = [i for s in self.stop if (i := self.text.find(s, self.emitted)) >= 0]
-        return min(hits) if hits else None
-
-    def _emit(self, upto: int) -> str:
-        out = self.text[self.emitted:upto]
-        self.emitted = max(self.emitted, upto)
-        return out

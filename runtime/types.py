@@ -19,7 +19,8 @@ from loraplex.errors import InvalidArgument
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
 
-FinishReason = Literal["stop", "length", "cancelled", "deadline"]
+# "grammar": the request can no longer satisfy its constraint (runtime/grammar.py)
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "grammar"]
 Quantization = Literal["nf4", "int8", "none"]
 _QUANTIZATIONS = peft_format.QUANTIZATIONS
 _DTYPES = ("auto", *peft_format.COMPUTE_DTYPES)
@@ -27,7 +28,12 @@ _DTYPES = ("auto", *peft_format.COMPUTE_DTYPES)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off."""
+    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off.
+
+    At most one constraint (runtime/grammar.py): `json_schema` (the schema as a JSON
+    string), `regex`, or `choice` (the output is exactly one of these strings). The output
+    of a constrained request that ends "stop" matches it; one cut by `max_new_tokens` ends
+    "length" with an incomplete match, as any truncated output."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -35,11 +41,20 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Lists from JSON/protobuf are accepted and frozen into a tuple.
         if not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.choice, tuple):
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.json_schema or self.regex or self.choice)
 
     @property
     def greedy(self) -> bool:
@@ -51,7 +66,8 @@ class GenerationRequest:
     """One generation as the engine takes it: admitted at the edge (`admission.py`), so the
     adapter is already resolved and authorized to an immutable version and the prompt is
     already token ids. `adapter=None` runs the bare base; `tenant` is the fairness key;
-    `deadline` is `time.monotonic()` seconds."""
+    `deadline` is `time.monotonic()` seconds. `grammar` is the compiled constraint of
+    `sampling` (`grammar.Grammar`; admission compiles it, `Engine.submit` if still missing)."""
 
     request_id: str
     tenant: str
@@ -59,6 +75,7 @@ class GenerationRequest:
     prompt_ids: Sequence[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
     deadline: float | None = None
+    grammar: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -25,41 +25,41 @@ _sym_db = _symbol_database.Default()
 from loraplex.v1 import common_pb2 as loraplex_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\x1a\x18loraplex/v1/common.proto\"\xac\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\tB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb5\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"m\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x16\n\x0e\x61\x64\x61pter_load_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xf2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12-\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x1c.loraplex.v1.ResolvedAdapter\"\xf8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12-\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x1c.loraplex.v1.ResolvedAdapter\"C\n\x14\x42\x61tchGenerateRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.GenerateRequest\"L\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"x\n\x0f\x42\x61tchItemResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.loraplex.v1.GenerateResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.ItemErrorH\x00\x42\t\n\x07outcome\"F\n\x15\x42\x61tchGenerateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.BatchItemResult\"\x13\n\x11ListModelsRequest\"i\n\x12ListModelsResponse\x12$\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x16.loraplex.v1.BaseModel\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.loraplex.v1.AdapterVersion*\x98\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x32\xd9\x02\n\x10InferenceService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12V\n\rBatchGenerate\x12!.loraplex.v1.BatchGenerateRequest\x1a\".loraplex.v1.BatchGenerateResponse\x12M\n\nListModels\x12\x1e.loraplex.v1.ListModelsRequest\x1a\x1f.loraplex.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraplex/v1/inference.proto\x12\x0bloraplex.v1\x1a\x18loraplex/v1/common.proto\"\xe0\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x13\n\x0bjson_schema\x18\x07 \x01(\t\x12\r\n\x05regex\x18\x08 \x01(\t\x12\x0e\n\x06\x63hoice\x18\t \x03(\tB\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x07\n\x05_seed\"\xb5\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.loraplex.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12*\n\x08messages\x18\x06 \x03(\x0b\x32\x18.loraplex.v1.ChatMessage\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"m\n\x07Timings\x12\x0f\n\x07queue_s\x18\x01 \x01(\x01\x12\x16\n\x0e\x61\x64\x61pter_load_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x15\n\rfirst_token_s\x18\x04 \x01(\x01\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xf2\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12-\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x1c.loraplex.v1.ResolvedAdapter\"\xf8\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.loraplex.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.loraplex.v1.Usage\x12%\n\x07timings\x18\x06 \x01(\x0b\x32\x14.loraplex.v1.Timings\x12-\n\x07\x61\x64\x61pter\x18\x07 \x01(\x0b\x32\x1c.loraplex.v1.ResolvedAdapter\"C\n\x14\x42\x61tchGenerateRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.GenerateRequest\"L\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x11\n\tcode_name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05\x66ield\x18\x04 \x01(\t\"x\n\x0f\x42\x61tchItemResult\x12\x31\n\x08response\x18\x01 \x01(\x0b\x32\x1d.loraplex.v1.GenerateResponseH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.ItemErrorH\x00\x42\t\n\x07outcome\"F\n\x15\x42\x61tchGenerateResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.BatchItemResult\"\x13\n\x11ListModelsRequest\"i\n\x12ListModelsResponse\x12$\n\x04\x62\x61se\x18\x01 \x01(\x0b\x32\x16.loraplex.v1.BaseModel\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.loraplex.v1.AdapterVersion*\xb3\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x19\n\x15\x46INISH_REASON_GRAMMAR\x10\x05\x32\xd9\x02\n\x10InferenceService\x12G\n\x08Generate\x12\x1c.loraplex.v1.GenerateRequest\x1a\x1d.loraplex.v1.GenerateResponse\x12U\n\x0eGenerateStream\x12\x1c.loraplex.v1.GenerateRequest\x1a#.loraplex.v1.GenerateStreamResponse0\x01\x12V\n\rBatchGenerate\x12!.loraplex.v1.BatchGenerateRequest\x1a\".loraplex.v1.BatchGenerateResponse\x12M\n\nListModels\x12\x1e.loraplex.v1.ListModelsRequest\x1a\x1f.loraplex.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1611
-  _globals['_FINISHREASON']._serialized_end=1763
+  _globals['_FINISHREASON']._serialized_start=1663
+  _globals['_FINISHREASON']._serialized_end=1842
   _globals['_SAMPLINGPARAMS']._serialized_start=71
-  _globals['_SAMPLINGPARAMS']._serialized_end=243
-  _globals['_GENERATEREQUEST']._serialized_start=246
-  _globals['_GENERATEREQUEST']._serialized_end=427
-  _globals['_CHATMESSAGE']._serialized_start=429
-  _globals['_CHATMESSAGE']._serialized_end=473
-  _globals['_USAGE']._serialized_start=475
-  _globals['_USAGE']._serialized_end=532
-  _globals['_TIMINGS']._serialized_start=534
-  _globals['_TIMINGS']._serialized_end=643
-  _globals['_GENERATERESPONSE']._serialized_start=646
-  _globals['_GENERATERESPONSE']._serialized_end=888
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=891
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1139
-  _globals['_BATCHGENERATEREQUEST']._serialized_start=1141
-  _globals['_BATCHGENERATEREQUEST']._serialized_end=1208
-  _globals['_ITEMERROR']._serialized_start=1210
-  _globals['_ITEMERROR']._serialized_end=1286
-  _globals['_BATCHITEMRESULT']._serialized_start=1288
-  _globals['_BATCHITEMRESULT']._serialized_end=1408
-  _globals['_BATCHGENERATERESPONSE']._serialized_start=1410
-  _globals['_BATCHGENERATERESPONSE']._serialized_end=1480
-  _globals['_LISTMODELSREQUEST']._serialized_start=1482
-  _globals['_LISTMODELSREQUEST']._serialized_end=1501
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1503
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1608
-  _globals['_INFERENCESERVICE']._serialized_start=1766
-  _globals['_INFERENCESERVICE']._serialized_end=2111
+  _globals['_SAMPLINGPARAMS']._serialized_end=295
+  _globals['_GENERATEREQUEST']._serialized_start=298
+  _globals['_GENERATEREQUEST']._serialized_end=479
+  _globals['_CHATMESSAGE']._serialized_start=481
+  _globals['_CHATMESSAGE']._serialized_end=525
+  _globals['_USAGE']._serialized_start=527
+  _globals['_USAGE']._serialized_end=584
+  _globals['_TIMINGS']._serialized_start=586
+  _globals['_TIMINGS']._serialized_end=695
+  _globals['_GENERATERESPONSE']._serialized_start=698
+  _globals['_GENERATERESPONSE']._serialized_end=940
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=943
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1191
+  _globals['_BATCHGENERATEREQUEST']._serialized_start=1193
+  _globals['_BATCHGENERATEREQUEST']._serialized_end=1260
+  _globals['_ITEMERROR']._serialized_start=1262
+  _globals['_ITEMERROR']._serialized_end=1338
+  _globals['_BATCHITEMRESULT']._serialized_start=1340
+  _globals['_BATCHITEMRESULT']._serialized_end=1460
+  _globals['_BATCHGENERATERESPONSE']._serialized_start=1462
+  _globals['_BATCHGENERATERESPONSE']._serialized_end=1532
+  _globals['_LISTMODELSREQUEST']._serialized_start=1534
+  _globals['_LISTMODELSREQUEST']._serialized_end=1553
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1555
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1660
+  _globals['_INFERENCESERVICE']._serialized_start=1845
+  _globals['_INFERENCESERVICE']._serialized_end=2190
 # @@protoc_insertion_point(module_scope)

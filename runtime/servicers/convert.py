@@ -22,6 +22,7 @@ FINISH_REASONS = {
     "length": inference_pb2.FINISH_REASON_LENGTH,
     "cancelled": inference_pb2.FINISH_REASON_CANCELLED,
     "deadline": inference_pb2.FINISH_REASON_DEADLINE,
+    "grammar": inference_pb2.FINISH_REASON_GRAMMAR,
 }
 CHANGE_KINDS = {
     "version_created": registry_pb2.CHANGE_KIND_VERSION_CREATED,
@@ -41,6 +42,9 @@ def sampling_from_pb(pb: inference_pb2.SamplingParams) -> SamplingParams:
         top_p=pb.top_p if pb.HasField("top_p") else defaults.top_p,
         seed=pb.seed if pb.HasField("seed") else None,
         stop=tuple(pb.stop),
+        json_schema=pb.json_schema or None,
+        regex=pb.regex or None,
+        choice=tuple(pb.choice),
     )
 
 

@@ -4,11 +4,15 @@ the same greedy request answers the same text over both doors."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import openai
 import pytest
 from test_grpc_inference import make_peft_adapter, settings_for  # same folder (rootdir mode)
 
 from loraplex.client import Client
+from loraplex.errors import InvalidArgument
 from loraplex.registry import Identity, Registry
 from loraplex.runtime.openai_binding import EngineBackend, HttpThread
 from loraplex.runtime.openai_http import create_app
@@ -106,3 +110,49 @@ def test_errors_are_openai_bodies_with_the_grpc_status(world):
         world["oa"]("acme").chat.completions.create(
             model="micro", messages=[{"role": "wizard", "content": "x"}], max_tokens=2)
     assert e.value.body["param"] == "messages[0]"
+
+
+# -- constrained decoding at both doors (runtime/grammar.py) -----------------------------------
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["city", "n"],
+          "properties": {"city": {"type": "string", "maxLength": 5},
+                         "n": {"type": "integer", "minimum": 0, "maximum": 99}}}
+
+
+def test_grpc_constraints_and_the_invalid_schema_error(world):
+    out = _grpc(world, "acme", "acme/support@prod", "where: ", max_new_tokens=64,
+                json_schema=SCHEMA)
+    assert out.finish_reason == "stop"
+    jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert _grpc(world, "acme", "", "pick: ", max_new_tokens=16,
+                 choice=["red", "green"]).text in ("red", "green")
+    with pytest.raises(InvalidArgument) as e:
+        _grpc(world, "acme", "", "x", json_schema='{"type": "object", "properties": 3}')
+    assert e.value.field == "sampling.json_schema"
+    with pytest.raises(InvalidArgument) as e:
+        _grpc(world, "acme", "", "x", regex="[z-a]")
+    assert e.value.field == "sampling.regex"
+
+
+def test_response_format_json_schema_and_json_object(world):
+    oa = world["oa"]("acme")
+    msgs = [{"role": "user", "content": "where?"}]
+    res = oa.chat.completions.create(
+        model="acme/support@prod", messages=msgs, max_tokens=64, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "place", "schema": SCHEMA}})
+    assert res.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(res.choices[0].message.content), SCHEMA)
+    # the same greedy request over gRPC answers the same text
+    want = _grpc(world, "acme", "acme/support@prod", world["backend"].render(msgs),
+                 max_new_tokens=64, json_schema=SCHEMA)
+    assert want.text == res.choices[0].message.content
+    obj = oa.completions.create(model="micro", prompt="json: ", max_tokens=40, temperature=0,
+                                extra_body={"response_format": {"type": "json_object"}})
+    if obj.choices[0].finish_reason == "stop":  # an unbounded object may run to max_tokens
+        assert isinstance(json.loads(obj.choices[0].text), dict)
+    else:
+        assert obj.choices[0].text.startswith("{")
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model="micro", messages=msgs, max_tokens=4,
+                                   response_format={"type": "json_schema", "json_schema": {}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"

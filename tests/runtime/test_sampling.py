@@ -1,4 +1,5 @@
-"""Sampling values, per-request generators, incremental text and stop strings."""
+"""Sampling values, per-request generators; the engine's incremental text and stop strings
+(`Detokenizer`) on the embedded tokenizer."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import torch
 
 from loraplex.basemodel import build_tokenizer
 from loraplex.errors import InvalidArgument
+from loraplex.runtime.detokenize import Detokenizer, TokenTable
 from loraplex.runtime.sampling import (
-    TextTail,
     filter_logits,
     make_generator,
     sample_next,
@@ -72,40 +73,40 @@ def test_greedy_rows_take_the_argmax_and_seeded_rows_reproduce():
     assert make_generator(greedy) is None
 
 
-def test_text_tail_holds_back_a_stop_string_split_over_tokens(tok):
+def test_detokenizer_holds_back_a_stop_string_split_over_tokens(tok):
     ids = tok("hello END world", add_special_tokens=False)["input_ids"]
-    tail = TextTail(tok, stop=("END",))
-    out = "".join(tail.push([i]) for i in ids)
+    tail = Detokenizer(TokenTable.for_tokenizer(tok), stop=("END",))
+    out = "".join(tail.feed([i]) for i in ids)
     assert tail.stopped and out == "hello " and tail.text == "hello "
-    assert tail.push([65]) == ""  # nothing after a stop
+    assert tail.feed([65]) == ""  # nothing after a stop
 
 
-def test_text_tail_without_stop_emits_everything(tok):
+def test_detokenizer_without_stop_emits_everything(tok):
     ids = tok("abc", add_special_tokens=False)["input_ids"]
-    tail = TextTail(tok, stop=("zz",))
-    pieces = [tail.push([i]) for i in ids]
+    tail = Detokenizer(TokenTable.for_tokenizer(tok), stop=("zz",))
+    pieces = [tail.feed([i]) for i in ids]
     assert pieces == ["a", "b", "c"]  # nothing here can start "zz": no hold-back
-    assert tail.flush() == ""
+    assert tail.finish() == ""
 
 
-def test_text_tail_holds_back_only_a_possible_stop_start(tok):
-    tail = TextTail(tok, stop=("END",))
-    out = [tail.push(tok(c, add_special_tokens=False)["input_ids"]) for c in "aEN"]
+def test_detokenizer_holds_back_only_a_possible_stop_start(tok):
+    tail = Detokenizer(TokenTable.for_tokenizer(tok), stop=("END",))
+    out = [tail.feed(tok(c, add_special_tokens=False)["input_ids"]) for c in "aEN"]
     assert out == ["a", "", ""]  # "E", then "EN" could become "END"
-    assert tail.push(tok("x", add_special_tokens=False)["input_ids"]) == "ENx"
+    assert tail.feed(tok("x", add_special_tokens=False)["input_ids"]) == "ENx"
     assert not tail.stopped
 
 
-def test_text_tail_waits_for_complete_utf8(tok):
+def test_detokenizer_waits_for_complete_utf8(tok):
     ids = tok("é!", add_special_tokens=False)["input_ids"]  # 2 bytes + 1
-    tail = TextTail(tok)
-    assert tail.push(ids[:1]) == ""  # half a character is never emitted
-    assert tail.push(ids[1:2]) == "é"
-    assert tail.push(ids[2:]) == "!"
+    tail = Detokenizer(TokenTable.for_tokenizer(tok))
+    assert tail.feed(ids[:1]) == ""  # half a character is never emitted
+    assert tail.feed(ids[1:2]) == "é"
+    assert tail.feed(ids[2:]) == "!"
 
 
 def test_stop_that_appears_as_a_prefix_of_a_longer_candidate(tok):
     ids = tok("a<|x", add_special_tokens=False)["input_ids"]
-    tail = TextTail(tok, stop=("<|end|>", "|x"))
-    out = "".join(tail.push([i]) for i in ids)
+    tail = Detokenizer(TokenTable.for_tokenizer(tok), stop=("<|end|>", "|x"))
+    out = "".join(tail.feed([i]) for i in ids)
     assert tail.stopped and out == "a<"
