@@ -301,10 +301,10 @@ class EngineCore:
         self._notify("on_failed", s.id, error.code)
 
     def _release(self, s: Seq) -> None:
-        """Free the sequence's KV row and adapter slot at once."""
+        """Free the sequence's KV row (and its KV blocks) and adapter slot at once."""
         if s.state == "running":
             self.running.remove(s)
-            self.runner.rows.give(s.row)
+            self.runner.release_row(s.row)
             self.pool.release(s.slot)
             self.scheduler.finished(s.tenant)
         self._waiting.pop(s.id, None)

@@ -126,6 +126,9 @@ class EngineStats:
     steps: int
     tokens_generated: int
     requests_finished: int
+    kv_reserved_bytes: int = 0  # KV pool bytes held (blocks, all layers, scratch included)
+    kv_used_bytes: int = 0  # KV bytes of the positions live sequences have written
+    kv_limit_bytes: int = 0  # the most the pools may hold: every row at max_seq_len
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,7 @@ class EngineConfig:
     max_new_tokens_limit: int = 1024
     max_seq_len: int | None = None
     prefill_token_budget: int = 512
+    kv_block_size: int = 16  # positions per KV block (the paged cache's unit of allocation)
     host_cache_bytes: int = 1 << 30
     loader_threads: int = 2
     loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)
@@ -170,7 +174,7 @@ class EngineConfig:
         if self.lora_stack_dtype not in _DTYPES:
             problems.append(("lora_stack_dtype", f"`lora_stack_dtype` must be one of {_DTYPES}"))
         for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",
-                     "prefill_token_budget", "loader_threads"):
+                     "prefill_token_budget", "loader_threads", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0"))
         for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant"):

@@ -1,0 +1,91 @@
+"""KV memory that follows use: while sequences of mixed lengths run, the block pools hold at
+most 1.5× the KV those sequences have written, plus one block per live row (its partly
+filled last block) and the shared scratch block; when they end — finished, cancelled or
+past their deadline — every block goes back and the pools shrink to the scratch block."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from test_engine_util import make_world
+
+from loraplex.registry import Identity
+from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
+from loraplex.runtime.kv_blocks import BlockAllocator
+from loraplex.runtime.observer import EngineObserver
+
+ACME = Identity("acme")
+
+
+class KVWatch(EngineObserver):
+    """After every step (engine thread, so a consistent reading): reserved vs used."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.readings: list[tuple[int, int, int, int]] = []  # reserved, used, rows, block
+        self.lock = threading.Lock()
+
+    def on_step(self, batch_size: int, running: int, waiting: int) -> None:
+        kv = self.engine._core.runner.kv
+        block = kv.block_size * kv.position_bytes()
+        with self.lock:
+            self.readings.append((kv.nbytes(), kv.used_bytes(), len(kv.blocks.tables), block))
+
+
+def test_reserved_kv_follows_live_sequences_and_comes_back(micro_base, tmp_path):
+    world = make_world(micro_base, tmp_path)
+    watch = KVWatch()
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", device="cpu",
+                                 max_slots=4, max_rank=16, max_batch=8, max_seq_len=256,
+                                 prefill_token_budget=64, kv_block_size=8),
+                    world.registry, watch)
+    watch.engine = engine
+    engine.start()
+    try:
+        g = torch.Generator().manual_seed(3)
+        streams = {}
+        for i, n in enumerate((3, 40, 9, 120, 17, 70, 5, 33, 90, 12)):  # mixed lengths
+            prompt = torch.randint(0, 256, (n,), generator=g).tolist()
+            adapter = f"acme/{world.names[i % 3]}" if i % 4 else None
+            kw = {}
+            if i == 8:  # ends past its deadline while running
+                kw["deadline"] = time.monotonic() + 0.3
+            streams[f"k{i}"] = engine.submit(engine.admit(
+                f"k{i}", ACME, adapter, prompt_ids=prompt,
+                sampling=SamplingParams(max_new_tokens=60 if i in (3, 8) else 6 + 3 * i),
+                **kw))
+        next(iter(streams["k3"]))
+        assert engine.cancel("k3")  # cancelled mid-run
+        results = {rid: s.wait(120) for rid, s in streams.items()}
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert results["k3"].finish_reason == "cancelled"
+    assert results["k8"].finish_reason == "deadline"
+    assert len(watch.readings) > 20
+    peak_used = max(u for _, u, _, _ in watch.readings)
+    for reserved, used, rows, block in watch.readings:
+        assert reserved <= 1.5 * used + (rows + 1) * block, (reserved, used, rows)
+    # the old cache reserved max_batch × max_seq_len up front; at its peak use this holds
+    # a fraction of that
+    limit = stats.kv_limit_bytes
+    assert max(r for r, _, _, _ in watch.readings) < 0.5 * limit
+    assert peak_used > 0
+    # every block returned: nothing used, only the scratch block held
+    assert stats.kv_used_bytes == 0
+    assert stats.kv_reserved_bytes == watch.readings[0][3]  # one block (the scratch)
+
+
+def test_allocator_grows_with_headroom_and_compacts_on_release():
+    a = BlockAllocator(block_size=4, max_blocks=40)
+    assert a.extend(0, 10) == 3 and a.tables[0] == [1, 2, 3]  # no headroom yet
+    grown = a.extend(1, 30)  # 8 more blocks: 11 + 40 // 16 = 13
+    assert grown == 13 and a.allocated == 11
+    assert a.extend(1, 31) is None  # same block
+    shrink = a.release(0)  # its low blocks free up: row 1's high blocks move down
+    assert shrink is not None and shrink.capacity == 8 + 31 // 16
+    assert all(dst <= shrink.capacity < src for src, dst in shrink.moves)
+    assert len(a.tables[1]) == 8 and max(a.tables[1]) <= shrink.capacity
+    assert a.release(1).capacity == 0 and a.used_tokens == 0 and a.allocated == 0
