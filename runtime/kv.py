@@ -108,13 +108,15 @@ class BlockKVCache(Cache):
     first forward (the engine's warm-up), from the shapes the model produces.
     """
 
-    def __init__(self, num_layers: int, rows: int, max_len: int, block_size: int = 16) -> None:
+    def __init__(self, num_layers: int, rows: int, max_len: int, block_size: int = 16,
+                 prefix_cache_blocks: int = 0) -> None:
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.num_rows = rows
         self.max_len = max_len
         self.block_size = block_size
-        self.blocks = BlockAllocator(block_size, rows * -(-max_len // block_size))
+        self.blocks = BlockAllocator(block_size, rows * -(-max_len // block_size),
+                                     prefix_cache_blocks)
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [(C+1)*bs, H, D]
         self.values: list[torch.Tensor | None] = [None] * num_layers  # each [(C+1)*bs, H, Dv]
         self._write: torch.Tensor | None = None  # [B, Q] flat pool index per fed token

@@ -134,7 +134,7 @@ class Runner:
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
                                 cfg.lora_stack_dtype)
         kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
-                          cfg.kv_block_size)
+                          cfg.kv_block_size, cfg.prefix_cache_blocks)
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)
         runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV pools
