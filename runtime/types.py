@@ -130,6 +130,8 @@ class EngineStats:
     kv_used_bytes: int = 0  # KV bytes of the positions live sequences have written
     kv_limit_bytes: int = 0  # the most the pools may hold: every row at max_seq_len
     prefix_hit_tokens: int = 0  # prompt positions reused from the prefix cache (not computed)
+    prefix_lookups: int = 0  # admitted requests looked up in the prefix cache
+    prefix_hits: int = 0  # ... that reused at least one block
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from loraplex.registry import Identity
 from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
 from loraplex.runtime.kv_blocks import BlockAllocator
 from loraplex.runtime.observer import EngineObserver
+from loraplex.runtime.servicers.convert import stats_pb
 
 ACME = Identity("acme")
 
@@ -129,6 +130,10 @@ def test_prefix_cache_reuses_kv_only_for_the_same_adapter_version(micro_base, tm
     finally:
         engine.shutdown()
     assert stats.kv_used_bytes == 0
+    assert (stats.prefix_lookups, stats.prefix_hits, stats.prefix_hit_tokens) == (5, 1, 40)
+    pb = stats_pb(stats)  # the admin Stats RPC's answer
+    assert (pb.prefix_hits, pb.prefix_hit_tokens, pb.kv_used_bytes) == (1, 40, 0)
+    assert pb.kv_reserved_bytes == stats.kv_reserved_bytes > 0
 
 
 def test_shared_prefix_blocks_are_counted_moved_once_and_evicted_lru():
