@@ -159,9 +159,16 @@ class BlockKVCache(Cache):
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        kb[self._write] = key_states.transpose(1, 2).to(kb.dtype)  # [B, Q, H, D]
-        vb[self._write] = value_states.transpose(1, 2).to(vb.dtype)
-        return kb[self._read].transpose(1, 2), vb[self._read].transpose(1, 2)  # [B, H, L, D]
+        w, r = self._write.reshape(-1), self._read.reshape(-1)  # [B*Q], [B*L]
+        b, q, n = *self._write.shape, self._read.shape[1]
+        # (pads all write the scratch block: which of them lands there does not matter)
+        kb.index_copy_(0, w, key_states.transpose(1, 2).reshape(b * q, *kb.shape[1:])
+                       .to(kb.dtype))  # [B*Q, H, D]
+        vb.index_copy_(0, w, value_states.transpose(1, 2).reshape(b * q, *vb.shape[1:])
+                       .to(vb.dtype))
+        keys = kb.index_select(0, r).view(b, n, *kb.shape[1:])  # [B, L, H, D]
+        values = vb.index_select(0, r).view(b, n, *vb.shape[1:])
+        return keys.transpose(1, 2), values.transpose(1, 2)  # [B, H, L, D]
 
     # -- after a sequence ------------------------------------------------------------------
     def release(self, row: int) -> None:
