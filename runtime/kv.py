@@ -95,7 +95,7 @@ def build_layout(chunks: Sequence[RowFeed], device: torch.device | str = "cpu") 
 
 
 class BlockKVCache(Cache):
-    """Paged KV: per layer one pool of positions `[(capacity + 1) * block_size, H, D]`
+    """Paged KV: per layer one pool of positions `[H, (capacity + 1) * block_size, D]`
     (block 0 is the pads' scratch), a block table per KV row (`kv_blocks.BlockAllocator`).
 
     Before a forward the runner calls `reserve(feeds)` (blocks for the step's tokens, the
@@ -117,10 +117,11 @@ class BlockKVCache(Cache):
         self.block_size = block_size
         self.blocks = BlockAllocator(block_size, rows * -(-max_len // block_size),
                                      prefix_cache_blocks)
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [(C+1)*bs, H, D]
-        self.values: list[torch.Tensor | None] = [None] * num_layers  # each [(C+1)*bs, H, Dv]
+        # head-major, so each (row, head) gathers into a contiguous [L, D] for attention
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [H, (C+1)*bs, D]
+        self.values: list[torch.Tensor | None] = [None] * num_layers  # each [H, (C+1)*bs, Dv]
         self._write: torch.Tensor | None = None  # [B, Q] flat pool index per fed token
-        self._read: torch.Tensor | None = None  # [B, L] flat pool index per gathered key
+        self._read_blocks: torch.Tensor | None = None  # [B*W] block ids, row by row
         self._kv_len = 0
 
     def __len__(self) -> int:
@@ -135,7 +136,7 @@ class BlockKVCache(Cache):
                 self._resize(grown)
 
     def set_layout(self, layout: StepLayout) -> None:
-        """Flat pool indices for this step's writes `[B, Q]` and reads `[B, L]`."""
+        """Flat pool indices for this step's writes `[B, Q]`; block ids it reads `[B*W]`."""
         bs, rows = self.block_size, layout.rows.tolist()
         width = -(-layout.kv_len // bs)
         table = torch.zeros((len(rows), width), dtype=torch.long)  # [B, W]; 0 = scratch
@@ -143,8 +144,7 @@ class BlockKVCache(Cache):
             t = self.blocks.tables.get(r, [])[:width]
             table[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
         table = table.to(layout.position_ids.device)
-        keys = torch.arange(layout.kv_len, device=table.device)  # [L]
-        self._read = table[:, keys // bs] * bs + keys % bs  # [B, L]
+        self._read_blocks = table.reshape(-1)  # [B*W]: each row's blocks, then scratch
         pos = layout.position_ids  # [B, Q]
         blk = table.gather(1, (pos // bs).clamp(max=width - 1))  # [B, Q]
         self._write = torch.where(layout.valid, blk * bs + pos % bs, 0)  # pads -> scratch
@@ -154,21 +154,23 @@ class BlockKVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         """Write `key_states # [B, H, Q, D]` to the pool; return `[B, H, L, D]` each."""
-        if self._read is None:
+        if self._read_blocks is None:
             raise RuntimeError("BlockKVCache.set_layout must be called before a forward")
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        w, r = self._write.reshape(-1), self._read.reshape(-1)  # [B*Q], [B*L]
-        b, q, n = *self._write.shape, self._read.shape[1]
-        # (pads all write the scratch block: which of them lands there does not matter)
-        kb.index_copy_(0, w, key_states.transpose(1, 2).reshape(b * q, *kb.shape[1:])
-                       .to(kb.dtype))  # [B*Q, H, D]
-        vb.index_copy_(0, w, value_states.transpose(1, 2).reshape(b * q, *vb.shape[1:])
-                       .to(vb.dtype))
-        keys = kb.index_select(0, r).view(b, n, *kb.shape[1:])  # [B, L, H, D]
-        values = vb.index_select(0, r).view(b, n, *vb.shape[1:])
-        return keys.transpose(1, 2), values.transpose(1, 2)  # [B, H, L, D]
+        return self._write_read(kb, key_states), self._write_read(vb, value_states)
+
+    def _write_read(self, pool: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Write `states # [B, H, Q, D]` into `pool # [H, P, D]`; return every row's
+        positions `0..L-1` as `[B, H, L, D]`, gathered block by block (a block is one
+        contiguous copy; pads all write the scratch block, whichever lands there)."""
+        b, h, q, d = states.shape
+        src = states.permute(1, 0, 2, 3).reshape(h, b * q, d).to(pool.dtype)  # [H, B*Q, D]
+        pool.index_copy_(1, self._write.reshape(-1), src)
+        blocks = pool.view(h, -1, self.block_size, d)  # [H, C+1, bs, D]
+        out = blocks.index_select(1, self._read_blocks).view(h, b, -1, d)  # [H, B, W*bs, D]
+        return out[:, :, :self._kv_len].transpose(0, 1)  # [B, H, L, D]
 
     # -- after a sequence ------------------------------------------------------------------
     def release(self, row: int) -> None:
@@ -182,29 +184,29 @@ class BlockKVCache(Cache):
                 if buf is None:
                     continue
                 for src, dst in shrink.moves:
-                    buf[dst * bs:(dst + 1) * bs] = buf[src * bs:(src + 1) * bs]
-                bufs[i] = buf[:(shrink.capacity + 1) * bs].clone()
+                    buf[:, dst * bs:(dst + 1) * bs] = buf[:, src * bs:(src + 1) * bs]
+                bufs[i] = buf[:, :(shrink.capacity + 1) * bs].clone()
 
     # -- memory ----------------------------------------------------------------------------
     def _allocate(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         n = (self.blocks.capacity + 1) * self.block_size
-        self.keys[layer_idx] = torch.zeros((n, k.shape[1], k.shape[3]), dtype=k.dtype,
+        self.keys[layer_idx] = torch.zeros((k.shape[1], n, k.shape[3]), dtype=k.dtype,
                                            device=k.device)
-        self.values[layer_idx] = torch.zeros((n, v.shape[1], v.shape[3]), dtype=v.dtype,
+        self.values[layer_idx] = torch.zeros((v.shape[1], n, v.shape[3]), dtype=v.dtype,
                                              device=v.device)
 
     def _resize(self, capacity: int) -> None:
         n = (capacity + 1) * self.block_size
         for bufs in (self.keys, self.values):
             for i, buf in enumerate(bufs):
-                if buf is not None and buf.shape[0] < n:
-                    grown = buf.new_zeros((n, *buf.shape[1:]))
-                    grown[:buf.shape[0]] = buf
+                if buf is not None and buf.shape[1] < n:
+                    grown = buf.new_zeros((buf.shape[0], n, buf.shape[2]))
+                    grown[:, :buf.shape[1]] = buf
                     bufs[i] = grown
 
     def position_bytes(self) -> int:
         """KV bytes of one position across all layers (0 before the warm-up)."""
-        return sum(t[0].numel() * t.element_size() for t in (*self.keys, *self.values)
+        return sum(t[:, 0].numel() * t.element_size() for t in (*self.keys, *self.values)
                    if t is not None)
 
     def nbytes(self) -> int:

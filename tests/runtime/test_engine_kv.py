@@ -77,7 +77,7 @@ def test_layout_left_pads_and_sends_pads_to_the_scratch_block():
     cache.set_layout(lay)
     assert cache.blocks.tables == {1: [1, 2], 0: [3]}
     assert cache._write.tolist() == [[8, 9, 10], [0, 0, 12]]  # pads write scratch block 0
-    assert cache._read[0].tolist() == [4, 5, 6, 7, 8, 9, 10]
+    assert cache._read_blocks.tolist() == [1, 2, 3, 0]  # row 0 reads its block, then scratch
     m = lay.mask(boolean=True, dtype=torch.float32)  # [B, 1, Q, L]
     assert m.shape == (2, 1, 3, 7)
     assert m[0, 0, 0].tolist() == [True] * 5 + [False] * 2  # position 4 sees keys 0..4
