@@ -49,6 +49,13 @@ def bench_base(base_dir: Path) -> Path:
     return build_base(base_dir, size="bench", arch="llama", seed=0)
 
 
+def _describe(base_dir: Path) -> str:
+    """`name (arch, L layers, hidden H)` of a base directory given with --base."""
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    return (f"{Path(base_dir).name} ({cfg.get('model_type')}, {cfg.get('num_hidden_layers')} "
+            f"layers, hidden {cfg.get('hidden_size')})")
+
+
 def load_fp32(base_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
               quantization: str = "none"):
     """The bench base (fp32 by default; `quantization` "nf4"/"int8" through the runtime's
@@ -134,14 +141,14 @@ class DecodeStep:
 def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank: int = 16,
         rounds: int | None = None, clock: str = "wall", device: str = "cpu",
         stacks: tuple[str, ...] = ("float32",), kernels: tuple[str, ...] = ("auto",),
-        quantization: str = "none") -> dict:
+        quantization: str = "none", base: Path | None = None) -> dict:
     from loraplex.runtime.layers import inject_lora
 
     rounds = rounds or (6 if quick else 20)
     # "cpu": this thread's CPU time (with 1 torch thread), blind to time spent descheduled by
     # other processes on a shared machine; "wall": what a user waits (the default)
     DecodeStep.clock = staticmethod(time.thread_time if clock == "cpu" else time.perf_counter)
-    base_dir = bench_base(base_dir)
+    base_dir = Path(base) if base else bench_base(base_dir)
     _say(f"loading the base and making {max(NS)} peft adapters ...")
     base_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     plain = load_fp32(base_dir, base_dtype, device, quantization)
@@ -195,7 +202,8 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
     base = med["base"]
     first = next(iter(injections))
     result = {
-        "config": {"base": "bench (llama, 8 layers, hidden 1024, ~100M params)",
+        "config": {"base": _describe(base_dir) if base else
+                   "bench (llama, 8 layers, hidden 1024, ~100M params)",
                    "dtype": str(base_dtype).removeprefix("torch."), "rank": rank,
                    "batch": batch, "prompt_len": prompt_len, "device": device,
                    "quantization": quantization,
@@ -315,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--base-dir", type=Path, default=DEFAULT_BASE_DIR,
                     help="where the bench base is built/cached")
+    ap.add_argument("--base", type=Path, default=None, metavar="DIR",
+                    help="measure on this HF base directory instead (e.g. one made by "
+                         "`loraplex base import smollm2-135m-instruct DIR`)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)  # past_key_values rename in 5.x
     if args.clock == "cpu":
@@ -323,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result = run(args.quick, args.base_dir, rounds=args.rounds, clock=args.clock,
                  device=args.device, stacks=tuple(args.stacks.split(",")),
-                 kernels=tuple(args.kernels.split(",")), quantization=args.quantization)
+                 kernels=tuple(args.kernels.split(",")), quantization=args.quantization,
+                 base=args.base)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2) if args.json else render(result))

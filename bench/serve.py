@@ -45,6 +45,7 @@ TENANT = "bench"
 @dataclass(frozen=True)
 class Load:
     size: str = "bench"  # base size (loraplex.basemodel.SIZES)
+    base: str | None = None  # an existing HF base directory (e.g. imported SmolLM2) instead
     clients: int = 32
     adapters: int = 32
     rank: int = 8
@@ -70,10 +71,14 @@ def prepare(load: Load) -> tuple[Path, dict[str, Path]]:
     """The base directory and `{ref: adapter dir}`, built once and reused."""
     from loraplex.basemodel import build_base
 
-    root = WORK / f"{load.size}-r{load.rank}"
-    base = root / "base"
-    if not (base / "loraplex_base.json").exists():
-        build_base(base, size=load.size, seed=0)
+    if load.base:  # adapters for this base are cached under its directory's name
+        base = Path(load.base).resolve()
+        root = WORK / f"dir-{base.name}-r{load.rank}"
+    else:
+        root = WORK / f"{load.size}-r{load.rank}"
+        base = root / "base"
+        if not (base / "loraplex_base.json").exists():
+            build_base(base, size=load.size, seed=0)
     adapters = {f"{TENANT}/a{i:02d}": root / f"a{i:02d}" for i in range(load.adapters)}
     missing = [d for d in adapters.values() if not (d / "adapter_model.safetensors").exists()]
     if missing:
@@ -293,7 +298,8 @@ def loraplex_phase(base: Path, adapters: dict[str, Path], load: Load) -> dict:
     from loraplex.client import Client
     from loraplex.registry import Identity, Registry
 
-    reg_dir = WORK / f"registry-{load.size}-r{load.rank}"
+    tag = f"dir-{Path(load.base).name}" if load.base else load.size
+    reg_dir = WORK / f"registry-{tag}-r{load.rank}"
     with Registry.open(reg_dir) as reg:
         for ref, d in adapters.items():
             reg.push(Identity.system(), d, ref, base=base)
@@ -322,7 +328,9 @@ def baseline_phase(base: Path, adapters: dict[str, Path], load: Load) -> dict:
     port = free_port()
     proc, port = spawn([sys.executable, "-m", "bench.serve", "--baseline-server", str(port),
                         "--size", load.size, "--adapters", str(load.adapters),
-                        "--rank", str(load.rank)], WORK / "baseline-server.log",
+                        "--rank", str(load.rank),
+                        *(["--base", str(load.base)] if load.base else [])],
+                       WORK / "baseline-server.log",
                        load.threads)
     try:
         return asyncio.run(run_load(f"127.0.0.1:{port}", list(adapters), load))
@@ -346,7 +354,7 @@ def _torch_threads() -> int:
 
 def print_table(r: dict) -> None:
     ld = r["load"]
-    print(f"bench/serve: {ld['size']} base, {ld['clients']} clients over {ld['adapters']} "
+    print(f"bench/serve: {ld.get('base') or ld['size']} base, {ld['clients']} clients over {ld['adapters']} "
           f"adapters (Zipf s={ld['zipf_s']}, seed {ld['seed']}), prompt {ld['prompt_chars']} "
           f"tokens, {ld['new_tokens']} new tokens, {ld['duration_s']:.0f}s measured per server")
     print(f"{'server':10} {'req':>5} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} "
@@ -370,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapters", type=int)
     p.add_argument("--duration", type=float)
     p.add_argument("--size")
+    p.add_argument("--base", metavar="DIR", help="serve this HF base directory (e.g. one "
+                   "made by `loraplex base import smollm2-135m-instruct DIR`) instead of "
+                   "building one of --size")
     p.add_argument("--rank", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--prefill-budget", type=int)
@@ -379,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     load = QUICK if ns.quick else Load()
     over = {"clients": ns.clients, "adapters": ns.adapters, "duration_s": ns.duration,
-            "size": ns.size, "rank": ns.rank, "seed": ns.seed,
+            "size": ns.size, "base": ns.base, "rank": ns.rank, "seed": ns.seed,
             "prefill_budget": ns.prefill_budget, "threads": ns.threads, "device": ns.device}
     load = Load(**{**asdict(load), **{k: v for k, v in over.items() if v is not None}})
     WORK.mkdir(parents=True, exist_ok=True)

@@ -199,6 +199,9 @@ class EngineCore:
                 s.t_adapter = now
             self.running.append(s)
             self._notify("on_admitted", now - s.t_submit)
+            s.prefilled = self.runner.kv.blocks.match(s.row, s.digest, s.prompt)
+            if s.prefilled:
+                plan = plan.skip_cached(s.row, s.prompt, s.prefilled)
         return plan.without_rows(failed_rows)
 
     def _mark_prefill(self, plan: StepPlan) -> None:
@@ -241,6 +244,7 @@ class EngineCore:
         if fed is not None:  # prefill: only rows whose prompt is now complete sample
             for s, n in zip(seqs, fed, strict=True):
                 s.prefilled += n
+                self.runner.kv.blocks.publish(s.row, s.digest, s.prompt, s.prefilled)
             idx = [i for i, s in enumerate(seqs) if s.prefilled == len(s.prompt)]
             if not idx:
                 return
@@ -303,10 +307,10 @@ class EngineCore:
         self._notify("on_failed", s.id, error.code)
 
     def _release(self, s: Seq) -> None:
-        """Free the sequence's KV row and adapter slot at once."""
+        """Free the sequence's KV row (and its KV blocks) and adapter slot at once."""
         if s.state == "running":
             self.running.remove(s)
-            self.runner.rows.give(s.row)
+            self.runner.release_row(s.row)
             self.pool.release(s.slot)
             self.scheduler.finished(s.tenant)
         self._waiting.pop(s.id, None)

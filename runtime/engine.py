@@ -216,7 +216,13 @@ class Engine:
             kv_rows_used=cfg.max_batch - (core.runner.rows.free if core else cfg.max_batch),
             kv_rows_total=cfg.max_batch, steps=core.steps if core else 0,
             tokens_generated=core.tokens if core else 0,
-            requests_finished=core.finished if core else 0)
+            requests_finished=core.finished if core else 0,
+            kv_reserved_bytes=core.runner.kv.nbytes() if core else 0,
+            kv_used_bytes=core.runner.kv.used_bytes() if core else 0,
+            kv_limit_bytes=core.runner.kv.limit_bytes() if core else 0,
+            prefix_hit_tokens=core.runner.kv.blocks.prefix_hit_tokens if core else 0,
+            prefix_lookups=core.runner.kv.blocks.prefix_lookups if core else 0,
+            prefix_hits=core.runner.kv.blocks.prefix_hits if core else 0)
 
     @property
     def fingerprint(self) -> BaseFingerprint | None:

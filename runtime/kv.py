@@ -1,21 +1,24 @@
-"""KV cache for continuous batching: one pre-allocated row per running sequence.
+"""KV cache for continuous batching: a paged (block) cache shared by the running sequences.
 
 The Hugging Face model is driven as-is; only three of its inputs are ours each step:
 explicit `position_ids`, a 4D attention mask (models return a 4D mask untouched), and
-`RowKVCache`, a `transformers.Cache` whose `update` scatters the step's keys/values into
-per-sequence rows and hands back just the rows in this step, gathered to the longest
-sequence. Every sequence keeps its own absolute positions, so rows of different lengths,
-prefill chunks and single decode tokens can share one forward.
+`BlockKVCache`, a `transformers.Cache` whose `update` writes the step's keys/values into
+fixed-size blocks of a per-layer pool and hands back just the rows in this step, gathered
+to the longest sequence. Blocks are taken as a sequence grows and returned when it ends
+(`kv_blocks.BlockAllocator`), so reserved KV follows what live sequences use instead of
+`max_batch × max_seq_len`. Every sequence keeps its own absolute positions, so rows of
+different lengths, prefill chunks and single decode tokens can share one forward.
 
 A step's rows are left-padded to the longest chunk `Q`, so the last column of the logits is
-every row's next-token distribution. Pad tokens write to a scratch column past
-`max_len` (never read) and attend only to key 0 (a fully masked row would give NaN).
+every row's next-token distribution. Pad tokens write to the scratch block (never read
+unmasked) and attend only to key 0 (a fully masked row would give NaN).
 
-    layout = build_layout(feeds, max_len)        # feeds: RowFeed(kv_row, start, token_ids)
-    cache.set_layout(layout.rows, layout.cache_pos, layout.kv_len, layout.first_row)
+    layout = build_layout(feeds)                 # feeds: RowFeed(kv_row, start, token_ids)
+    cache.reserve(feeds); cache.set_layout(layout)
     model(input_ids=layout.input_ids, position_ids=layout.position_ids,
           attention_mask=layout.mask(bool_mask, dtype), cache=cache, use_cache=True,
           logits_to_keep=1)
+    cache.release(row)                           # the sequence ended: its blocks go back
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache
+
+from loraplex.runtime.kv_blocks import BlockAllocator
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,8 @@ class StepLayout:
     rows: torch.Tensor  # [B] long: KV row of each batch row
     input_ids: torch.Tensor  # [B, Q] long: pad id 0 where not valid
     position_ids: torch.Tensor  # [B, Q] long: absolute positions (0 for pads)
-    cache_pos: torch.Tensor  # [B, Q] long: column written in the KV row (scratch for pads)
     valid: torch.Tensor  # [B, Q] bool
     kv_len: int  # L: keys gathered per row (max over rows of start + len)
-    first_row: int | None = None  # set when rows are first_row .. first_row+B-1 (no gather)
 
     def mask(self, *, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, Q, L] mask: query at position p sees keys 0..p of its own row."""
@@ -62,101 +65,162 @@ class StepLayout:
         return torch.where(allowed, zero, neg)
 
 
-def build_layout(chunks: Sequence[RowFeed], max_len: int,
-                 device: torch.device | str = "cpu") -> StepLayout:
-    """Left-pad `chunks` into one step. `max_len` is the scratch column for pads."""
+def build_layout(chunks: Sequence[RowFeed], device: torch.device | str = "cpu") -> StepLayout:
+    """Left-pad `chunks` into one step."""
     q = max(len(c.token_ids) for c in chunks)
     b = len(chunks)
-    row_list = [c.row for c in chunks]
-    first_row = row_list[0] if row_list == list(range(row_list[0], row_list[0] + b)) else None
+    rows = torch.as_tensor([c.row for c in chunks], dtype=torch.long).to(device)  # [B]
     if q == 1:  # decode: one token per row, nothing to pad
         starts = [c.start for c in chunks]
         pos = torch.as_tensor(starts, dtype=torch.long)[:, None]  # [B, 1]
         return StepLayout(
-            rows=torch.as_tensor(row_list, dtype=torch.long).to(device),
-            input_ids=torch.as_tensor([c.token_ids[0] for c in chunks],
-                                      dtype=torch.long)[:, None].to(device),
-            position_ids=pos.to(device), cache_pos=pos.to(device),
+            rows=rows, input_ids=torch.as_tensor([c.token_ids[0] for c in chunks],
+                                                 dtype=torch.long)[:, None].to(device),
+            position_ids=pos.to(device),
             valid=torch.ones((b, 1), dtype=torch.bool, device=device),
-            kv_len=max(starts) + 1, first_row=first_row)
+            kv_len=max(starts) + 1)
     input_ids = torch.zeros((b, q), dtype=torch.long)  # [B, Q]
     position_ids = torch.zeros((b, q), dtype=torch.long)  # [B, Q]
-    cache_pos = torch.full((b, q), max_len, dtype=torch.long)  # [B, Q]
     valid = torch.zeros((b, q), dtype=torch.bool)  # [B, Q]
     kv_len = 0
     for i, c in enumerate(chunks):
         n = len(c.token_ids)
-        pos = torch.arange(c.start, c.start + n)  # [n]
         input_ids[i, q - n:] = torch.as_tensor(list(c.token_ids), dtype=torch.long)
-        position_ids[i, q - n:] = pos
-        cache_pos[i, q - n:] = pos
+        position_ids[i, q - n:] = torch.arange(c.start, c.start + n)
         valid[i, q - n:] = True
         kv_len = max(kv_len, c.start + n)
-    rows = torch.as_tensor(row_list, dtype=torch.long)  # [B]
-    return StepLayout(rows=rows.to(device), input_ids=input_ids.to(device),
-                      position_ids=position_ids.to(device), cache_pos=cache_pos.to(device),
-                      valid=valid.to(device), kv_len=kv_len, first_row=first_row)
+    return StepLayout(rows=rows, input_ids=input_ids.to(device),
+                      position_ids=position_ids.to(device), valid=valid.to(device),
+                      kv_len=kv_len)
 
 
-class RowKVCache(Cache):
-    """Per-layer key/value buffers `[rows, kv_heads, max_len + 1, head_dim]`, indexed by KV
-    row (one per running sequence; "slot" always means an adapter slot in loraplex).
+class BlockKVCache(Cache):
+    """Paged KV: per layer one pool of positions `[H, (capacity + 1) * block_size, D]`
+    (block 0 is the pads' scratch), a block table per KV row (`kv_blocks.BlockAllocator`).
 
-    Buffers are allocated by the first forward (the engine's warm-up), from the shapes the
-    model produces, so any decoder-only attention layout works; afterwards nothing is
-    allocated but the per-step gather. The extra column `max_len` is the pads' scratch.
+    Before a forward the runner calls `reserve(feeds)` (blocks for the step's tokens, the
+    pools grown when needed) and `set_layout(layout)`; each layer's `update` writes the
+    step's keys/values through the block tables and gathers every row's positions
+    `0..L-1` into the contiguous `[B, H, L, D]` view HF attention expects (positions past
+    a row's length read the scratch block or stale data, and are masked). `release(row)`
+    returns a finished sequence's blocks and compacts the pools when they hold too much
+    headroom, so reserved KV follows what live sequences use. Pools are allocated by the
+    first forward (the engine's warm-up), from the shapes the model produces.
     """
 
-    def __init__(self, num_layers: int, rows: int, max_len: int) -> None:
+    def __init__(self, num_layers: int, rows: int, max_len: int, block_size: int = 16,
+                 prefix_cache_blocks: int = 0) -> None:
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.num_rows = rows
         self.max_len = max_len
-        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [N, H, S+1, D]
-        self.values: list[torch.Tensor | None] = [None] * num_layers  # each [N, H, S+1, Dv]
-        self._rows: torch.Tensor | None = None  # [B]
-        self._cache_pos: torch.Tensor | None = None  # [B, Q]
+        self.block_size = block_size
+        self.blocks = BlockAllocator(block_size, rows * -(-max_len // block_size),
+                                     prefix_cache_blocks)
+        # head-major, so each (row, head) gathers into a contiguous [L, D] for attention
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [H, (C+1)*bs, D]
+        self.values: list[torch.Tensor | None] = [None] * num_layers  # each [H, (C+1)*bs, Dv]
+        self._write: torch.Tensor | None = None  # [B, Q] flat pool index per fed token
+        self._read_blocks: torch.Tensor | None = None  # [B*W] block ids, row by row
         self._kv_len = 0
-        self._contiguous: int | None = None  # first row when rows == lo..lo+B-1
 
     def __len__(self) -> int:
         return self.num_layers
 
-    def set_layout(self, rows: torch.Tensor, cache_pos: torch.Tensor, kv_len: int,
-                   first_row: int | None = None) -> None:
-        """Where this step's keys go: `rows # [B]`, `cache_pos # [B, Q]`, gather `kv_len`;
-        `first_row` when rows are consecutive (the gather becomes a view)."""
-        self._rows, self._cache_pos, self._kv_len = rows, cache_pos, kv_len
-        self._contiguous = first_row
+    # -- before a forward ------------------------------------------------------------------
+    def reserve(self, feeds: Sequence[RowFeed]) -> None:
+        """Blocks for every position the step writes (grows the pools when needed)."""
+        for f in feeds:
+            grown = self.blocks.extend(f.row, f.start + len(f.token_ids))
+            if grown is not None:
+                self._resize(grown)
 
+    def set_layout(self, layout: StepLayout) -> None:
+        """Flat pool indices for this step's writes `[B, Q]`; block ids it reads `[B*W]`."""
+        bs, rows = self.block_size, layout.rows.tolist()
+        width = -(-layout.kv_len // bs)
+        table = torch.zeros((len(rows), width), dtype=torch.long)  # [B, W]; 0 = scratch
+        for i, r in enumerate(rows):
+            t = self.blocks.tables.get(r, [])[:width]
+            table[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
+        table = table.to(layout.position_ids.device)
+        self._read_blocks = table.reshape(-1)  # [B*W]: each row's blocks, then scratch
+        pos = layout.position_ids  # [B, Q]
+        blk = table.gather(1, (pos // bs).clamp(max=width - 1))  # [B, Q]
+        self._write = torch.where(layout.valid, blk * bs + pos % bs, 0)  # pads -> scratch
+        self._kv_len = layout.kv_len
+
+    # -- the model's calls -----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scatter `key_states # [B, H, Q, D]` into the rows; return `[B, H, L, D]` each."""
-        if self._rows is None:
-            raise RuntimeError("RowKVCache.set_layout must be called before a forward")
+        """Write `key_states # [B, H, Q, D]` to the pool; return `[B, H, L, D]` each."""
+        if self._read_blocks is None:
+            raise RuntimeError("BlockKVCache.set_layout must be called before a forward")
         if self.keys[layer_idx] is None:
             self._allocate(layer_idx, key_states, value_states)
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        rows = self._rows[:, None]  # [B, 1]
-        kb[rows, :, self._cache_pos] = key_states.transpose(1, 2).to(kb.dtype)  # [B, Q, H, D]
-        vb[rows, :, self._cache_pos] = value_states.transpose(1, 2).to(vb.dtype)
-        return self._gather(kb), self._gather(vb)
+        return self._write_read(kb, key_states), self._write_read(vb, value_states)
 
-    def _gather(self, buf: torch.Tensor) -> torch.Tensor:
-        b = self._rows.shape[0]
-        if self._contiguous is not None:
-            return buf[self._contiguous:self._contiguous + b, :, :self._kv_len]  # view
-        return buf[:, :, :self._kv_len].index_select(0, self._rows)  # [B, H, L, D]
+    def _write_read(self, pool: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        """Write `states # [B, H, Q, D]` into `pool # [H, P, D]`; return every row's
+        positions `0..L-1` as `[B, H, L, D]`, gathered block by block (a block is one
+        contiguous copy; pads all write the scratch block, whichever lands there)."""
+        b, h, q, d = states.shape
+        src = states.permute(1, 0, 2, 3).reshape(h, b * q, d).to(pool.dtype)  # [H, B*Q, D]
+        pool.index_copy_(1, self._write.reshape(-1), src)
+        blocks = pool.view(h, -1, self.block_size, d)  # [H, C+1, bs, D]
+        out = blocks.index_select(1, self._read_blocks).view(h, b, -1, d)  # [H, B, W*bs, D]
+        return out[:, :, :self._kv_len].transpose(0, 1)  # [B, H, L, D]
 
+    # -- after a sequence ------------------------------------------------------------------
+    def release(self, row: int) -> None:
+        """Return `row`'s blocks; compact and shrink the pools when headroom is too big."""
+        shrink = self.blocks.release(row)
+        if shrink is None:
+            return
+        bs = self.block_size
+        for bufs in (self.keys, self.values):
+            for i, buf in enumerate(bufs):
+                if buf is None:
+                    continue
+                for src, dst in shrink.moves:
+                    buf[:, dst * bs:(dst + 1) * bs] = buf[:, src * bs:(src + 1) * bs]
+                bufs[i] = buf[:, :(shrink.capacity + 1) * bs].clone()
+
+    # -- memory ----------------------------------------------------------------------------
     def _allocate(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        shape_k = (self.num_rows, k.shape[1], self.max_len + 1, k.shape[3])
-        shape_v = (self.num_rows, v.shape[1], self.max_len + 1, v.shape[3])
-        self.keys[layer_idx] = torch.zeros(shape_k, dtype=k.dtype, device=k.device)
-        self.values[layer_idx] = torch.zeros(shape_v, dtype=v.dtype, device=v.device)
+        n = (self.blocks.capacity + 1) * self.block_size
+        self.keys[layer_idx] = torch.zeros((k.shape[1], n, k.shape[3]), dtype=k.dtype,
+                                           device=k.device)
+        self.values[layer_idx] = torch.zeros((v.shape[1], n, v.shape[3]), dtype=v.dtype,
+                                             device=v.device)
+
+    def _resize(self, capacity: int) -> None:
+        n = (capacity + 1) * self.block_size
+        for bufs in (self.keys, self.values):
+            for i, buf in enumerate(bufs):
+                if buf is not None and buf.shape[1] < n:
+                    grown = buf.new_zeros((buf.shape[0], n, buf.shape[2]))
+                    grown[:, :buf.shape[1]] = buf
+                    bufs[i] = grown
+
+    def position_bytes(self) -> int:
+        """KV bytes of one position across all layers (0 before the warm-up)."""
+        return sum(t[:, 0].numel() * t.element_size() for t in (*self.keys, *self.values)
+                   if t is not None)
 
     def nbytes(self) -> int:
+        """Bytes the pools hold (reserved), the scratch block included."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values)
                    if t is not None)
+
+    def limit_bytes(self) -> int:
+        """The most the pools may hold (`max_blocks`, every row at `max_len`)."""
+        return self.blocks.max_blocks * self.block_size * self.position_bytes()
+
+    def used_bytes(self) -> int:
+        """Bytes of the positions live sequences have written."""
+        return self.blocks.used_tokens * self.position_bytes()
 
     # The model asks these only when it builds its own mask or positions; we pass both.
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -122,6 +122,14 @@ class ServerMetrics(EngineObserver):
                               ("tier",), registry=r)
         self.host_bytes = Gauge(f"{PREFIX}_adapter_host_bytes",
                                 "Bytes of adapters held in host memory.", registry=r)
+        self.kv_reserved = Gauge(f"{PREFIX}_kv_reserved_bytes",
+                                 "KV cache bytes held (block pools, all layers).", registry=r)
+        self.kv_used = Gauge(f"{PREFIX}_kv_used_bytes",
+                             "KV cache bytes of positions live sequences have written.",
+                             registry=r)
+        self.prefix = Gauge(f"{PREFIX}_prefix_cache", "Prefix cache since start (cumulative): "
+                            "lookups, hits, and prompt tokens reused (not computed).",
+                            ("what",), registry=r)
         self.rpcs = Counter(f"{PREFIX}_grpc_requests", "Finished RPCs by method and status code.",
                             ("method", "code"), registry=r)
         self.rpc_duration = hist("grpc_request_duration_seconds", "RPC duration by method.",
@@ -134,6 +142,12 @@ class ServerMetrics(EngineObserver):
         """Read the resident-adapter gauges from the engine at scrape time."""
         self.resident.labels("device").set_function(lambda: getattr(stats(), "slots_used", 0))
         self.host_bytes.set_function(lambda: getattr(stats(), "host_bytes", 0))
+        self.kv_reserved.set_function(lambda: getattr(stats(), "kv_reserved_bytes", 0))
+        self.kv_used.set_function(lambda: getattr(stats(), "kv_used_bytes", 0))
+        for what, field in (("lookups", "prefix_lookups"), ("hits", "prefix_hits"),
+                            ("hit_tokens", "prefix_hit_tokens")):
+            self.prefix.labels(what).set_function(
+                lambda f=field: getattr(stats(), f, 0))
         if resident is not None:
             self.router.bind(stats, resident)
             self.resident.labels("host").set_function(

@@ -68,6 +68,15 @@ class StepPlan:
     def idle(self) -> bool:
         return not (self.admitted or self.decode or self.prefill or self.dropped)
 
+    def skip_cached(self, row: int, prompt: Sequence[int], cached: int) -> StepPlan:
+        """The plan with `row`'s prefill chunk starting after its `cached` prompt positions
+        (taken from the prefix cache), no longer than it was."""
+        from dataclasses import replace
+
+        feeds = tuple(RowFeed(row, cached, prompt[cached:cached + len(f.token_ids)])
+                      if f.row == row else f for f in self.prefill)
+        return replace(self, prefill=feeds)
+
     def without_rows(self, rows: set[int]) -> StepPlan:
         """The plan minus the feeds of `rows` (requests whose adapter failed to activate)."""
         if not rows:

@@ -8,7 +8,7 @@ They read vLLM's metric names, so each loraplex replica exports those beside its
 |---|---|---|
 | `vllm:num_requests_waiting` | gauge | requests queued, not yet in the batch |
 | `vllm:num_requests_running` | gauge | sequences in the running batch |
-| `vllm:gpu_cache_usage_perc`, `vllm:kv_cache_usage_perc` | gauge | KV rows in use / rows, 0..1 |
+| `vllm:gpu_cache_usage_perc`, `vllm:kv_cache_usage_perc` | gauge | KV bytes used / KV limit, 0..1 |
 | `vllm:lora_requests_info` | gauge | value: unix time of this reading; labels below |
 
 `vllm:lora_requests_info` labels: `max_lora` (device slots: adapters that can serve in one
@@ -57,9 +57,17 @@ def snapshot(stats: Any, resident: Iterable[Any], queued_refs: Iterable[str]) ->
     running = sorted({adapter_key(a.ref) for a in resident
                       if a.slot is not None and a.active_sequences > 0})
     waiting = sorted({adapter_key(r) for r in queued_refs if r} - set(running))
-    total = max(1, stats.kv_rows_total)
     return RouterSnapshot(tuple(running), tuple(waiting), stats.slots_total, stats.running,
-                          stats.waiting, stats.kv_rows_used / total)
+                          stats.waiting, kv_usage(stats))
+
+
+def kv_usage(stats: Any) -> float:
+    """KV bytes live sequences use over the most the block pool may hold (0..1); rows in
+    use over rows before the engine has measured its KV (no forward yet)."""
+    limit = getattr(stats, "kv_limit_bytes", 0)
+    if limit > 0:
+        return min(1.0, stats.kv_used_bytes / limit)
+    return stats.kv_rows_used / max(1, stats.kv_rows_total)
 
 
 class RouterMetrics(Collector):
@@ -104,8 +112,8 @@ def families(snap: RouterSnapshot, now: float) -> list[GaugeMetricFamily]:
     for name, doc, value in (
             ("vllm:num_requests_waiting", "Requests queued, not yet admitted.", snap.waiting),
             ("vllm:num_requests_running", "Sequences in the running batch.", snap.running),
-            ("vllm:gpu_cache_usage_perc", "KV cache rows in use (0..1).", snap.kv_usage),
-            ("vllm:kv_cache_usage_perc", "KV cache rows in use (0..1).", snap.kv_usage)):
+            ("vllm:gpu_cache_usage_perc", "KV cache in use (0..1).", snap.kv_usage),
+            ("vllm:kv_cache_usage_perc", "KV cache in use (0..1).", snap.kv_usage)):
         g = GaugeMetricFamily(name, doc)
         g.add_metric((), value)
         out.append(g)

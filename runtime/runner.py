@@ -22,7 +22,7 @@ import torch
 
 from loraplex import peft_format
 from loraplex.errors import LoraplexError
-from loraplex.runtime.kv import RowAllocator, RowFeed, RowKVCache, StepLayout, build_layout
+from loraplex.runtime.kv import BlockKVCache, RowAllocator, RowFeed, StepLayout, build_layout
 
 if TYPE_CHECKING:
     from loraplex.fingerprint import BaseFingerprint
@@ -81,12 +81,12 @@ def step_mask(layout: StepLayout, spec: MaskSpec) -> torch.Tensor | dict[str, to
     return sliding
 
 
-def forward(model: Any, kv: RowKVCache, injection: LoraInjection, mask: MaskSpec,
-            feeds: Sequence[RowFeed], slots: Sequence[int], max_len: int,
-            device: torch.device) -> torch.Tensor:
+def forward(model: Any, kv: BlockKVCache, injection: LoraInjection, mask: MaskSpec,
+            feeds: Sequence[RowFeed], slots: Sequence[int], device: torch.device) -> torch.Tensor:
     """One model forward over `feeds`; `slots # [B]` adapter slot per row → logits `[B, V]`."""
-    layout = build_layout(feeds, max_len, device)
-    kv.set_layout(layout.rows, layout.cache_pos, layout.kv_len, layout.first_row)
+    layout = build_layout(feeds, device)
+    kv.reserve(feeds)
+    kv.set_layout(layout)
     injection.set_batch(list(slots))
     with torch.inference_mode():
         out = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
@@ -99,7 +99,7 @@ class Runner:
     """Owns the model, its LoRA layers and the KV rows; engine thread only."""
 
     def __init__(self, model: Any, tokenizer: Any, fingerprint: BaseFingerprint,
-                 injection: LoraInjection, kv: RowKVCache, mask: MaskSpec,
+                 injection: LoraInjection, kv: BlockKVCache, mask: MaskSpec,
                  max_seq_len: int, max_batch: int, device: torch.device) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -116,8 +116,8 @@ class Runner:
 
     @classmethod
     def boot(cls, cfg: EngineConfig) -> Runner:
-        """Load the base, wrap its target modules, allocate the KV rows (by a warm-up
-        forward, so nothing but per-step tensors is allocated on the request path)."""
+        """Load the base, wrap its target modules, allocate the KV pools (by a warm-up
+        forward, from the shapes the model produces; they grow and shrink by blocks)."""
         from loraplex.runtime.base import load_base
         from loraplex.runtime.layers import inject_lora
 
@@ -133,15 +133,22 @@ class Runner:
         max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
                                 cfg.lora_stack_dtype)
-        kv = RowKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len)
+        kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
+                          cfg.kv_block_size, cfg.prefix_cache_blocks)
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)
-        runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV buffers
+        runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV pools
+        runner.release_row(0)
         return runner
 
     def forward(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
         return forward(self.model, self.kv, self.injection, self.mask, feeds, slots,
-                       self.max_seq_len, self.device)
+                       self.device)
+
+    def release_row(self, row: int) -> None:
+        """A sequence left the batch: its KV row and KV blocks go back."""
+        self.kv.release(row)
+        self.rows.give(row)
 
     def run(self, decode: Sequence[RowFeed], decode_slots: Sequence[int],
             prefill: Sequence[RowFeed], prefill_slots: Sequence[int]) -> StepOutputs:

@@ -143,6 +143,12 @@ class EngineStats:
     steps: int
     tokens_generated: int
     requests_finished: int
+    kv_reserved_bytes: int = 0  # KV pool bytes held (blocks, all layers, scratch included)
+    kv_used_bytes: int = 0  # KV bytes of the positions live sequences have written
+    kv_limit_bytes: int = 0  # the most the pools may hold: every row at max_seq_len
+    prefix_hit_tokens: int = 0  # prompt positions reused from the prefix cache (not computed)
+    prefix_lookups: int = 0  # admitted requests looked up in the prefix cache
+    prefix_hits: int = 0  # ... that reused at least one block
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,10 @@ class EngineConfig:
     max_new_tokens_limit: int = 1024
     max_seq_len: int | None = None
     prefill_token_budget: int = 512
+    kv_block_size: int = 16  # positions per KV block (the paged cache's unit of allocation)
+    # prefix cache: idle KV blocks of prompt prefixes kept for later requests with the same
+    # adapter digest (or the base) and the same leading tokens; 0 turns it off
+    prefix_cache_blocks: int = 0
     host_cache_bytes: int = 1 << 30
     loader_threads: int = 2
     loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)
@@ -187,7 +197,7 @@ class EngineConfig:
         if self.lora_stack_dtype not in _DTYPES:
             problems.append(("lora_stack_dtype", f"`lora_stack_dtype` must be one of {_DTYPES}"))
         for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",
-                     "prefill_token_budget", "loader_threads"):
+                     "prefill_token_budget", "loader_threads", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0"))
         for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant"):
@@ -197,6 +207,8 @@ class EngineConfig:
             problems.append(("loader_nice", "`loader_nice` must be in 0..19"))
         if self.max_seq_len is not None and self.max_seq_len <= 1:
             problems.append(("max_seq_len", "`max_seq_len` must be > 1"))
+        if self.prefix_cache_blocks < 0:
+            problems.append(("prefix_cache_blocks", "`prefix_cache_blocks` must be >= 0"))
         if self.host_cache_bytes < 0:
             problems.append(("host_cache_bytes", "`host_cache_bytes` must be >= 0"))
         if not (self.aging_s > 0 and math.isfinite(self.aging_s)):

@@ -183,7 +183,13 @@ def stats_pb(s: Any) -> admin_pb2.StatsResponse:
         loading=s.loading, slots_used=s.slots_used, slots_total=s.slots_total,
         host_bytes=s.host_bytes, kv_rows_used=s.kv_rows_used, kv_rows_total=s.kv_rows_total,
         steps=s.steps, tokens_generated=s.tokens_generated,
-        requests_finished=s.requests_finished)
+        requests_finished=s.requests_finished,
+        kv_reserved_bytes=getattr(s, "kv_reserved_bytes", 0),
+        kv_used_bytes=getattr(s, "kv_used_bytes", 0),
+        kv_limit_bytes=getattr(s, "kv_limit_bytes", 0),
+        prefix_hit_tokens=getattr(s, "prefix_hit_tokens", 0),
+        prefix_lookups=getattr(s, "prefix_lookups", 0),
+        prefix_hits=getattr(s, "prefix_hits", 0))
 
 
 def admin_ack_pb(changed: bool, version: Any) -> admin_pb2.AdminAdapterResponse:

@@ -76,11 +76,12 @@ def world(micro_base, base_factory, tmp_path_factory):
 
 
 def wait_idle(admin: Client, timeout: float = 10.0):
-    """Engine stats once no sequence runs or waits (capacity freed)."""
+    """Engine stats once no sequence runs or waits (capacity freed, KV blocks returned)."""
     end = time.monotonic() + timeout
     while True:
         stats = admin.stats()
-        if (stats.running, stats.waiting, stats.kv_rows_used) == (0, 0, 0):
+        if (stats.running, stats.waiting, stats.kv_rows_used, stats.kv_used_bytes) == \
+                (0, 0, 0, 0) and stats.kv_reserved_bytes < stats.kv_limit_bytes:
             return stats
         if time.monotonic() > end:
             raise AssertionError(f"engine still busy: {stats}")

@@ -42,6 +42,8 @@ def test_snapshot_running_are_busy_slots_waiting_are_queued_others() -> None:
     assert snap.running_adapters == ("acme/a",)  # b holds a slot but runs nothing
     assert snap.waiting_adapters == ("acme/c", "globex/z")  # a already runs; "" is the base
     assert (snap.max_lora, snap.running, snap.waiting, snap.kv_usage) == (4, 3, 2, 3 / 8)
+    # once the engine has measured its KV: bytes used over the pool's limit
+    assert snapshot(_stats(kv_used_bytes=300, kv_limit_bytes=1200), [], []).kv_usage == 0.25
 
 
 def _samples(text: str) -> dict[str, list]:
@@ -87,8 +89,12 @@ def test_live_server_reports_running_and_waiting_adapters(micro_base, tmp_path) 
                 {"acme/a", "acme/b"}
             assert s["vllm:num_requests_running"][0].value == 1
             assert s["vllm:num_requests_waiting"][0].value == 1
-            assert s["vllm:kv_cache_usage_perc"][0].value == pytest.approx(1 / 4)
-            assert s["vllm:gpu_cache_usage_perc"][0].value == pytest.approx(1 / 4)
+            # one of 4 rows runs, not yet at max_seq_len: above 0, at most a quarter
+            assert 0 < s["vllm:kv_cache_usage_perc"][0].value <= 1 / 4
+            assert 0 < s["vllm:gpu_cache_usage_perc"][0].value <= 1 / 4
+            kv = {f.name: f.samples[0].value for f in text_string_to_metric_families(
+                scrape(url)) if f.name.startswith("loraplex_kv_")}
+            assert 0 < kv["loraplex_kv_used_bytes"] <= kv["loraplex_kv_reserved_bytes"]
         finally:
             for st in streams:
                 st.cancel()

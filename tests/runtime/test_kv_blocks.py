@@ -1,0 +1,163 @@
+"""KV memory that follows use: while sequences of mixed lengths run, the block pools hold at
+most 1.5× the KV those sequences have written, plus one block per live row (its partly
+filled last block) and the shared scratch block; when they end — finished, cancelled or
+past their deadline — every block goes back and the pools shrink to the scratch block."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from test_engine_util import make_world, reference_greedy
+
+from loraplex.registry import Identity
+from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
+from loraplex.runtime.kv_blocks import BlockAllocator
+from loraplex.runtime.observer import EngineObserver
+from loraplex.runtime.servicers.convert import stats_pb
+
+ACME = Identity("acme")
+
+
+class KVWatch(EngineObserver):
+    """After every step (engine thread, so a consistent reading): reserved vs used."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.readings: list[tuple[int, int, int, int]] = []  # reserved, used, rows, block
+        self.lock = threading.Lock()
+
+    def on_step(self, batch_size: int, running: int, waiting: int) -> None:
+        kv = self.engine._core.runner.kv
+        block = kv.block_size * kv.position_bytes()
+        with self.lock:
+            self.readings.append((kv.nbytes(), kv.used_bytes(), len(kv.blocks.tables), block))
+
+
+def test_reserved_kv_follows_live_sequences_and_comes_back(micro_base, tmp_path):
+    world = make_world(micro_base, tmp_path)
+    watch = KVWatch()
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", device="cpu",
+                                 max_slots=4, max_rank=16, max_batch=8, max_seq_len=256,
+                                 prefill_token_budget=64, kv_block_size=8),
+                    world.registry, watch)
+    watch.engine = engine
+    engine.start()
+    try:
+        g = torch.Generator().manual_seed(3)
+        streams = {}
+        for i, n in enumerate((3, 40, 9, 120, 17, 70, 5, 33, 90, 12)):  # mixed lengths
+            prompt = torch.randint(0, 256, (n,), generator=g).tolist()
+            adapter = f"acme/{world.names[i % 3]}" if i % 4 else None
+            kw = {}
+            if i == 8:  # ends past its deadline while running
+                kw["deadline"] = time.monotonic() + 0.3
+            streams[f"k{i}"] = engine.submit(engine.admit(
+                f"k{i}", ACME, adapter, prompt_ids=prompt,
+                sampling=SamplingParams(max_new_tokens=60 if i in (3, 8) else 6 + 3 * i),
+                **kw))
+        next(iter(streams["k3"]))
+        assert engine.cancel("k3")  # cancelled mid-run
+        results = {rid: s.wait(120) for rid, s in streams.items()}
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert results["k3"].finish_reason == "cancelled"
+    assert results["k8"].finish_reason == "deadline"
+    assert len(watch.readings) > 20
+    peak_used = max(u for _, u, _, _ in watch.readings)
+    for reserved, used, rows, block in watch.readings:
+        assert reserved <= 1.5 * used + (rows + 1) * block, (reserved, used, rows)
+    # the old cache reserved max_batch × max_seq_len up front; at its peak use this holds
+    # a fraction of that
+    limit = stats.kv_limit_bytes
+    assert max(r for r, _, _, _ in watch.readings) < 0.5 * limit
+    assert peak_used > 0
+    # every block returned: nothing used, only the scratch block held
+    assert stats.kv_used_bytes == 0
+    assert stats.kv_reserved_bytes == watch.readings[0][3]  # one block (the scratch)
+
+
+def test_allocator_grows_with_headroom_and_compacts_on_release():
+    a = BlockAllocator(block_size=4, max_blocks=40)
+    assert a.extend(0, 10) == 3 and a.tables[0] == [1, 2, 3]  # no headroom yet
+    grown = a.extend(1, 30)  # 8 more blocks: 11 + 40 // 16 = 13
+    assert grown == 13 and a.allocated == 11
+    assert a.extend(1, 31) is None  # same block
+    shrink = a.release(0)  # its low blocks free up: row 1's high blocks move down
+    assert shrink is not None and shrink.capacity == 8 + 31 // 16
+    assert all(dst <= shrink.capacity < src for src, dst in shrink.moves)
+    assert len(a.tables[1]) == 8 and max(a.tables[1]) <= shrink.capacity
+    assert a.release(1).capacity == 0 and a.used_tokens == 0 and a.allocated == 0
+
+
+def test_prefix_cache_reuses_kv_only_for_the_same_adapter_version(micro_base, tmp_path):
+    """Same prompt, same adapter version: the prompt's full blocks are reused and the answer
+    is the same. Another adapter, the base, or an alias moved to another version: nothing
+    reused, and each answer equals peft with that adapter alone."""
+    world = make_world(micro_base, tmp_path)
+    a, b, c = world.names[:3]
+    world.registry.set_alias(ACME, f"acme/{a}:v1", "prod")
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", device="cpu",
+                                 max_slots=4, max_rank=16, max_batch=4, kv_block_size=8,
+                                 prefix_cache_blocks=32), world.registry).start()
+    prompt = torch.randint(0, 256, (43,), generator=torch.Generator().manual_seed(9)).tolist()
+    n = 6
+
+    def run(rid: str, ref: str | None) -> tuple[list[int], int]:
+        before = engine.stats().prefix_hit_tokens
+        res = engine.generate(engine.admit(rid, ACME, ref, prompt_ids=prompt,
+                                           sampling=SamplingParams(max_new_tokens=n)), 60)
+        return res.token_ids, engine.stats().prefix_hit_tokens - before
+
+    try:
+        first, hit = run("p1", "acme/" + a + "@prod")
+        assert hit == 0
+        again, hit = run("p2", "acme/" + a + "@prod")
+        assert hit == 40 and again == first  # 5 full blocks of 8; the last 3 are computed
+        other, hit = run("p3", f"acme/{b}")
+        assert hit == 0 and other == reference_greedy(world, b, prompt, n)
+        bare, hit = run("p4", None)
+        assert hit == 0 and bare == reference_greedy(world, None, prompt, n)
+        # the alias moves to a new version of `a` (c's weights): its digest is new
+        world.registry.push(ACME, world.dirs[c], f"acme/{a}", base=micro_base)
+        world.registry.set_alias(ACME, f"acme/{a}:v2", "prod")
+        moved, hit = run("p5", "acme/" + a + "@prod")
+        assert hit == 0 and moved == reference_greedy(world, c, prompt, n)
+        assert first == reference_greedy(world, a, prompt, n) != moved
+        stats = engine.stats()
+    finally:
+        engine.shutdown()
+    assert stats.kv_used_bytes == 0
+    assert (stats.prefix_lookups, stats.prefix_hits, stats.prefix_hit_tokens) == (5, 1, 40)
+    pb = stats_pb(stats)  # the admin Stats RPC's answer
+    assert (pb.prefix_hits, pb.prefix_hit_tokens, pb.kv_used_bytes) == (1, 40, 0)
+    assert pb.kv_reserved_bytes == stats.kv_reserved_bytes > 0
+
+
+def test_shared_prefix_blocks_are_counted_moved_once_and_evicted_lru():
+    a = BlockAllocator(block_size=4, max_blocks=40, cache_blocks=3)
+    p = list(range(100, 113))  # 13 tokens: 3 full blocks, 1 token left to compute
+    a.extend(0, 40)  # a long row first, so the prompt's blocks land high
+    assert a.match(1, "sha256:x", p) == 0
+    a.extend(1, 13)
+    a.publish(1, "sha256:x", p, 13)
+    assert a.match(2, "sha256:y", p) == 0  # another adapter: nothing shared
+    assert a.match(3, None, p) == 0  # the base: nothing shared
+    assert a.match(4, "sha256:x", p) == 12 and a.tables[4] == a.tables[1][:3]
+    assert all(a.refs[b] == 2 for b in a.tables[4])
+    shrink = a.release(0)  # the low blocks free up: the shared ones move once
+    assert shrink is not None
+    assert a.tables[4] == a.tables[1][:3] and max(a.tables[1]) <= shrink.capacity
+    assert len({src for src, _ in shrink.moves}) == len(shrink.moves)
+    a.release(1)
+    a.release(4)  # the 3 prompt blocks stay cached, idle
+    assert a.allocated == 3 and a.used_tokens == 0
+    assert a.match(5, "sha256:x", p) == 12
+    a.release(5)
+    q = list(range(200, 213))
+    a.extend(6, 13)
+    a.publish(6, "sha256:x", q, 13)
+    a.release(6)  # 6 idle blocks > 3: the least recently used (p's) are evicted
+    assert a.match(7, "sha256:x", p) == 0 and a.match(8, "sha256:x", q) == 12
