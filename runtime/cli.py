@@ -28,6 +28,8 @@ def serve(
     host: str = typer.Option(None, help="gRPC listen address (default 0.0.0.0)."),
     port: int = typer.Option(None, help="gRPC port (default 50051); 0 picks a free one."),
     metrics_port: int = typer.Option(None, help="Prometheus /metrics port (default 9090)."),
+    http_port: int = typer.Option(None, help="OpenAI-compatible HTTP port (/v1/...); off "
+                                  "unless given."),
     no_auth: bool = typer.Option(None, "--no-auth/--auth",
                                  help="Every caller is an admin (local experiments only)."),
     quantization: str = typer.Option(None, help="nf4 | int8 | none (default nf4)."),
@@ -44,7 +46,7 @@ def serve(
     from loraplex.runtime.settings import load_settings
 
     flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
-                 metrics_port=metrics_port, no_auth=no_auth, quantization=quantization,
+                 metrics_port=metrics_port, http_port=http_port, no_auth=no_auth, quantization=quantization,
                  device=device, grace_s=grace_s, ray=ray, replicas=replicas)
     settings = load_settings(flags, config)  # a typed error: one line (loraplex/cli_errors.py)
     if settings.base is None:

@@ -85,6 +85,7 @@ class LoraplexServer:
         self._bring_up: asyncio.Task | None = None
         self.startup_error: BaseException | None = None
         self.follower = None  # RegistryFollower, once the engine is ready
+        self.http = None  # the OpenAI HTTP door (openai_binding.HttpThread), once ready
 
     @property
     def engine(self):
@@ -146,6 +147,7 @@ class LoraplexServer:
             return
         self.metrics.bind_engine(engine.stats, engine.resident)
         self._follow()
+        self._open_http()
         self.state.ready = True
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.SERVING)
         log.info("base loaded: serving inference")
@@ -159,6 +161,20 @@ class LoraplexServer:
         self.follower = RegistryFollower(
             self.registry, engine=self.engine, prefetch_aliases=self.settings.prefetch_aliases,
             poll_s=self.settings.follow_poll_s).start()
+
+    def _open_http(self) -> None:
+        """The OpenAI-compatible door (`--http-port`) on this engine, this registry's tokens
+        and tenant rules (none with --no-auth); `model` names the base by its directory."""
+        if self.settings.http_port is None:
+            return
+        from loraplex.runtime.openai_binding import EngineBackend, HttpThread
+        from loraplex.runtime.openai_http import create_app
+
+        backend = EngineBackend(self.engine, None if self.settings.no_auth else self.registry,
+                                base_name=self.settings.base.name if self.settings.base else "base")
+        self.http = HttpThread(create_app(backend), host=self.settings.host,
+                               port=self.settings.http_port).__enter__()
+        log.info("OpenAI-compatible HTTP on %s:%d/v1", self.settings.host, self.http.port)
 
     async def drain(self, grace_s: float | None = None, delay_s: float | None = None) -> None:
         """Stop admitting, let in-flight calls finish within `grace_s`, then shut down.
@@ -177,6 +193,8 @@ class LoraplexServer:
         if delay > 0:
             await asyncio.sleep(delay)
         await self.grpc.stop(grace)  # refuses new calls, waits up to `grace` for running ones
+        if self.http is not None:
+            await asyncio.to_thread(self.http.__exit__, None, None, None)
         await self.close()
 
     async def close(self) -> None:

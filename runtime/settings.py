@@ -37,6 +37,9 @@ class ServerSettings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="/metrics listen address.")  # noqa: S104
     metrics_port: int | None = Field(
         9090, ge=0, le=65535, description="/metrics port; 0 picks one, None disables.")
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="OpenAI-compatible HTTP port (/v1/...) on the same "
+        "engine, address `host`; 0 picks one, None (default) disables.")
     no_auth: bool = Field(False, description="Treat every caller as an admin (local use only).")
     quantization: Literal[QUANTIZATIONS] = Field("nf4", description="Base weights.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
