@@ -131,8 +131,9 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
         adapters[tenant] = train_adapter(base, data[tenant]["train"], name,
                                          out / "runs" / tenant, plan, train_quantization)
         m = adapters[tenant][1]
-        console.print(f"[2] trained {name}: {m.get('steps')} steps, val_loss "
-                      f"{m.get('val_loss') or float('nan'):.3f}, "
+        loss = (f"val_loss {m['val_loss']:.3f}" if m.get("val_loss") is not None
+                else f"train loss {m.get('train_loss') or float('nan'):.3f}")
+        console.print(f"[2] trained {name}: {m.get('steps')} steps, {loss}, "
                       f"{time.perf_counter() - t0:.0f}s")
 
     registry_dir = out / "registry"
