@@ -84,7 +84,12 @@ def free_port() -> int:
 def start_server(base: Path, registry: Path, quantization: str
                  ) -> tuple[subprocess.Popen, str, int, int]:
     port, mport, hport = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),
+    # The demo's prompts and answers fit in 512 positions; without a cap the engine's KV
+    # cache is sized for the model's context (SmolLM2: 8,192, capped at 4,096), ~6 GB.
+    config = registry.parent / "server.yaml"
+    config.write_text("engine:\n  max_seq_len: 512\n")
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base), "--config",
+           str(config),
            "--registry", str(registry), "--host", "127.0.0.1", "--port", str(port),
            "--metrics-port", str(mport), "--http-port", str(hport),
            "--quantization", quantization]
