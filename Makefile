@@ -29,8 +29,9 @@ test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --durations=15
 
+DEMO_BASE ?= tiny
 demo: $(STAMP)
-	$(BIN)/python -m loraplex.demo
+	$(BIN)/python -m loraplex.demo --base $(DEMO_BASE)
 
 # Benchmarks run from the checkout on the editable install above (bench/README.md, "How to
 # run"): `make bench` is bench.lora_ops --quick; `make bench BENCH=serve ARGS="--duration 40"`.

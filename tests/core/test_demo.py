@@ -8,7 +8,7 @@ import sys
 
 def test_demo_story_runs_end_to_end_on_the_micro_base(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "loraplex.demo", "--out", str(tmp_path / "demo"), "--size",
+        [sys.executable, "-m", "loraplex.demo", "--out", str(tmp_path / "demo"), "--base",
          "micro", "--n-train", "32", "--n-test", "4", "--max-steps", "2",
          "--quantization", "none", "--train-quantization", "none"],
         capture_output=True, text=True, timeout=600,
@@ -18,6 +18,7 @@ def test_demo_story_runs_end_to_end_on_the_micro_base(tmp_path):
     for tenant in ("acme/router:v1", "globex/sentiment:v1", "initech/numwords:v1"):
         assert f"registered {tenant} over gRPC" in log
     assert "held-out exact-match" in log and "rows = model, columns = task" in log
+    assert "openai client -> POST /v1/chat/completions model='globex/sentiment@prod'" in log
     assert "acme/router@prod v1 -> v2 during traffic" in log and "failed: 0" in log
     assert "time to first token" in log and "inter-token latency" in log
     assert "exited 0" in log
