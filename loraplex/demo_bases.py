@@ -93,11 +93,10 @@ def prepare(kind: str, out: Path, say: Callable[[str], None]) -> Path:
     return base
 
 
-def chat_request(tokenizer: Any, text: str) -> dict[str, str]:
-    """The request fields of a one-turn chat: the user turn in the base's chat template with
-    the generation prompt, exactly the rendering the server gives chat `messages`
-    (`trainer.data.chat_prompt`). Once GenerateRequest takes `messages`, this returns
-    `{"messages": [{"role": "user", "content": text}]}` instead."""
-    from loraplex.trainer.data import chat_prompt
-
-    return {"prompt": chat_prompt(tokenizer, [{"role": "user", "content": text}])}
+def chat_request(tokenizer: Any, text: str) -> dict[str, Any]:
+    """The request fields of a one-turn chat: `messages`, which the server renders with the
+    base's own chat template and generation prompt, exactly as the trainer rendered the
+    training rows (`loraplex.chat`, shared by both). `tokenizer` is unused; kept so callers
+    need not care how a base takes chat."""
+    del tokenizer
+    return {"messages": [{"role": "user", "content": text}]}
