@@ -50,6 +50,7 @@ class StepLayout:
     position_ids: torch.Tensor  # [B, Q] long: absolute positions (0 for pads)
     valid: torch.Tensor  # [B, Q] bool
     kv_len: int  # L: keys gathered per row (max over rows of start + len)
+    row_ids: tuple[int, ...] = ()  # the same KV rows on the host (no device read to use them)
 
     def mask(self, *, boolean: bool, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, Q, L] mask: query at position p sees keys 0..p of its own row."""
@@ -69,7 +70,8 @@ def build_layout(chunks: Sequence[RowFeed], device: torch.device | str = "cpu") 
     """Left-pad `chunks` into one step."""
     q = max(len(c.token_ids) for c in chunks)
     b = len(chunks)
-    rows = torch.as_tensor([c.row for c in chunks], dtype=torch.long).to(device)  # [B]
+    row_ids = tuple(c.row for c in chunks)
+    rows = torch.as_tensor(row_ids, dtype=torch.long).to(device)  # [B]
     if q == 1:  # decode: one token per row, nothing to pad
         starts = [c.start for c in chunks]
         pos = torch.as_tensor(starts, dtype=torch.long)[:, None]  # [B, 1]
@@ -78,7 +80,7 @@ def build_layout(chunks: Sequence[RowFeed], device: torch.device | str = "cpu") 
                                                  dtype=torch.long)[:, None].to(device),
             position_ids=pos.to(device),
             valid=torch.ones((b, 1), dtype=torch.bool, device=device),
-            kv_len=max(starts) + 1)
+            kv_len=max(starts) + 1, row_ids=row_ids)
     input_ids = torch.zeros((b, q), dtype=torch.long)  # [B, Q]
     position_ids = torch.zeros((b, q), dtype=torch.long)  # [B, Q]
     valid = torch.zeros((b, q), dtype=torch.bool)  # [B, Q]
@@ -91,7 +93,7 @@ def build_layout(chunks: Sequence[RowFeed], device: torch.device | str = "cpu") 
         kv_len = max(kv_len, c.start + n)
     return StepLayout(rows=rows, input_ids=input_ids.to(device),
                       position_ids=position_ids.to(device), valid=valid.to(device),
-                      kv_len=kv_len)
+                      kv_len=kv_len, row_ids=row_ids)
 
 
 class BlockKVCache(Cache):
@@ -137,7 +139,7 @@ class BlockKVCache(Cache):
 
     def set_layout(self, layout: StepLayout) -> None:
         """Flat pool indices for this step's writes `[B, Q]`; block ids it reads `[B*W]`."""
-        bs, rows = self.block_size, layout.rows.tolist()
+        bs, rows = self.block_size, layout.row_ids  # host copy: no device sync per step
         width = -(-layout.kv_len // bs)
         table = torch.zeros((len(rows), width), dtype=torch.long)  # [B, W]; 0 = scratch
         for i, r in enumerate(rows):

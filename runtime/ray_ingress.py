@@ -144,13 +144,15 @@ class RayEngine:
 
     def admit(self, request_id: str, identity: Any, adapter: str | None = None,
               prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
-              sampling: SamplingParams | None = None,
-              deadline: float | None = None) -> GenerationRequest:
-        """`Admission.admit` at the edge (registry read, tokenizer: call it off the loop)."""
+              sampling: SamplingParams | None = None, deadline: float | None = None,
+              messages: Sequence[dict[str, str]] | None = None) -> GenerationRequest:
+        """`Admission.admit` at the edge (registry read, tokenizer, chat template: call it off
+        the loop). This admission compiles no grammars: a constrained request is refused here
+        (INVALID_ARGUMENT), since a compiled grammar does not travel to a replica."""
         self._check_admitting()
         return self.admission.admit(request_id, identity, adapter, prompt=prompt,
                                     prompt_ids=prompt_ids, sampling=sampling,
-                                    deadline=deadline)
+                                    deadline=deadline, messages=messages)
 
     def submit(self, request: GenerationRequest) -> RayStream:
         """Route an admitted request to a replica (see the module docstring)."""
