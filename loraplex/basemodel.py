@@ -13,6 +13,7 @@ Architectures: `llama` (default), `qwen2`, `gpt2` — the three families the tes
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,8 +93,10 @@ def build_tokenizer():
     return fast
 
 
-def _byte_of(ch: str) -> int:
-    """Inverse of GPT-2's bytes_to_unicode for one character."""
+@functools.cache
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's printable stand-in character -> the byte it stands for (byte-level BPE
+    vocabularies, ours and SmolLM2's, spell every byte with one of these characters)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
         range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
@@ -103,7 +106,12 @@ def _byte_of(ch: str) -> int:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(cs, bs, strict=True))[ord(ch)]
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+def _byte_of(ch: str) -> int:
+    """Inverse of GPT-2's bytes_to_unicode for one character."""
+    return byte_decoder()[ch]
 
 
 # A pre-training hook: (model, tokenizer, seed) -> None. The trainer provides the brief

@@ -33,19 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-in character -> the byte it stands for."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+from loraplex.basemodel import byte_decoder
 
 
 def _is_byte_level(tokenizer: Any) -> bool:
@@ -73,7 +61,7 @@ class TokenTable:
     def for_tokenizer(cls, tokenizer: Any, *, skip_special_tokens: bool = True) -> TokenTable:
         if not _is_byte_level(tokenizer):
             return cls(tokenizer, False, (), skip_special_tokens)
-        dec = _byte_decoder()
+        dec = byte_decoder()
         n = len(tokenizer)
         toks = tokenizer.convert_ids_to_tokens(list(range(n)))
         added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
