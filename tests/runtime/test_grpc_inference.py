@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from loraplex.client import Client, generate_request
+from loraplex.client import Client, generate_request, typed_error
 from loraplex.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -199,21 +199,25 @@ def test_client_cancel_frees_the_slot(world):
 
 
 def test_queue_full_is_resource_exhausted(world):
+    """One row, one waiting place: of three requests sent at once (each long enough that
+    the first is still running when the third arrives), at least one is refused as
+    Overloaded, and nothing is left running once the others are cancelled."""
     reg = world["reg"]
     settings = settings_for(world["base"], world["root"], max_batch=1, max_waiting=1)
     with BackgroundServer(settings, registry=reg) as bg:
         c = Client(bg.target, token=reg.create_token(Identity.system(), "acme"), timeout=60)
         admin = Client(bg.target, token=reg.create_token(Identity.system(), "ops", admin=True))
         stub = inference_pb2_grpc.InferenceServiceStub(c.channel)
-        calls = [stub.GenerateStream(generate_request(None, "fill", max_new_tokens=LONG),
-                                     metadata=c.metadata(), timeout=60) for _ in range(2)]
-        end = time.monotonic() + 10
-        while (admin.stats().waiting, admin.stats().running) != (1, 1):  # one runs, one waits
-            assert time.monotonic() < end, admin.stats()
-            time.sleep(0.02)
-        with pytest.raises(ResourceExhausted) as e:
-            c.generate(None, "one too many", max_new_tokens=2)
-        assert e.value.reason == "Overloaded"
+        calls = [stub.GenerateStream(generate_request(None, f"fill {i}", max_new_tokens=LONG),
+                                     metadata=c.metadata(), timeout=60) for i in range(3)]
+        refused = []
+        for call in calls:
+            try:
+                next(call)
+            except grpc.RpcError as e:
+                refused.append(typed_error(e))
+        assert refused and all(isinstance(e, ResourceExhausted) for e in refused), refused
+        assert {e.reason for e in refused} == {"Overloaded"}
         for call in calls:
             call.cancel()
         wait_idle(admin)
