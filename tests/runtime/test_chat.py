@@ -155,9 +155,9 @@ def _token_ends(tok, ids: list[int]) -> set[int]:
 
 def _bytes_of(piece: str) -> bytes:
     """A byte-level BPE token's bytes (GPT-2's printable stand-ins mapped back)."""
-    from loraplex.runtime.detokenize import _byte_decoder
+    from loraplex.basemodel import byte_decoder
 
-    dec = _byte_decoder()
+    dec = byte_decoder()
     return bytes(dec[c] for c in piece)
 
 
