@@ -78,10 +78,17 @@ class TokenTable:
                               else tok.encode())
         return cls(tokenizer, True, tuple(pieces), skip_special_tokens)
 
+    def bytes_of(self, ids: Iterable[int]) -> bytes:
+        """The bytes `ids` contribute. An id past the tokenizer's table (models often pad
+        their vocabulary beyond it, and a sampler can pick such a row) and a skipped special
+        token contribute nothing, as the tokenizer's own `decode` skips them."""
+        pieces, n = self.pieces, len(self.pieces)
+        return b"".join(pieces[i] or b"" for i in ids if 0 <= i < n)
+
     def decode(self, ids: Sequence[int]) -> str:
         """The final text of `ids` (what the concatenated chunks equal)."""
         if self.byte_level:
-            return b"".join(self.pieces[i] or b"" for i in ids).decode("utf-8", "replace")
+            return self.bytes_of(ids).decode("utf-8", "replace")
         return self.tokenizer.decode(list(ids), skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
@@ -124,8 +131,7 @@ class Detokenizer:
         if self.stopped:
             return ""
         if self.table.byte_level:
-            pieces = self.table.pieces
-            new = self._utf8.decode(b"".join(pieces[i] or b"" for i in token_ids))
+            new = self._utf8.decode(self.table.bytes_of(token_ids))
         else:
             new = self._fallback(token_ids, final=False)
         return self._emit(new, final=False)

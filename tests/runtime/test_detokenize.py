@@ -157,3 +157,14 @@ def test_property_fallback_tokenizers_stream_exactly(text, step, stop):
     full = SP_TOK.decode(ids, skip_special_tokens=True)
     cut = min([i for s in stop if (i := full.find(s)) >= 0], default=len(full))
     assert d.text == full[:cut]
+
+
+def test_ids_past_the_tokenizers_table_add_no_text(tables, tokenizers):
+    """Models pad their vocabulary past the tokenizer (the bench base does), and a sampler can
+    pick such a row: it adds nothing to the text, as the tokenizer's own decode skips it,
+    instead of failing the step."""
+    tok, table = tokenizers["embedded"], tables["embedded"]
+    ids = tok("ok", add_special_tokens=False)["input_ids"]
+    past = len(table.pieces) + 7
+    d, _ = _stream(table, [ids[0], past] + ids[1:])
+    assert d.text == "ok" == table.decode([past] + ids)
