@@ -15,7 +15,7 @@ import torch
 from loraplex import peft_format
 from loraplex.errors import FailedPrecondition
 from loraplex.runtime.admission import Limits, check_compatible
-from loraplex.runtime.pool import HostAdapter
+from loraplex.runtime.pool_loading import HostAdapter
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion, Registry
