@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex import peft_format
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 from loraplex.runtime.batched_layer import BatchedLoraLayer, IncompatibleShapes, LoraBatch
 from loraplex.runtime.layer_dispatch import dispatch
 from loraplex.runtime.lora_ops import KERNELS, Kernel
@@ -102,11 +102,11 @@ class LoraInjection:
         scaling = peft_format.LoraScaling(r, alpha, use_rslora, rank_pattern or (),
                                           alpha_pattern or ())  # refuses a bad r
         grouped = peft_format.pair_tensors(tensors)
-        problems = [f"unsupported tensor {k!r} (only lora_A/lora_B weights)"
+        problems = [f"unsupported tensor {quote(k)} (only lora_A/lora_B weights)"
                     for k in grouped.unparsed]
-        problems += [f"{m}: lora_A and lora_B must both be present"
+        problems += [f"{quote(m)}: lora_A and lora_B must both be present"
                      for m, _ in grouped.incomplete]
-        problems += [f"{m!r} is not an injected layer"
+        problems += [f"{quote(m)} is not an injected layer"
                      for m in grouped.pairs if m not in self.layers]
         pairs = {m: ab for m, ab in grouped.pairs.items() if m in self.layers}
         if not grouped.pairs and not problems:
@@ -157,7 +157,7 @@ def resolve_stack_dtype(stack_dtype: torch.dtype | str | None,
         return stack_dtype
     if stack_dtype is not None and stack_dtype not in STACK_DTYPES:
         raise InvalidArgument(f"stack_dtype must be one of {tuple(STACK_DTYPES)}, "
-                              f"got {stack_dtype!r}", field="stack_dtype")
+                              f"got {quote(stack_dtype)}", field="stack_dtype")
     chosen = STACK_DTYPES.get(stack_dtype or "auto")
     if chosen is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -186,7 +186,7 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, ma
     found = [(n, candidates[n]) for n in targets.select(candidates)]
     if not found:
         raise InvalidArgument("no module of the model matches target_modules "
-                              f"{target_modules!r}", field="target_modules")
+                              f"{quote(target_modules)}", field="target_modules")
     if kernel not in KERNELS:
         raise InvalidArgument(f"kernel must be one of {KERNELS}", field="kernel")
     slot_ranks = [0] * (max_slots + 1)
