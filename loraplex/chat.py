@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 ROLES = ("system", "user", "assistant")
 
@@ -33,7 +33,7 @@ def check_messages(messages: Any, *, field: str = "messages") -> list[dict[str, 
         role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)
         content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
         if not isinstance(role, str) or role not in ROLES:
-            raise InvalidArgument(f"`{field}[{i}].role` is {role!r}; expected one of "
+            raise InvalidArgument(f"`{field}[{i}].role` is {quote(role)}; expected one of "
                                   f"{', '.join(ROLES)}", field=f"{field}[{i}].role")
         if role == "system" and i:
             raise InvalidArgument(f"`{field}[{i}]`: a system message may only come first",

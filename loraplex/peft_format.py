@@ -27,7 +27,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 T = TypeVar("T")
 
@@ -277,7 +277,7 @@ def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:
     """peft's `scaling`: alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA (whose point
     is that the update's size does not shrink as the rank grows)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise InvalidArgument(f"`r` must be an integer > 0, got {r!r}", field="r")
+        raise InvalidArgument(f"`r` must be an integer > 0, got {quote(r)}", field="r")
     return float(alpha) / (math.sqrt(r) if use_rslora else r)
 
 
@@ -349,7 +349,7 @@ def torch_dtype(name: str) -> Any:
     import torch
 
     if name not in COMPUTE_DTYPES:
-        raise InvalidArgument(f"unknown compute_dtype {name!r}; choose one of "
+        raise InvalidArgument(f"unknown compute_dtype {quote(name)}; choose one of "
                               f"{('auto', *COMPUTE_DTYPES)}", field="compute_dtype")
     return getattr(torch, name)
 
@@ -378,7 +378,7 @@ def bnb_config(quantization: str, dtype: Any) -> Any | None:
     so the served base is the base the adapter was trained on.
     """
     if quantization not in QUANTIZATIONS:
-        raise InvalidArgument(f"unknown quantization {quantization!r}; choose one of "
+        raise InvalidArgument(f"unknown quantization {quote(quantization)}; choose one of "
                               f"{QUANTIZATIONS}", field="quantization")
     if quantization == "none":
         return None

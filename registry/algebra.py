@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from loraplex import peft_format
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 Method = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
@@ -68,7 +68,7 @@ def modules_of(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict
     peft's, patterns included."""
     grouped = peft_format.pair_tensors(tensors)
     if grouped.unparsed or grouped.incomplete:
-        bad = [repr(k) for k in grouped.unparsed] + [f"{m!r} (no lora_{h})"
+        bad = [quote(k) for k in grouped.unparsed] + [f"{quote(m)} (no lora_{h})"
                                                      for m, h in grouped.incomplete]
         raise InvalidArgument(f"not LoRA A/B pairs: {', '.join(bad[:5])}", field="tensors")
     scaling = peft_format.LoraScaling.from_config(config)
@@ -117,7 +117,8 @@ def ranks_for_energy(spectra: Mapping[str, Tensor], energy: float, *,
             out[path] = min(out[path], len(s)) if len(s) else 1
         return out
     if scope != "global":
-        raise InvalidArgument(f"scope must be 'module' or 'global', got {scope!r}", field="scope")
+        raise InvalidArgument(f"scope must be 'module' or 'global', got {quote(scope)}",
+                              field="scope")
     pool = sorted(((float(v) ** 2, path) for path, s in spectra.items() for v in s),
                   key=lambda e: -e[0])
     total = sum(e for e, _ in pool)
@@ -212,7 +213,7 @@ def combine(ts: Sequence[Tensor], weights: Sequence[float], method: str,
     if method in ("linear", "dare_linear"):
         return weighted.sum(0)
     if method not in ("ties", "dare_ties"):
-        raise InvalidArgument(f"unknown merge method {method!r}", field="method")
+        raise InvalidArgument(f"unknown merge method {quote(method)}", field="method")
     sign = stacked.sign()
     majority = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
     agree = sign == majority  # [N, *shape]
@@ -225,7 +226,7 @@ def merge(inputs: Sequence[tuple[Mapping[str, Any], Mapping[str, Tensor]]],
     """peft's `add_weighted_adapter(adapters, weights, combination_type=method)` on stored
     adapters. Modules an input lacks are simply not part of that input's sum."""
     if method not in METHODS:
-        raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {method!r}",
+        raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {quote(method)}",
                               field="method")
     if len(weights) != len(inputs):
         raise InvalidArgument(f"{len(inputs)} adapters need {len(inputs)} weights, got "

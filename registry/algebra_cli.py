@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 from loraplex.registry.cli import (
     DEFAULT_REGISTRY,
     BlobDirOpt,
@@ -108,7 +108,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
     try:
         return [float(w) for w in text.split(",") if w.strip()]
     except ValueError:
-        raise InvalidArgument(f"--weights {text!r}: write numbers separated by commas",
+        raise InvalidArgument(f"--weights {quote(text)}: write numbers separated by commas",
                               field="weights") from None
 
 

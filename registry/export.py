@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import FailedPrecondition, IncompatibleAdapter, InvalidArgument
+from loraplex.errors import FailedPrecondition, IncompatibleAdapter, InvalidArgument, quote
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
 from loraplex.registry.algebra import modules_of
 from loraplex.registry.records import AdapterVersion, Identity
@@ -89,7 +89,7 @@ def export_merged(reg: Registry, identity: Identity, ref: str, out: str | os.Pat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
-        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}",
+        raise InvalidArgument(f"dtype must be one of {', '.join(DTYPES)}, got {quote(dtype)}",
                               field="dtype")
     v = reg.resolve(identity, ref)
     base_dir = base_dir_for(reg, v.base, base)

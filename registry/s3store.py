@@ -36,6 +36,7 @@ from loraplex.errors import (
     LoraplexError,
     NotFound,
     Unavailable,
+    quote,
 )
 from loraplex.registry.content import bytes_digest
 from loraplex.registry.refs import check_digest
@@ -52,10 +53,11 @@ _CONFIG = frozenset({"NoSuchBucket", "AccessDenied", "403", "InvalidAccessKeyId"
 def parse_s3_url(url: str) -> tuple[str, str]:
     """`s3://bucket/some/prefix` -> ("bucket", "some/prefix") (prefix may be "")."""
     if not url.startswith(SCHEME):
-        raise InvalidArgument(f"{url!r} is not an s3://bucket/prefix location", field="blob_dir")
+        raise InvalidArgument(f"{quote(url)} is not an s3://bucket/prefix location",
+                              field="blob_dir")
     bucket, _, prefix = url[len(SCHEME):].partition("/")
     if not _BUCKET.fullmatch(bucket):
-        raise InvalidArgument(f"{url!r}: {bucket!r} is not a valid bucket name",
+        raise InvalidArgument(f"{quote(url)}: {quote(bucket)} is not a valid bucket name",
                               field="blob_dir")
     return bucket, prefix.strip("/")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraplex import peft_format
-from loraplex.errors import InvalidArgument, ValidationFailed
+from loraplex.errors import InvalidArgument, ValidationFailed, quote
 from loraplex.fingerprint import BaseFingerprint
 from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import tensorfile
@@ -110,15 +110,15 @@ def _check_config(raw: bytes, settings: RegistrySettings,
         report.add("adapter_config.json", "must be a JSON object")
         return None
     if config.get("peft_type") != "LORA":
-        report.add("peft_type", f"must be 'LORA', got {config.get('peft_type')!r}")
+        report.add("peft_type", f"must be 'LORA', got {quote(config.get('peft_type'))}")
     r = config.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        report.add("r", f"`r` must be an integer > 0, got {r!r}")
+        report.add("r", f"`r` must be an integer > 0, got {quote(r)}")
     elif r > settings.max_rank:
         report.add("r", f"rank {r} exceeds the maximum {settings.max_rank} (LORAPLEX_MAX_RANK)")
     alpha = config.get("lora_alpha", 8)
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not alpha > 0:
-        report.add("lora_alpha", f"`lora_alpha` must be a number > 0, got {alpha!r}")
+        report.add("lora_alpha", f"`lora_alpha` must be a number > 0, got {quote(alpha)}")
     _check_pattern(config, "rank_pattern", settings.max_rank, report)
     _check_pattern(config, "alpha_pattern", None, report)
     if not isinstance(config.get("use_rslora", False), bool):
@@ -128,7 +128,7 @@ def _check_config(raw: bytes, settings: RegistrySettings,
     except InvalidArgument as e:
         report.add(e.field or "target_modules", e.message)
     if config.get("bias", "none") != "none":
-        report.add("bias", f"bias training is not supported, got {config.get('bias')!r}")
+        report.add("bias", f"bias training is not supported, got {quote(config.get('bias'))}")
     for key, why in _UNSUPPORTED.items():
         if config.get(key):
             report.add(key, why)
@@ -145,15 +145,15 @@ def _check_pattern(config: dict[str, Any], key: str, max_rank: int | None,
     for k, v in pattern.items():
         whole = max_rank is not None  # ranks are integers, alphas any positive number
         if isinstance(v, bool) or not isinstance(v, int if whole else int | float) or v <= 0:
-            report.add(key, f"{k!r}: must be {'an integer' if whole else 'a number'} > 0, "
-                       f"got {v!r}")
+            report.add(key, f"{quote(k)}: must be {'an integer' if whole else 'a number'} > 0, "
+                       f"got {quote(v)}")
         elif max_rank is not None and v > max_rank:
-            report.add(key, f"{k!r}: rank {v} exceeds the maximum {max_rank} "
+            report.add(key, f"{quote(k)}: rank {v} exceeds the maximum {max_rank} "
                        "(LORAPLEX_MAX_RANK)")
         try:
             re.compile(k)
         except re.error as e:
-            report.add(key, f"{k!r}: not a valid regular expression: {e}")
+            report.add(key, f"{quote(k)}: not a valid regular expression: {e}")
 
 
 def _parse_weights(raw: bytes, report: _Report) -> TensorFile | None:
@@ -201,7 +201,7 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
                        "'<module>.lora_B.weight')")
             continue
         if key.adapter_name:
-            report.add(stored, f"names the adapter {key.adapter_name!r} (a live model's "
+            report.add(stored, f"names the adapter {quote(key.adapter_name)} (a live model's "
                        "state_dict, not a saved adapter: save it with save_pretrained)")
             continue
         if key.normalized in names.values():
@@ -209,8 +209,8 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
             continue
         names[stored] = key.normalized
         if targets is not None and not targets.matches(key.module, shapes):
-            report.add(stored, f"module {key.module!r} is not among target_modules "
-                       f"{config.get('target_modules')!r}")
+            report.add(stored, f"module {quote(key.module)} is not among target_modules "
+                       f"{quote(config.get('target_modules'))}")
         if info.code not in FLOAT_CODES:
             report.add(stored, f"dtype {info.dtype} is not a float type")
             continue
@@ -234,7 +234,7 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
 def _check_shape(stored: str, module: str, ab: str, shape: tuple[int, ...], r: Any,
                  shapes: dict[str, tuple[int, int]], report: _Report) -> None:
     if module not in shapes:
-        report.add(stored, f"module {module!r} is not a linear layer of the base model that "
+        report.add(stored, f"module {quote(module)} is not a linear layer of the base model that "
                    "the runtime serves LoRA on (every one but the output layer)")
         return
     fan_in, fan_out = shapes[module]

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from loraplex import peft_format
-from loraplex.errors import FailedPrecondition
+from loraplex.errors import FailedPrecondition, quote
 from loraplex.runtime.admission import Limits, check_compatible
-from loraplex.runtime.pool import HostAdapter
+from loraplex.runtime.pool_loading import HostAdapter
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion, Registry
@@ -58,13 +58,13 @@ def fit_problems(tensors: dict[str, torch.Tensor], injection: LoraInjection) -> 
     """Every tensor must be half of an A/B pair that targets an injected layer with shapes
     it can hold (a lone half is refused here, not a KeyError on the loader thread)."""
     grouped = peft_format.pair_tensors(tensors)
-    problems = [f"{key!r} is not a LoRA A/B weight" for key in grouped.unparsed]
-    problems += [f"module {module!r} has no lora_{half} weight"
+    problems = [f"{quote(key)} is not a LoRA A/B weight" for key in grouped.unparsed]
+    problems += [f"module {quote(module)} has no lora_{half} weight"
                  for module, half in grouped.incomplete]
     for module, (a, b) in grouped.pairs.items():
         layer = injection.layers.get(module)
         if layer is None:
-            problems.append(f"{module!r} targets no LoRA layer of this engine")
+            problems.append(f"{quote(module)} targets no LoRA layer of this engine")
         else:
             layer.check_shapes(a, b)
     return problems

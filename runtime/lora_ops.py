@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 Strategy = Literal["base_only", "single", "grouped", "segments", "triton"]
 STRATEGIES: tuple[str, ...] = ("single", "grouped", "segments")  # torch ones a caller may force
@@ -109,10 +109,10 @@ def make_plan(
     only under TRITON_INTERPRET=1). A forced `strategy` wins over `kernel`.
     """
     if strategy is not None and strategy not in (*STRATEGIES, "triton"):
-        raise InvalidArgument(f"unknown strategy {strategy!r}; choose one of "
+        raise InvalidArgument(f"unknown strategy {quote(strategy)}; choose one of "
                               f"{(*STRATEGIES, 'triton')}", field="strategy")
     if kernel not in KERNELS:
-        raise InvalidArgument(f"unknown kernel {kernel!r}; choose one of {KERNELS}",
+        raise InvalidArgument(f"unknown kernel {quote(kernel)}; choose one of {KERNELS}",
                               field="kernel")
     host = torch.as_tensor(slots, dtype=torch.int64, device="cpu").reshape(-1)  # [T]
     if device is None:

@@ -7,8 +7,9 @@ Tiers, fastest first:
   recently used slot makes room.
 - host: recently used adapters' tensors in memory, LRU under `host_cache_bytes`. An
   adapter that requests are waiting for is never dropped before it reaches a slot.
-- registry: `load_fn(version)` (read, digest check, prepare) on a thread pool, so a cold
-  load never runs on the engine thread; `poll()` collects what finished.
+- registry: `load_fn(version)` (read, digest check, prepare) on loader threads, so a cold
+  load never runs on the engine thread; `poll()` collects what finished. The loader threads
+  and the CUDA copy stream are in `pool_loading.py`; this module keeps the tiers.
 
 Everything but `load_fn` runs on the engine thread: no locks. `add/activate/remove`-style
 calls return a bool and are safe to repeat. All evictions go through `_evict`.
@@ -17,14 +18,11 @@ calls return a bool and are safe to repeat. All evictions go through `_evict`.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,31 +30,12 @@ import torch
 from loraplex.errors import LoraplexError, ResourceExhausted, Unavailable
 from loraplex.runtime.observer import EngineObserver
 from loraplex.runtime.plan import Residency, StepPlan
+from loraplex.runtime.pool_loading import HostAdapter, LoaderThreads, copy_stream
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HostAdapter:
-    """An adapter's weights in host memory, checked against the layers, ready to copy."""
-
-    digest: str
-    ref: str
-    tensors: dict[str, torch.Tensor]  # peft keys: `<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r]
-    rank: int
-    alpha: float
-    use_rslora: bool = False
-    nbytes: int = 0
-    # peft's per-module overrides (module-name pattern -> r / alpha); None: none
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, float] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.nbytes:
-            self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 @dataclass
@@ -83,13 +62,6 @@ class Activation:
     failed: dict[str, LoraplexError]  # request id -> why its adapter could not be activated
 
 
-@dataclass
-class _Loading:
-    future: Future
-    version: AdapterVersion
-    started: float = field(default_factory=time.monotonic)
-
-
 class AdapterPool:
     def __init__(self, *, max_slots: int, host_cache_bytes: int,
                  load_fn: Callable[[AdapterVersion], HostAdapter],
@@ -102,19 +74,16 @@ class AdapterPool:
                  device: torch.device | None = None) -> None:
         self.max_slots = max_slots
         self.host_cache_bytes = host_cache_bytes
-        self._load_fn = load_fn
         self._write_slot = write_slot
         self._clear_slot = clear_slot
         self._observer = observer or EngineObserver()
-        self._on_loaded = on_loaded or (lambda: None)
-        self._executor = ThreadPoolExecutor(max_workers=loader_threads,
-                                            thread_name_prefix="loraplex-loader",
-                                            initializer=_loader_priority,
-                                            initargs=(loader_nice,))
+        self._loading = LoaderThreads(
+            load_fn, threads=loader_threads, nice=loader_nice,
+            on_done=on_loaded or (lambda: None),
+            on_load_time=lambda s: self._notify("on_adapter_load", "registry", s))
         self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
         self._slot_of: dict[str, int] = {}  # digest -> slot
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
-        self._loading: dict[str, _Loading] = {}
         self._wanted: dict[str, int] = {}  # digest -> waiting requests that need it
         self._pin_wanted: set[str] = set()  # pinned before it reached a slot
         self._drop_when_idle: set[str] = set()  # unloaded while in use
@@ -152,7 +121,7 @@ class AdapterPool:
                 if self._slots[i].refs > 0 or self._slots[i].pinned}
         empty = sum(1 for s in self._slots[1:] if s.digest is None)
         return Residency(in_slot=frozenset(self._slot_of), busy=frozenset(busy),
-                         on_host=frozenset(self._host), loading=frozenset(self._loading),
+                         on_host=frozenset(self._host), loading=self._loading.digests(),
                          spare_slots=empty + len(self._slot_of) - len(busy))
 
     def resident(self) -> list[dict]:
@@ -193,16 +162,8 @@ class AdapterPool:
                 self._observer_cache("hit", "host")
             return False
         self._observer_cache("miss", "host")
-        fut = self._executor.submit(self._timed_load, version)
-        fut.add_done_callback(lambda _f: self._on_loaded())
-        self._loading[d] = _Loading(fut, version)
+        self._loading.start(version)
         return True
-
-    def _timed_load(self, version: AdapterVersion) -> HostAdapter:
-        t0 = time.monotonic()
-        host = self._load_fn(version)  # loader thread: registry read + digest + prepare
-        self._notify("on_adapter_load", "registry", time.monotonic() - t0)
-        return host
 
     def when_resident(self, version: AdapterVersion) -> Future:
         """Load if needed; the future completes (True) once the adapter is on host, having
@@ -219,10 +180,8 @@ class AdapterPool:
     def poll(self) -> list[LoadFailure]:
         """Collect finished loads into the host tier; return the loads that failed."""
         failures: list[LoadFailure] = []
-        for d, job in list(self._loading.items()):
-            if not job.future.done():
-                continue
-            del self._loading[d]
+        for job in self._loading.finished():
+            d = job.version.digest
             try:
                 host = job.future.result()
             except Exception as e:  # noqa: BLE001 - a failed load fails only its requests
@@ -260,7 +219,7 @@ class AdapterPool:
             return None
         t0 = time.monotonic()
         try:
-            with _copy_stream(self._copy_stream):
+            with copy_stream(self._copy_stream):
                 self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
         except Exception:
             self._clear_slot(slot)  # leave no half-written slot behind
@@ -369,7 +328,7 @@ class AdapterPool:
         return held
 
     def shutdown(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._loading.shutdown()
         for waiters in self._landing.values():
             for fut in waiters:
                 if not fut.done():
@@ -415,34 +374,6 @@ class AdapterPool:
             getattr(self._observer, hook)(*args)
         except Exception:  # noqa: BLE001 - a metrics bug must not break serving
             log.exception("observer.%s failed", hook)
-
-
-@contextmanager
-def _copy_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    """CUDA only (None: nothing): run a slot write on the pool's copy stream. It first waits
-    for the compute stream's queued work (a reused slot may still be read by a step in
-    flight), then copies from pinned memory without blocking the host; the compute stream
-    waits for the copies before its next kernel, on the GPU, with no host synchronize."""
-    if stream is None:
-        yield
-        return
-    compute = torch.cuda.current_stream(stream.device)
-    stream.wait_stream(compute)
-    with torch.cuda.stream(stream):
-        yield
-    compute.wait_stream(stream)
-
-
-def _loader_priority(nice: int) -> None:
-    """Optionally let loader threads yield the CPU to the decode loop (Linux: a per-thread
-    nice value). Worth it on a CPU-only host with few cores; on a shared, busy host it
-    makes cold loads slow, hence off by default (`EngineConfig.loader_nice`)."""
-    if nice <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):  # not Linux, or not permitted: normal priority
-        pass
 
 
 def _internal(e: Exception) -> LoraplexError:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from loraplex import errors
-from loraplex.errors import AlreadyExists, FailedPrecondition, LoraplexError, Unavailable
+from loraplex.errors import AlreadyExists, FailedPrecondition, LoraplexError, Unavailable, quote
 from loraplex.runtime.admission import Admission, LockedTokenizer, validate_request
 from loraplex.runtime.types import (
     Chunk,
@@ -159,7 +159,7 @@ class RayEngine:
         self._check_admitting()
         validate_request(request, self.admission.limits)
         if request.request_id in self._live:
-            raise AlreadyExists(f"request {request.request_id!r} is in flight",
+            raise AlreadyExists(f"request {quote(request.request_id)} is in flight",
                                 field="request_id")
         stream = RayStream(self, request)
         self._live[request.request_id] = stream

@@ -36,7 +36,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.errors import FailedPrecondition, LoraplexError, Unavailable
+from loraplex.errors import FailedPrecondition, LoraplexError, Unavailable, quote
 from loraplex.runtime.admission import Limits
 from loraplex.runtime.ray_ingress import RayEngine, model_id
 from loraplex.runtime.types import EngineStats, GenerationRequest
@@ -78,8 +78,8 @@ class EngineReplica:
         try:
             digest = serve.get_multiplexed_model_id()
             if digest != model_id(request):
-                raise FailedPrecondition(f"routed as {digest!r}, the request's adapter is "
-                                         f"{model_id(request)!r}", field="adapter")
+                raise FailedPrecondition(f"routed as {quote(digest)}, the request's adapter is "
+                                         f"{quote(model_id(request))}", field="adapter")
             if digest:
                 await self._adapter(digest)
             request = dataclasses.replace(

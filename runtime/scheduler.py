@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from loraplex.errors import Overloaded, ResourceExhausted
+from loraplex.errors import Overloaded, ResourceExhausted, quote
 from loraplex.runtime.plan import Admit, Residency, RunView, StepPlan, compose_batch
 
 
@@ -119,7 +119,7 @@ class Scheduler:
                 raise Overloaded(f"waiting queue is full ({self.max_waiting} requests); "
                                  "retry later", field="request")
             if ticket.request_id in self._by_id:
-                raise ValueError(f"duplicate request id {ticket.request_id!r}")
+                raise ValueError(f"duplicate request id {quote(ticket.request_id)}")
             self._check_tenant_limits(ticket)
             t = ticket.tenant
             if not self._active(t):
@@ -133,15 +133,15 @@ class Scheduler:
         queue = self._queues.get(ticket.tenant, ())
         cap = self.max_waiting_per_tenant
         if cap is not None and len(queue) >= cap:
-            raise ResourceExhausted(f"tenant {ticket.tenant!r} already has {len(queue)} "
+            raise ResourceExhausted(f"tenant {quote(ticket.tenant)} already has {len(queue)} "
                                     f"requests waiting (per-tenant limit {cap})",
                                     field="request")
         cap = self.max_waiting_tokens_per_tenant
         if cap is not None:
             queued = sum(t.budget for t in queue)
             if queued + ticket.budget > cap:
-                raise ResourceExhausted(f"too many tokens: tenant {ticket.tenant!r} would have "
-                                        f"{queued + ticket.budget} tokens waiting (prompt + "
+                raise ResourceExhausted(f"too many tokens: tenant {quote(ticket.tenant)} would "
+                                        f"have {queued + ticket.budget} tokens waiting (prompt + "
                                         f"max_new_tokens; per-tenant limit {cap})",
                                         field="sampling.max_new_tokens")
 

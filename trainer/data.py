@@ -32,7 +32,7 @@ from typing import Any
 
 from loraplex import chat
 from loraplex.chat import ROLES  # the roles a server accepts in chat requests
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 
 IGNORE_INDEX = -100  # label value the loss skips (prompt tokens, padding)
 PROMPT_COMPLETION, MESSAGES = "prompt_completion", "messages"
@@ -77,7 +77,7 @@ def _parse_messages(path: Path, line: int, msgs: Any) -> Example:
                 m.get("content"), str):
             raise _bad(path, line, f'messages[{i}] must be {{"role": str, "content": str}}')
         if m["role"] not in ROLES:
-            raise _bad(path, line, f'messages[{i}]: unknown role {m["role"]!r} (one of '
+            raise _bad(path, line, f'messages[{i}]: unknown role {quote(m["role"])} (one of '
                                    f'{", ".join(ROLES)})')
         if m["role"] == "system" and i:
             raise _bad(path, line, f"messages[{i}]: a system turn may only come first")

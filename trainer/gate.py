@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraplex.errors import InvalidArgument
+from loraplex.errors import InvalidArgument, quote
 from loraplex.trainer.publish import _OPS
 
 _GATE = re.compile(r"^\s*(?P<metric>exact_match|loss)\s*(?P<op><=|>=|<|>)\s*"
@@ -50,7 +50,7 @@ class GateResult:
 def parse(text: str) -> DerivedGate:
     m = _GATE.match(text or "")
     if m is None:
-        raise InvalidArgument(f"gate {text!r} must look like 'exact_match>=0.9*source', "
+        raise InvalidArgument(f"gate {quote(text)} must look like 'exact_match>=0.9*source', "
                               "'loss<=1.05*source' or 'exact_match>=0.8'", field="gate")
     try:
         if m["rhs"] == "source":
@@ -59,7 +59,7 @@ def parse(text: str) -> DerivedGate:
             raise ValueError("a factor needs 'source'")
         return DerivedGate(m["metric"], m["op"], float(m["rhs"]))
     except ValueError as e:
-        raise InvalidArgument(f"gate {text!r}: {e}", field="gate") from None
+        raise InvalidArgument(f"gate {quote(text)}: {e}", field="gate") from None
 
 
 def score(reg: Any, identity: Any, ref: str, base_dir: Path, examples: list[Any],

@@ -148,9 +148,9 @@ def decide_gate(registry: Any, identity: Any, cfg: TrainConfig, new: Any,
         why = f"{g.metric}={float(metrics[g.metric]):.6g} {'meets' if ok else 'fails'} {g}"
         return GateOutcome(ok, why, current)
     if current is None:
-        return GateOutcome(True, f"alias {alias!r} does not exist yet", None)
+        return GateOutcome(True, f"alias {quote(alias)} does not exist yet", None)
     if current == new.version:
-        return GateOutcome(True, f"alias {alias!r} already points at v{new.version}", current)
+        return GateOutcome(True, f"alias {quote(alias)} already points at v{new.version}", current)
     if not val:
         return GateOutcome(False, "no validation data to compare with the current version; "
                                   "pass --gate", current)
@@ -197,7 +197,8 @@ def publish(cfg: TrainConfig, adapter_dir: Path, metrics: dict[str, Any], splits
                                expected=outcome.compared_with)
         except AliasConflict as e:
             return Published(version, False, GateOutcome(
-                False, f"alias {cfg.promote!r} moved while gating: {e}", outcome.compared_with))
+                False, f"alias {quote(cfg.promote)} moved while gating: {e}",
+                outcome.compared_with))
         return Published(version, True, outcome)
     finally:
         registry.close()

@@ -7,12 +7,8 @@ import torch
 from torch import nn
 
 from loraplex.errors import FailedPrecondition, InvalidArgument
-from loraplex.runtime.layers import (
-    BatchedLoraLayer,
-    RankTooLarge,
-    default_target_modules,
-    inject_lora,
-)
+from loraplex.runtime.batched_layer import BatchedLoraLayer, RankTooLarge
+from loraplex.runtime.layers import default_target_modules, inject_lora
 
 # (name, r, alpha, use_rslora, target subset: None = every default target)
 ADAPTERS = [
@@ -268,11 +264,11 @@ def test_rank_and_alpha_patterns_give_peft_per_module_scales(micro_base):
 
 @torch.no_grad()
 def test_one_plan_per_step_shared_by_every_layer(micro_base, monkeypatch):
-    import loraplex.runtime.layers as layers_mod
+    import loraplex.runtime.batched_layer as layer_mod
 
     calls = []
-    real = layers_mod.make_plan
-    monkeypatch.setattr(layers_mod, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = layer_mod.make_plan
+    monkeypatch.setattr(layer_mod, "make_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = _load(micro_base)
     inj = inject_lora(model, None, max_slots=2, max_rank=4)
     assert len(inj.layers) == 14  # 2 blocks x 7 projections

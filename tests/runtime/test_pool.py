@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from loraplex.errors import DataCorruption, ResourceExhausted
-from loraplex.runtime.pool import AdapterPool, HostAdapter
+from loraplex.runtime.pool import AdapterPool
+from loraplex.runtime.pool_loading import HostAdapter
 
 
 @dataclass(frozen=True)
