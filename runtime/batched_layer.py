@@ -92,6 +92,19 @@ class LoraBatch:
 # --------------------------------------------------------------------------- the layer
 
 
+def b_stack(slots: int, out: int, rank: int, dtype: torch.dtype,
+            device: torch.device) -> Tensor:
+    """A zeroed B stack `[slots, out, rank]`. On CPU its memory is laid out `[slots, rank,
+    out]` (the tensor is a transposed view): the expand `h @ B[s]ᵀ` has an inner size of
+    only `rank`, and CPU BLAS runs it about 3x faster when each of `B[s]ᵀ`'s rank rows is
+    contiguous (measured: 3.5 vs 11 µs for one decode row, out 2816, rank 8); every torch
+    strategy reads `B[s]ᵀ`, so they all get the fast layout. The Triton kernels (CUDA) read
+    stacks whose last dim is contiguous, so CUDA keeps `[slots, out, rank]` memory."""
+    if device.type == "cpu":
+        return torch.zeros(slots, rank, out, dtype=dtype, device=device).transpose(1, 2)
+    return torch.zeros(slots, out, rank, dtype=dtype, device=device)
+
+
 class BatchedLoraLayer(nn.Module):
     """`base(x) + scale[s] * B[s] @ (A[s] @ x)` per token, `s` from the shared LoraBatch."""
 
@@ -107,8 +120,8 @@ class BatchedLoraLayer(nn.Module):
         dt, dev = dtype or spec.dtype, spec.device
         self.register_buffer("lora_a", torch.zeros(max_slots + 1, max_rank, spec.in_features,
                                                    dtype=dt, device=dev), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_slots + 1, spec.out_features, max_rank,
-                                                   dtype=dt, device=dev), persistent=False)
+        self.register_buffer("lora_b", b_stack(max_slots + 1, spec.out_features, max_rank,
+                                               dt, torch.device(dev)), persistent=False)
         # fp32 whatever the stacks: alpha/sqrt(r) is not rounded to a half's 8-11 bits
         self.register_buffer("lora_scale", torch.zeros(max_slots + 1, dtype=torch.float32,
                                                        device=dev), persistent=False)
