@@ -111,14 +111,17 @@ class BlockKVCache(Cache):
     """
 
     def __init__(self, num_layers: int, rows: int, max_len: int, block_size: int = 16,
-                 prefix_cache_blocks: int = 0) -> None:
+                 prefix_cache_blocks: int = 0, *, stable: bool = False) -> None:
         super().__init__(layers=[])
         self.num_layers = num_layers
         self.num_rows = rows
         self.max_len = max_len
         self.block_size = block_size
         self.blocks = BlockAllocator(block_size, rows * -(-max_len // block_size),
-                                     prefix_cache_blocks)
+                                     prefix_cache_blocks, stable=stable)
+        # +1 whenever a pool tensor is replaced (allocated, grown, compacted): a CUDA graph
+        # holds the old addresses, so the decode graphs compare it before each replay
+        self.generation = 0
         # head-major, so each (row, head) gathers into a contiguous [L, D] for attention
         self.keys: list[torch.Tensor | None] = [None] * num_layers  # each [H, (C+1)*bs, D]
         self.values: list[torch.Tensor | None] = [None] * num_layers  # each [H, (C+1)*bs, Dv]
@@ -139,18 +142,32 @@ class BlockKVCache(Cache):
 
     def set_layout(self, layout: StepLayout) -> None:
         """Flat pool indices for this step's writes `[B, Q]`; block ids it reads `[B*W]`."""
-        bs, rows = self.block_size, layout.row_ids  # host copy: no device sync per step
-        width = -(-layout.kv_len // bs)
-        table = torch.zeros((len(rows), width), dtype=torch.long)  # [B, W]; 0 = scratch
-        for i, r in enumerate(rows):
+        rows = layout.row_ids  # host copy: no device sync per step
+        width = -(-layout.kv_len // self.block_size)
+        table = torch.tensor(self.block_ids(rows, width), dtype=torch.long)  # [B*W]
+        table = table.view(len(rows), width).to(layout.position_ids.device)  # [B, W]
+        self.bind(table, layout.position_ids, layout.valid, layout.kv_len)
+
+    def block_ids(self, rows: Sequence[int], width: int) -> list[int]:
+        """Host block table, row-major `[len(rows) * width]`: each KV row's first `width`
+        blocks, then 0 (the scratch block); a row without blocks (a pad, -1) is all 0."""
+        out: list[int] = []
+        for r in rows:
             t = self.blocks.tables.get(r, [])[:width]
-            table[i, :len(t)] = torch.as_tensor(t, dtype=torch.long)
-        table = table.to(layout.position_ids.device)
+            out += t
+            out += [0] * (width - len(t))
+        return out
+
+    def bind(self, table: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor,
+             kv_len: int) -> None:
+        """The device half of `set_layout`: `table # [B, W]` block ids, `position_ids` and
+        `valid # [B, Q]`. Tensor ops only, so the static decode path runs it inside a
+        captured CUDA graph, on its fixed input buffers."""
+        bs, width = self.block_size, table.shape[1]
         self._read_blocks = table.reshape(-1)  # [B*W]: each row's blocks, then scratch
-        pos = layout.position_ids  # [B, Q]
-        blk = table.gather(1, (pos // bs).clamp(max=width - 1))  # [B, Q]
-        self._write = torch.where(layout.valid, blk * bs + pos % bs, 0)  # pads -> scratch
-        self._kv_len = layout.kv_len
+        blk = table.gather(1, (position_ids // bs).clamp(max=width - 1))  # [B, Q]
+        self._write = torch.where(valid, blk * bs + position_ids % bs, 0)  # pads -> scratch
+        self._kv_len = kv_len
 
     # -- the model's calls -----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -188,6 +205,7 @@ class BlockKVCache(Cache):
                 for src, dst in shrink.moves:
                     buf[:, dst * bs:(dst + 1) * bs] = buf[:, src * bs:(src + 1) * bs]
                 bufs[i] = buf[:, :(shrink.capacity + 1) * bs].clone()
+        self.generation += 1
 
     # -- memory ----------------------------------------------------------------------------
     def _allocate(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -196,6 +214,7 @@ class BlockKVCache(Cache):
                                            device=k.device)
         self.values[layer_idx] = torch.zeros((v.shape[1], n, v.shape[3]), dtype=v.dtype,
                                              device=v.device)
+        self.generation += 1
 
     def _resize(self, capacity: int) -> None:
         n = (capacity + 1) * self.block_size
@@ -205,6 +224,7 @@ class BlockKVCache(Cache):
                     grown = buf.new_zeros((buf.shape[0], n, buf.shape[2]))
                     grown[:, :buf.shape[1]] = buf
                     bufs[i] = grown
+        self.generation += 1
 
     def position_bytes(self) -> int:
         """KV bytes of one position across all layers (0 before the warm-up)."""

@@ -16,6 +16,12 @@ every block boundary; the pool never exceeds `max_blocks` (every row at its long
 the old per-row cache reserved up front — plus `cache_blocks`), so a row the scheduler
 admitted can always get its blocks: admission by free rows stays sufficient.
 
+Stable pools (`stable=True`, with CUDA graphs: runtime/decode_graphs.py): a captured graph
+holds the pools' addresses, so every reallocation costs a re-capture. Then the pool grows to
+at least twice its capacity and never shrinks: at most ~log2(max_blocks) reallocations in a
+process, and reserved KV stays at its peak instead of following use (the invariant above
+does not hold).
+
 Prefix cache (`cache_blocks > 0`): a full block of a prompt is published under a key that
 chains the adapter digest (or the base) with every token up to the block's end (sha256), so
 a later row with the same adapter version and the same leading tokens takes the same blocks
@@ -48,10 +54,12 @@ class Shrink:
 
 
 class BlockAllocator:
-    def __init__(self, block_size: int, max_blocks: int, cache_blocks: int = 0) -> None:
+    def __init__(self, block_size: int, max_blocks: int, cache_blocks: int = 0, *,
+                 stable: bool = False) -> None:
         if block_size <= 0 or max_blocks <= 0 or cache_blocks < 0:
             raise ValueError("block_size and max_blocks must be > 0, cache_blocks >= 0")
         self.block_size = block_size
+        self.stable = stable  # grow by doubling, never shrink (see the module doc)
         self.max_blocks = max_blocks + cache_blocks
         self.cache_blocks = cache_blocks
         self.refs: dict[int, int] = {}  # block -> rows holding it (shared prefix blocks > 1)
@@ -94,6 +102,8 @@ class BlockAllocator:
             self._evict()
         if need > len(self._free):
             target = self.allocated + need + self._headroom(4)
+            if self.stable:
+                target = max(target, 2 * self.capacity)
             grown = self._grow(min(self.max_blocks, target))
             if need > len(self._free):
                 raise RuntimeError(f"KV pool exhausted: {need} blocks needed, "
@@ -119,7 +129,7 @@ class BlockAllocator:
         while len(self._idle) > self.cache_blocks:
             self._evict()
         self._free.sort(reverse=True)
-        if self.capacity <= self.allocated + self._headroom(2):
+        if self.stable or self.capacity <= self.allocated + self._headroom(2):
             return None
         return self._shrink(self.allocated + self._headroom(4))
 

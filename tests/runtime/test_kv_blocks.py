@@ -92,6 +92,18 @@ def test_allocator_grows_with_headroom_and_compacts_on_release():
     assert a.release(1).capacity == 0 and a.used_tokens == 0 and a.allocated == 0
 
 
+def test_stable_pools_double_and_never_shrink():
+    """With CUDA graphs each pool reallocation costs a re-capture of the decode graphs, so a
+    stable pool grows to at least twice its size (log2 reallocations) and keeps its peak."""
+    a = BlockAllocator(block_size=4, max_blocks=64, stable=True)
+    grown = [g for row in range(8) for upto in range(1, 33)
+             if (g := a.extend(row, upto)) is not None]
+    assert grown == [1, 2, 4, 8, 16, 32, 64]
+    assert all(a.release(row) is None for row in range(8))  # no compaction: same addresses
+    assert a.capacity == 64 and a.allocated == 0 and a.used_tokens == 0
+    assert a.extend(0, 40) is None and a.tables[0] == list(range(1, 11))
+
+
 def test_prefix_cache_reuses_kv_only_for_the_same_adapter_version(micro_base, tmp_path):
     """Same prompt, same adapter version: the prompt's full blocks are reused and the answer
     is the same. Another adapter, the base, or an alias moved to another version: nothing
