@@ -48,6 +48,13 @@ class LoraBatch:
     def clear(self) -> None:
         self._row_slots, self._token_slots, self._plans = None, None, {}
 
+    def set_plan(self, plan: LoraBatchPlan) -> None:
+        """Use `plan` (one token per row) until the next `set_*`: the static decode path
+        builds it over its fixed buffers, so no layer plans or copies inside a CUDA graph."""
+        n = plan.num_tokens
+        self._row_slots, self._token_slots, self._plans = None, None, {(n, n): plan,
+                                                                       (n, None): plan}
+
     def invalidate(self) -> None:
         """Slot contents (ranks) changed: rebuild plans on the next call."""
         self._plans = {}

@@ -79,10 +79,14 @@ class LoraBatchPlan:
     seg_ranks: tuple[int | None, ...] = ()  # [U] rank per slot (None = R)
     # "triton": perm (None = identity) and one int32 table, both copied in one transfer
     seg_table: Tensor | None = None  # [U, 4] int32: start in perm, length, slot, rank
+    # > 0: a static decode plan (`static_decode_plan`) for this many rows: seg_table and
+    # perm are fixed-size device buffers, so the launches do not depend on the batch
+    static_rows: int = 0
 
     @property
     def num_adapters(self) -> int:
-        """Distinct non-zero slots in the batch."""
+        """Distinct non-zero slots in the batch (0 for a static plan: its segments are
+        device data the host does not keep)."""
         if self.strategy == "base_only":
             return 0
         if self.strategy == "single":
@@ -230,6 +234,47 @@ def _triton_plan(n: int, dev_slots: Tensor, perm: Tensor, identity: bool,
     )
 
 
+def static_decode_table(slots: Sequence[int], rows: int,
+                        slot_ranks: Sequence[int] | None = None) -> list[int]:
+    """The "triton" layout of a decode step in a fixed size: `rows` segments and `rows` perm
+    entries whatever the batch, so the kernels launch the same grid for any batch of up to
+    `rows` rows (what a CUDA graph captured for that row bucket replays). Host ints only.
+
+    Semantics (`slots # [B]`, B <= rows; returns seg_table [rows, 4] then perm [rows], flat):
+        perm = rows i with slots[i] != 0, stably sorted by slot; then the others, in order
+               (slot-0 rows, then the pad rows B..rows-1: in no segment, never touched)
+        segment u < U (U distinct non-zero slots, ascending): (start in perm, length, slot,
+               rank = slot_ranks[slot], or the stacks' R when None)
+        segment u >= U: (0, 0, 0, 0) -- a program that returns at once
+    """
+    if len(slots) > rows:
+        raise InvalidArgument(f"{len(slots)} rows do not fit a static plan for {rows}",
+                              field="slots")
+    order = sorted((i for i, s in enumerate(slots) if s), key=lambda i: slots[i])
+    table: list[int] = []
+    start = 0
+    while start < len(order):
+        slot = slots[order[start]]
+        end = start
+        while end < len(order) and slots[order[end]] == slot:
+            end += 1
+        rank = _NO_RANK if slot_ranks is None else int(slot_ranks[slot])
+        table += (start, end - start, slot, rank)
+        start = end
+    table += [0] * (4 * rows - len(table))
+    taken = set(order)
+    return table + order + [i for i in range(rows) if i not in taken]
+
+
+def static_decode_plan(table: Tensor, slots: Tensor, rows: int) -> LoraBatchPlan:
+    """The plan over `static_decode_table`'s layout on the device: `table # [rows*5]` int32
+    (seg_table then perm, e.g. a view of a static input buffer), `slots # [rows]`. Building
+    it reads nothing back, so it can run inside a CUDA graph capture."""
+    return LoraBatchPlan(num_tokens=rows, strategy="triton", slots=slots,
+                         seg_table=table[:4 * rows].view(rows, 4), perm=table[4 * rows:],
+                         static_rows=rows)
+
+
 def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int) -> Strategy:
     if len(seg_slots) == 1:
         return "single"
@@ -271,9 +316,11 @@ def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
     if plan.strategy == "triton":
         from loraplex.runtime.triton_lora import add_lora_triton
 
+        # a static plan launches for its row bucket whatever the batch (fixed grid and tile)
+        rows = plan.static_rows or sum(plan.seg_lens)
+        longest = plan.static_rows or max(plan.seg_lens)
         return add_lora_triton(y, x, a, b, scale, seg_table=plan.seg_table, tokens=plan.perm,
-                               num_rows=sum(plan.seg_lens), max_seg_len=max(plan.seg_lens),
-                               rank=plan.rank)
+                               num_rows=rows, max_seg_len=longest, rank=plan.rank)
     return _add_segments(y, x, a, b, scale, plan)
 
 

@@ -11,6 +11,7 @@ from loraplex.runtime.lora_ops import (
     add_lora,
     make_plan,
     reference_add_lora,
+    static_decode_table,
 )
 
 IN, OUT, R, S = 12, 10, 4, 6  # small dims keep the literal loop quick
@@ -131,3 +132,34 @@ def test_auto_kernel_keeps_torch_strategies_on_cpu_and_triton_plans_segments():
     assert plan.strategy == "triton" and plan.num_adapters == 2
     assert plan.seg_table.tolist() == [[0, 1, 1, 4], [1, 2, 2, 2]]
     assert plan.perm.tolist() == [1, 0, 2]
+
+
+# (case, row slots, row bucket, seg_table rows, perm): the fixed-size layout a decode graph
+# replays; ranks from RANKS (slot 5 has rank 4, slot 2 rank 2, ...)
+STATIC_CASES = [
+    ("one row, one adapter", [2], 1, [[0, 1, 2, 2]], [0]),
+    ("one row, base", [0], 2, [[0, 0, 0, 0]] * 2, [0, 1]),
+    ("mixed, shuffled, padded to 8", [3, 0, 1, 3, 5], 8,
+     [[0, 1, 1, 4], [1, 2, 3, 3], [3, 1, 5, 4]] + [[0, 0, 0, 0]] * 5,
+     [2, 0, 3, 4, 1, 5, 6, 7]),
+    ("every row the same adapter", [4, 4, 4, 4], 4, [[0, 4, 4, 1]] + [[0, 0, 0, 0]] * 3,
+     [0, 1, 2, 3]),
+]
+
+
+@pytest.mark.parametrize(("case", "slots", "rows", "segs", "perm"), STATIC_CASES,
+                         ids=[c[0] for c in STATIC_CASES])
+def test_static_decode_table_has_a_fixed_size_whatever_the_batch(case, slots, rows, segs,
+                                                                perm):
+    flat = static_decode_table(slots, rows, RANKS)
+    assert len(flat) == 5 * rows
+    assert [flat[i:i + 4] for i in range(0, 4 * rows, 4)] == segs
+    assert flat[4 * rows:] == perm
+
+
+def test_static_decode_table_without_ranks_uses_the_stacks_and_refuses_too_many_rows():
+    from loraplex.runtime.lora_ops import _NO_RANK
+
+    assert static_decode_table([1], 1, None)[:4] == [0, 1, 1, _NO_RANK]
+    with pytest.raises(InvalidArgument):
+        static_decode_table([1, 2, 3], 2, RANKS)

@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraplex.runtime.lora_ops import add_lora, make_plan, reference_add_lora
+from loraplex.runtime.lora_ops import (
+    add_lora,
+    make_plan,
+    reference_add_lora,
+    static_decode_plan,
+    static_decode_table,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_lora_ops import CASES, IN, OUT, RANKS, S, _stacks  # noqa: E402 - the same named cases
@@ -110,3 +116,31 @@ def test_decode_batch_matches_the_torch_strategy(triton_lora, kernel_device):
     assert (torch_plan.strategy, plan.strategy) == ("grouped", "triton")
     assert plan.seg_table.shape == (len(set(slots) - {0}), 4) and S == 6
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# decode steps as a CUDA graph replays them: the rows padded to a bucket, the plan in the
+# fixed-size layout of `static_decode_table` (one segment per distinct slot, empty ones up to
+# the bucket), read from one int32 device buffer
+STATIC = [(case, slots, bucket) for case, slots in CASES
+          if 0 < len(slots) <= 8 for bucket in (len(slots), 8)]
+
+
+@pytest.mark.parametrize(("case", "slots", "bucket"), STATIC,
+                         ids=[f"{c}-to{b}" for c, _, b in STATIC])
+def test_static_decode_plan_matches_semantics_loop(triton_lora, kernel_device, case, slots,
+                                                   bucket):
+    a, b, scale = _stacks()
+    padded = slots + [0] * (bucket - len(slots))  # pad rows: slot 0, never touched
+    g = torch.Generator().manual_seed(len(slots))
+    x = torch.randn(bucket, IN, generator=g, dtype=torch.float64)  # [Bp, in]
+    y0 = torch.randn(bucket, OUT, generator=g, dtype=torch.float64)  # [Bp, out]
+    want = reference_add_lora(y0.clone(), x, a, b, scale, torch.tensor(padded))
+    table = torch.tensor(static_decode_table(slots, bucket, RANKS), dtype=torch.int32)
+    plan = static_decode_plan(table.to(kernel_device), torch.tensor(padded).to(kernel_device),
+                              bucket)
+    dev = [t.float().to(kernel_device) for t in (y0, x, a, b, scale)]
+    got = add_lora(*dev, plan).cpu().double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    untouched = [i for i, s in enumerate(padded) if s == 0]
+    torch.testing.assert_close(got[untouched], y0[untouched].float().double(), rtol=0, atol=0)
+
