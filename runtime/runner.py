@@ -9,6 +9,10 @@ lays them out left-padded (`kv.build_layout`), builds the attention mask (with t
 window where the model has one) and returns last-position logits. Decode (one token per
 running sequence) and prefill (prompt chunks) are separate forwards, so a long prompt never
 pads every decode row to its length. A forward that raises fails only its own rows.
+
+With `EngineConfig.cuda_graphs` (or `static_decode`, the same path without capture) the
+decode forward goes through `decode_graphs.StaticDecode`: padded to a bucket, fixed input
+buffers, a CUDA graph replayed per bucket; prefill stays eager.
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loraplex import peft_format
-from loraplex.errors import LoraplexError
+from loraplex.errors import InvalidArgument, LoraplexError
 from loraplex.runtime.kv import BlockKVCache, RowAllocator, RowFeed, StepLayout, build_layout
 
 if TYPE_CHECKING:
     from loraplex.fingerprint import BaseFingerprint
+    from loraplex.runtime.decode_graphs import StaticDecode
     from loraplex.runtime.layers import LoraInjection
     from loraplex.runtime.types import EngineConfig
 
@@ -109,20 +114,25 @@ class Runner:
         self.mask = mask
         self.max_seq_len = max_seq_len
         self.rows = RowAllocator(max_batch)
+        self.rows_total = max_batch
         self.device = device
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos = eos_ids(model, tokenizer)
         self.lora_dtype = next(iter(injection.layers.values())).lora_a.dtype
+        self.static: StaticDecode | None = None  # decode through fixed buffers / CUDA graphs
 
     @classmethod
     def boot(cls, cfg: EngineConfig) -> Runner:
         """Load the base, wrap its target modules, allocate the KV pools (by a warm-up
-        forward, from the shapes the model produces; they grow and shrink by blocks)."""
+        forward, from the shapes the model produces; they grow and shrink by blocks). With
+        `cuda_graphs`, capture one decode step as a probe: a base whose decode step cannot
+        be captured is refused here, typed, not at the first request."""
         from loraplex.runtime.base import load_base
         from loraplex.runtime.layers import inject_lora
 
         device = torch.device(cfg.device if cfg.device != "auto"
                               else ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_cuda_graphs(cfg.cuda_graphs, device)
         dtype = peft_format.compute_dtype(cfg.compute_dtype, device)
         base = load_base(cfg.base_dir, quantization=cfg.quantization, compute_dtype=dtype,
                          device=device)
@@ -134,12 +144,30 @@ class Runner:
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
                                 cfg.lora_stack_dtype)
         kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
-                          cfg.kv_block_size, cfg.prefix_cache_blocks)
+                          cfg.kv_block_size, cfg.prefix_cache_blocks,
+                          stable=cfg.cuda_graphs)  # a graph holds the pools' addresses
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)
         runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV pools
+        if cfg.cuda_graphs or cfg.static_decode:
+            runner.static = runner.static_decode(capture=cfg.cuda_graphs)
+            runner.static.forward([RowFeed(0, 0, [0])], [0], strict=True)  # the probe
         runner.release_row(0)
         return runner
+
+    def static_decode(self, *, capture: bool) -> StaticDecode:
+        """The padded decode path over this runner's model, KV and LoRA layers; the LoRA
+        plan is the static Triton one where the layers would use Triton, else the torch
+        strategies on the padded slots (never captured)."""
+        from loraplex.runtime.decode_graphs import StaticDecode
+        from loraplex.runtime.lora_ops import triton_ready
+
+        kernel = self.injection.batch.kernel
+        triton = kernel == "triton" or (kernel == "auto" and self.device.type == "cuda"
+                                        and triton_ready())
+        return StaticDecode(self.model, self.kv, self.injection, self.mask, self.device,
+                            max_batch=self.rows_total, capture=capture,
+                            lora="static" if triton else "rows")
 
     def forward(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
         return forward(self.model, self.kv, self.injection, self.mask, feeds, slots,
@@ -150,21 +178,45 @@ class Runner:
         self.kv.release(row)
         self.rows.give(row)
 
+    def decode(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
+        """A decode forward (one token per row): the static path when it is on."""
+        if self.static is not None:
+            return self.static.forward(feeds, slots)
+        return self.forward(feeds, slots)
+
     def run(self, decode: Sequence[RowFeed], decode_slots: Sequence[int],
             prefill: Sequence[RowFeed], prefill_slots: Sequence[int]) -> StepOutputs:
-        """The step's decode forward, then its prefill forward."""
-        return StepOutputs(self._safe(decode, decode_slots), self._safe(prefill, prefill_slots))
+        """The step's decode forward, then its prefill forward (always eager)."""
+        return StepOutputs(self._safe(self.decode, decode, decode_slots),
+                           self._safe(self.forward, prefill, prefill_slots))
 
-    def _safe(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> Forward:
+    def _safe(self, fn: Any, feeds: Sequence[RowFeed], slots: Sequence[int]) -> Forward:
         if not feeds:
             return Forward(())
         try:
-            return Forward(tuple(feeds), logits=self.forward(feeds, slots))
+            return Forward(tuple(feeds), logits=fn(feeds, slots))
         except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
             log.exception("forward failed for %d rows", len(feeds))
             err = e if isinstance(e, LoraplexError) else LoraplexError(
                 f"internal error in the forward pass: {type(e).__name__}")
             return Forward(tuple(feeds), error=err)
+
+
+def check_cuda_graphs(wanted: bool, device: torch.device) -> None:
+    """`cuda_graphs` on a machine that cannot capture is a configuration error, said at
+    boot (never a silent fallback to eager decoding)."""
+    if not wanted:
+        return
+    if device.type != "cuda":
+        raise InvalidArgument(f"`cuda_graphs` needs a CUDA device; this engine runs on "
+                              f"{device.type} (torch sees no CUDA device, or `device` says "
+                              "cpu): turn cuda_graphs off", field="cuda_graphs")
+    from loraplex.runtime.lora_ops import triton_ready
+
+    if not triton_ready():
+        raise InvalidArgument("`cuda_graphs` needs the Triton LoRA kernels (a capturable, "
+                              "fixed-grid LoRA op) and triton does not import: install "
+                              "loraplex[gpu] or turn cuda_graphs off", field="cuda_graphs")
 
 
 def mask_spec(model: Any) -> MaskSpec:

@@ -185,6 +185,13 @@ class EngineConfig:
     target_modules: str | tuple[str, ...] | None = None  # peft's forms, incl. "all-linear"
     # adapter A/B stacks: "auto" = bfloat16 on CUDA, float32 on CPU (layers.resolve_stack_dtype)
     lora_stack_dtype: str = "auto"
+    # Decode steps as CUDA graphs, one per (batch bucket, KV bucket), captured lazily and
+    # replayed (runtime/decode_graphs.py: what is captured, memory, when re-captured). Needs
+    # a CUDA device and triton: refused at boot otherwise. The KV pools then grow by
+    # doubling and never shrink (a graph holds their addresses). Prefill stays eager.
+    cuda_graphs: bool = False
+    # The same padded decode path without capture (any device): for tests and the GPU check
+    static_decode: bool = False
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
 
@@ -207,6 +214,9 @@ class EngineConfig:
             problems.append(("loader_nice", "`loader_nice` must be in 0..19"))
         if self.max_seq_len is not None and self.max_seq_len <= 1:
             problems.append(("max_seq_len", "`max_seq_len` must be > 1"))
+        if self.cuda_graphs and self.device == "cpu":
+            problems.append(("cuda_graphs", "`cuda_graphs` needs a CUDA device, and "
+                                            "`device` is cpu"))
         if self.prefix_cache_blocks < 0:
             problems.append(("prefix_cache_blocks", "`prefix_cache_blocks` must be >= 0"))
         if self.host_cache_bytes < 0:

@@ -144,3 +144,24 @@ def test_static_decode_plan_matches_semantics_loop(triton_lora, kernel_device, c
     untouched = [i for i, s in enumerate(padded) if s == 0]
     torch.testing.assert_close(got[untouched], y0[untouched].float().double(), rtol=0, atol=0)
 
+
+def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_lora,
+                                                                         micro_base):
+    """The forward a CUDA graph captures, run as is on CPU: padded rows, the input buffer
+    and the static segment table read by the kernels (under the interpreter here), inside
+    the micro base, against the eager engine step (torch strategies) while rows join."""
+    from test_decode_graphs import _drive, _pair
+
+    eager, static = _pair(micro_base)
+    static.injection.batch.kernel = "triton"
+    static.static = static.static_decode(capture=False)
+    static.injection.batch.kernel = "auto"  # prefill stays on the torch strategies
+    assert static.static.lora == "static"
+
+    def check(step, a, b):
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist(), f"step {step}"
+        # the kernels sum in fp32 in another order than torch's matmuls
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+    used = _drive(eager, static, check, steps=10)
+    assert {b.rows for b in used} == {4, 8, 9}

@@ -1,0 +1,233 @@
+"""The padded static decode path (what `cuda_graphs` captures), checked on CPU without capture.
+
+A decode step padded to its (batch, KV) bucket over the fixed input buffer must give the
+tokens of the ordinary eager step, while rows join and leave, adapters mix, buckets change
+and the KV pools grow and compact (each reallocation drops the graphs). Its logits differ
+from the eager step only by floating-point summation order over the padding: with buckets
+that fit the batch exactly they are bitwise equal. Capture itself needs a GPU
+(tests/runtime/test_engine_cuda.py, bench/gpu_check.sh); asking for it elsewhere is refused.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from test_engine import _requests, _run_staggered
+from test_engine_util import SPECS, make_world
+
+from loraplex import peft_format
+from loraplex.errors import InvalidArgument
+from loraplex.registry import Identity
+from loraplex.runtime.decode_graphs import Bucket, bucket_of, buckets_up_to
+from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
+from loraplex.runtime.kv import RowFeed
+from loraplex.runtime.runner import Runner, check_cuda_graphs
+
+ACME = Identity("acme")
+RANKS = {1: 2, 2: 8, 3: 4}  # adapter slot -> rank (slot 0: no adapter)
+
+
+def test_buckets_are_powers_of_two_up_to_the_limit():
+    assert buckets_up_to(32) == (1, 2, 4, 8, 16, 32)
+    assert buckets_up_to(12) == (1, 2, 4, 8, 12)
+    assert buckets_up_to(1) == (1,)
+    assert [bucket_of(n, (1, 2, 4, 8, 12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+    with pytest.raises(InvalidArgument):
+        bucket_of(13, (1, 2, 4, 8, 12))
+
+
+def test_cuda_graphs_off_cuda_is_a_config_error_not_a_silent_fallback():
+    with pytest.raises(InvalidArgument) as e:
+        EngineConfig(base_dir=".", device="cpu", cuda_graphs=True)
+    assert e.value.field == "cuda_graphs" and "CUDA device" in str(e.value)
+    with pytest.raises(InvalidArgument) as e:  # device "auto" resolved to the CPU at boot
+        check_cuda_graphs(True, torch.device("cpu"))
+    assert e.value.field == "cuda_graphs"
+    check_cuda_graphs(False, torch.device("cpu"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_engine_with_cuda_graphs_on_a_cpu_machine_fails_at_boot_typed(micro_base):
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", cuda_graphs=True))
+    with pytest.raises(InvalidArgument) as e:
+        engine.start(timeout=120)
+    assert e.value.field == "cuda_graphs" and "cpu" in str(e.value)
+    assert not engine.ready
+
+
+# -- the padded path against the eager one, step by step (runner level) -----------------
+
+def _load_adapters(runner: Runner) -> None:
+    """Random adapters of ranks 2, 8 and 4 in slots 1..3, the same in every runner."""
+    for slot, rank in RANKS.items():
+        g = torch.Generator().manual_seed(slot)
+        tensors = {}
+        for path, layer in runner.injection.layers.items():
+            tensors[peft_format.weight_key(path, "A")] = torch.randn(
+                rank, layer.in_features, generator=g) / layer.in_features ** 0.5
+            tensors[peft_format.weight_key(path, "B")] = torch.randn(
+                layer.out_features, rank, generator=g)
+        runner.injection.load_adapter(slot, tensors, rank, 2 * rank)
+
+
+def _swap_stack_and_reload(runner: Runner) -> None:
+    """Replace one layer's B stack by a copy (a new tensor: what a graph captured earlier
+    does not read) and load another adapter into slot 2, so a stale graph would differ."""
+    layer = next(iter(runner.injection.layers.values()))
+    layer.lora_b = layer.lora_b.clone()
+    g = torch.Generator().manual_seed(99)
+    tensors = {}
+    for path, lay in runner.injection.layers.items():
+        tensors[peft_format.weight_key(path, "A")] = torch.randn(4, lay.in_features, generator=g)
+        tensors[peft_format.weight_key(path, "B")] = torch.randn(lay.out_features, 4, generator=g)
+    runner.injection.load_adapter(2, tensors, 4, 8)
+
+
+def _pair(base, block_size: int = 4) -> tuple[Runner, Runner]:
+    cfg = EngineConfig(base_dir=base, quantization="none", device="cpu", max_slots=3,
+                       max_rank=8, max_batch=9, kv_block_size=block_size, max_seq_len=64)
+    eager, static = Runner.boot(cfg), Runner.boot(cfg.replace(static_decode=True))
+    for r in (eager, static):
+        _load_adapters(r)
+    return eager, static
+
+
+def _drive(eager: Runner, static: Runner, check, steps: int = 26) -> set[Bucket]:
+    """Rows join (prefill, eager in both), decode together, leave; `check(step, a, b)` on
+    each decode step's logits. Returns the buckets the static path used."""
+    g = torch.Generator().manual_seed(0)
+    prompts = {row: torch.randint(0, 250, (3 + 2 * row,), generator=g).tolist()
+               for row in range(9)}
+    slot = {row: row % 4 for row in range(9)}  # every adapter and the bare base
+    length, last, live, used = {}, {}, [], set()
+
+    def join(row: int) -> None:
+        outs = []
+        for r in (eager, static):
+            r.rows.claim(row)
+            outs.append(r.forward([RowFeed(row, 0, prompts[row])], [slot[row]]))
+        assert torch.equal(outs[0], outs[1])  # prefill is eager in both
+        length[row], last[row] = len(prompts[row]), int(outs[0].argmax())
+        live.append(row)
+
+    def leave(row: int) -> None:
+        live.remove(row)
+        for r in (eager, static):
+            r.release_row(row)
+
+    for row in range(3):
+        join(row)
+    for step in range(steps):
+        if step == 4:
+            join(3), join(4)
+        if step == 8:
+            for row in (5, 6, 7, 8):  # the full batch: bucket 9 (max_batch)
+                join(row)
+        if step == 14:
+            for row in (0, 2, 5):
+                leave(row)
+        if step == 19:
+            for row in (1, 3, 6):
+                leave(row)
+        feeds = [RowFeed(row, length[row], [last[row]]) for row in live]
+        used.add(static.static.bucket_for(feeds))
+        slots = [slot[row] for row in live]
+        a, b = eager.decode(feeds, slots), static.decode(feeds, slots)  # [B, V] each
+        check(step, a, b)
+        for row, t in zip(live, a.argmax(-1).tolist(), strict=True):
+            last[row] = t
+            length[row] += 1
+    return used
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_padded_decode_gives_the_eager_tokens_through_joins_leaves_and_buckets(
+        base_factory, arch):
+    eager, static = _pair(base_factory("micro", arch))
+    diffs, dropped = [], []
+
+    def check(step, a, b):
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist(), f"step {step}"
+        diffs.append(float((a - b).abs().max()))
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)  # fp32 summation order only
+        if step == 16:  # no pool change between steps 16 and 17: only the stack moves
+            for r in (eager, static):
+                _swap_stack_and_reload(r)
+            dropped.append((static.static.stats.invalidations, static.kv.generation))
+        if step == 17:
+            dropped.append((static.static.stats.invalidations, static.kv.generation))
+
+    used = _drive(eager, static, check)
+    stats = static.static.stats
+    print(f"\n{arch}: max |logit diff| {max(diffs):.2e} over {len(diffs)} steps; "
+          f"{stats}", file=sys.stderr)
+    assert {b.rows for b in used} >= {4, 8, 9} and {b.blocks for b in used} >= {4, 8, 16}
+    assert stats.eager_steps == 26 + 1  # every decode step (and boot's probe) took the path
+    assert stats.invalidations > 0  # the pools grew and compacted: the buckets were dropped
+    assert stats.captures > len(used)  # ... and prepared again
+    (before, generation), after = dropped
+    assert after == (before + 1, generation)  # a moved adapter stack drops them too
+
+
+def test_without_padding_the_static_buffers_are_bitwise_the_eager_step(micro_base):
+    """Buckets of every size and one-position KV blocks: no pad row, no pad key. What is
+    left — the input buffer, the block table, the bucketed views — changes nothing."""
+    eager, static = _pair(micro_base, block_size=1)
+    static.static.batch_buckets = tuple(range(1, 10))
+    static.static.kv_buckets = tuple(range(1, 65))
+
+    def check(step, a, b):
+        assert torch.equal(a, b), f"step {step}: {float((a - b).abs().max())}"
+
+    _drive(eager, static, check)
+
+
+# -- the engine with the static path: the contract test's batch ------------------------
+
+def _serve(base, world, reqs, max_new, **config):
+    engine = Engine(EngineConfig(base_dir=base, quantization="none", device="cpu",
+                                 max_slots=len(SPECS), max_rank=16, max_batch=12,
+                                 prefill_token_budget=24, **config), world.registry).start()
+    try:
+        results = _run_staggered(engine, reqs, max_new)
+        return results, engine.stats(), engine._core.runner.static
+    finally:
+        engine.shutdown()
+
+
+def test_engine_static_decode_equals_eager_engine_with_prefix_cache(micro_base, tmp_path):
+    """A staggered mixed batch in which every third request shares a 24-token prompt prefix
+    and an adapter (prefix-cache hits give decode rows shared blocks), greedy: the static
+    path's tokens are the eager engine's, request by request."""
+    world = make_world(micro_base, tmp_path, specs=SPECS[:4])
+    reqs = _requests(world.names, 14, seed=4)
+    shared = torch.randint(0, 256, (24,), generator=torch.Generator().manual_seed(5)).tolist()
+    reqs = [(rid, world.names[0], shared + p) if i % 3 == 0 else (rid, a, p)
+            for i, (rid, a, p) in enumerate(reqs)]
+    cfg = dict(prefix_cache_blocks=32, kv_block_size=8)
+    want, _, none = _serve(micro_base, world, reqs, 8, **cfg)
+    got, stats, decoder = _serve(micro_base, world, reqs, 8, static_decode=True, **cfg)
+    assert none is None and decoder is not None
+    for rid, adapter, _prompt in reqs:
+        assert got[rid].token_ids == want[rid].token_ids, f"{rid} ({adapter})"
+    assert stats.prefix_hits > 0
+    assert decoder.stats.eager_steps > 8 and decoder.stats.replays == 0
+
+
+def test_engine_static_decode_serves_several_tenants_adapters_and_the_base(micro_base,
+                                                                           tmp_path):
+    world = make_world(micro_base, tmp_path, specs=SPECS[:3])
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none", device="cpu",
+                                 max_slots=3, max_rank=16, max_batch=4, static_decode=True),
+                    world.registry).start()
+    try:
+        streams = [engine.submit(engine.admit(
+            f"s{i}", ACME, f"acme/{world.names[i % 3]}" if i % 4 else None,
+            prompt_ids=[3 + i, 9, 4], sampling=SamplingParams(max_new_tokens=5)))
+            for i in range(6)]  # more than max_batch: rows leave and others take them
+        results = [s.wait(120) for s in streams]
+    finally:
+        engine.shutdown()
+    assert all(len(r.token_ids) == 5 for r in results)
