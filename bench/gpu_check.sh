@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The GPU measurement in one command, on a machine where torch sees CUDA (< 8 minutes):
+# The GPU measurement in one command, on a machine where torch sees CUDA (< 10 minutes by
+# the per-step limits below):
 #
 #     bash bench/gpu_check.sh [OUT.json]      # default: bench/results/gpu_check.json
 #
 #   1. engine equality on CUDA: nf4 base on the GPU, a staggered mixed batch against peft
-#      alone on the same GPU, fp32 and bf16 adapter stacks (tests/runtime/test_engine_cuda.py)
+#      alone on the same GPU, fp32 and bf16 adapter stacks, eager and with `cuda_graphs`;
+#      graph replays against the same padded step run eagerly, through KV pool growth and a
+#      reallocated adapter stack (tests/runtime/test_engine_cuda.py)
 #   2. the Triton kernels compiled, against the Semantics loop and the torch strategy
 #      (tests/runtime/kernels/, which run under the interpreter on CPU elsewhere)
 #   3. bench.lora_ops on the GPU: decode step, nf4 base (bf16 compute), bf16 stacks, torch
 #      vs Triton kernels, against the base step and peft's mixed batch
-#   4. bench.serve --quick on the GPU (loraplex vs one-at-a-time peft)
+#   4. bench.decode_graphs on the GPU: the engine's decode step eager, padded, and as CUDA
+#      graphs (batches 1, 8, 32), capture time and the memory the graphs hold
+#   5. bench.serve --quick on the GPU (loraplex vs one-at-a-time peft)
 # and writes one JSON: each step's exit code, seconds and test counts, and the figures.
 # Exit 0 only if every step passed. Without CUDA it prints one line and exits 2.
 # PY=/path/to/python overrides the interpreter (default: .venv/bin/python, else python3).
@@ -40,12 +45,14 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, keep rc, seconds an
     STEPS+=("$name")
 }
 
-step engine_cuda 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda -s \
+step engine_cuda 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -s \
     tests/runtime/test_engine_cuda.py --junitxml="$WORK/engine_cuda.xml"
 step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/runtime/kernels \
     --junitxml="$WORK/kernels.xml"
 step lora_ops 120 "$PY" -m bench.lora_ops --device cuda --quantization nf4 \
     --stacks bfloat16 --kernels torch,triton --quick --out "$WORK/lora_ops.json"
+step decode_graphs 90 "$PY" -m bench.decode_graphs --device cuda --quick \
+    --out "$WORK/decode_graphs.json"
 step serve 120 "$PY" -m bench.serve --quick --device cuda --json
 
 "$PY" - "$WORK" "$OUT" "${STEPS[@]}" <<'PYEOF'
@@ -71,9 +78,10 @@ for name in steps:
     log = (work / f"{name}.log").read_text(errors="replace")
     entry["log_tail"] = log.splitlines()[-8:]
     result["steps"][name] = entry
-lo = work / "lora_ops.json"
-if lo.is_file():
-    result["lora_ops"] = json.loads(lo.read_text())
+for name in ("lora_ops", "decode_graphs"):
+    figures = work / f"{name}.json"
+    if figures.is_file():
+        result[name] = json.loads(figures.read_text())
 serve_log = work / "serve.log"
 if result["steps"].get("serve", {}).get("passed"):
     lines = [ln for ln in serve_log.read_text().splitlines() if ln.startswith("{")]

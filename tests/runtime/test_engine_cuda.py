@@ -7,6 +7,11 @@ On a GPU, the LoRA op is the Triton kernels (strategy "triton"), a different sum
 order from peft's torch matmuls: a greedy token may flip where peft's top two logits are
 within a hair of each other. The fp32 test allows a flip only there (margin < 1e-3) and
 asserts it is rare; bf16 stacks (the CUDA default) are held to a measured agreement rate.
+
+With `cuda_graphs` the decode step is a replayed CUDA graph (runtime/decode_graphs.py): the
+same contract against peft, and step by step against the same padded step run eagerly,
+through joins, leaves, bucket changes, KV pool growth and an adapter stack reallocated
+under the graphs (each must drop and re-capture them).
 """
 
 from __future__ import annotations
@@ -50,14 +55,20 @@ def _peft_greedy(world, adapter, prompt, n):
     return out, margins
 
 
-def _serve(micro_base, world, stack_dtype, n_req, max_new):
+def _serve(micro_base, world, stack_dtype, n_req, max_new, **config):
     engine = Engine(EngineConfig(base_dir=micro_base, quantization="nf4",
                                  compute_dtype="float32", device="cuda",
                                  lora_stack_dtype=stack_dtype, max_slots=len(SPECS),
-                                 max_rank=16, max_batch=12), world.registry).start()
+                                 max_rank=16, max_batch=12, **config),
+                    world.registry).start()
     try:
         reqs = _requests(world.names, n_req, seed=2)
-        return reqs, _run_staggered(engine, reqs, max_new=max_new)
+        results = _run_staggered(engine, reqs, max_new=max_new)
+        decoder = engine._core.runner.static
+        if config.get("cuda_graphs"):
+            print(f"\ndecode graphs: {decoder.stats}")
+            assert decoder.stats.replays > 0 and decoder.stats.failures == 0
+        return reqs, results
     finally:
         engine.shutdown()
 
@@ -78,8 +89,10 @@ def gpu_world(micro_base, tmp_path_factory):
     return make_world(micro_base, tmp_path_factory.mktemp("cuda-world"), model=ref)
 
 
-def test_nf4_on_gpu_mixed_batch_equals_peft_alone_fp32_stacks(micro_base, gpu_world):
-    reqs, results = _serve(micro_base, gpu_world, "float32", 12, 6)
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager", "graphs"])
+def test_nf4_on_gpu_mixed_batch_equals_peft_alone_fp32_stacks(micro_base, gpu_world,
+                                                              cuda_graphs):
+    reqs, results = _serve(micro_base, gpu_world, "float32", 12, 6, cuda_graphs=cuda_graphs)
     flips = 0
     for rid, adapter, prompt in reqs:
         want, margins = _peft_greedy(gpu_world, adapter, prompt, 6)
@@ -98,3 +111,42 @@ def test_nf4_on_gpu_bf16_stacks_agree_with_fp32_peft(micro_base, gpu_world):
                for rid, a, p in reqs)
     print(f"\nbf16 stacks on GPU: {same}/{len(reqs)} requests equal fp32 peft alone")
     assert same >= len(reqs) - 2
+
+
+def test_graph_replays_equal_the_padded_eager_step_through_reallocations(micro_base):
+    """Runner level, nf4 base, fp32 stacks: the graphs runner against the same padded step
+    run eagerly (`static_decode`), every decode step. Mid-run one layer's B stack is
+    replaced by a copy and slot 2 reloaded into it: a graph still reading the old tensor
+    would give the old adapter's logits."""
+    from test_decode_graphs import _drive, _load_adapters, _swap_stack_and_reload
+
+    from loraplex.runtime.runner import Runner
+
+    cfg = EngineConfig(base_dir=micro_base, quantization="nf4", compute_dtype="float32",
+                       device="cuda", lora_stack_dtype="float32", max_slots=3, max_rank=8,
+                       max_batch=9, kv_block_size=4, max_seq_len=64)
+    static, graphs = Runner.boot(cfg.replace(static_decode=True)), \
+        Runner.boot(cfg.replace(cuda_graphs=True))
+    for r in (static, graphs):
+        _load_adapters(r)
+    diffs, swapped = [], {}
+
+    def check(step, a, b):
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist(), f"step {step}"
+        diffs.append(float((a - b).abs().max()))
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        if step in (11, 12):  # no pool growth between them (stable pools, this schedule)
+            swapped[step] = (graphs.static.stats.invalidations, graphs.kv.generation)
+        if step == 11:
+            for r in (static, graphs):
+                _swap_stack_and_reload(r)
+
+    _drive(static, graphs, check)
+    stats = graphs.static.stats
+    print(f"\ngraphs vs padded eager: max |logit diff| {max(diffs):.2e}, bitwise equal "
+          f"at {sum(d == 0 for d in diffs)}/{len(diffs)} steps; {stats}")
+    assert stats.failures == 0 and stats.replays >= len(diffs)
+    (before, generation) = swapped[11]
+    assert before > 0  # the pools grew under captured graphs: dropped, re-captured
+    assert swapped[12] == (before + 1, generation)  # the moved stack dropped them too
+    assert stats.captures > stats.invalidations
