@@ -45,3 +45,12 @@ def test_settings_are_frozen():
     s = load_settings()
     with pytest.raises(ValueError):
         s.port = 1
+
+
+def test_cuda_graphs_from_the_config_file_reach_the_engine_and_cpu_refuses_them(tmp_path):
+    config = tmp_path / "server.yaml"
+    config.write_text("device: cuda\nengine:\n  cuda_graphs: true\n")
+    assert load_settings({"base": str(tmp_path)}, config).engine_config().cuda_graphs
+    with pytest.raises(InvalidArgument) as e:
+        load_settings({"base": str(tmp_path), "device": "cpu"}, config).engine_config()
+    assert e.value.field == "cuda_graphs"
