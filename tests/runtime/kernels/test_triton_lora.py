@@ -146,16 +146,18 @@ def test_static_decode_plan_matches_semantics_loop(triton_lora, kernel_device, c
 
 
 def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_lora,
+                                                                         kernel_device,
                                                                          micro_base):
-    """The forward a CUDA graph captures, run as is on CPU: padded rows, the input buffer
-    and the static segment table read by the kernels (under the interpreter here), inside
-    the micro base, against the eager engine step (torch strategies) while rows join."""
+    """The forward a CUDA graph captures, run as is without capture: padded rows, the input
+    buffer and the static segment table read by the kernels (under the interpreter on CPU),
+    inside the micro base, against the eager engine step while rows join (on CPU the torch
+    strategies; on a GPU the per-step Triton plan)."""
     from test_decode_graphs import _drive, _pair
 
-    eager, static = _pair(micro_base)
+    eager, static = _pair(micro_base, device=kernel_device.type)
     static.injection.batch.kernel = "triton"
     static.static = static.static_decode(capture=False)
-    static.injection.batch.kernel = "auto"  # prefill stays on the torch strategies
+    static.injection.batch.kernel = "auto"  # prefill stays on the usual strategy
     assert static.static.lora == "static"
 
     def check(step, a, b):
