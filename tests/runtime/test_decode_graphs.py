@@ -233,3 +233,95 @@ def test_engine_static_decode_serves_several_tenants_adapters_and_the_base(micro
     finally:
         engine.shutdown()
     assert all(len(r.token_ids) == 5 for r in results)
+
+
+# -- the capture bookkeeping, with a stand-in for torch.cuda's graph API ----------------
+
+class _FakeCuda:
+    """torch.cuda's graph API on CPU: a "capture" runs the body once and records it; a
+    "replay" runs it again into the captured output tensor (so a replay, like a real one,
+    reads the input buffer as it is at replay time). Counts what the decoder asks for."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail, self.pools, self.warmups, self.capturing = fail, 0, 0, None
+
+    def install(self, monkeypatch, decoder) -> None:
+        import contextlib
+
+        fake = self
+
+        class Graph:
+            def __init__(self):
+                self.body = self.out = None
+
+            def replay(self):
+                self.out.copy_(self.body())
+
+        @contextlib.contextmanager
+        def graph(g, pool=None, stream=None, capture_error_mode="global"):
+            assert capture_error_mode == "thread_local" and stream is decoder._stream
+            if fake.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            fake.capturing = g
+            yield
+            fake.capturing = None
+
+        def handle():
+            fake.pools += 1
+            return fake.pools
+
+        body = decoder._body
+
+        def recording_body(bucket):
+            out = body(bucket)
+            if fake.capturing is not None:
+                fake.capturing.body, fake.capturing.out = (lambda: body(bucket)), out
+            else:
+                fake.warmups += 1
+            return out
+
+        stream = type("S", (), {"wait_stream": lambda self, other: None})()
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", handle)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(decoder, "_body", recording_body)
+        decoder._stream, decoder.capture = stream, True
+
+
+def test_captures_replays_and_drops_follow_the_buckets_and_the_pools(micro_base,
+                                                                      monkeypatch):
+    eager, static = _pair(micro_base)
+    static.static = static.static_decode(capture=False)  # a fresh decoder, then "capture"
+    fake = _FakeCuda()
+    fake.install(monkeypatch, static.static)
+
+    def check(step, a, b):
+        assert a.argmax(-1).tolist() == b.argmax(-1).tolist(), f"step {step}"
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+    used = _drive(eager, static, check)
+    stats = static.static.stats
+    assert stats.replays == 26 and stats.eager_steps == 0 and stats.failures == 0
+    assert stats.captures >= len(used) and fake.warmups == 2 * stats.captures
+    # every drop opens a new memory pool (the allocator refuses to rejoin an unused one)
+    assert stats.invalidations > 0 and fake.pools == stats.invalidations + 1
+
+
+def test_a_failed_capture_is_typed_at_boot_and_falls_back_to_eager_later(micro_base,
+                                                                         monkeypatch):
+    from loraplex.errors import FailedPrecondition
+
+    eager, static = _pair(micro_base)
+    static.static = static.static_decode(capture=False)
+    _FakeCuda(fail=True).install(monkeypatch, static.static)
+    feeds, slots = [RowFeed(0, 0, [5])], [1]
+    for r in (eager, static):
+        r.rows.claim(0)
+    with pytest.raises(FailedPrecondition) as e:  # boot's probe
+        static.static.forward(feeds, slots, strict=True)
+    assert e.value.field == "cuda_graphs" and "capturing the decode step failed" in str(e.value)
+    got = static.static.forward(feeds, slots)  # serving: graphs off, the padded eager step
+    assert static.static.capture is False and static.static.stats.failures == 2
+    torch.testing.assert_close(got, eager.decode(feeds, slots), rtol=0, atol=1e-5)
