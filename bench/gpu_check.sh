@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurement in one command, on a machine where torch sees CUDA (< 10 minutes by
-# the per-step limits below):
+# The GPU measurement in one command, on a machine where torch sees CUDA (at most ~10 minutes:
+# the per-step limits below sum to 600 s):
 #
 #     bash bench/gpu_check.sh [OUT.json]      # default: bench/results/gpu_check.json
 #
