@@ -32,17 +32,17 @@ rows in each matmul); the tests hold the tokens equal.
 When graphs are re-captured: a graph holds the addresses of everything it reads. The input
 buffer lives as long as the decoder. The adapter stacks are allocated once (`inject_lora`)
 and only written in place — a slot copy changes their contents, which the graph reads at
-replay — but a guard compares their addresses before each replay all the same. The KV pools
-are replaced when they are first allocated, grow or compact (`BlockKVCache.generation`).
-On any change every graph is dropped and each bucket is re-captured when next used. With
-`cuda_graphs` the pools are stable (`kv_blocks`: grow to at least twice, never shrink), so
-that happens at most ~log2(max_blocks) times, and reserved KV stays at its peak instead of
-following use. The prefix cache shares blocks through the block tables, which are inputs: a
+replay — but a guard checks before each replay that every stack is still the tensor the
+graphs read (`_drop_if_moved`). The KV pools are replaced when they are first allocated,
+grow or compact (`BlockKVCache.generation`). On any change every graph is dropped and each
+bucket is re-captured when next used. With `cuda_graphs` the pools are stable (`kv_blocks`:
+grow to at least twice, never shrink), so that happens at most ~log2(max_blocks) times, and
+reserved KV stays at its peak instead of following use. The prefix cache shares blocks through the block tables, which are inputs: a
 hit, a publish or an eviction changes buffer contents, not addresses (its compaction is a
 pool reallocation, and stable pools do not compact).
 
 Memory: every graph keeps its output logits `[Bp, V]` fp32; all graphs share one memory
-pool for their intermediates, which holds about one eager decode step at the largest
+pool for their intermediates (a fresh pool after each drop), which holds about one eager decode step at the largest
 captured bucket (dominated by a layer's gathered KV `[Bp, H, Lp, D]` and the logits). At
 most len(batch buckets) × len(KV buckets) graphs: 6 × 9 = 54 at max_batch 32, 4,096
 positions, 16-position blocks; they are captured lazily, only for the buckets traffic uses.
@@ -53,7 +53,7 @@ KV pools and the input buffer are ordinary allocations outside the pool. Padding
 
 Limits: a capture needs the "triton" LoRA plan (on CPU the padded path uses the torch
 strategies on the padded slots), a model whose decode forward makes no host reads (dynamic
-RoPE scaling, LLM.int8's outlier split would fail the capture: `Runner.boot` captures one
+RoPE scaling, and likely LLM.int8's outlier split, would fail the capture: `Runner.boot` captures one
 bucket as a probe and refuses such a base with a typed error), and a CUDA device. None of
 this has run on a GPU yet: capture, replay and their speed are checked by
 bench/gpu_check.sh (tests/runtime/test_engine_cuda.py, bench/decode_graphs.py).
