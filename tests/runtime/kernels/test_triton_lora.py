@@ -155,6 +155,8 @@ def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_l
     from test_decode_graphs import _drive, _pair
 
     eager, static = _pair(micro_base, device=kernel_device.type)
+    for layer in static.injection.layers.values():  # CPU B stacks are transposed views;
+        layer.lora_b = layer.lora_b.contiguous()  # the kernels read CUDA's layout
     static.injection.batch.kernel = "triton"
     static.static = static.static_decode(capture=False)
     static.injection.batch.kernel = "auto"  # prefill stays on the usual strategy
