@@ -20,7 +20,7 @@ import torch
 from loraplex import peft_format
 from loraplex.errors import FailedPrecondition, InvalidArgument, quote
 from loraplex.fingerprint import BaseFingerprint, fingerprint_base
-from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
+from loraplex.quantization import keep_cpu_4bit_in_compute_dtype, unnest_cpu_4bit_absmax
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,7 @@ def load_base(base_dir: str | Path, *, quantization: str = "nf4",
     model.requires_grad_(False)
     if quantization == "nf4" and dev.type == "cpu":
         keep_cpu_4bit_in_compute_dtype(model, dtype)
+        unnest_cpu_4bit_absmax(model)
     return LoadedBase(model=model, tokenizer=tokenizer, fingerprint=fingerprint,
                       config=model.config, quantization=quantization, compute_dtype=dtype,
                       device=dev)
