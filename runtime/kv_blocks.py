@@ -90,14 +90,16 @@ class BlockAllocator:
             self.used_tokens += upto - before
         need = self.blocks_for(upto) - len(table)
         grown = None
+        if need > len(self._free) and self.capacity < self.max_blocks:
+            # grow before evicting: `max_blocks` already counts `cache_blocks` idle prefix
+            # blocks, so they make way only once the pool is at its limit
+            grown = self._grow(min(self.max_blocks,
+                                   self.allocated + need + self._headroom(4)))
         while need > len(self._free) and self._idle:
             self._evict()
         if need > len(self._free):
-            target = self.allocated + need + self._headroom(4)
-            grown = self._grow(min(self.max_blocks, target))
-            if need > len(self._free):
-                raise RuntimeError(f"KV pool exhausted: {need} blocks needed, "
-                                   f"{self.max_blocks} in all (a scheduler bug)")
+            raise RuntimeError(f"KV pool exhausted: {need} blocks needed, "
+                               f"{self.max_blocks} in all (a scheduler bug)")
         for _ in range(max(0, need)):
             b = self._free.pop()
             self.refs[b] = 1
