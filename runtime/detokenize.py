@@ -125,7 +125,10 @@ class Detokenizer:
             return ""
         if self.table.byte_level:
             pieces = self.table.pieces
-            new = self._utf8.decode(b"".join(pieces[i] or b"" for i in token_ids))
+            # an id past the table (a model vocab padded beyond its tokenizer, as the bench
+            # base's 8,000 over 259) adds nothing, as in the tokenizer's own decode
+            new = self._utf8.decode(b"".join((pieces[i] or b"") if i < len(pieces) else b""
+                                             for i in token_ids))
         else:
             new = self._fallback(token_ids, final=False)
         return self._emit(new, final=False)

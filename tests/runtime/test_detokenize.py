@@ -157,3 +157,12 @@ def test_property_fallback_tokenizers_stream_exactly(text, step, stop):
     full = SP_TOK.decode(ids, skip_special_tokens=True)
     cut = min([i for s in stop if (i := full.find(s)) >= 0], default=len(full))
     assert d.text == full[:cut]
+
+
+def test_ids_past_the_tokenizer_add_no_text_as_in_its_own_decode():
+    """A model's vocab may be padded past its tokenizer's (the bench base: 8,000 logits over
+    259 tokens); a random-weight model samples such ids. They add nothing, as in `decode`."""
+    tok = build_tokenizer()
+    ids = tok("hi", add_special_tokens=False)["input_ids"]
+    d, _ = _stream(TokenTable.for_tokenizer(tok), [ids[0], 5000, *ids[1:], 7999])
+    assert d.text == "hi" == tok.decode([ids[0], 5000, *ids[1:], 7999])
