@@ -12,9 +12,11 @@ Both runs submit the same `--rows` extraction prompts at once (greedy, bare base
 row decodes in the same forwards; run "free" has no constraint, run "half" puts every other
 row under an extraction schema (`name`, `age`, `city`). A decode step is timed between
 consecutive engine steps while all rows are still in the batch (prefill and the tail where
-rows have finished are left out); the figure is the median step, and the ratio half ÷ free
-is what to compare across machines. Target: <= 1.15x, and 100% of constrained outputs
-valid against the schema (`jsonschema`), on a held-out set of extraction prompts.
+rows have finished are left out), the same first steps of both runs (the constrained rows
+end sooner; later free steps attend over longer KV); the figure is the median step, and the
+ratio half ÷ free is what to compare across machines. Target: <= 1.15x, and 100% of
+constrained outputs valid against the schema (`jsonschema`), on a held-out set of
+extraction prompts.
 
 `--masks` times the masking alone, without a model: `--rows` rows, every other one under
 the schema, replay a valid answer token by token through fresh grammar states; per step,
@@ -221,10 +223,13 @@ def main(argv: list[str] | None = None) -> dict:
         run(engine, clock, texts[:2], {0}, 4)  # warm-up (and the grammar compile)
         free_steps, half_steps, outputs = [], [], []
         for _ in range(args.repeats):  # alternate so drift hits both sides alike
-            _, steps = run(engine, clock, texts, set(), args.max_new)
-            free_steps += steps
-            results, steps = run(engine, clock, texts, half, args.max_new)
-            half_steps += steps
+            _, free = run(engine, clock, texts, set(), args.max_new)
+            results, constrained = run(engine, clock, texts, half, args.max_new)
+            # the same decode steps of both runs: constrained rows finish sooner, and a free
+            # run's later steps attend over longer KV (3.5x slower per step on SmolLM2)
+            n = min(len(free), len(constrained))
+            free_steps += free[:n]
+            half_steps += constrained[:n]
             outputs += [results[i] for i in sorted(half)]
     finally:
         engine.shutdown()
