@@ -52,7 +52,7 @@ class Generation:
     request_id: str
     text: str
     token_ids: list[int]
-    finish_reason: str  # stop | length | cancelled | deadline
+    finish_reason: str  # stop | length | grammar | cancelled | deadline
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float]

@@ -98,16 +98,18 @@ class BlockAllocator:
             self.used_tokens += upto - before
         need = self.blocks_for(upto) - len(table)
         grown = None
-        while need > len(self._free) and self._idle:
-            self._evict()
-        if need > len(self._free):
+        if need > len(self._free) and self.capacity < self.max_blocks:
+            # grow before evicting: `max_blocks` already counts `cache_blocks` idle prefix
+            # blocks, so they make way only once the pool is at its limit
             target = self.allocated + need + self._headroom(4)
             if self.stable:
                 target = max(target, 2 * self.capacity)
             grown = self._grow(min(self.max_blocks, target))
-            if need > len(self._free):
-                raise RuntimeError(f"KV pool exhausted: {need} blocks needed, "
-                                   f"{self.max_blocks} in all (a scheduler bug)")
+        while need > len(self._free) and self._idle:
+            self._evict()
+        if need > len(self._free):
+            raise RuntimeError(f"KV pool exhausted: {need} blocks needed, "
+                               f"{self.max_blocks} in all (a scheduler bug)")
         for _ in range(max(0, need)):
             b = self._free.pop()
             self.refs[b] = 1

@@ -25,7 +25,8 @@ from loraplex.runtime.openai_http import Outcome, Sampling
 
 
 class _EngineText:
-    """A `RequestStream` seen as text: chunks, then an Outcome with OpenAI's finish names."""
+    """A `RequestStream` seen as text: chunks, then an Outcome (the engine's finish reason,
+    which `openai_http.FINISH_REASONS` names for OpenAI; cancelled and deadline are errors)."""
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
@@ -85,7 +86,8 @@ class EngineBackend:
         params = SamplingParams(max_new_tokens=sampling.max_tokens,
                                 temperature=sampling.temperature, top_p=sampling.top_p,
                                 seed=sampling.seed, stop=sampling.stop,
-                                json_schema=sampling.json_schema)
+                                json_schema=sampling.json_schema, regex=sampling.regex,
+                                choice=sampling.choice)
         # admission (registry read, tokenizer) runs here, off the event loop (the HTTP door
         # calls `submit` through asyncio.to_thread), exactly as the gRPC servicers do
         req = self.engine.admit("http-" + uuid.uuid4().hex, identity,

@@ -13,6 +13,8 @@ internals: `EngineBackend` binds it to `Engine.submit` (a `GenerationRequest` in
 registry token gRPC takes, and the tenant rules are the registry's, so a foreign adapter is
 404 exactly as it is NOT_FOUND over gRPC. Errors carry OpenAI's error body with the HTTP
 status of the gRPC code (`STATUS`). Streaming is server-sent events, ending in `[DONE]`.
+A finished choice's `finish_reason` is always one of OpenAI's names (`FINISH_REASONS`), and
+`loraplex_finish_reason` beside it is the engine's own (`stop`, `length`, `grammar`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ STATUS = {
     "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "DATA_LOSS": 500, "INTERNAL": 500,
 }
 
+# The engine's finish reason -> OpenAI's (stop | length | content_filter | tool_calls |
+# function_call; clients and SDKs switch on these). "grammar" (the output can no longer
+# satisfy its constraint, runtime/grammar.py) becomes "stop": the server ended the output
+# before `max_tokens`, so "length" would tell a client that a larger budget helps, and
+# "content_filter" would claim a policy block. A client that must tell it from a natural
+# stop reads `loraplex_finish_reason`. Cancelled and past-deadline requests are errors,
+# never choices (openai_binding.py).
+FINISH_REASONS = {"stop": "stop", "length": "length", "grammar": "stop"}
+
+# vLLM's `structured_outputs` keys -> (Sampling field, what the value must be)
+STRUCTURED = {"json": ("json_schema", "a JSON schema (object or text)"),
+              "regex": ("regex", "a string"), "choice": ("choice", "a list of strings")}
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -44,13 +59,15 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    json_schema: str | None = None  # from `response_format` (JSON text of the schema)
+    json_schema: str | None = None  # `response_format` or `structured_outputs.json` (JSON text)
+    regex: str | None = None  # `structured_outputs.regex`
+    choice: tuple[str, ...] = ()  # `structured_outputs.choice`
 
 
 @dataclass(frozen=True)
 class Outcome:
     text: str
-    finish_reason: str  # "stop" | "length" (OpenAI's names)
+    finish_reason: str  # the engine's: "stop" | "length" | "grammar" (FINISH_REASONS maps it)
     prompt_tokens: int
     completion_tokens: int
 
@@ -84,14 +101,41 @@ def _sampling(body: dict[str, Any], default_max: int) -> Sampling:
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
         raise InvalidArgument("`stop` must be a string or a list of strings", field="stop")
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
+    constraint = _constraint(body)
     try:
         return Sampling(max_tokens=int(max_tokens),
                         temperature=float(body.get("temperature", 1.0)),
                         top_p=float(body.get("top_p", 1.0)),
                         seed=None if body.get("seed") is None else int(body["seed"]),
-                        stop=tuple(stop), json_schema=_response_format(body))
+                        stop=tuple(stop), **constraint)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"bad sampling value: {e}", field="sampling") from e
+
+
+def _constraint(body: dict[str, Any]) -> dict[str, Any]:
+    """`Sampling`'s constraint field from OpenAI's `response_format` (JSON schemas only) or
+    vLLM's `structured_outputs` extra ({"json": schema} | {"regex": r} | {"choice": [...]},
+    `extra_body` in the official client), so clients written for vLLM work unchanged."""
+    schema = _response_format(body)
+    so = body.get("structured_outputs")
+    if so is None:
+        return {"json_schema": schema}
+    if schema is not None:
+        raise InvalidArgument("give `response_format` or `structured_outputs`, not both",
+                              field="structured_outputs")
+    if not isinstance(so, dict) or len(so) != 1 or next(iter(so)) not in STRUCTURED:
+        raise InvalidArgument("`structured_outputs` must hold exactly one of "
+                              f"{', '.join(STRUCTURED)}", field="structured_outputs")
+    (key, value), = so.items()
+    if key == "json" and isinstance(value, dict):
+        value = json.dumps(value)
+    field, what = STRUCTURED[key]
+    ok = isinstance(value, str) if key != "choice" else (
+        isinstance(value, list) and all(isinstance(c, str) for c in value))
+    if not ok:
+        raise InvalidArgument(f"`structured_outputs.{key}` must be {what}",
+                              field=f"structured_outputs.{key}")
+    return {field: tuple(value) if key == "choice" else value}
 
 
 def _response_format(body: dict[str, Any]) -> str | None:
@@ -170,11 +214,17 @@ def _usage(o: Outcome) -> dict[str, int]:
 
 
 def _choice(chat: bool, text: str, finish: str | None, *, delta: bool = False) -> dict[str, Any]:
-    if not chat:
-        return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-    msg = {"role": "assistant", "content": text}
-    return {"index": 0, "finish_reason": finish, "logprobs": None,
-            ("delta" if delta else "message"): msg}
+    """One choice; `finish` is the engine's reason (None: not finished yet)."""
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["delta" if delta else "message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(finish_reason=None if finish is None else FINISH_REASONS.get(finish, "stop"),
+                  logprobs=None)
+    if finish is not None:
+        choice["loraplex_finish_reason"] = finish
+    return choice
 
 
 # -- the app ------------------------------------------------------------------------------------

@@ -174,3 +174,19 @@ def test_shared_prefix_blocks_are_counted_moved_once_and_evicted_lru():
     a.publish(6, "sha256:x", q, 13)
     a.release(6)  # 6 idle blocks > 3: the least recently used (p's) are evicted
     assert a.match(7, "sha256:x", p) == 0 and a.match(8, "sha256:x", q) == 12
+
+
+def test_idle_prefix_blocks_stay_cached_while_the_pool_can_still_grow():
+    """A busy pool grows (up to rows' worth + `cache_blocks`) before it evicts a cached
+    prompt; at its limit the least recently used idle blocks make way."""
+    a = BlockAllocator(block_size=4, max_blocks=8, cache_blocks=4)
+    p = list(range(100, 113))  # 3 full blocks + 1 token
+    a.extend(0, 13)
+    a.publish(0, "sha256:x", p, 13)
+    a.release(0)  # 3 idle cached blocks; the pool shrinks to them
+    assert (a.capacity, a.allocated) == (3, 3)
+    a.extend(1, 24)  # 6 new blocks: the pool grows, the cached prompt stays
+    assert a.capacity == 10 and a.match(2, "sha256:x", p) == 12
+    a.release(2)
+    a.extend(3, 20)  # 5 more: the pool reaches 8 + 4 and evicts the 2 oldest idle blocks
+    assert a.capacity == 12 and a.match(4, "sha256:x", p) == 0

@@ -5,6 +5,7 @@ the same greedy request answers the same text over both doors."""
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import openai
@@ -156,3 +157,55 @@ def test_response_format_json_schema_and_json_object(world):
         oa.chat.completions.create(model="micro", messages=msgs, max_tokens=4,
                                    response_format={"type": "json_schema", "json_schema": {}})
     assert e.value.body["param"] == "response_format.json_schema.schema"
+
+
+def test_a_grammar_dead_end_is_stop_with_the_engine_reason_beside_it(world, monkeypatch):
+    """OpenAI's enum has no "grammar": the route says "stop" (not "length": a larger budget
+    would not help) and keeps the engine's reason in `loraplex_finish_reason`; gRPC says
+    FINISH_REASON_GRAMMAR. The mask never lets a grammar refuse a token, so the dead end is
+    forced: every constrained token is refused (the engine thread reads the patched class)."""
+    from loraplex.runtime.grammar import GrammarState
+
+    monkeypatch.setattr(GrammarState, "advance", lambda self, token: False)
+    oa = world["oa"]("acme")
+    fmt = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    msgs = [{"role": "user", "content": "where?"}]
+    res = oa.chat.completions.create(model="micro", messages=msgs, max_tokens=16,
+                                     temperature=0, response_format=fmt)
+    choice = res.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.model_extra["loraplex_finish_reason"] == "grammar"
+    assert res.usage.completion_tokens == 1  # the refused token ends it at once
+    chunks = list(oa.chat.completions.create(model="micro", messages=msgs, max_tokens=16,
+                                             temperature=0, response_format=fmt, stream=True))
+    last = chunks[-1].choices[0]
+    assert (last.finish_reason, last.model_extra["loraplex_finish_reason"]) == ("stop", "grammar")
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    free = oa.completions.create(model="micro", prompt=PROMPT, max_tokens=3, temperature=0)
+    assert free.choices[0].model_extra["loraplex_finish_reason"] == free.choices[0].finish_reason
+    assert _grpc(world, "acme", "", "x", max_new_tokens=4,
+                 regex="[0-9]+").finish_reason == "grammar"
+
+
+def test_regex_and_choice_through_vllm_structured_outputs(world):
+    """vLLM's `structured_outputs` extra (`extra_body` in the official client) carries a
+    regex or a choice list (or a schema as `json`); each answers what gRPC answers."""
+    oa = world["oa"]("acme")
+    pick = oa.completions.create(model="micro", prompt="pick: ", max_tokens=16, temperature=0,
+                                 extra_body={"structured_outputs": {"choice": ["red", "green"]}})
+    assert pick.choices[0].text in ("red", "green") and pick.choices[0].finish_reason == "stop"
+    code = oa.chat.completions.create(
+        model="acme/support@prod", messages=[{"role": "user", "content": "code?"}],
+        max_tokens=16, temperature=0,
+        extra_body={"structured_outputs": {"regex": "[A-Z]{2}-[0-9]{3}"}})
+    assert re.fullmatch("[A-Z]{2}-[0-9]{3}", code.choices[0].message.content)
+    want = _grpc(world, "acme", "", "pick: ", max_new_tokens=16, choice=["red", "green"])
+    assert pick.choices[0].text == want.text
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model="micro", prompt="x", max_tokens=4,
+                              extra_body={"structured_outputs": {"grammar": "start: x"}})
+    assert e.value.body["param"] == "structured_outputs"
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.completions.create(model="micro", prompt="x", max_tokens=4,
+                              extra_body={"structured_outputs": {"choice": "red"}})
+    assert e.value.body["param"] == "structured_outputs.choice"
