@@ -82,13 +82,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, registry: Path, quantization: str
+def start_server(base: Path, registry: Path, quantization: str, compute_dtype: str = "auto"
                  ) -> tuple[subprocess.Popen, str, int, int]:
     port, mport, hport = free_port(), free_port(), free_port()
     # The demo's prompts and answers fit in 512 positions; without a cap the engine's KV
     # cache is sized for the model's context (SmolLM2: 8,192, capped at 4,096), ~6 GB.
     config = registry.parent / "server.yaml"
-    config.write_text("engine:\n  max_seq_len: 512\n")
+    config.write_text(f"engine:\n  max_seq_len: 512\n  compute_dtype: {compute_dtype}\n")
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base), "--config",
            str(config),
            "--registry", str(registry), "--host", "127.0.0.1", "--port", str(port),
@@ -152,7 +152,8 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
     admin_token = reg.create_token(Identity.system(), "ops", admin=True)
     reg.close()
 
-    proc, target, mport, hport = start_server(base, registry_dir, quantization)
+    proc, target, mport, hport = start_server(base, registry_dir, quantization,
+                                              PROFILE.serve_compute_dtype)
     try:
         with Client(target, token=admin_token) as admin:
             admin.wait_ready(timeout=300)
