@@ -65,7 +65,8 @@ def train_adapter(base: Path, data: Path, name: str, run_dir: Path, plan: DemoPl
     from loraplex.trainer.config import TrainConfig
     from loraplex.trainer.train import train
 
-    recipe = {**PROFILE.recipe, "seed": seed}
+    tenant = next((t for t, n in PROFILE.adapters.items() if n == name), None)
+    recipe = {**PROFILE.recipe, **PROFILE.tenant_recipe.get(tenant, {}), "seed": seed}
     if plan.max_steps or max_steps:
         recipe["max_steps"] = plan.max_steps or max_steps
     if quantization:
