@@ -54,19 +54,25 @@ def boot(base_dir: Path, device: str, mode: str):
     return runner
 
 
-def load_adapters(runner) -> None:
-    """The same random adapters in slots 1..8 of every runner (seeded by slot)."""
+def load_random_adapter(injection, slot: int, rank: int, b_std: float = 0.01) -> None:
+    """Random rank-`rank` factors on every wrapped layer, into `slot`; seeded by the slot,
+    so every runner holds the same adapter there (shared with the padded-path tests)."""
     from loraplex import peft_format
 
+    g = torch.Generator().manual_seed(slot)
+    tensors = {}
+    for path, layer in injection.layers.items():
+        tensors[peft_format.weight_key(path, "A")] = torch.randn(
+            rank, layer.in_features, generator=g) / layer.in_features ** 0.5
+        tensors[peft_format.weight_key(path, "B")] = torch.randn(
+            layer.out_features, rank, generator=g) * b_std
+    injection.load_adapter(slot, tensors, rank, 2 * rank)
+
+
+def load_adapters(runner) -> None:
+    """The same random adapters in slots 1..8 of every runner."""
     for slot in range(1, ADAPTERS + 1):
-        g = torch.Generator().manual_seed(slot)
-        tensors = {}
-        for path, layer in runner.injection.layers.items():
-            tensors[peft_format.weight_key(path, "A")] = torch.randn(
-                RANK, layer.in_features, generator=g) / layer.in_features ** 0.5
-            tensors[peft_format.weight_key(path, "B")] = torch.randn(
-                layer.out_features, RANK, generator=g) * 0.01
-        runner.injection.load_adapter(slot, tensors, RANK, 2 * RANK)
+        load_random_adapter(runner.injection, slot, RANK)
 
 
 def prefill(runner) -> list[int]:

@@ -17,6 +17,7 @@ import torch
 from test_engine import _requests, _run_staggered
 from test_engine_util import SPECS, make_world
 
+from bench.decode_graphs import load_random_adapter
 from loraplex import peft_format
 from loraplex.errors import InvalidArgument
 from loraplex.registry import Identity
@@ -62,14 +63,7 @@ def test_engine_with_cuda_graphs_on_a_cpu_machine_fails_at_boot_typed(micro_base
 def _load_adapters(runner: Runner) -> None:
     """Random adapters of ranks 2, 8 and 4 in slots 1..3, the same in every runner."""
     for slot, rank in RANKS.items():
-        g = torch.Generator().manual_seed(slot)
-        tensors = {}
-        for path, layer in runner.injection.layers.items():
-            tensors[peft_format.weight_key(path, "A")] = torch.randn(
-                rank, layer.in_features, generator=g) / layer.in_features ** 0.5
-            tensors[peft_format.weight_key(path, "B")] = torch.randn(
-                layer.out_features, rank, generator=g)
-        runner.injection.load_adapter(slot, tensors, rank, 2 * rank)
+        load_random_adapter(runner.injection, slot, rank, b_std=1.0)
 
 
 def _swap_stack_and_reload(runner: Runner) -> None:
