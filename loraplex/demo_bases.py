@@ -10,9 +10,10 @@
   tasks of `trainer/tasks.py`, which that base can learn; `micro` is the fast smoke run the
   test suite uses (its accuracy means nothing).
 
-`tiny` is the default: the smollm2 story runs end to end (1,021 s on 2 shared cores, base
-cached) and two of its three adapters meet the accuracy target, but acme's recipe does not
-yet and the run is longer than the 15-minute budget (README, "The demo"). `auto` picks `smollm2`
+`tiny` is the default: the smollm2 story runs end to end and its three adapters meet the
+accuracy target (100% / 73% / 93% held out vs base 0%), but the run (1,303 s on 2 cores
+shared with the test suite, base cached) is longer than the 15-minute budget (README,
+"The demo"). `auto` picks `smollm2`
 when its package is importable and says so when it falls back to `tiny`.
 """
 
