@@ -59,20 +59,19 @@ class DemoPlan:
 
 
 # -- steps ------------------------------------------------------------------------------------
-def train_adapter(base: Path, data: Path, name: str, run_dir: Path, plan: DemoPlan,
+def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: DemoPlan,
                   quantization: str | None, seed: int = 0, max_steps: int | None = None
                   ) -> tuple[Path, dict]:
     from loraplex.trainer.config import TrainConfig
     from loraplex.trainer.train import train
 
-    tenant = next((t for t, n in PROFILE.adapters.items() if n == name), None)
     recipe = {**PROFILE.recipe, **PROFILE.tenant_recipe.get(tenant, {}), "seed": seed}
     if plan.max_steps or max_steps:
         recipe["max_steps"] = plan.max_steps or max_steps
     if quantization:
         recipe["quantization"] = quantization
-    cfg = TrainConfig(base=str(base), data=str(data), name=name, output_dir=str(run_dir),
-                      publish=False, **recipe)
+    cfg = TrainConfig(base=str(base), data=str(data), name=PROFILE.adapters[tenant],
+                      output_dir=str(run_dir), publish=False, **recipe)
     result = train(cfg, progress=False)
     return result.adapter_dir, result.metrics
 
@@ -135,7 +134,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
     adapters: dict[str, tuple[Path, dict]] = {}
     for tenant, name in TENANTS.items():
         t0 = time.perf_counter()
-        adapters[tenant] = train_adapter(base, data[tenant]["train"], name,
+        adapters[tenant] = train_adapter(base, data[tenant]["train"], tenant,
                                          out / "runs" / tenant, plan, train_quantization)
         m = adapters[tenant][1]
         loss = (f"val_loss {m['val_loss']:.3f}" if m.get("val_loss") is not None
@@ -310,7 +309,7 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
     """Train acme v2, then move @prod to it while acme traffic is running."""
     from loraplex.client import Client
 
-    adapter_dir, _ = train_adapter(base, data["acme"]["train"], TENANTS["acme"],
+    adapter_dir, _ = train_adapter(base, data["acme"]["train"], "acme",
                                    out / "runs" / "acme-v2", plan, quantization, seed=1,
                                    max_steps=PROFILE.v2_max_steps)
     stop = threading.Event()
