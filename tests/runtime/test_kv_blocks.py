@@ -33,6 +33,7 @@ class KVWatch(EngineObserver):
         block = kv.block_size * kv.position_bytes()
         with self.lock:
             self.readings.append((kv.nbytes(), kv.used_bytes(), len(kv.blocks.tables), block))
+        time.sleep(0.005)  # >= 0.8 s for k8's 160 tokens, whatever the machine's speed
 
 
 def test_reserved_kv_follows_live_sequences_and_comes_back(micro_base, tmp_path):
@@ -55,7 +56,8 @@ def test_reserved_kv_follows_live_sequences_and_comes_back(micro_base, tmp_path)
                 kw["deadline"] = time.monotonic() + 0.3
             streams[f"k{i}"] = engine.submit(engine.admit(
                 f"k{i}", ACME, adapter, prompt_ids=prompt,
-                # k8 asks for more tokens than 0.3 s can produce (prompt 90 + 160 < 256)
+                # k8 asks for more tokens than 0.3 s can produce (prompt 90 + 160 < 256;
+                # each step takes >= 5 ms: KVWatch.on_step)
                 sampling=SamplingParams(max_new_tokens={3: 60, 8: 160}.get(i, 6 + 3 * i)),
                 **kw))
         next(iter(streams["k3"]))

@@ -88,7 +88,8 @@ def test_without_true_ranks_the_zero_padding_is_computed_and_harmless(case, slot
         ([1, 2, 3, 4], "grouped"),  # decode, distinct adapters: one bmm, no loop
         ([4, 1, 3, 2, 2, 3, 1, 4], "grouped"),
         ([1] * 40 + [5] * 3, "segments"),  # prefill rows of very unequal length
-        ([1, 5, 1, 5], "segments"),  # slots 2..4 unused: grouping would read them for nothing
+        ([1, 9, 1, 9], "segments"),  # slots 2..8 unused: grouping would read them for nothing
+        ([1, 5, 1, 5], "grouped"),  # 2.5x the slots' reads in one bmm beat two mm pairs
     ],
 )
 def test_plan_picks_the_strategy_for_the_batch_shape(slots, strategy):
