@@ -147,6 +147,7 @@ class EngineCore:
         outputs = self.runner.run(plan.decode, self._slots(plan.decode),
                                   plan.prefill, self._slots(plan.prefill))
         self._commit(outputs)
+        self.runner.kv.compact()  # once for every row this step released
         if outputs.rows:
             self.steps += 1
             self._notify("on_step", outputs.rows, len(self.running), len(self.scheduler))
@@ -310,7 +311,7 @@ class EngineCore:
         """Free the sequence's KV row (and its KV blocks) and adapter slot at once."""
         if s.state == "running":
             self.running.remove(s)
-            self.runner.release_row(s.row)
+            self.runner.release_row(s.row, compact=False)  # compacted at the step's end
             self.pool.release(s.slot)
             self.scheduler.finished(s.tenant)
         self._waiting.pop(s.id, None)

@@ -136,10 +136,14 @@ class BlockKVCache(Cache):
 
     # -- before a forward ------------------------------------------------------------------
     def reserve(self, feeds: Sequence[RowFeed]) -> None:
-        """Blocks for every position the step writes (grows the pools when needed)."""
+        """Blocks for every position the step writes (grows the pools once when needed)."""
+        grown = self.blocks.make_room(sum(self.blocks.need(f.row, f.start + len(f.token_ids))
+                                          for f in feeds))
+        if grown is not None:
+            self._resize(grown)
         for f in feeds:
             grown = self.blocks.extend(f.row, f.start + len(f.token_ids))
-            if grown is not None:
+            if grown is not None:  # not after make_room (kept so a change cannot skip a resize)
                 self._resize(grown)
 
     def set_layout(self, layout: StepLayout) -> None:
@@ -212,9 +216,17 @@ class BlockKVCache(Cache):
         return self._flat_read[1]
 
     # -- after a sequence ------------------------------------------------------------------
-    def release(self, row: int) -> None:
-        """Return `row`'s blocks; compact and shrink the pools when headroom is too big."""
-        shrink = self.blocks.release(row)
+    def release(self, row: int, *, compact: bool = True) -> None:
+        """Return `row`'s blocks; compact and shrink the pools when headroom is too big
+        (`compact=False`: later, by one `compact()` for all of a step's releases)."""
+        self.blocks.release(row, compact=False)
+        if compact:
+            self.compact()
+
+    def compact(self) -> None:
+        """Move blocks down and shrink the pools when they hold too much headroom (each
+        compaction copies every pool, so the engine does it once per step)."""
+        shrink = self.blocks.compact()
         if shrink is None:
             return
         bs = self.block_size

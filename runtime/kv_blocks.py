@@ -4,7 +4,8 @@ tensors (the cache applies the decisions to its per-layer buffers).
 
 A block is `block_size` consecutive positions of one sequence. Block 0 is the scratch block
 (pads write there; it is never a sequence's), so sequence blocks are 1..capacity. Reserved
-KV follows use, with this invariant after every `extend` and `release`:
+KV follows use, with this invariant after every `extend` and compacting `release` (the
+engine releases a step's finished rows and compacts once, at the end of the step):
 
     capacity <= allocated + used_tokens // (2 * block_size)      (headroom <= 50% of use)
 
@@ -35,6 +36,7 @@ stay cached, least recently used evicted first, up to `cache_blocks`.
     grow_to = alloc.extend(row, upto)          # new capacity when the pool must grow
     alloc.publish(row, digest, prompt, upto)   # full prompt blocks written: cache them
     moves, shrink_to = alloc.release(row)      # block copies (src -> dst), then truncate
+    alloc.release(row, compact=False); alloc.compact()   # many releases, one compaction
 """
 
 from __future__ import annotations
@@ -97,14 +99,7 @@ class BlockAllocator:
             self.lengths[row] = upto
             self.used_tokens += upto - before
         need = self.blocks_for(upto) - len(table)
-        grown = None
-        if need > len(self._free) and self.capacity < self.max_blocks:
-            # grow before evicting: `max_blocks` already counts `cache_blocks` idle prefix
-            # blocks, so they make way only once the pool is at its limit
-            target = self.allocated + need + self._headroom(4)
-            if self.stable:
-                target = max(target, 2 * self.capacity)
-            grown = self._grow(min(self.max_blocks, target))
+        grown = self.make_room(need)
         while need > len(self._free) and self._idle:
             self._evict()
         if need > len(self._free):
@@ -116,8 +111,26 @@ class BlockAllocator:
             table.append(b)
         return grown
 
-    def release(self, row: int) -> Shrink | None:
-        """Free `row`'s blocks; a `Shrink` when the pool now holds too much headroom."""
+    def make_room(self, need: int) -> int | None:
+        """Grow the pool so `need` more blocks are free (with headroom); the new capacity,
+        or None when it did not grow. A step's rows ask once for all they need (`extend`
+        asks for one row), so the pool is copied at most once per step."""
+        if need <= len(self._free) or self.capacity >= self.max_blocks:
+            return None
+        # grow before evicting: `max_blocks` already counts `cache_blocks` idle prefix
+        # blocks, so they make way only once the pool is at its limit
+        target = self.allocated + need + self._headroom(4)
+        if self.stable:
+            target = max(target, 2 * self.capacity)
+        return self._grow(min(self.max_blocks, target))
+
+    def need(self, row: int, upto: int) -> int:
+        """Blocks `row` still lacks to hold positions `0..upto-1`."""
+        return max(0, self.blocks_for(upto) - len(self.tables.get(row, ())))
+
+    def release(self, row: int, *, compact: bool = True) -> Shrink | None:
+        """Free `row`'s blocks; a `Shrink` when the pool now holds too much headroom
+        (`compact=False`: never; the caller calls `compact` once for many releases)."""
         for b in self.tables.pop(row, []):
             self.refs[b] -= 1
             if self.refs[b] > 0:
@@ -131,6 +144,10 @@ class BlockAllocator:
         while len(self._idle) > self.cache_blocks:
             self._evict()
         self._free.sort(reverse=True)
+        return self.compact() if compact else None
+
+    def compact(self) -> Shrink | None:
+        """A `Shrink` when the pool holds more headroom than the invariant allows."""
         if self.stable or self.capacity <= self.allocated + self._headroom(2):
             return None
         return self._shrink(self.allocated + self._headroom(4))

@@ -173,9 +173,10 @@ class Runner:
         return forward(self.model, self.kv, self.injection, self.mask, feeds, slots,
                        self.device)
 
-    def release_row(self, row: int) -> None:
-        """A sequence left the batch: its KV row and KV blocks go back."""
-        self.kv.release(row)
+    def release_row(self, row: int, *, compact: bool = True) -> None:
+        """A sequence left the batch: its KV row and KV blocks go back (the pools compact
+        now, or with `compact=False` at the caller's `kv.compact()`)."""
+        self.kv.release(row, compact=compact)
         self.rows.give(row)
 
     def decode(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:

@@ -90,9 +90,13 @@ def _pair(base, block_size: int = 4, device: str = "cpu") -> tuple[Runner, Runne
     return eager, static
 
 
-def _drive(eager: Runner, static: Runner, check, steps: int = 26) -> set[Bucket]:
+def _drive(eager: Runner, static: Runner, check, steps: int = 26,
+           exact_prefill: bool = True) -> set[Bucket]:
     """Rows join (prefill, eager in both), decode together, leave; `check(step, a, b)` on
-    each decode step's logits. Returns the buckets the static path used."""
+    each decode step's logits. Returns the buckets the static path used. Prefill logits are
+    equal bit for bit when both runners hold their LoRA stacks alike (`exact_prefill`);
+    with another B layout the matmuls may sum in another order (e.g. on another thread
+    count), so then they are close and pick the same token."""
     g = torch.Generator().manual_seed(0)
     prompts = {row: torch.randint(0, 250, (3 + 2 * row,), generator=g).tolist()
                for row in range(9)}
@@ -104,7 +108,11 @@ def _drive(eager: Runner, static: Runner, check, steps: int = 26) -> set[Bucket]
         for r in (eager, static):
             r.rows.claim(row)
             outs.append(r.forward([RowFeed(row, 0, prompts[row])], [slot[row]]))
-        assert torch.equal(outs[0], outs[1])  # prefill is eager in both
+        if exact_prefill:
+            assert torch.equal(outs[0], outs[1])  # prefill is eager in both
+        else:
+            assert outs[0].argmax(-1).tolist() == outs[1].argmax(-1).tolist()
+            torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-5)
         length[row], last[row] = len(prompts[row]), int(outs[0].argmax())
         live.append(row)
 

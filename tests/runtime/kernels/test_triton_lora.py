@@ -167,5 +167,5 @@ def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_l
         # the kernels sum in fp32 in another order than torch's matmuls
         torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
 
-    used = _drive(eager, static, check, steps=10)
+    used = _drive(eager, static, check, steps=10, exact_prefill=False)  # B layouts differ
     assert {b.rows for b in used} == {4, 8, 9}
