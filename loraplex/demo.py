@@ -346,8 +346,22 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
         raise RuntimeError(f"requests failed during the alias move: {failures[:3]}")
 
 
+def quantile_ms(buckets: list[tuple[float, float]], q: float) -> str:
+    """The q-quantile in ms, or "> top" when it lies past the histogram's last finite
+    bucket (where Prometheus' estimate would just repeat that bound)."""
+    from loraplex.runtime.metrics import histogram_quantile
+
+    value = histogram_quantile(buckets, q)
+    if value is None:
+        return "n/a"
+    finite = [(le, n) for le, n in buckets if le != float("inf")]
+    if finite and finite[-1][1] < q * buckets[-1][1]:
+        return f"> {finite[-1][0] * 1e3:.0f} ms"
+    return f"{value * 1e3:.1f} ms"
+
+
 def print_latency(mport: int) -> None:
-    from loraplex.runtime.metrics import histogram_buckets, histogram_quantile, scrape
+    from loraplex.runtime.metrics import histogram_buckets, scrape
 
     text = scrape(f"http://127.0.0.1:{mport}/metrics", timeout=10)
     table = Table(title="latency read back from the server's /metrics")
@@ -356,9 +370,8 @@ def print_latency(mport: int) -> None:
     for label, metric in (("time to first token", "loraplex_time_to_first_token_seconds"),
                           ("inter-token latency", "loraplex_inter_token_latency_seconds")):
         buckets = histogram_buckets(text, metric)
-        p50, p99 = (histogram_quantile(buckets, q) for q in (0.5, 0.99))
-        table.add_row(label, f"{(p50 or float('nan')) * 1e3:.1f} ms",
-                      f"{(p99 or float('nan')) * 1e3:.1f} ms", f"{buckets[-1][1]:.0f}")
+        table.add_row(label, quantile_ms(buckets, 0.5), quantile_ms(buckets, 0.99),
+                      f"{buckets[-1][1]:.0f}")
     console.print("[6]", table)
 
 

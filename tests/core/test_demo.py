@@ -5,6 +5,8 @@ training steps, so a broken seam (trainer -> gRPC registration -> mixed batch ->
 import subprocess
 import sys
 
+from loraplex import demo
+
 
 def test_demo_story_runs_end_to_end_on_the_micro_base(tmp_path):
     out = subprocess.run(
@@ -22,3 +24,10 @@ def test_demo_story_runs_end_to_end_on_the_micro_base(tmp_path):
     assert "acme/router@prod v1 -> v2 during traffic" in log and "failed: 0" in log
     assert "time to first token" in log and "inter-token latency" in log
     assert "exited 0" in log
+
+
+def test_a_quantile_past_the_top_bucket_is_shown_as_such():
+    buckets = [(0.1, 50.0), (1.0, 98.0), (float("inf"), 100.0)]  # 2 of 100 past 1 s
+    assert demo.quantile_ms(buckets, 0.5) == "100.0 ms"
+    assert demo.quantile_ms(buckets, 0.99) == "> 1000 ms"
+    assert demo.quantile_ms([(1.0, 0.0), (float("inf"), 0.0)], 0.5) == "n/a"

@@ -26,3 +26,4 @@ def test_make_demo_default_is_auto(tmp_path, monkeypatch):
                         or 0)
     assert demo.main(["--out", str(tmp_path)]) == 0
     assert seen["plan"].base == "auto"
+
