@@ -71,7 +71,7 @@ def profile(kind: str) -> DemoBase:
     return DemoBase(kind, {"acme": "acme/router", "globex": "globex/sentiment",
                            "initech": "initech/numwords"}, dict(tasks.DEMO_TRAIN_CONFIG),
                     tasks.write_tasks, n_train=400, n_test=40, max_new_tokens=48,
-                    v2_max_steps=None)
+                    v2_max_steps=None, tenant_recipe=dict(tasks.TENANT_RECIPE))
 
 
 def prepare(kind: str, out: Path, say: Callable[[str], None]) -> Path:
