@@ -98,14 +98,14 @@ class BlockAllocator:
         if upto > before:
             self.lengths[row] = upto
             self.used_tokens += upto - before
-        need = self.blocks_for(upto) - len(table)
+        need = self.need(row, upto)
         grown = self.make_room(need)
         while need > len(self._free) and self._idle:
             self._evict()
         if need > len(self._free):
             raise RuntimeError(f"KV pool exhausted: {need} blocks needed, "
                                f"{self.max_blocks} in all (a scheduler bug)")
-        for _ in range(max(0, need)):
+        for _ in range(need):
             b = self._free.pop()
             self.refs[b] = 1
             table.append(b)
