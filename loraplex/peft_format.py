@@ -17,17 +17,29 @@ Sections: tensor names; target modules (list, regex, `all-linear`, exclusions, l
 indices); rank/alpha patterns and the scale; the loading tables (quantization, dtypes).
 Pure functions and frozen dataclasses; torch and transformers are imported only by the
 functions that take a model or build a loading config.
+
+Every pattern an adapter config carries is written by whoever uploaded it and is matched
+against module paths taken from that upload's own tensor names, so it runs on RE2
+(`google-re2`), whose matching time is linear in the input: a pattern such as `(a|a)*b`
+that takes Python's backtracking `re` exponential time finishes in microseconds. Pattern
+and module-path lengths are capped (`loraplex.limits`). RE2 refuses what it cannot match
+in linear time (backreferences, lookaround); peft's configs do not need either, and such a
+pattern is refused with InvalidArgument naming the field.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import re2
+
 from loraplex.errors import InvalidArgument, quote
+from loraplex.limits import MAX_MODULE_CHARS, MAX_PATTERN_CHARS
 
 T = TypeVar("T")
 
@@ -100,6 +112,41 @@ def pair_tensors(tensors: Mapping[str, T]) -> LoraPairs[T]:
     return LoraPairs(pairs, tuple(unparsed), incomplete)
 
 
+# ------------------------------------------------------------------------------ uploaded patterns
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = 8 << 20  # a compiled program beyond this is refused, not built
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> Any:
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def compile_pattern(pattern: str, field: str) -> Any:
+    """An uploaded regular expression compiled for RE2 (linear-time matching), cached;
+    InvalidArgument naming `field` for one that is too long or not RE2 syntax."""
+    if not isinstance(pattern, str):
+        raise InvalidArgument(f"must be a string, got {quote(pattern)}", field=field)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise InvalidArgument(f"pattern {quote(pattern)} is longer than "
+                              f"{MAX_PATTERN_CHARS} characters", field=field)
+    try:
+        return _compiled(pattern)
+    except re2.error as e:
+        raise InvalidArgument(f"pattern {quote(pattern)} is not a regular expression this "
+                              f"server matches (RE2 syntax: no backreferences or "
+                              f"lookaround): {e}", field=field) from None
+
+
+def _module_path(module: str) -> str:
+    """`module` if it is short enough to match against an uploaded pattern."""
+    if len(module) > MAX_MODULE_CHARS:
+        raise InvalidArgument(f"module path {quote(module)} is longer than "
+                              f"{MAX_MODULE_CHARS} characters", field="tensors")
+    return module
+
+
 # ------------------------------------------------------------------------------ target modules
 
 ALL_LINEAR = "all-linear"
@@ -112,10 +159,8 @@ which subclass `nn.Linear`) except the model's output layer, found by identity w
 def _names(value: Any, what: str) -> tuple[str, ...] | str:
     """A regex string or a tuple of non-empty names; InvalidArgument naming `what`."""
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise InvalidArgument(f"not a valid regular expression: {e}", field=what) from e
+        if value.lower() != ALL_LINEAR:
+            compile_pattern(value, what)
         return value
     if (isinstance(value, list | tuple | set | frozenset) and value
             and all(isinstance(t, str) and t for t in value)):
@@ -167,7 +212,8 @@ class TargetModules:
         if self.all_linear:
             return linear is None or module in linear
         if isinstance(self.spec, str):
-            return re.fullmatch(self.spec, module) is not None
+            return compile_pattern(self.spec, "target_modules").fullmatch(
+                _module_path(module)) is not None
         if module in self.spec:  # named exactly: peft skips the layer-index filter
             return True
         return _name_match(self.spec, module) and self._in_layers(module)
@@ -185,7 +231,7 @@ class TargetModules:
         pats = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in self.layers_pattern] or [
             r".*?\.[^.]*\.(?P<idx>\d+)\."]
         for pat in pats:
-            m = re.match(pat, module)
+            m = compile_pattern(pat, "layers_pattern").match(_module_path(module))
             if m is not None:
                 return int(m["idx"]) in self.layers
         return False
@@ -193,7 +239,8 @@ class TargetModules:
 
 def _name_match(spec: str | tuple[str, ...], module: str) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
+        return compile_pattern(spec, "exclude_modules").fullmatch(
+            _module_path(module)) is not None
     return any(module == t or module.endswith("." + t) for t in spec)
 
 
@@ -209,6 +256,8 @@ def parse_targets(target_modules: Any, exclude_modules: Any = None,
         pattern = (pattern,)
     if not isinstance(pattern, list | tuple) or not all(isinstance(p, str) for p in pattern):
         raise InvalidArgument("must be a name or a list of names", field="layers_pattern")
+    for p in pattern:  # peft puts each name into a regex unescaped: it is one
+        compile_pattern(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern")
     return TargetModules(spec, exclude, _layer_indices(layers_to_transform), tuple(pattern))
 
 
@@ -266,11 +315,19 @@ def leaf_names(modules: Iterable[str]) -> list[str]:
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """peft's `get_pattern_key`: the first pattern that matches the END of the module path
     at a dot boundary (`(.*\\.)?(<pattern>)$`), so "q_proj" and "layers.0.self_attn.q_proj"
-    both address one module; None when none does. Order matters: first match wins."""
+    both address one module; None when none does. Order matters: first match wins.
+    InvalidArgument (field `rank_pattern`) for a key that is no RE2 pattern."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_regex(key).match(_module_path(module)):
             return key
     return None
+
+
+def pattern_regex(key: str, field: str = "rank_pattern") -> Any:
+    """The compiled regex peft builds from a `rank_pattern` / `alpha_pattern` key."""
+    if not isinstance(key, str) or len(key) > MAX_PATTERN_CHARS:
+        compile_pattern(key, field)  # raises the length / type error
+    return compile_pattern(rf"(.*\.)?({key})$", field)
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:

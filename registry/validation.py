@@ -14,13 +14,13 @@ patterns are read is `loraplex.peft_format`, shared with the runtime and the tra
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from loraplex import peft_format
 from loraplex.errors import InvalidArgument, ValidationFailed, quote
 from loraplex.fingerprint import BaseFingerprint
+from loraplex.limits import MAX_MODULE_CHARS
 from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import tensorfile
 from loraplex.registry.content import adapter_digest
@@ -80,7 +80,7 @@ def validate(config_bytes: bytes, weights_bytes: bytes, base: BaseFingerprint | 
         report.add("size_bytes", f"{size} bytes exceeds the cap of "
                    f"{settings.max_adapter_bytes} (LORAPLEX_MAX_ADAPTER_BYTES)")
     config = _check_config(config_bytes, settings, report)
-    tf = _parse_weights(weights_bytes, report)
+    tf = _parse_weights(weights_bytes, settings, report)
     names: dict[str, str] = {}
     modules: set[str] = set()
     dtype = ""
@@ -151,14 +151,16 @@ def _check_pattern(config: dict[str, Any], key: str, max_rank: int | None,
             report.add(key, f"{quote(k)}: rank {v} exceeds the maximum {max_rank} "
                        "(LORAPLEX_MAX_RANK)")
         try:
-            re.compile(k)
-        except re.error as e:
-            report.add(key, f"{quote(k)}: not a valid regular expression: {e}")
+            peft_format.pattern_regex(k, key)
+        except InvalidArgument as e:
+            report.add(key, e.message)
 
 
-def _parse_weights(raw: bytes, report: _Report) -> TensorFile | None:
+def _parse_weights(raw: bytes, settings: RegistrySettings,
+                   report: _Report) -> TensorFile | None:
     try:
-        tf = tensorfile.parse(raw)
+        tf = tensorfile.parse(raw, max_header_bytes=settings.max_header_bytes,
+                              max_tensors=settings.max_tensors)
     except TensorFileError as e:
         report.add("adapter_model.safetensors", f"not a safetensors file: {e}")
         return None
@@ -183,7 +185,7 @@ def _rank_of(config: dict[str, Any] | None, module: str) -> Any:
         return r
     try:
         key = peft_format.pattern_key(pattern, module)
-    except re.error:  # reported by _check_pattern
+    except InvalidArgument:  # reported by _check_pattern
         return None
     return r if key is None else pattern[key]
 
@@ -191,6 +193,7 @@ def _rank_of(config: dict[str, Any] | None, module: str) -> Any:
 def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFingerprint | None,
                    report: _Report) -> tuple[dict[str, str], set[str], str]:
     names: dict[str, str] = {}
+    seen: set[str] = set()  # normalized names: a set, so N tensors cost O(N)
     codes: set[str] = set()
     targets = _targets(config)
     shapes = base.linear_shapes if base is not None else None
@@ -204,10 +207,14 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
             report.add(stored, f"names the adapter {quote(key.adapter_name)} (a live model's "
                        "state_dict, not a saved adapter: save it with save_pretrained)")
             continue
-        if key.normalized in names.values():
+        if key.normalized in seen:
             report.add(stored, "appears twice (with and without peft's prefix)")
             continue
+        seen.add(key.normalized)
         names[stored] = key.normalized
+        if len(key.module) > MAX_MODULE_CHARS:
+            report.add(stored, f"module path is longer than {MAX_MODULE_CHARS} characters")
+            continue
         if targets is not None and not targets.matches(key.module, shapes):
             report.add(stored, f"module {quote(key.module)} is not among target_modules "
                        f"{quote(config.get('target_modules'))}")
