@@ -8,7 +8,8 @@
     loraplex registry pull acme/support@prod ./out
     loraplex registry rm acme/support:v1 [--force]
     loraplex registry verify && loraplex registry gc
-    loraplex registry token create acme [--admin]
+    loraplex registry token create acme [--scope inference|publish|admin] [--ttl 30d]
+    loraplex registry token list [acme] | revoke tok_… | rotate tok_… [--grace 1h] | history
     loraplex registry compress acme/support@prod --rank 4 [--alias prod --gate … --gate-data …]
     loraplex registry merge acme/a acme/b --method ties --density 0.5 --name acme/ab
 
@@ -278,14 +279,104 @@ def gc(
 @token_app.command("create")
 def token_create(
     tenant: Annotated[str, typer.Argument(help="Tenant the token acts for.")],
+    scope: Annotated[str, typer.Option(
+        help="inference (generate, read), publish (also push, alias, delete) or admin "
+        "(also manage this tenant's tokens).")] = "publish",
     admin: Annotated[bool, typer.Option(help="An admin token (all tenants).")] = False,
+    ttl: Annotated[str | None, typer.Option(
+        help="Expire after this long: seconds, or 90m, 12h, 30d (default: never).")] = None,
+    label: Annotated[str, typer.Option(help="A note shown by `token list`.")] = "",
     registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Create an API token; it is shown once and stored only as a hash."""
     with _session(registry, blob_dir, token, as_json) as s:
-        new = s.reg.create_token(s.me, tenant, admin=admin)
-        s.emit({"tenant": tenant, "role": "admin" if admin else "tenant", "token": new}, new)
+        new, info = s.reg.tokens.create(s.me, tenant, admin=admin,
+                                        scope="admin" if admin else scope,  # type: ignore[arg-type]
+                                        ttl_s=_duration(ttl), label=label)
+        s.emit(info.as_dict() | {"token": new}, new)
+
+
+@token_app.command("list")
+def token_list(
+    tenant: Annotated[str | None, typer.Argument(
+        help="Tenant (default: the caller's; an admin sees every tenant's).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include revoked and expired.")] = False,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Tokens with their scope and created / last-used / expiry times (never secrets)."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        infos = s.reg.list_tokens(s.me, tenant, include_inactive=all_)
+        table = Table("id", "tenant", "scope", "label", "created", "last used", "expires",
+                      "state", title="API tokens")
+        for i in infos:
+            table.add_row(i.id, i.tenant, i.scope, i.label, _when(i.created_at),
+                          _when(i.last_used_at), _when(i.expires_at),
+                          "active" if i.active() else "revoked" if i.revoked_at else "expired")
+        s.emit([i.as_dict() for i in infos], table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (tok_…), from `token list`.")],
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token now (servers stop accepting it within their token cache time)."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        info = s.reg.revoke_token(s.me, token_id)
+        s.emit(info.as_dict(), f"revoked {info.id} ({info.tenant}, {info.scope})")
+
+
+@token_app.command("rotate")
+def token_rotate(
+    token_id: Annotated[str, typer.Argument(help="The token's id (tok_…), from `token list`.")],
+    grace: Annotated[str, typer.Option(
+        help="Keep the old token working this long (seconds, or 90m, 12h).")] = "0",
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """A new token with the old one's tenant, scope and label; prints the new secret."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        new, info = s.reg.rotate_token(s.me, token_id, grace_s=_duration(grace) or 0.0)
+        s.emit(info.as_dict() | {"token": new, "replaces": token_id}, new)
+
+
+@token_app.command("history")
+def token_history(
+    tenant: Annotated[str | None, typer.Argument(help="Tenant (default: the caller's).")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """The audit log of a tenant's tokens: created, rotated, revoked; when and by whom."""
+    with _session(registry, blob_dir, token, as_json) as s:
+        events = s.reg.token_history(s.me, tenant)
+        table = Table("at", "token", "action", "detail", "by", title="token changes")
+        for e in events:
+            table.add_row(_when(e.at), e.token_id, e.action, e.detail, e.by)
+        s.emit([e.__dict__ for e in events], table)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str | None) -> float | None:
+    """Seconds from `3600`, `90m`, `12h` or `30d` (None stays None)."""
+    if text is None:
+        return None
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise InvalidArgument(f"not a duration: {quote(text)} (seconds, or e.g. 90m, 12h, "
+                              "30d)", field="ttl") from None
+    return value
+
+
+def _when(ts: Any) -> str:
+    return "-" if ts is None else ts.strftime("%Y-%m-%d %H:%M:%S")
 
 
 @base_app.command("add")

@@ -23,11 +23,9 @@ act on every tenant; only admins register bases and create admin tokens.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
-import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,13 +42,13 @@ from loraplex.errors import (
     LoraplexError,
     NotFound,
     PermissionDenied,
-    Unauthenticated,
+    Unavailable,
     ValidationFailed,
     quote,
 )
 from loraplex.fingerprint import BaseFingerprint
 from loraplex.peft_format import PEFT_PREFIX
-from loraplex.registry import db, faults, tensorfile
+from loraplex.registry import db, faults, quotas, tensorfile
 from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore, open_blob_store
 from loraplex.registry.content import adapter_digest
@@ -63,17 +61,25 @@ from loraplex.registry.records import (
     GcReport,
     Identity,
     LoadedAdapter,
+    Scope,
 )
 from loraplex.registry.refs import LATEST, AdapterRef, check_name, parse_key, parse_ref
 from loraplex.registry.settings import RegistrySettings
+from loraplex.registry.tokens import TokenEvent, TokenInfo, Tokens
 from loraplex.registry.validation import ValidAdapter, validate
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MANIFEST_FILE = "loraplex_manifest.json"
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-TOKEN_PREFIX = "lpx_"
 CHANGES_CHANNEL = "lpx_changes"  # PostgreSQL NOTIFY channel of new `changes` rows
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class _BlobCollected(Exception):
+    """gc deleted a blob between a push's write of it and the push's commit."""
 
 
 def _now() -> datetime:
@@ -102,6 +108,7 @@ class Registry:
         self.read_only = read_only
         self.db_where = _where(engine)
         self.base_catalog = BaseCatalog(engine, self.settings.commit_retries)
+        self.tokens = Tokens(engine, self.settings, read_only=read_only)
         if not read_only:
             self._create_tables()
 
@@ -212,10 +219,11 @@ class Registry:
                   weights_bytes: bytes, base: BaseArg, lineage: dict[str, Any] | None,
                   problems: list[str]) -> AdapterVersion:
         tenant, aname = parse_key(name)
+        identity.require("publish", "push adapters")
         if not identity.can_access(tenant):
             raise PermissionDenied(f"{identity.who} may not push adapters of tenant {tenant}",
                                    field="name")
-        lineage = _json_object(lineage, "lineage")
+        lineage = _json_object(lineage, "lineage", self.settings.max_lineage_bytes)
         fp, base_problems = self.base_catalog.for_upload(base, _loose_json(config_bytes),
                                                              lineage)
         valid = validate(config_bytes, weights_bytes, fp, self.settings,
@@ -225,13 +233,22 @@ class Registry:
         existing = self._existing(tenant, aname, valid.digest)
         if existing is not None:
             return _same_base(existing, fp)
-        config_blob = self.blobs.put(valid.config_bytes)
-        weights_blob = self.blobs.put(valid.weights_bytes)
-        self._on_blobs_written()
-        return db.with_retries(
-            lambda: self._insert_version(identity, tenant, aname, valid, fp, lineage,
-                                         config_blob, weights_blob),
-            self.settings.commit_retries)
+        size = len(valid.config_bytes) + len(valid.weights_bytes)
+        with db.read_tx(self.engine) as conn:  # before any blob is written
+            quotas.check(conn, self.settings, tenant, size)
+        for _ in range(3):  # gc may collect a reused blob before our commit: write it again
+            config_blob = self.blobs.put(valid.config_bytes)
+            weights_blob = self.blobs.put(valid.weights_bytes)
+            self._on_blobs_written()
+            try:
+                return db.with_retries(
+                    lambda c=config_blob, w=weights_blob: self._insert_version(
+                        identity, tenant, aname, valid, fp, lineage, c, w),
+                    self.settings.commit_retries)
+            except _BlobCollected:
+                continue
+        raise Unavailable("the blob store lost this upload's blobs three times while it "
+                          "committed (a concurrent gc); retry", field="name")
 
     def _on_blobs_written(self) -> None:
         """Seam between the blob writes and the commit; crash tests inject faults here."""
@@ -256,6 +273,14 @@ class Registry:
                 versions.c.adapter_id == adapter_id, versions.c.digest == valid.digest)).first()
             if same is not None:  # an identical push won the race
                 return _same_base(self._to_version(conn, same, created=False), fp)
+            quotas.check(conn, self.settings, tenant,
+                         len(valid.config_bytes) + len(valid.weights_bytes))
+            for blob in (config_blob, weights_blob):
+                # Under this row's lock gc cannot decide about the blob; if it already
+                # took it, write it again rather than commit a version without it.
+                db.upsert(conn, db.blobs, {"digest": blob, "used_at": now}, {"used_at": now})
+                if not self.blobs.exists(blob):
+                    raise _BlobCollected(blob)
             number = row.last_version + 1
             conn.execute(sa.update(adapters).where(adapters.c.id == adapter_id)
                          .values(last_version=number))
@@ -375,6 +400,7 @@ class Registry:
         version the alias must point at now, None = it must not exist, UNSET = any.
         `latest` cannot be moved: it always follows the newest version."""
         check_name(alias, "alias", field="alias")
+        identity.require("publish", "move aliases")
         if alias == LATEST:
             raise InvalidArgument("`latest` follows the newest version and cannot be moved",
                                   field="alias")
@@ -441,6 +467,7 @@ class Registry:
         at it, unless `force`, which removes those aliases too (logged). The ref must pin
         the version (`t/n:vN` or `sha256:…`): `rm t/n` deleting whatever is newest at that
         moment is too easy a mistake."""
+        identity.require("publish", "delete versions")
         r = parse_ref(ref)
         if r.version is None and r.digest is None:
             raise InvalidArgument(f"delete needs a pinned version (t/n:vN or sha256:…), got "
@@ -530,21 +557,56 @@ class Registry:
     @faults.writes
     def gc(self, *, min_age_s: float | None = None) -> GcReport:
         """Delete blobs no version references (and stale temp files), sparing blobs
-        younger than `min_age_s`: they may belong to a registration still committing."""
+        younger than `min_age_s`, by file age and by the time a push last used them (as
+        recorded in the database): they may belong to a registration still committing.
+
+        The listing and the first reading of the database only nominate candidates; each
+        one is decided again in its own write transaction, under the `lpx_blobs` row lock
+        that a push takes before it commits a version using the blob, and deleted while
+        that lock is held. A push that reuses a blob gc is about to take therefore either
+        commits first (gc sees the reference and keeps it) or finds it gone under the lock
+        and writes it again."""
         age_limit = self.settings.gc_min_age_s if min_age_s is None else min_age_s
-        listing = list(self.blobs.list())  # before reading the DB: see module docstring
+        listing = list(self.blobs.list())
         referenced = set(self._blob_users())
         removed, freed, kept = [], 0, 0
         for digest, size, age in listing:
             if digest in referenced or age < age_limit:
                 kept += 1
-            elif self.blobs.delete(digest):
+                continue
+            self._on_gc_candidate(digest)
+            if db.with_retries(lambda d=digest: self._collect(d, age_limit),
+                               self.settings.commit_retries):
                 removed.append(digest)
                 freed += size
+            else:
+                kept += 1
         if isinstance(self.blobs, LocalBlobStore):
             for tmp in self.blobs.stale_temp_files(age_limit):
                 tmp.unlink(missing_ok=True)
         return GcReport(removed=removed, freed_bytes=freed, kept=kept)
+
+    def _on_gc_candidate(self, digest: str) -> None:
+        """Seam between gc's nomination of a blob and its decision; race tests use it."""
+
+    def _collect(self, digest: str, age_limit: float) -> bool:
+        """Delete `digest` if, under its `lpx_blobs` row lock, no version uses it and no
+        push used it within `age_limit`; True if it was deleted."""
+        now = _now()
+        with db.write_tx(self.engine) as conn:
+            db.insert_ignore(conn, db.blobs, {"digest": digest, "used_at": _EPOCH})
+            q = sa.select(db.blobs.c.used_at).where(db.blobs.c.digest == digest)
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update()
+            used_at = _utc(conn.execute(q).scalar_one())
+            in_use = conn.execute(sa.select(versions.c.id).where(sa.or_(
+                versions.c.config_blob == digest, versions.c.weights_blob == digest))
+                .limit(1)).first()
+            if in_use is not None or (now - used_at).total_seconds() < age_limit:
+                return False
+            gone = self.blobs.delete(digest, min_age_s=age_limit)
+            conn.execute(sa.delete(db.blobs).where(db.blobs.c.digest == digest))
+            return gone
 
     def _blob_users(self) -> dict[str, list[str]]:
         q = (sa.select(adapters.c.tenant, adapters.c.name, versions.c.version,
@@ -558,36 +620,40 @@ class Registry:
         return users
 
     # ---------------------------------------------------------------- tokens
+    # The lifecycle lives in registry/tokens.py (`self.tokens`); these keep the typed
+    # database errors of the rest of the registry.
     @faults.writes
-    def create_token(self, identity: Identity, tenant: str, *, admin: bool = False) -> str:
-        """A new API token for `tenant`; only its sha256 is stored, so show it once."""
-        check_name(tenant, "tenant", field="tenant")
-        if admin and not identity.is_admin:
-            raise PermissionDenied("only an admin can create admin tokens", field="admin")
-        if not identity.can_access(tenant):
-            raise PermissionDenied(f"{identity.who} may not create tokens for tenant {tenant}",
-                                   field="tenant")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with db.write_tx(self.engine) as conn:
-            conn.execute(sa.insert(db.tokens).values(
-                token_hash=_token_hash(token), tenant=tenant,
-                role="admin" if admin else "tenant", created_at=_now(),
-                created_by=identity.who))
-        return token
+    def create_token(self, identity: Identity, tenant: str, *, admin: bool = False,
+                     scope: Scope | None = None, ttl_s: float | None = None,
+                     label: str = "") -> str:
+        """A new API token for `tenant` (scope `publish` unless given); only its sha256
+        is stored, so show it once. `Tokens.create` also returns its record."""
+        return self.tokens.create(identity, tenant, admin=admin, scope=scope, ttl_s=ttl_s,
+                                  label=label)[0]
 
     @faults.reads
-    def authenticate(self, token: str) -> Identity:
-        """The identity a token stands for; `Unauthenticated` for anything unknown.
-        Tokens carry 256 random bits, so a plain sha256 is a safe, fast lookup key."""
-        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
-            raise Unauthenticated("invalid API token")
-        h = _token_hash(token)
-        with db.read_tx(self.engine) as conn:
-            row = conn.execute(sa.select(db.tokens).where(db.tokens.c.token_hash == h)).first()
-        if row is None:
-            raise Unauthenticated("invalid API token")
-        return Identity(tenant=row.tenant, role=row.role,
-                        subject=f"{row.role}:{row.tenant}/token:{h[:12]}")
+    def authenticate(self, token: str, *, peer: str | None = None) -> Identity:
+        """The identity a token stands for; `Unauthenticated` for anything unknown,
+        expired or revoked, `AuthThrottled` while `peer` backs off (registry/tokens.py)."""
+        return self.tokens.authenticate(token, peer=peer)
+
+    @faults.reads
+    def list_tokens(self, identity: Identity, tenant: str | None = None, *,
+                    include_inactive: bool = False) -> list[TokenInfo]:
+        return self.tokens.list(identity, tenant, include_inactive=include_inactive)
+
+    @faults.writes
+    def revoke_token(self, identity: Identity, token_id: str) -> TokenInfo:
+        return self.tokens.revoke(identity, token_id)
+
+    @faults.writes
+    def rotate_token(self, identity: Identity, token_id: str, *, grace_s: float = 0.0,
+                     ttl_s: float | None = None) -> tuple[str, TokenInfo]:
+        return self.tokens.rotate(identity, token_id, grace_s=grace_s, ttl_s=ttl_s)
+
+    @faults.reads
+    def token_history(self, identity: Identity, tenant: str | None = None) -> list[TokenEvent]:
+        return self.tokens.history(identity, tenant)
 
     # ---------------------------------------------------------------- watchers
     @faults.reads
@@ -678,10 +744,6 @@ def _where(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def _vname(v: int | None) -> str:
     return "nothing" if v is None else f"v{v}"
 
@@ -695,17 +757,22 @@ def _loose_json(raw: bytes) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _json_object(value: dict[str, Any] | None, field: str) -> dict[str, Any]:
-    """A plain-JSON copy of `value`. Non-finite floats (a diverged loss) become the strings
+def _json_object(value: dict[str, Any] | None, field: str, max_bytes: int) -> dict[str, Any]:
+    """A plain-JSON copy of `value`, at most `max_bytes` as compact JSON (it is read back
+    on every resolve). Non-finite floats (a diverged loss) become the strings
     "nan"/"inf"/"-inf": PostgreSQL's JSON has no NaN, and the record should survive."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidArgument(f"{field} must be a JSON object", field=field)
     try:
-        return json.loads(json.dumps(_finite(value), allow_nan=False))
-    except (TypeError, ValueError) as e:
+        text = json.dumps(_finite(value), allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
         raise InvalidArgument(f"{field} is not JSON-serialisable: {e}", field=field) from e
+    if len(text.encode()) > max_bytes:
+        raise InvalidArgument(f"{field} is {len(text.encode())} bytes of JSON, above the cap "
+                              f"of {max_bytes} (LORAPLEX_MAX_LINEAGE_BYTES)", field=field)
+    return json.loads(text)
 
 
 def _finite(value: Any) -> Any:

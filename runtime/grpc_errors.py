@@ -48,8 +48,11 @@ def status_code(name: str) -> grpc.StatusCode:
 def map_error(error: BaseException, request_id: str = "") -> MappedError:
     """Classify any exception; logs the ones that are bugs."""
     if isinstance(error, LoraplexError):
-        return MappedError(status_code(error.code), cap_message(error.message), error.field,
-                           type(error).__name__)
+        if error.public_message != error.message:  # the server's own detail stays here
+            log.warning("request %s: %s: %s", request_id or "-", type(error).__name__,
+                        error.message)
+        return MappedError(status_code(error.code), cap_message(error.public_message),
+                           error.field, type(error).__name__)
     log.error("internal error in request %s", request_id or "-", exc_info=error)
     suffix = f" (request id {request_id})" if request_id else ""
     return MappedError(grpc.StatusCode.INTERNAL, "internal error" + suffix, None, "Internal")
