@@ -291,7 +291,7 @@ def token_create(
 ) -> None:
     """Create an API token; it is shown once and stored only as a hash."""
     with _session(registry, blob_dir, token, as_json) as s:
-        new, info = s.reg.tokens.create(s.me, tenant, admin=admin,
+        new, info = s.reg.issue_token(s.me, tenant, admin=admin,
                                         scope="admin" if admin else scope,  # type: ignore[arg-type]
                                         ttl_s=_duration(ttl), label=label)
         s.emit(info.as_dict() | {"token": new}, new)

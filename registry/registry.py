@@ -631,6 +631,14 @@ class Registry:
         return self.tokens.create(identity, tenant, admin=admin, scope=scope, ttl_s=ttl_s,
                                   label=label)[0]
 
+    @faults.writes
+    def issue_token(self, identity: Identity, tenant: str, *, admin: bool = False,
+                    scope: Scope | None = None, ttl_s: float | None = None,
+                    label: str = "") -> tuple[str, TokenInfo]:
+        """`create_token` that also returns the new token's record (CLI, AdminService)."""
+        return self.tokens.create(identity, tenant, admin=admin, scope=scope, ttl_s=ttl_s,
+                                  label=label)
+
     @faults.reads
     def authenticate(self, token: str, *, peer: str | None = None) -> Identity:
         """The identity a token stands for; `Unauthenticated` for anything unknown,

@@ -21,9 +21,10 @@ costs neither a database query each nor a thread for long:
 - a negative cache remembers hashes the database did not know (or knew as revoked or
   expired) for a minute: the same bad token again costs a dict lookup;
 - a peer (the caller's address, when the edge passes it) that fails more than
-  `auth_failures_free` times in a row is refused, before its token is even hashed, for a
+  `auth_failures_free` times in a row is refused, before any database work, for a
   backoff that doubles up to `auth_backoff_max_s` (`AuthThrottled`, RESOURCE_EXHAUSTED);
-  one success clears it;
+  a token this process already holds as good still passes (callers sharing the address,
+  behind one proxy, keep working), and one success clears the backoff;
 - at most `_LOOKUPS` database lookups of uncached tokens run at once per process.
 Every table is bounded (LRU), so a flood of distinct tokens or peers holds bounded memory.
 """
@@ -141,19 +142,14 @@ class Tokens:
         """The identity a token stands for. `Unauthenticated` for anything unknown,
         expired or revoked; `AuthThrottled` while `peer` is backing off."""
         mono = time.monotonic()
-        if peer is not None:
-            with self._lock:
-                p = self._peers.get(peer)
-                if p is not None and p.blocked_until > mono:
-                    raise AuthThrottled(
-                        f"too many failed authentications from this address; retry in "
-                        f"{p.blocked_until - mono:.0f} s", retry_after_s=p.blocked_until - mono)
         if (not isinstance(token, str) or not token.startswith(TOKEN_PREFIX)
                 or len(token) > _TOKEN_CHARS):
+            self._throttled(peer, mono)
             self._failed(peer, None, mono)
         h = token_hash(token)
-        identity = self._cached(h, mono)
+        identity = self._cached(h, mono)  # a known token passes even a backing-off peer
         if identity is None:
+            self._throttled(peer, mono)
             with self._lock:
                 known_bad = self._bad.get(h, 0.0) > mono
             if known_bad:
@@ -166,6 +162,17 @@ class Tokens:
             with self._lock:
                 self._peers.pop(peer, None)
         return identity
+
+    def _throttled(self, peer: str | None, mono: float) -> None:
+        """AuthThrottled while `peer` backs off (before any database work)."""
+        if peer is None:
+            return
+        with self._lock:
+            p = self._peers.get(peer)
+            wait = 0.0 if p is None else p.blocked_until - mono
+        if wait > 0:
+            raise AuthThrottled(f"too many failed authentications from this address; retry "
+                                f"in {wait:.0f} s", retry_after_s=wait)
 
     def _cached(self, h: str, mono: float) -> Identity | None:
         with self._lock:
@@ -336,15 +343,6 @@ class Tokens:
                 db.token_events.c.tenant == tenant).order_by(db.token_events.c.id)).all()
         return [TokenEvent(r.token_id, r.tenant, r.action, r.detail, _utc(r.at), r.by)
                 for r in rows]
-
-    def gc(self, older_than_s: float = 30 * 86400) -> int:
-        """Delete tokens revoked or expired more than `older_than_s` ago (their audit rows
-        stay); returns how many."""
-        cut = _now() - timedelta(seconds=older_than_s)
-        with db.write_tx(self.engine) as conn:
-            done = conn.execute(sa.delete(db.tokens).where(sa.or_(
-                db.tokens.c.revoked_at < cut, db.tokens.c.expires_at < cut)))
-        return int(done.rowcount or 0)
 
     # ---------------------------------------------------------------- helpers
     @staticmethod

@@ -38,6 +38,7 @@ class MappedError:
     message: str
     field: str | None
     reason: str  # the error class name, e.g. "AliasConflict"
+    retry_after_s: float | None = None  # RetryInfo beyond the default (AuthThrottled)
 
 
 def status_code(name: str) -> grpc.StatusCode:
@@ -52,7 +53,8 @@ def map_error(error: BaseException, request_id: str = "") -> MappedError:
             log.warning("request %s: %s: %s", request_id or "-", type(error).__name__,
                         error.message)
         return MappedError(status_code(error.code), cap_message(error.public_message),
-                           error.field, type(error).__name__)
+                           error.field, type(error).__name__,
+                           getattr(error, "retry_after_s", None))
     log.error("internal error in request %s", request_id or "-", exc_info=error)
     suffix = f" (request id {request_id})" if request_id else ""
     return MappedError(grpc.StatusCode.INTERNAL, "internal error" + suffix, None, "Internal")
@@ -67,10 +69,11 @@ def rich_status(mapped: MappedError, request_id: str = "") -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=mapped.field,
                                                         description=mapped.message)])))
-    if mapped.reason == Overloaded.__name__ or mapped.code == grpc.StatusCode.UNAVAILABLE:
+    if (mapped.retry_after_s is not None or mapped.reason == Overloaded.__name__
+            or mapped.code == grpc.StatusCode.UNAVAILABLE):
+        after = RETRY_AFTER_S if mapped.retry_after_s is None else mapped.retry_after_s
         details.append(_pack(error_details_pb2.RetryInfo(
-            retry_delay={"seconds": int(RETRY_AFTER_S),
-                         "nanos": int((RETRY_AFTER_S % 1) * 1e9)})))
+            retry_delay={"seconds": int(after), "nanos": int((after % 1) * 1e9)})))
     status = status_pb2.Status(code=_rpc_code(mapped.code), message=mapped.message,
                                details=details)
     return rpc_status.to_status(status)

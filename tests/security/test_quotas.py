@@ -61,3 +61,32 @@ def test_database_errors_and_logs_hide_bound_parameters(sqlite_reg, caplog):
             conn.execute(sa.text("SELECT * FROM no_such_table WHERE x = :x"), {"x": secret})
     assert secret not in str(e.value) and secret not in caplog.text
     assert "hidden due to hide_parameters" in str(e.value)
+
+
+def test_environment_errors_tell_a_tenant_nothing_about_the_deployment(tmp_path):
+    import errno
+    import os
+
+    from loraplex.registry import faults
+
+    path = tmp_path / "srv" / "blobs"
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EIO):
+        e = faults.os_error(OSError(code, os.strerror(code)), "writing blob into", path)
+        assert str(path) in e.message  # the operator's CLI and the server log
+        assert str(tmp_path) not in e.public_message
+        assert str(os.geteuid()) not in e.public_message.replace("storage", "")
+    where = "postgresql+psycopg://lpx@db.internal:5432/prod"
+    dropped = sa.exc.OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    e = faults.db_error(dropped, where)
+    assert where in e.message and "db.internal" not in e.public_message
+
+
+def test_s3_errors_do_not_name_the_bucket(moto_server, s3_env):
+    from loraplex.errors import NotFound
+    from loraplex.registry.s3store import S3BlobStore
+
+    bucket = moto_server.new_bucket()
+    store = S3BlobStore(f"s3://{bucket}/lpx", endpoint_url=moto_server.endpoint)
+    with pytest.raises(NotFound) as e:
+        store.get("sha256:" + "0" * 64)
+    assert bucket in e.value.message and bucket not in e.value.public_message

@@ -86,7 +86,7 @@ def test_registry_caps_come_from_settings(open_registry, make_adapter):
 
 
 def test_registry_and_engine_share_one_rank_limit():
-    from loraplex.runtime.types import EngineConfig
+    from loraplex.runtime.api.types import EngineConfig
 
     assert RegistrySettings().max_rank == MAX_RANK
     assert EngineConfig(base_dir="x").max_rank == MAX_RANK
