@@ -204,7 +204,9 @@ class Tokens:
         with self._lock:
             self._good.put(h, (identity, row.id, expires,
                                mono + self.settings.token_cache_s, mono))
-        self._touch(row.id)
+        last = None if row.last_used_at is None else _utc(row.last_used_at)
+        if last is None or (now - last).total_seconds() >= _LAST_USED_EVERY_S:
+            self._touch(row.id)
         return identity
 
     def _failed(self, peer: str | None, h: str | None, mono: float) -> None:
