@@ -272,7 +272,8 @@ class Tokens:
     def get(self, identity: Identity, token_id: str) -> TokenInfo:
         with db.read_tx(self.engine) as conn:
             row = conn.execute(sa.select(db.tokens).where(db.tokens.c.id == token_id)).first()
-        if row is None or not identity.can_access(row.tenant) or not identity.allows("admin"):
+        if (row is None or not identity.can_access(row.tenant) or not identity.allows("admin")
+                or (row.role == "admin" and not identity.is_admin)):
             raise NotFound(f"token {quote(token_id)} not found", field="token_id")
         return _info(row)
 
@@ -286,6 +287,8 @@ class Tokens:
         q = sa.select(db.tokens).order_by(db.tokens.c.created_at, db.tokens.c.id)
         if tenant is not None or not identity.is_admin:
             q = q.where(db.tokens.c.tenant == (tenant or identity.tenant))
+        if not identity.is_admin:  # an admin token is managed by admins only
+            q = q.where(db.tokens.c.role != "admin")
         with db.read_tx(self.engine) as conn:
             infos = [_info(r) for r in conn.execute(q)]
         return infos if include_inactive else [i for i in infos if i.active()]

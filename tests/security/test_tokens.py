@@ -163,3 +163,16 @@ def test_cli_token_lifecycle(tmp_path):
     assert out.exit_code == 0 and rotated["id"] in out.output
     hist = json.loads(run(app, ["token", "history", "acme", "--registry", reg, "--json"]).output)
     assert [h["action"] for h in hist] == ["created", "created", "rotated", "revoked"]
+
+
+def test_a_tenant_admin_cannot_see_or_revoke_an_admin_token_of_its_tenant(registry):
+    registry.create_token(ADMIN, "ops", admin=True)
+    boss = registry.authenticate(registry.create_token(ADMIN, "ops", scope="admin"))
+    [admin_info] = [t for t in registry.list_tokens(ADMIN, "ops") if t.role == "admin"]
+    assert [t.role for t in registry.list_tokens(boss, "ops")] == ["tenant"]
+    from loraplex.errors import NotFound
+
+    with pytest.raises(NotFound):
+        registry.revoke_token(boss, admin_info.id)
+    with pytest.raises(NotFound):
+        registry.rotate_token(boss, admin_info.id)
