@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from loraplex.cli import app
 from loraplex.errors import NotFound
 from loraplex.registry import Identity, Registry
 from loraplex.registry.algebra import modules_of
-from loraplex.registry.cli import app
 from loraplex.registry.derive import compress_version, merge_versions
 
 ACME = Identity("acme")
@@ -108,7 +108,7 @@ def cli(world, tmp_path: Path):
            "LORAPLEX_BLOB_DIR": None}
 
     def run(*args, code: int = 0):
-        res = runner.invoke(app, [str(a) for a in args], env=env)
+        res = runner.invoke(app, ["registry", *(str(a) for a in args)], env=env)
         assert res.exit_code == code, f"{args}: {res.output} {res.stderr} {res.exception!r}"
         return res.stdout, res.stderr
 
