@@ -279,6 +279,19 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+@contextmanager
+def statement_read(engine: Engine) -> Iterator[Connection]:
+    """For a read that is one statement (each statement sees one consistent snapshot):
+    on PostgreSQL an autocommit connection, which saves the BEGIN and COMMIT round trips
+    of `read_tx`; on SQLite (no round trips) a `read_tx`."""
+    if engine.dialect.name != "postgresql":
+        with read_tx(engine) as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def lock_adapter(conn: Connection, adapter_id: int) -> sa.Row:
     """Serialise writers of one adapter (row lock on PostgreSQL; SQLite already holds
     the database write lock from BEGIN IMMEDIATE)."""

@@ -25,30 +25,41 @@ MAX_PAGE_SIZE = 1000
 
 
 def resolve(store: Store, identity: Identity, ref: str | AdapterRef) -> AdapterVersion:
-    """The version a ref names right now (aliases and `latest` are followed)."""
+    """The version a ref names right now (aliases and `latest` are followed): one
+    statement, and a second one only to say what is missing."""
     r = parse_ref(ref)
-    with db.read_tx(store.engine) as conn:
+    with db.statement_read(store.engine) as conn:
         if r.digest is not None:
             return _resolve_digest(store, conn, identity, r.digest)
         tenant, name = r.tenant or "", r.name or ""
-        aid = visible_adapter(conn, identity, tenant, name)
-        q = version_query().where(versions.c.adapter_id == aid)
+        if not identity.can_access(tenant):
+            raise not_found(tenant, name)
+        q = version_query().where(adapters.c.tenant == tenant, adapters.c.name == name)
         if r.version is not None:
-            row = conn.execute(q.where(versions.c.version == r.version)).first()
-            if row is None:
-                raise NotFound(f"version {r} not found", field="ref")
+            q = q.where(versions.c.version == r.version)
         elif r.alias is not None and r.alias != LATEST:
-            number = alias_target(conn, aid, r.alias)
-            if number is None:
-                raise NotFound(f"alias {r} not found", field="ref")
-            row = conn.execute(q.where(versions.c.version == number)).first()
-            if row is None:  # cannot happen: deleting a version drops its aliases
-                raise NotFound(f"alias {r} points at a deleted version", field="ref")
+            target = (sa.select(db.aliases.c.version)
+                      .where(db.aliases.c.adapter_id == adapters.c.id,
+                             db.aliases.c.alias == r.alias)
+                      .correlate(adapters).scalar_subquery())
+            q = q.where(versions.c.version == target)
         else:
-            row = conn.execute(q.order_by(versions.c.version.desc()).limit(1)).first()
-            if row is None:
-                raise not_found(tenant, name)
+            q = q.order_by(versions.c.version.desc()).limit(1)
+        row = conn.execute(q).first()
+        if row is None:
+            raise _missing(conn, r, tenant, name)
         return to_version(store, conn, row)
+
+
+def _missing(conn: Connection, r: AdapterRef, tenant: str, name: str) -> NotFound:
+    """Why `r` resolved to nothing: no such adapter (or no live version), version, alias."""
+    aid = conn.execute(sa.select(adapters.c.id).where(
+        adapters.c.tenant == tenant, adapters.c.name == name)).scalar()
+    if aid is None or (r.version is None and (r.alias is None or r.alias == LATEST)):
+        return not_found(tenant, name)
+    if r.version is not None:
+        return NotFound(f"version {r} not found", field="ref")
+    return NotFound(f"alias {r} not found", field="ref")
 
 
 def _resolve_digest(store: Store, conn: Connection, identity: Identity,
