@@ -71,6 +71,7 @@ class ChangeFeed:
         self.notified = engine.dialect.name == "postgresql"
         self._lock = threading.Lock()
         self._listener: Any = None  # psycopg connection LISTENing on CHANNEL
+        self._closed = False
 
     def wait(self, after: int, timeout: float, limit: int) -> list[Change]:
         """Events after `after`, as soon as there is at least one, or [] after `timeout`
@@ -80,8 +81,8 @@ class ChangeFeed:
         listening = locked
         try:
             while True:
-                if listening:
-                    listening = self._listen()  # before reading: no NOTIFY falls between
+                if listening:  # LISTEN before reading: no NOTIFY falls between the two
+                    listening = not self._closed and self._listen()
                 batch = read(self.engine, after, limit)
                 left = deadline - time.monotonic()
                 if batch or left <= 0:
@@ -90,11 +91,19 @@ class ChangeFeed:
                     time.sleep(min(self.poll_s, left))
         finally:
             if locked:
+                if self._closed:
+                    self._drop_listener()
                 self._lock.release()
 
     def close(self) -> None:
-        with self._lock:
-            self._drop_listener()
+        """Close the LISTEN connection now, or, while a wait holds it, when that wait
+        returns (closing never waits for a waiter's timeout)."""
+        self._closed = True
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drop_listener()
+            finally:
+                self._lock.release()
 
     def _listen(self) -> bool:
         """Ensure the LISTEN connection; False (poll instead) when it cannot be opened."""
