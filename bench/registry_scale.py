@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a.calls = a.calls or (400 if a.quick else 4000)
     a.pages = a.pages or (20 if a.quick else 200)
     head = machine(argv)
-    print(f"machine: {head['cpu']} ({head['capability']}), {head['cores']} cores, torch "
+    print(f"machine: {head['cpu']}, cpu capability {head['capability']}, {head['cores']} cores, torch "
           f"{head['torch']}, python {head['python']}\ncommand: {head['command']}", flush=True)
     backends = ["sqlite", "postgres"] if a.db == "both" else [a.db]
     out: dict[str, Any] = {"machine": head, "results": []}
