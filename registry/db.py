@@ -103,6 +103,7 @@ alias_moves = sa.Table(
     sa.Column("to_version", sa.Integer, nullable=True),
     sa.Column("at", _TS, nullable=False),
     sa.Column("by", sa.String(256), nullable=False),
+    sa.Index("ix_lpx_alias_moves_adapter", "adapter_id", "id"),  # alias_history
 )
 
 # The time a push last used each blob, written in the push's own transaction: gc re-checks
@@ -278,12 +279,18 @@ def _pg_schema_events(engine: Engine, schema: str) -> None:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables; on PostgreSQL under an advisory lock, because several
-    processes opening a fresh database at once would otherwise race on CREATE TABLE."""
+    """Create missing tables and indexes; on PostgreSQL under an advisory lock, because
+    several processes opening a fresh database at once would otherwise race on CREATE.
+    Indexes are created one by one as well: `create_all` adds them only with a new table,
+    and a database whose tables predate an index gets it here on its next writable open.
+    There are no other schema migrations: columns are never added to existing tables."""
     with write_tx(engine) as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7431902)"))
         metadata.create_all(conn, checkfirst=True)
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
 
 
 @contextmanager
@@ -300,6 +307,19 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
     """A read-only transaction: one consistent snapshot."""
     with engine.connect() as conn, conn.begin():
         yield conn
+
+
+@contextmanager
+def statement_read(engine: Engine) -> Iterator[Connection]:
+    """For a read that is one statement (each statement sees one consistent snapshot):
+    on PostgreSQL an autocommit connection, which saves the BEGIN and COMMIT round trips
+    of `read_tx`; on SQLite (no round trips) a `read_tx`."""
+    if engine.dialect.name != "postgresql":
+        with read_tx(engine) as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def lock_adapter(conn: Connection, adapter_id: int) -> sa.Row:

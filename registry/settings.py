@@ -57,6 +57,9 @@ class RegistrySettings(BaseSettings):
         "to a registration that has written its blobs but not committed yet.")
     db_schema: str | None = Field(
         None, description="PostgreSQL schema to keep the tables in (created if missing).")
+    change_poll_s: float = Field(
+        0.05, gt=0, description="How often `wait_for_changes` re-reads the change feed on "
+        "SQLite (PostgreSQL wakes it by NOTIFY instead).")
     commit_retries: int = Field(20, gt=0, description="Retries of a registration that "
                                 "lost a race (unique violation or a locked database).")
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from loraplex.cli import app
 from loraplex.errors import NotFound
 from loraplex.registry import Identity, Registry
 from loraplex.registry.algebra import modules_of
-from loraplex.registry.cli import app
 from loraplex.registry.derive import compress_version, merge_versions
 
 ACME = Identity("acme")
@@ -108,7 +108,7 @@ def cli(world, tmp_path: Path):
            "LORAPLEX_BLOB_DIR": None}
 
     def run(*args, code: int = 0):
-        res = runner.invoke(app, [str(a) for a in args], env=env)
+        res = runner.invoke(app, ["registry", *(str(a) for a in args)], env=env)
         assert res.exit_code == code, f"{args}: {res.output} {res.stderr} {res.exception!r}"
         return res.stdout, res.stderr
 
@@ -162,3 +162,17 @@ def test_gate_failure_leaves_the_version_unpromoted_and_says_why(cli, world, gat
     _, err = cli("merge", "acme/a:v1", "--name", "acme/same", "--alias", "prod",
                  "--gate", "loss<=0.5*source", "--gate-data", gate_data, code=1)
     assert "fails loss<=0.5*" in err and "of acme/a:v1" in err
+
+
+def test_gate_without_the_trainer_is_refused_before_any_work(cli, world, gate_data,
+                                                             monkeypatch):
+    """`python -m loraplex.registry.cli` has no trainer to score with: a clear error, and
+    nothing registered."""
+    from loraplex.registry import algebra_cli
+
+    reg, _ = world
+    monkeypatch.setattr(algebra_cli, "_gate_runner", None)
+    _, err = cli("compress", "acme/a", "--rank", "1", "--gate", "exact_match>=0.9",
+                 "--gate-data", gate_data, code=1)
+    assert "FAILED_PRECONDITION" in err and "trainer" in err
+    assert [v.version for v in reg.list_versions(ACME, "acme/a")] == [1]
