@@ -295,9 +295,9 @@ class Registry:
             if conn.dialect.name == "postgresql":
                 q = q.with_for_update()
             used_at = utc(conn.execute(q).scalar_one())
-            in_use = conn.execute(sa.select(versions.c.id).where(sa.or_(
-                versions.c.config_blob == digest, versions.c.weights_blob == digest))
-                .limit(1)).first()
+            v = db.versions
+            in_use = conn.execute(sa.select(v.c.id).where(sa.or_(
+                v.c.config_blob == digest, v.c.weights_blob == digest)).limit(1)).first()
             if in_use is not None or (at - used_at).total_seconds() < age_limit:
                 return False
             gone = self.blobs.delete(digest, min_age_s=age_limit)
