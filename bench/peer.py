@@ -480,6 +480,28 @@ def print_table(result: dict) -> None:
               f"{r['itl_p50_ratio']}x")
 
 
+def merge(paths: list[Path], a: argparse.Namespace) -> int:
+    """One report from several runs' JSON; refused when their machines differ."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    keys = ("cpu", "capability", "cores", "torch")
+    machines = {tuple(p["machine"][k] for k in keys) for p in parts}
+    if len(machines) != 1:
+        raise SystemExit(f"bench.peer --merge: the runs come from different machines: {machines}")
+    servers = {name: s | {"run": str(path)} for path, p in zip(paths, parts, strict=True)
+               for name, s in p["servers"].items()}
+    result = {"bench": "peer", "merged": [
+        {"file": str(path), "command": p["command"], "started": p["started"],
+         "load_avg_start": p["machine"]["load_avg"], "load_avg_end": p["load_avg_end"],
+         "plan": p["plan"]} for path, p in zip(paths, parts, strict=True)],
+        "machine": parts[0]["machine"], "servers": servers, "ratios": ratios(servers)}
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=2))
+    if not a.json:
+        print_table(result)
+    print(json.dumps(result, indent=2 if a.json else None))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="c=16, 32 requests of 32 tokens")
@@ -493,7 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="OMP_NUM_THREADS for both servers (default: each server's own)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="run nothing: join the servers of earlier `--out` files (same "
+                    "machine) into one report with the ratios")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge(a.merge, a)
     plan = QUICK if a.quick else Plan()
     over = {k: v for k, v in {
         "servers": a.servers and tuple(a.servers.split(",")),

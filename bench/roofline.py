@@ -6,8 +6,10 @@
 1. Peak matmul GFLOP/s, fp32 and bf16, on all cores and on one (torch threads = cores, then
    1): `torch.mm` on SmolLM2-135M's shapes (hidden 576, intermediate 1536, 9 query / 3 KV
    heads of 64, vocab 49152) at 16, 32 and 512 rows, and one 1024³ square; each figure is
-   the best of `--repeats` timed runs after a warm-up. "Peak" is the best shape.
-2. Memory bandwidth: `dst.copy_(src)` of a 256 MiB fp32 tensor, counted as read + write.
+   the fastest of `--repeats` samples of ~2 ms (on a shared machine a preempted sample is
+   only ever slower). "Peak" is the best shape.
+2. Memory bandwidth: `dst.copy_(src)` on 8 MiB chunks taken in turn from a 512 MiB buffer
+   (from memory, not cache), read + write bytes ÷ the fastest chunk's time.
 3. SmolLM2's decode step, timed from outside: `loraplex serve` (fp32 base, compute float32,
    the bench.peer adapters: 8 adapters, r8/r16 on every linear layer) under C concurrent
    streamed completions spread round-robin over the adapters, C = 16 and 32. One decode
@@ -50,8 +52,14 @@ def flop_per_token(context: float, rank: float) -> dict[str, float]:
     return {"base": base, "attention": attn, "lora": lora, "total": base + attn + lora}
 
 
-def time_best(fn, repeats: int, inner: int) -> float:
+def time_best(fn, repeats: int, target_s: float = 2e-3) -> float:
+    """Seconds per call: the fastest of `repeats` samples of ~`target_s` each. Short samples
+    and the minimum keep a shared machine's preemptions out of a peak (a sample that was
+    preempted is slower, never faster)."""
     fn()
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -73,19 +81,26 @@ def matmul_table(threads: int, repeats: int) -> list[dict]:
             b = torch.randn(k, n).to(dtype)  # [K, N]
             c = torch.empty(m, n, dtype=dtype)  # [M, N]
             flop = 2 * m * k * n
-            inner = max(1, int(2e8 // flop))
-            s = time_best(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats, inner)
+            s = time_best(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats)
             out.append({"dtype": str(dtype).split(".")[1], "threads": threads, "m": m, "k": k,
                         "n": n, "us": round(s * 1e6, 1), "gflop_s": round(flop / s / 1e9, 1)})
     return out
 
 
 def bandwidth(threads: int, repeats: int) -> float:
+    """GB/s of `dst.copy_(src)` (read + write bytes) on 8 MiB chunks taken in turn from a
+    512 MiB buffer, so each chunk comes from memory, not cache; the fastest chunk."""
     torch.set_num_threads(threads)
-    src = torch.ones(64 << 20)  # [64 Mi] fp32: 256 MiB
+    chunk = 2 << 20  # fp32 elements: 8 MiB
+    src = torch.ones(64 * chunk)  # [128 Mi] fp32: 512 MiB
     dst = torch.empty_like(src)
-    s = time_best(lambda: dst.copy_(src), repeats, 1)
-    return 2 * src.numel() * 4 / s / 1e9
+    best = float("inf")
+    for i in range(max(repeats, 64)):
+        lo = (i % 64) * chunk
+        t0 = time.perf_counter()
+        dst[lo:lo + chunk].copy_(src[lo:lo + chunk])
+        best = min(best, time.perf_counter() - t0)
+    return 2 * chunk * 4 / best / 1e9
 
 
 def decode_step(plan: peer.Plan, concurrency: tuple[int, ...], max_tokens: int,
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                     "bench.peer JSON (its loraplex-fp32 completions-rr cells) instead of "
                     "serving again")
     a = ap.parse_args(argv)
-    repeats = a.repeats or (3 if a.quick else 7)
+    repeats = a.repeats or (10 if a.quick else 40)
     max_tokens = a.max_tokens or (48 if a.quick else 96)
 
     def say(msg: str) -> None:

@@ -83,8 +83,13 @@ def write_shim(venv: Path) -> Path:
     site = subprocess.run([str(python_of(venv)), "-c",
                            "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           check=True, capture_output=True, text=True).stdout.strip()
-    info = Path(site) / f"vllm-{VLLM_VERSION}+cpu.dist-info"
-    info.mkdir(exist_ok=True)
+    return shim_into(Path(site))
+
+
+def shim_into(site: Path) -> Path:
+    """Write the distribution `vllm`, version `<VLLM_VERSION>+cpu`, into `site`."""
+    info = site / f"vllm-{VLLM_VERSION}+cpu.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\n"
                                    f"Version: {VLLM_VERSION}+cpu\n")
     (info / "INSTALLER").write_text("loraplex-bench\n")
