@@ -195,6 +195,24 @@ class Server:
             time.sleep(0.25)
         raise RuntimeError(f"{self.name} not ready after {timeout:.0f}s (see {self.log})")
 
+    def cpu_s(self) -> float:
+        """User + system CPU seconds of the server's process tree so far (its children
+        included: vLLM's engine core is one)."""
+        import psutil
+
+        total = 0.0
+        try:
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.NoSuchProcess:
+                    pass
+        except psutil.NoSuchProcess:
+            pass
+        return total
+
     def _watch_rss(self) -> None:
         import psutil
 
@@ -283,6 +301,7 @@ class Cell:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     tpot: list[float] = field(default_factory=list)  # per request: (last - first) / (tokens - 1)
+    server_cpu_s: float = 0.0  # CPU seconds the server's process tree used during the cell
 
     def summary(self) -> dict:
         def q(xs: list[float], p: float) -> float | None:
@@ -298,6 +317,9 @@ class Cell:
                 "itl_p50_ms": q(self.itl, 0.5), "itl_p99_ms": q(self.itl, 0.99),
                 "tpot_p50_ms": q(self.tpot, 0.5),
                 "mean_output_tokens": round(self.tokens / max(1, self.requests), 1),
+                "server_cpu_s": round(self.server_cpu_s, 1),
+                "server_cpu_ms_per_token": (round(1e3 * self.server_cpu_s / self.tokens, 1)
+                                            if self.tokens else None),
                 "wall_s": round(self.wall_s, 1)}
 
 
@@ -388,9 +410,10 @@ async def run_cell(server: Server, plan: Plan, workload: str, concurrency: int,
                     key = type(e).__name__
                     cell.errors[key] = cell.errors.get(key, 0) + 1
 
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), server.cpu_s()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         cell.wall_s = time.monotonic() - t0
+        cell.server_cpu_s = server.cpu_s() - cpu0
     return cell
 
 
@@ -456,6 +479,10 @@ def ratios(servers: dict) -> list[dict]:
                         "ttft_p99_ratio": round(ttft, 2) if ttft else None,
                         "itl_p50_ratio": round(c["itl_p50_ms"] / v["itl_p50_ms"], 2),
                         "itl_p99_ratio": round(c["itl_p99_ms"] / v["itl_p99_ms"], 2),
+                        "cpu_per_token_ratio": (
+                            round(c["server_cpu_ms_per_token"] / v["server_cpu_ms_per_token"], 2)
+                            if c.get("server_cpu_ms_per_token")
+                            and v.get("server_cpu_ms_per_token") else None),
                         "throughput_target_3x": "met" if tput >= 3 else "not met",
                         "ttft_p99_target_half": ("met" if ttft is not None and ttft <= 0.5
                                                  else "not met")})
@@ -537,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
+    def _terminate(signum, frame):  # `timeout`, a CI job's end: stop the server we started
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     WORK.mkdir(parents=True, exist_ok=True)
     head = machine()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
