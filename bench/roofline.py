@@ -19,7 +19,9 @@
    of 30 layers and the tied LM head (2 × 134.5 M = 0.269 GFLOP), attention over the mean
    context, and the LoRA pair of every projection at the adapters' mean rank. A step that
    also runs a prefill is longer, so the figure is the decode step as the clients live it,
-   prefill interleaving included.
+   prefill interleaving included. Beside it, GFLOP per CPU-second of the server's process
+   tree (decode FLOP ÷ the CPU time the server used; on a shared machine this leaves out
+   the time the server waited for a core) against one core's fp32 peak.
 """
 
 from __future__ import annotations
@@ -124,7 +126,8 @@ def decode_step(plan: peer.Plan, concurrency: tuple[int, ...], max_tokens: int,
             out.append({**cell, "rows": c, "mean_rank": rank,
                         "gflop_per_token": round(flop["total"] / 1e9, 4),
                         "flop_split": {k: round(v / 1e9, 4) for k, v in flop.items()},
-                        "achieved_gflop_s": round(c * flop["total"] / step_s / 1e9, 1)})
+                        "achieved_gflop_s": round(c * flop["total"] / step_s / 1e9, 1),
+                        **per_cpu_second(cell, flop)})
             say(f"decode c={c}: TPOT p50 {cell['tpot_p50_ms']} ms -> "
                 f"{out[-1]['achieved_gflop_s']} GFLOP/s")
     finally:
@@ -147,8 +150,17 @@ def decode_from_peer(path: str, adapters: int) -> list[dict]:
                     "gflop_per_token": round(flop["total"] / 1e9, 4),
                     "flop_split": {k: round(v / 1e9, 4) for k, v in flop.items()},
                     "achieved_gflop_s": round(c * flop["total"] / (cell["tpot_p50_ms"] / 1e3)
-                                              / 1e9, 1)})
+                                              / 1e9, 1), **per_cpu_second(cell, flop)})
     return out
+
+
+def per_cpu_second(cell: dict, flop: dict) -> dict:
+    """GFLOP per CPU-second the server's process tree used in the cell (a shared machine's
+    preemptions do not count; prefill FLOP are left out, so it is a lower bound)."""
+    if not cell.get("server_cpu_s"):
+        return {}
+    tokens = cell["mean_output_tokens"] * cell["requests"]
+    return {"gflop_per_cpu_s": round(tokens * flop["total"] / cell["server_cpu_s"] / 1e9, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         decode = [] if a.no_decode else decode_step(peer.Plan(), (16, 32), max_tokens, say)
     for d in decode:
         d["fraction_of_fp32_peak"] = round(d["achieved_gflop_s"] / peaks["float32_all"], 3)
+        if "gflop_per_cpu_s" in d:  # one busy core's worth of work against one core's peak
+            d["cpu_s_fraction_of_one_core_fp32_peak"] = round(
+                d["gflop_per_cpu_s"] / peaks["float32_one"], 3)
     result = {"bench": "roofline", "started": started, "machine": head,
               "load_avg_end": list(os.getloadavg()),
               "command": shlex.join([os.path.basename(sys.executable), "-m", "bench.roofline",
