@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="OMP_NUM_THREADS for both servers (default: each server's own)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
-                    help="run nothing: join the servers of earlier `--out` files (same "
+                    help="run nothing: join the servers of `--out` files of other runs (same "
                     "machine) into one report with the ratios")
     a = ap.parse_args(argv)
     if a.merge:
