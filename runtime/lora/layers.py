@@ -173,7 +173,7 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, ma
 
     `stack_dtype`: of the A/B stacks (`resolve_stack_dtype`: "auto" = bf16 on CUDA, fp32 on
     CPU; the scales stay fp32). Against fp32 stacks, bf16 stacks moved the micro base's
-    logits by up to 6e-3 and flipped 0.8% of greedy picks, at near-ties (see README,
+    logits by up to 6e-3 and flipped 0.8% of greedy picks, at near-ties (docs/gpu.md,
     "Adapter stacks in half precision"). `kernel`: "auto" = the Triton kernels on CUDA, torch on CPU."""
     if max_slots < 1:
         raise InvalidArgument("`max_slots` must be >= 1", field="max_slots")
