@@ -26,8 +26,8 @@ from tests.runtime.world import SPECS, make_world
 ALLOWED = {
     ("sampling.py", "sample_next"): "the sampled tokens: the step needs them on the host",
     ("sampling.py", "_sample_row"): "seeded sampling of one row (not used greedy)",
-    ("lora_ops.py", "make_plan"): "host copy of the row slots (a Python list)",
-    ("batched_layer.py", "plan_for"): "host copy of the row slots",
+    ("ops.py", "make_plan"): "host copy of the row slots (a Python list)",
+    ("batched.py", "plan_for"): "host copy of the row slots",
     ("layers.py", "_slots"): "host copy of the row slots (validation)",
 }
 READS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__")
