@@ -48,7 +48,7 @@ class HostLoader:
             raise FailedPrecondition(f"adapter {version.ref} does not fit this engine: "
                                      + "; ".join(problems[:5]), field="adapter")
         gains = None
-        if peft_format.uses_dora(loaded.config):  # from the stored dtype, before any cast
+        if peft_format.pair_tensors(loaded.tensors).dora:  # stored dtype, before any cast
             gains = self.injection.dora_gains(
                 loaded.tensors, version.rank, version.alpha, version.use_rslora,
                 rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
