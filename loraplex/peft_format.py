@@ -50,6 +50,13 @@ PEFT_PREFIX = "base_model.model."
 
 _KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<half>[AB])"
                   r"(?:\.(?P<adapter>[^.]+))?\.weight")
+# DoRA's magnitude: `<module>.lora_magnitude_vector` in a saved file (peft drops the adapter
+# name and the `.weight` of its DoraLinearLayer), `.lora_magnitude_vector.<adapter>.weight`
+# in a live state_dict
+_MAGNITUDE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector"
+                            r"(?:\.(?P<adapter>[^.]+)\.weight)?")
+MAGNITUDE = "M"
+"""`LoraKey.half` of a DoRA magnitude vector `# [out]`."""
 
 
 @dataclass(frozen=True)
@@ -63,27 +70,35 @@ class LoraKey:
     """
 
     module: str  # base-model module path, e.g. "model.layers.0.self_attn.q_proj"
-    half: str  # "A" ([r, in]) or "B" ([out, r])
+    half: str  # "A" ([r, in]), "B" ([out, r]) or "M" (DoRA magnitude [out])
     adapter_name: str = ""  # "" in a saved file; "default" etc. in a live state_dict
 
     @property
     def normalized(self) -> str:
-        """`<module>.lora_A.weight`: the name loraplex hashes and hands to the runtime."""
+        """`<module>.lora_A.weight` (`<module>.lora_magnitude_vector` for DoRA's magnitude):
+        the name loraplex hashes and hands to the runtime."""
         return weight_key(self.module, self.half)
 
 
 def parse_key(key: str) -> LoraKey | None:
-    """A LoRA A/B weight name (with or without peft's prefix), or None for anything else
-    (DoRA magnitudes, embedding LoRA, biases, whole weights: none is a plain A/B pair)."""
+    """A LoRA A/B weight or DoRA magnitude name (with or without peft's prefix), or None for
+    anything else (embedding LoRA, biases, whole weights)."""
     m = _KEY.fullmatch(key)
-    if m is None:
-        return None
-    return LoraKey(m["module"], m["half"], m["adapter"] or "")
+    if m is not None:
+        return LoraKey(m["module"], m["half"], m["adapter"] or "")
+    m = _MAGNITUDE_KEY.fullmatch(key)
+    if m is not None:
+        return LoraKey(m["module"], MAGNITUDE, m["adapter"] or "")
+    return None
 
 
 def weight_key(module: str, half: str, *, prefixed: bool = False) -> str:
-    """The name of `module`'s A or B weight; `prefixed`: as peft's files spell it."""
-    return f"{PEFT_PREFIX if prefixed else ''}{module}.lora_{half}.weight"
+    """The name of `module`'s A or B weight, or of its DoRA magnitude (`half` "M");
+    `prefixed`: as peft's files spell it."""
+    prefix = PEFT_PREFIX if prefixed else ""
+    if half == MAGNITUDE:
+        return f"{prefix}{module}.lora_magnitude_vector"
+    return f"{prefix}{module}.lora_{half}.weight"
 
 
 @dataclass(frozen=True)
@@ -91,25 +106,42 @@ class LoraPairs(Generic[T]):
     """Tensors grouped per module: what the runtime copies and the registry checks."""
 
     pairs: dict[str, tuple[T, T]]  # module path -> (A # [r, in], B # [out, r])
-    unparsed: tuple[str, ...] = ()  # keys that are no LoRA A/B weight
+    unparsed: tuple[str, ...] = ()  # keys that are no LoRA A/B weight nor DoRA magnitude
     incomplete: tuple[tuple[str, str], ...] = ()  # (module, missing half "A"|"B")
+    magnitudes: dict[str, T] = field(default_factory=dict)  # module -> DoRA m # [out]
+
+    @property
+    def dora(self) -> bool:
+        """Some module carries a DoRA magnitude: B·A alone is not the adapter."""
+        return bool(self.magnitudes)
 
 
 def pair_tensors(tensors: Mapping[str, T]) -> LoraPairs[T]:
-    """Group `tensors` (any key spelling `parse_key` reads) into A/B pairs per module.
-    A module with only one half is reported, never served: B·A needs both."""
+    """Group `tensors` (any key spelling `parse_key` reads) into A/B pairs per module, and
+    DoRA magnitudes apart. A module with only one half (or a magnitude without its pair) is
+    reported, never served: B·A needs both."""
     halves: dict[str, dict[str, T]] = {}
+    magnitudes: dict[str, T] = {}
     unparsed: list[str] = []
     for name, t in tensors.items():
         key = parse_key(name)
         if key is None:
             unparsed.append(name)
+        elif key.half == MAGNITUDE:
+            magnitudes[key.module] = t
+            halves.setdefault(key.module, {})
         else:
             halves.setdefault(key.module, {})[key.half] = t
     pairs = {m: (h["A"], h["B"]) for m, h in halves.items() if len(h) == 2}
-    incomplete = tuple(sorted((m, "B" if "A" in h else "A") for m, h in halves.items()
-                              if len(h) != 2))
-    return LoraPairs(pairs, tuple(unparsed), incomplete)
+    incomplete = tuple(sorted((m, half) for m, h in halves.items() if len(h) != 2
+                              for half in ("A", "B") if half not in h))
+    return LoraPairs(pairs, tuple(unparsed), incomplete, magnitudes)
+
+
+def uses_dora(config: Mapping[str, Any]) -> bool:
+    """peft's `use_dora`: every targeted module carries a learned magnitude per output
+    feature over the row-normalised `W + s·B·A` (DoRA, arXiv 2402.09353)."""
+    return bool(config.get("use_dora", False))
 
 
 # ------------------------------------------------------------------------------ uploaded patterns

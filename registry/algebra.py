@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from loraplex import peft_format
-from loraplex.errors import InvalidArgument, quote
+from loraplex.errors import FailedPrecondition, InvalidArgument, quote
 from loraplex.limits import MAX_MERGE_INPUTS, MAX_RANK
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
@@ -66,8 +66,14 @@ class Derived:
 
 def modules_of(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Module]:
     """The (A, B, scale) of every module of a stored adapter, in path order; the scale is
-    peft's, patterns included."""
+    peft's, patterns included. A DoRA adapter raises FailedPrecondition (field `use_dora`)."""
     grouped = peft_format.pair_tensors(tensors)
+    if grouped.dora or peft_format.uses_dora(config):
+        raise FailedPrecondition(
+            "a DoRA adapter (use_dora): its magnitude vector rescales each output feature of "
+            "W + s·B·A, which compress, merge and export-merged do not carry, so they refuse "
+            "it rather than drop the magnitude; serve the DoRA adapter as it is",
+            field="use_dora")
     if grouped.unparsed or grouped.incomplete:
         bad = [quote(k) for k in grouped.unparsed] + [f"{quote(m)} (no lora_{h})"
                                                      for m, h in grouped.incomplete]

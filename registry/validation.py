@@ -4,10 +4,10 @@ A rejected adapter raises `ValidationFailed` whose `violations` are lines of the
 `<field>: <problem>` (field = the config key, `adapter_model.safetensors`, a tensor name,
 `base` or `size_bytes`), so a user fixes everything in one round trip.
 
-What the runtime can serve decides what is accepted: plain LoRA (A/B pairs on the linear
-layers of the base other than its output layer), with peft's per-module `rank_pattern` /
-`alpha_pattern`. DoRA, extra trainable modules and bias terms are refused here rather than
-silently served wrong. How tensor names, `target_modules` (incl. `all-linear`) and the
+What the runtime can serve decides what is accepted: LoRA (A/B pairs on the linear layers of
+the base other than its output layer), with peft's per-module `rank_pattern` /
+`alpha_pattern`, and DoRA (`use_dora`: a magnitude vector `[out]` beside every pair). Extra
+trainable modules and bias terms are refused here rather than silently served wrong. How tensor names, `target_modules` (incl. `all-linear`) and the
 patterns are read is `loraplex.peft_format`, shared with the runtime and the trainer.
 """
 
@@ -29,7 +29,6 @@ from loraplex.registry.tensorfile import FLOAT_CODES, TensorFile, TensorFileErro
 
 # config key -> why a non-empty value is refused
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters are not supported by the runtime",
     "modules_to_save": "fully trained extra modules are not supported",
     "lora_bias": "LoRA bias terms are not supported",
     "target_parameters": "LoRA on parameters (not modules) is not supported",
@@ -123,6 +122,8 @@ def _check_config(raw: bytes, settings: RegistrySettings,
     _check_pattern(config, "alpha_pattern", None, report)
     if not isinstance(config.get("use_rslora", False), bool):
         report.add("use_rslora", "`use_rslora` must be true or false")
+    if not isinstance(config.get("use_dora", False), bool):
+        report.add("use_dora", "`use_dora` must be true or false")
     try:
         peft_format.targets_of(config)
     except InvalidArgument as e:
@@ -196,6 +197,7 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
     seen: set[str] = set()  # normalized names: a set, so N tensors cost O(N)
     codes: set[str] = set()
     targets = _targets(config)
+    dora = config is not None and config.get("use_dora") is True
     shapes = base.linear_shapes if base is not None else None
     for stored, info in tf.tensors.items():
         key = peft_format.parse_key(stored)
@@ -215,6 +217,9 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
         if len(key.module) > MAX_MODULE_CHARS:
             report.add(stored, f"module path is longer than {MAX_MODULE_CHARS} characters")
             continue
+        if key.half == peft_format.MAGNITUDE and not dora:
+            report.add(stored, "a DoRA magnitude vector, but `use_dora` is not true in "
+                       "adapter_config.json")
         if targets is not None and not targets.matches(key.module, shapes):
             report.add(stored, f"module {quote(key.module)} is not among target_modules "
                        f"{quote(config.get('target_modules'))}")
@@ -230,6 +235,9 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
     grouped = peft_format.pair_tensors({k: None for k in names.values()})
     for module, missing in grouped.incomplete:
         report.add(module, f"has no lora_{missing} weight")
+    if dora and (bare := sorted(set(grouped.pairs) - set(grouped.magnitudes))):
+        report.add("use_dora", f"DoRA adapter, but {len(bare)} module(s) have no magnitude "
+                   f"vector (lora_magnitude_vector), e.g. {quote(bare[0])}")
     if len(codes) > 1:
         report.add("adapter_model.safetensors",
                    f"mixes dtypes {sorted(tensorfile.DTYPES[c][0] for c in codes)}")
@@ -245,6 +253,11 @@ def _check_shape(stored: str, module: str, ab: str, shape: tuple[int, ...], r: A
                    "the runtime serves LoRA on (every one but the output layer)")
         return
     fan_in, fan_out = shapes[module]
+    if ab == peft_format.MAGNITUDE:  # one magnitude per output feature
+        if list(shape) != [fan_out]:
+            report.add(stored, f"shape {list(shape)} does not match the base: expected "
+                       f"[{fan_out}] (one DoRA magnitude per output feature)")
+        return
     rank = r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else None
     want = (rank, fan_in) if ab == "A" else (fan_out, rank)
     if len(shape) != 2 or any(w is not None and w != s for w, s in zip(want, shape, strict=True)):

@@ -37,6 +37,8 @@ def train_command(
     alpha: float = typer.Option(None, help="LoRA alpha [16]."),
     dropout: float = typer.Option(None, help="LoRA dropout [0.05]."),
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised scaling."),
+    dora: bool = typer.Option(None, "--dora/--no-dora",
+                              help="DoRA: a learned magnitude per output feature [off]."),
     target_modules: str = typer.Option(
         None, help="Comma list, or all-linear [every linear layer but the output head]."),
     epochs: float = typer.Option(None, help="Epochs [3]."),

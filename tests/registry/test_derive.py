@@ -176,3 +176,47 @@ def test_gate_without_the_trainer_is_refused_before_any_work(cli, world, gate_da
                  "--gate-data", gate_data, code=1)
     assert "FAILED_PRECONDITION" in err and "trainer" in err
     assert [v.version for v in reg.list_versions(ACME, "acme/a")] == [1]
+
+
+# ------------------------------------------------------------------------ DoRA
+def _dora_adapter(make_adapter) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = make_adapter(seed=4, r=4)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    t = load_file(d / "adapter_model.safetensors")
+    for k in [k for k in t if k.endswith(".lora_B.weight")]:
+        t[k.removesuffix(".lora_B.weight") + ".lora_magnitude_vector"] = torch.ones(
+            t[k].shape[0])
+    save_file(t, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def test_compress_merge_and_export_refuse_dora_rather_than_drop_its_magnitude(
+        world, make_adapter, cli, tmp_path):
+    """B·A alone is not a DoRA adapter: every verb that would rebuild it from B·A refuses,
+    by name, and publishes nothing."""
+    from loraplex.errors import FailedPrecondition
+    from loraplex.registry.export import export_merged
+
+    reg, _ = world
+    reg.push(ADMIN, _dora_adapter(make_adapter), "acme/d")
+    with pytest.raises(FailedPrecondition, match="DoRA") as info:
+        compress_version(reg, ACME, "acme/d", rank=2)
+    assert info.value.field == "use_dora"
+    with pytest.raises(FailedPrecondition, match="magnitude"):
+        merge_versions(reg, ACME, ["acme/a", "acme/d"], name="acme/ad")
+    with pytest.raises(FailedPrecondition, match="DoRA"):
+        export_merged(reg, ACME, "acme/d", tmp_path / "merged")
+    _, err = cli("compress", "acme/d", "--rank", "2", code=1)
+    assert "FAILED_PRECONDITION" in err and "DoRA" in err
+    assert [v.ref for v in reg.list_versions(ACME, "acme/d")] == ["acme/d:v1"]
+    assert not _exists(reg, "acme/ad")
+
+
+def _exists(reg: Registry, key: str) -> bool:
+    try:
+        return bool(reg.list_versions(ACME, key))
+    except NotFound:
+        return False
