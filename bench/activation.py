@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import bench_base_dir, machine, make_registry, start_engine
-from loraplex.runtime.observer import EngineObserver
+from loraplex.runtime.api.observer import EngineObserver
 
 TARGET_RATIO = 1.5
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore")
 
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import SamplingParams
+    from loraplex.runtime.engine.engine import SamplingParams
 
     me = Identity("bench")
     base_dir = bench_base_dir()

@@ -130,7 +130,7 @@ def serving(root: Path, smoke: bool = False, batch: int = 32, prompt_len: int = 
 
     from loraplex.registry import Identity
     from loraplex.registry.derive import compress_version
-    from loraplex.runtime.layers import inject_lora
+    from loraplex.runtime.lora.layers import inject_lora
 
     reg, base, _, versions = prepare(root, smoke)
     rounds = 2 if smoke else 15

@@ -142,8 +142,8 @@ def _world(root: Path, load: Load):
 
 
 def _engines(base: Path, reg, load: Load, adapter_size: int):
-    from loraplex.runtime.engine import Engine, EngineConfig
-    from loraplex.runtime.observer import EngineObserver
+    from loraplex.runtime.api.observer import EngineObserver
+    from loraplex.runtime.engine.engine import Engine, EngineConfig
 
     class ColdLoads(EngineObserver):
         def __init__(self) -> None:
@@ -167,7 +167,7 @@ def _engines(base: Path, reg, load: Load, adapter_size: int):
 
 def run_policy(policy, engines, trace: list[int], load: Load) -> dict:
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import SamplingParams
+    from loraplex.runtime.engine.engine import SamplingParams
 
     cold0 = [obs.count for _, obs in engines]
     loads = [0] * len(engines)

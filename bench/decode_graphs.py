@@ -42,8 +42,8 @@ RANK = 16
 
 
 def boot(base_dir: Path, device: str, mode: str):
-    from loraplex.runtime.engine import EngineConfig
-    from loraplex.runtime.runner import Runner
+    from loraplex.runtime.engine.engine import EngineConfig
+    from loraplex.runtime.model.runner import Runner
 
     cfg = EngineConfig(base_dir=base_dir, quantization="nf4" if device == "cuda" else "none",
                        device=device, max_slots=ADAPTERS, max_rank=RANK, max_batch=max(BATCHES),
@@ -77,7 +77,7 @@ def load_adapters(runner) -> None:
 
 def prefill(runner) -> list[int]:
     """Prompts into rows 0..31; returns each row's first sampled (greedy) token."""
-    from loraplex.runtime.kv import RowFeed
+    from loraplex.runtime.kv.cache import RowFeed
 
     g = torch.Generator().manual_seed(0)
     vocab = runner.vocab_size
@@ -92,7 +92,7 @@ def slots_for(n: int) -> list[int]:
 
 
 def step_fn(runner, first: list[int], batch: int, device: str):
-    from loraplex.runtime.kv import RowFeed
+    from loraplex.runtime.kv.cache import RowFeed
 
     feeds = [RowFeed(r, PROMPT, [first[r]]) for r in range(batch)]
     slots = slots_for(batch)

@@ -99,7 +99,7 @@ def run_peft(peft_model, work, max_new: int) -> tuple[float, int]:
 
 def start_engine(base_dir: Path, registry, *, max_slots: int, max_batch: int, max_seq_len: int,
                  observer=None, **extra):
-    from loraplex.runtime.engine import Engine, EngineConfig
+    from loraplex.runtime.engine.engine import Engine, EngineConfig
 
     cfg = EngineConfig(base_dir=base_dir, quantization="none", compute_dtype="float32",
                        device="cpu", max_slots=max_slots, max_rank=16, max_batch=max_batch,
@@ -110,7 +110,7 @@ def start_engine(base_dir: Path, registry, *, max_slots: int, max_batch: int, ma
 def run_engine(engine, work, max_new: int) -> tuple[float, int]:
     """Everything submitted at once. Returns (seconds, tokens)."""
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import SamplingParams
+    from loraplex.runtime.engine.engine import SamplingParams
 
     me = Identity("bench")
     t0 = time.perf_counter()

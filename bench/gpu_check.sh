@@ -7,9 +7,9 @@
 #   1. engine equality on CUDA: nf4 base on the GPU, a staggered mixed batch against peft
 #      alone on the same GPU, fp32 and bf16 adapter stacks, eager and with `cuda_graphs`;
 #      graph replays against the same padded step run eagerly, through KV pool growth and a
-#      reallocated adapter stack (tests/runtime/test_engine_cuda.py)
+#      reallocated adapter stack (tests/runtime/engine/test_engine_cuda.py)
 #   2. the Triton kernels compiled, against the Semantics loop and the torch strategy
-#      (tests/runtime/kernels/, which run under the interpreter on CPU elsewhere)
+#      (tests/runtime/lora/kernels/, which run under the interpreter on CPU elsewhere)
 #   3. bench.lora_ops on the GPU: decode step, nf4 base (bf16 compute), bf16 stacks, torch
 #      vs Triton kernels, against the base step and peft's mixed batch
 #   4. bench.decode_graphs on the GPU: the engine's decode step eager, padded, and as CUDA
@@ -46,8 +46,8 @@ step() {  # step NAME LIMIT_S CMD...: run with a time limit, keep rc, seconds an
 }
 
 step engine_cuda 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -s \
-    tests/runtime/test_engine_cuda.py --junitxml="$WORK/engine_cuda.xml"
-step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/runtime/kernels \
+    tests/runtime/engine/test_engine_cuda.py --junitxml="$WORK/engine_cuda.xml"
+step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/runtime/lora/kernels \
     --junitxml="$WORK/kernels.xml"
 step lora_ops 120 "$PY" -m bench.lora_ops --device cuda --quantization nf4 \
     --stacks bfloat16 --kernels torch,triton --quick --out "$WORK/lora_ops.json"

@@ -61,7 +61,7 @@ def load_fp32(base_dir: Path, dtype: torch.dtype = torch.float32, device: str = 
     """The bench base (fp32 by default; `quantization` "nf4"/"int8" through the runtime's
     own loader, bitsandbytes, with `dtype` as compute dtype)."""
     if quantization != "none":
-        from loraplex.runtime.base import load_base
+        from loraplex.runtime.model.loading import load_base
 
         model = load_base(base_dir, quantization=quantization, compute_dtype=dtype,
                           device=device).model
@@ -142,7 +142,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
         rounds: int | None = None, clock: str = "wall", device: str = "cpu",
         stacks: tuple[str, ...] = ("float32",), kernels: tuple[str, ...] = ("auto",),
         quantization: str = "none", base: Path | None = None) -> dict:
-    from loraplex.runtime.layers import inject_lora
+    from loraplex.runtime.lora.layers import inject_lora
 
     rounds = rounds or (6 if quick else 20)
     # "cpu": this thread's CPU time (with 1 torch thread), blind to time spent descheduled by

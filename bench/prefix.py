@@ -72,7 +72,7 @@ def run(engine, work: list[Request], max_new: int, concurrency: int) -> dict:
     """The trace through `engine` by `concurrency` closed-loop clients; the results in trace
     order and what the engine's prefix-cache counters moved by."""
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import SamplingParams
+    from loraplex.runtime.engine.engine import SamplingParams
 
     me = Identity(TENANT_ID)
     sampling = SamplingParams(max_new_tokens=max_new)  # greedy
@@ -100,7 +100,7 @@ def run(engine, work: list[Request], max_new: int, concurrency: int) -> dict:
 def warm_up(engine, names: list[str], max_new: int) -> None:
     """Kernels and slots warm, tenants' prompts untouched: short prompts no trace shares."""
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import SamplingParams
+    from loraplex.runtime.engine.engine import SamplingParams
 
     me = Identity(TENANT_ID)
     for i, name in enumerate(names[:2]):

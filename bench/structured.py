@@ -63,7 +63,7 @@ class StepClock:
     """Engine observer: times every step (monotonic clock at each `on_step`)."""
 
     def __init__(self) -> None:
-        from loraplex.runtime.observer import EngineObserver
+        from loraplex.runtime.api.observer import EngineObserver
 
         clock = self
         self.marks: list[tuple[float, float, int]] = []
@@ -93,7 +93,7 @@ class StepClock:
 
 def run(engine, clock: StepClock, texts: list[str], constrained: set[int], max_new: int):
     from loraplex.registry import Identity
-    from loraplex.runtime.engine import SamplingParams
+    from loraplex.runtime.engine.engine import SamplingParams
 
     schema = json.dumps(SCHEMA)
     reqs = [engine.admit(f"r{i}-{len(constrained)}-{time.monotonic_ns()}", Identity.system(),
@@ -113,7 +113,7 @@ def torch_mask_logits(logits, states):
     unpacked, `torch.where` on the bool mask, gather and scatter."""
     import torch
 
-    from loraplex.runtime.grammar import unpack_bits
+    from loraplex.runtime.decoding.grammar import unpack_bits
 
     rows = [i for i, st in enumerate(states) if st is not None]
     if not rows:
@@ -136,8 +136,8 @@ def mask_replay(base: Path, rows: int, rounds: int = 20, repeats: int = 3) -> di
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from loraplex.runtime.grammar import GrammarCompiler, mask_logits
-    from loraplex.runtime.types import SamplingParams
+    from loraplex.runtime.api.types import SamplingParams
+    from loraplex.runtime.decoding.grammar import GrammarCompiler, mask_logits
 
     tok = AutoTokenizer.from_pretrained(base)
     vocab = AutoConfig.from_pretrained(base).vocab_size
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     import jsonschema
     import torch
 
-    from loraplex.runtime.engine import Engine, EngineConfig
+    from loraplex.runtime.engine.engine import Engine, EngineConfig
 
     tmp = tempfile.TemporaryDirectory()
     base = args.base_dir

@@ -1,7 +1,7 @@
 """Typed errors shared by every layer.
 
 Each error carries a `code` that names the gRPC status it becomes at the edge; the gRPC
-servicers are the only place that translates (see `runtime/grpc_errors.py`). Anything that
+servicers are the only place that translates (see `runtime/serve/grpc_errors.py`). Anything that
 is not a `LoraplexError` reaching the edge is a bug and becomes INTERNAL.
 """
 

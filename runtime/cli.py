@@ -9,6 +9,7 @@ Unset flags fall back to `LORAPLEX_*` environment variables, then to `--config F
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -42,9 +43,8 @@ def serve(
     replicas: int = typer.Option(None, help="--ray: engine replicas (default 2)."),
 ) -> None:
     """Serve inference, registry and admin over gRPC, and /metrics over HTTP."""
-    from loraplex.runtime.server import exit_process
-    from loraplex.runtime.server import serve as run_server
-    from loraplex.runtime.settings import load_settings
+    from loraplex.runtime.serve.server import exit_process
+    from loraplex.runtime.serve.settings import load_settings
 
     flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
                  metrics_port=metrics_port, http_port=http_port, no_auth=no_auth,
@@ -53,6 +53,14 @@ def serve(
     settings = load_settings(flags, config)  # a typed error: one line (loraplex/cli_errors.py)
     if settings.base is None:
         raise typer.BadParameter("--base DIR is required (or LORAPLEX_BASE)")
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.ray:  # engines as Ray Serve replicas behind this process's doors
+        from loraplex.runtime.fleet import ray_serve
+
+        exit_process(ray_serve.run(settings))
+    from loraplex.runtime.serve.server import serve as run_server
+
     exit_process(run_server(settings))  # drained: skip the slow interpreter teardown
 
 

@@ -25,9 +25,9 @@ from loraplex.client import (
     typed_error,
 )
 from loraplex.registry import Identity, Registry
-from loraplex.runtime.grpc_errors import map_error, rich_status
-from loraplex.runtime.server import BackgroundServer
-from loraplex.runtime.settings import load_settings
+from loraplex.runtime.serve.grpc_errors import map_error, rich_status
+from loraplex.runtime.serve.server import BackgroundServer
+from loraplex.runtime.serve.settings import load_settings
 
 
 class FakeCall(grpc.RpcError, grpc.Call):
@@ -305,7 +305,7 @@ def test_both_clients_have_the_same_methods():
 
 
 def test_no_auth_logs_a_warning(micro_base, tmp_path, caplog):
-    from loraplex.runtime.server import create_server
+    from loraplex.runtime.serve.server import create_server
 
     settings = load_settings({"base": micro_base, "registry": str(tmp_path / "reg"),
                               "port": 0, "host": "127.0.0.1", "no_auth": True})
@@ -315,6 +315,6 @@ def test_no_auth_logs_a_warning(micro_base, tmp_path, caplog):
         assert port > 0
         await server.close()
 
-    with caplog.at_level(logging.WARNING, logger="loraplex.runtime.server"):
+    with caplog.at_level(logging.WARNING, logger="loraplex.runtime.serve.server"):
         asyncio.run(build())
     assert "authentication is OFF" in caplog.text

@@ -190,7 +190,7 @@ def test_the_demo_recipe_never_picks_a_dtype_twice_as_slow_here():
     """The demo trains on a dequantized base and serves on nf4, each in the dtype `auto`
     picks here; both workloads are timed in both dtypes (one thread, best of five, so a
     loaded machine hurts both alike) and the picked one must not be 2x the other."""
-    from loraplex import demo_bases
+    from loraplex.app import demo_bases
 
     demo = demo_bases.profile("smollm2")
     cases = [("training", str(demo.recipe["compute_dtype"]), str(demo.recipe["quantization"]),

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from loraplex.runtime.settings import ServerSettings, load_settings
+from loraplex.runtime.serve.settings import ServerSettings, load_settings
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 VERSION = "1.37.0"

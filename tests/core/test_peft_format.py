@@ -256,7 +256,7 @@ def test_all_linear_adapters_are_served_token_for_token_as_peft(micro_base, tmp_
 
     from loraplex.basemodel import EOS_ID
     from loraplex.registry import Identity, Registry
-    from loraplex.runtime.engine import Engine, EngineConfig, SamplingParams
+    from loraplex.runtime.engine.engine import Engine, EngineConfig, SamplingParams
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(micro_base, dtype=torch.float32).eval()

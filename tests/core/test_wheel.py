@@ -86,7 +86,7 @@ def test_every_source_module_is_in_the_wheel(wheel):
                 if p.suffix in {".py", ".pyi"} and "__pycache__" not in p.parts}
     missing = sorted(expected - names)
     assert not missing, f"modules left out of the wheel: {missing}"
-    assert "loraplex/runtime/servicers/inference.py" in names
+    assert "loraplex/runtime/serve/servicers/inference.py" in names
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_installed_wheel_serves_outside_the_checkout(venv_bin, tmp_path, micro_b
     bin_dir, env = venv_bin, clean_env()
 
     where = subprocess.run(
-        [str(bin_dir / "python"), "-c", "import loraplex.runtime.servicers as s; "
+        [str(bin_dir / "python"), "-c", "import loraplex.runtime.serve.servicers as s; "
          "print(s.__file__)"], cwd=work, env=env, check=True, capture_output=True, text=True)
     assert where.stdout.startswith(str(bin_dir.parent)), where.stdout
 

@@ -1,0 +1,1 @@
+"""The application that wires registry, trainer and runtime together (`make demo`)."""

@@ -1,0 +1,234 @@
+"""Plain dataclasses the engine speaks: requests, chunks, results, stats, configuration.
+
+No protobuf here: the gRPC servicers convert at their boundary. Validation of a request
+against the engine's limits lives in `intake.validate_request` so that `Engine.submit`
+fails at once with a typed error naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from loraplex import peft_format
+from loraplex.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from loraplex.registry import AdapterVersion
+
+# "grammar": the request can no longer satisfy its constraint (runtime/decoding/grammar.py)
+FinishReason = Literal["stop", "length", "cancelled", "deadline", "grammar"]
+Quantization = Literal["nf4", "int8", "none"]
+_QUANTIZATIONS = peft_format.QUANTIZATIONS
+_DTYPES = ("auto", *peft_format.COMPUTE_DTYPES)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. `temperature == 0` is greedy; `top_k == 0` and `top_p == 1` are off.
+
+    At most one constraint (runtime/decoding/grammar.py): `json_schema` (the schema as a JSON
+    string), `regex`, or `choice` (the output is exactly one of these strings). The output
+    of a constrained request that ends "stop" matches it; one cut by `max_new_tokens` ends
+    "length" with an incomplete match, as any truncated output."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Lists from JSON/protobuf are accepted and frozen into a tuple.
+        if not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not isinstance(self.choice, tuple):
+            object.__setattr__(self, "choice", tuple(self.choice))
+
+    @property
+    def constrained(self) -> bool:
+        return bool(self.json_schema or self.regex or self.choice)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation as the engine takes it: admitted at the edge (`engine/intake.py`), so the
+    adapter is already resolved and authorized to an immutable version and the prompt is
+    already token ids. `adapter=None` runs the bare base; `tenant` is the fairness key;
+    `deadline` is `time.monotonic()` seconds. `grammar` is the compiled constraint of
+    `sampling` (`grammar.Grammar`; the intake compiles it, `Engine.submit` if still missing)."""
+
+    request_id: str
+    tenant: str
+    adapter: AdapterVersion | None
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    deadline: float | None = None
+    grammar: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What a `RequestStream` yields: newly final text and the token ids generated since
+    the previous chunk. (Not `kv.RowFeed`, the tokens a KV row is fed in one step.)"""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds, all measured from `submit` except `prefill_s` (prefill start → first token)."""
+
+    queue_s: float = 0.0  # submit → admitted into the running batch
+    adapter_load_s: float = 0.0  # time spent waiting for the adapter to become resident
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0  # submit → first token (TTFT)
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    adapter: AdapterVersion | None = None
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """One adapter the pool holds: in a device slot (`slot > 0`) and/or in host memory."""
+
+    digest: str
+    ref: str  # `t/n:v3` of the version that brought it in
+    slot: int | None  # device slot, None when only host-resident
+    on_host: bool
+    pinned: bool
+    active_sequences: int
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    ready: bool
+    draining: bool
+    running: int  # sequences in the batch (prefilling or decoding)
+    waiting: int  # queued, not yet admitted
+    loading: int  # adapters being read from the registry
+    slots_used: int
+    slots_total: int
+    host_bytes: int
+    kv_rows_used: int
+    kv_rows_total: int
+    steps: int
+    tokens_generated: int
+    requests_finished: int
+    kv_reserved_bytes: int = 0  # KV pool bytes held (blocks, all layers, scratch included)
+    kv_used_bytes: int = 0  # KV bytes of the positions live sequences have written
+    kv_limit_bytes: int = 0  # the most the pools may hold: every row at max_seq_len
+    prefix_hit_tokens: int = 0  # prompt positions reused from the prefix cache (not computed)
+    prefix_lookups: int = 0  # admitted requests looked up in the prefix cache
+    prefix_hits: int = 0  # ... that reused at least one block
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's one capacity config, validated once (messages name the field).
+
+    `target_modules=None` wraps every linear projection of the decoder (never `lm_head`).
+    `max_seq_len=None` takes the model's `max_position_embeddings` (capped at 4096).
+    """
+
+    base_dir: str | Path
+    quantization: Quantization = "nf4"
+    compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    max_slots: int = 8
+    max_rank: int = 64
+    max_batch: int = 32
+    max_waiting: int = 256
+    # Per-tenant back-pressure (None: only the global `max_waiting`): one tenant may not
+    # hold more than this many waiting requests, nor this many waiting tokens (prompt +
+    # max_new_tokens), so a burst from one tenant is refused before it fills the queue.
+    max_waiting_per_tenant: int | None = None
+    max_waiting_tokens_per_tenant: int | None = None
+    max_new_tokens_limit: int = 1024
+    max_seq_len: int | None = None
+    prefill_token_budget: int = 512
+    kv_block_size: int = 16  # positions per KV block (the paged cache's unit of allocation)
+    # prefix cache: idle KV blocks of prompt prefixes kept for later requests with the same
+    # adapter digest (or the base) and the same leading tokens; 0 turns it off
+    prefix_cache_blocks: int = 0
+    host_cache_bytes: int = 1 << 30
+    loader_threads: int = 2
+    loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)
+    target_modules: str | tuple[str, ...] | None = None  # peft's forms, incl. "all-linear"
+    # adapter A/B stacks: "auto" = bfloat16 on CUDA, float32 on CPU (layers.resolve_stack_dtype)
+    lora_stack_dtype: str = "auto"
+    # Decode steps as CUDA graphs, one per (batch bucket, KV bucket), captured lazily and
+    # replayed (runtime/model/decode_graphs.py: what is captured, memory, when re-captured). Needs
+    # a CUDA device and triton: refused at boot otherwise. The KV pools then grow by
+    # doubling and never shrink (a graph holds their addresses). Prefill stays eager.
+    cuda_graphs: bool = False
+    # The same padded decode path without capture (any device): for tests and the GPU check
+    static_decode: bool = False
+    aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
+    idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
+
+    def __post_init__(self) -> None:
+        problems: list[tuple[str, str]] = []
+        if self.quantization not in _QUANTIZATIONS:
+            problems.append(("quantization", f"`quantization` must be one of {_QUANTIZATIONS}"))
+        if self.compute_dtype not in _DTYPES:
+            problems.append(("compute_dtype", f"`compute_dtype` must be one of {_DTYPES}"))
+        if self.lora_stack_dtype not in _DTYPES:
+            problems.append(("lora_stack_dtype", f"`lora_stack_dtype` must be one of {_DTYPES}"))
+        for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",
+                     "prefill_token_budget", "loader_threads", "kv_block_size"):
+            if int(getattr(self, name)) <= 0:
+                problems.append((name, f"`{name}` must be > 0"))
+        for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant"):
+            if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
+                problems.append((name, f"`{name}` must be > 0 (or unset)"))
+        if not 0 <= self.loader_nice <= 19:
+            problems.append(("loader_nice", "`loader_nice` must be in 0..19"))
+        if self.max_seq_len is not None and self.max_seq_len <= 1:
+            problems.append(("max_seq_len", "`max_seq_len` must be > 1"))
+        if self.cuda_graphs and self.device == "cpu":
+            problems.append(("cuda_graphs", "`cuda_graphs` needs a CUDA device, and "
+                                            "`device` is cpu"))
+        if self.prefix_cache_blocks < 0:
+            problems.append(("prefix_cache_blocks", "`prefix_cache_blocks` must be >= 0"))
+        if self.host_cache_bytes < 0:
+            problems.append(("host_cache_bytes", "`host_cache_bytes` must be >= 0"))
+        if not (self.aging_s > 0 and math.isfinite(self.aging_s)):
+            problems.append(("aging_s", "`aging_s` must be a positive number"))
+        if self.target_modules is not None and not isinstance(self.target_modules, str | tuple):
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if problems:
+            raise InvalidArgument("; ".join(m for _, m in problems), field=problems[0][0])
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        from dataclasses import replace
+
+        return replace(self, **changes)

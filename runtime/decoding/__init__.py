@@ -1,0 +1,1 @@
+"""Logits to text: sampling, constrained-decoding grammars and the incremental detokenizer."""

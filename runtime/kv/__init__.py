@@ -1,0 +1,2 @@
+"""The paged KV cache (per-layer pools, step layout) and its block allocator with the prefix
+cache."""

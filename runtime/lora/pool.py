@@ -1,0 +1,396 @@
+"""The adapter pool: device slots over a host LRU over the registry, keyed by digest.
+
+Tiers, fastest first:
+- device: `max_slots` slots of pre-allocated stacked tensors in every LoRA layer; bringing
+  an adapter in is a `copy_` into a free slot (`write_slot`), nothing is allocated. A slot
+  used by a running sequence (`refs > 0`) or pinned is never evicted; otherwise the least
+  recently used slot makes room.
+- host: recently used adapters' tensors in memory, LRU under `host_cache_bytes`. An
+  adapter that requests are waiting for is never dropped before it reaches a slot.
+- registry: `load_fn(version)` (read, digest check, prepare) on loader threads, so a cold
+  load never runs on the engine thread; `poll()` collects what finished. The loader threads
+  and the CUDA copy stream are in `pool_loading.py`; this module keeps the tiers.
+
+Everything but `load_fn` runs on the engine thread: no locks. `add/activate/remove`-style
+calls return a bool and are safe to repeat. All evictions go through `_evict`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+
+from loraplex.errors import LoraplexError, ResourceExhausted, Unavailable
+from loraplex.runtime.api.observer import EngineObserver, notify
+from loraplex.runtime.lora.loading import HostAdapter, LoaderThreads, copy_stream
+
+if TYPE_CHECKING:
+    from loraplex.registry import AdapterVersion
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    digest: str | None = None
+    ref: str = ""
+    refs: int = 0  # running sequences using it
+    pinned: bool = False
+    last_used: float = 0.0
+
+
+@dataclass(frozen=True)
+class Residency:
+    """What the pool holds at the start of a step (digests): the snapshot the scheduler
+    decides from, without asking the pool anything while it decides."""
+
+    in_slot: frozenset[str] = frozenset()  # in a device slot
+    busy: frozenset[str] = frozenset()  # in a slot that cannot be evicted (in use or pinned)
+    on_host: frozenset[str] = frozenset()  # in host memory, ready to copy into a slot
+    loading: frozenset[str] = frozenset()  # being read from the registry
+    spare_slots: int = 0  # slots a new adapter could take now: empty + evictable
+
+
+class SlotRequest(Protocol):
+    """A request that needs its adapter in a slot this step (the engine's `plan.Admit`)."""
+
+    request_id: str
+    digest: str | None  # None: the bare base, slot 0
+
+
+@dataclass
+class LoadFailure:
+    digest: str
+    error: LoraplexError
+
+
+@dataclass(frozen=True)
+class Activation:
+    """What `activate_for` did: the slot of every admitted request's adapter, and the
+    adapters that could not be put into a slot (their requests fail with that error)."""
+
+    slots: dict[str, int]  # request id -> adapter slot (0: no adapter)
+    failed: dict[str, LoraplexError]  # request id -> why its adapter could not be activated
+
+
+class AdapterPool:
+    def __init__(self, *, max_slots: int, host_cache_bytes: int,
+                 load_fn: Callable[[AdapterVersion], HostAdapter],
+                 write_slot: Callable[[int, HostAdapter], None],
+                 clear_slot: Callable[[int], None],
+                 loader_threads: int = 2,
+                 loader_nice: int = 0,
+                 observer: EngineObserver | None = None,
+                 on_loaded: Callable[[], None] | None = None,
+                 device: torch.device | None = None) -> None:
+        self.max_slots = max_slots
+        self.host_cache_bytes = host_cache_bytes
+        self._write_slot = write_slot
+        self._clear_slot = clear_slot
+        self._observer = observer or EngineObserver()
+        self._loading = LoaderThreads(
+            load_fn, threads=loader_threads, nice=loader_nice,
+            on_done=on_loaded or (lambda: None),
+            on_load_time=lambda s: self._notify("on_adapter_load", "registry", s))
+        self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
+        self._slot_of: dict[str, int] = {}  # digest -> slot
+        self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._wanted: dict[str, int] = {}  # digest -> waiting requests that need it
+        self._pin_wanted: set[str] = set()  # pinned before it reached a slot
+        self._drop_when_idle: set[str] = set()  # unloaded while in use
+        self._landing: dict[str, list[Future]] = {}  # prefetch waiters, by digest
+        self._host_bytes = 0
+        # CUDA: host->slot copies (from the pinned host tier) on their own stream
+        self._copy_stream = (torch.cuda.Stream(device) if device is not None
+                             and device.type == "cuda" else None)
+
+    # -- queries ---------------------------------------------------------------------------
+    def slot_of(self, digest: str) -> int | None:
+        return self._slot_of.get(digest)
+
+    def is_loading(self, digest: str) -> bool:
+        return digest in self._loading
+
+    def on_host(self, digest: str) -> bool:
+        return digest in self._host
+
+    @property
+    def loading(self) -> int:
+        return len(self._loading)
+
+    @property
+    def slots_used(self) -> int:
+        return len(self._slot_of)
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host_bytes
+
+    def residency(self) -> Residency:
+        """A snapshot for the scheduler (see `Residency`)."""
+        busy = {d for d, i in self._slot_of.items()
+                if self._slots[i].refs > 0 or self._slots[i].pinned}
+        empty = sum(1 for s in self._slots[1:] if s.digest is None)
+        return Residency(in_slot=frozenset(self._slot_of), busy=frozenset(busy),
+                         on_host=frozenset(self._host), loading=self._loading.digests(),
+                         spare_slots=empty + len(self._slot_of) - len(busy))
+
+    def resident(self) -> list[dict]:
+        """One dict per adapter held in a slot or in host memory (see ResidentAdapter)."""
+        out = []
+        for digest in dict.fromkeys([*self._slot_of, *self._host]):
+            slot = self._slot_of.get(digest)
+            s = self._slots[slot] if slot else None
+            host = self._host.get(digest)
+            out.append(dict(digest=digest, ref=(s.ref if s else host.ref), slot=slot,
+                            on_host=host is not None,
+                            pinned=bool(s and s.pinned) or digest in self._pin_wanted,
+                            active_sequences=s.refs if s else 0,
+                            size_bytes=host.nbytes if host else 0))
+        return out
+
+    # -- loading ---------------------------------------------------------------------------
+    def want(self, version: AdapterVersion) -> None:
+        """A request needs this adapter: count it and start a load if it is not at hand."""
+        d = version.digest
+        self._wanted[d] = self._wanted.get(d, 0) + 1
+        self.ensure_loading(version)
+
+    def unwant(self, digest: str) -> None:
+        n = self._wanted.get(digest, 0) - 1
+        if n > 0:
+            self._wanted[digest] = n
+        else:
+            self._wanted.pop(digest, None)
+
+    def ensure_loading(self, version: AdapterVersion) -> bool:
+        """Start a registry load unless the adapter is in a slot, on host or loading."""
+        d = version.digest
+        if d in self._slot_of or d in self._host or d in self._loading:
+            if d in self._slot_of:
+                self._observer_cache("hit", "device")
+            elif d in self._host:
+                self._observer_cache("hit", "host")
+            return False
+        self._observer_cache("miss", "host")
+        self._loading.start(version)
+        return True
+
+    def when_resident(self, version: AdapterVersion) -> Future:
+        """Load if needed; the future completes (True) once the adapter is on host, having
+        been put into a slot if one is free or evictable, or fails with the load error."""
+        fut: Future = Future()
+        self.ensure_loading(version)
+        if version.digest in self._loading:
+            self._landing.setdefault(version.digest, []).append(fut)
+        else:
+            self.activate(version.digest)
+            fut.set_result(True)
+        return fut
+
+    def poll(self) -> list[LoadFailure]:
+        """Collect finished loads into the host tier; return the loads that failed."""
+        failures: list[LoadFailure] = []
+        for job in self._loading.finished():
+            d = job.version.digest
+            try:
+                host = job.future.result()
+            except Exception as e:  # noqa: BLE001 - a failed load fails only its requests
+                if not isinstance(e, LoraplexError):
+                    log.error("loading adapter %s failed", job.version.ref, exc_info=e)
+                    e = _internal(e)
+                failures.append(LoadFailure(d, e))
+                for fut in self._landing.pop(d, []):
+                    fut.set_exception(e)
+                continue
+            self._host[d] = host
+            self._host_bytes += host.nbytes
+            waiters = self._landing.pop(d, [])
+            if d in self._pin_wanted or waiters:
+                self.activate(d)
+            for fut in waiters:
+                fut.set_result(True)
+        if self._host_bytes > self.host_cache_bytes:
+            self._trim_host()
+        return failures
+
+    # -- device slots ----------------------------------------------------------------------
+    def activate(self, digest: str) -> int | None:
+        """Put a host-resident adapter into a slot (or find it there); None if it cannot be
+        placed now (not on host, or every slot in use or pinned)."""
+        slot = self._slot_of.get(digest)
+        if slot is not None:
+            self._slots[slot].last_used = time.monotonic()
+            return slot
+        host = self._host.get(digest)
+        if host is None:
+            return None
+        slot = self._free_slot()
+        if slot is None:
+            return None
+        t0 = time.monotonic()
+        try:
+            with copy_stream(self._copy_stream):
+                self._write_slot(slot, host)  # copy_ into the pre-allocated stacks
+        except Exception:
+            self._clear_slot(slot)  # leave no half-written slot behind
+            self._evict(digest, "host")  # and no host copy that cannot be placed
+            raise
+        self._notify("on_adapter_load", "host", time.monotonic() - t0)
+        s = self._slots[slot]
+        s.digest, s.ref, s.refs, s.last_used = digest, host.ref, 0, time.monotonic()
+        s.pinned = digest in self._pin_wanted
+        self._pin_wanted.discard(digest)
+        self._slot_of[digest] = slot
+        self._host.move_to_end(digest)
+        return slot
+
+    def activate_for(self, requests: Iterable[SlotRequest]) -> Activation:
+        """Hold a slot for every request joining the batch: adapters already in a slot first (so
+        no copy below can evict them), then host -> slot copies. A copy that raises fails
+        only the requests of that adapter (the pool leaves no half-written slot behind)."""
+        slots: dict[str, int] = {}
+        failed: dict[str, LoraplexError] = {}
+        errors: dict[str, LoraplexError] = {}
+        order = sorted(requests, key=lambda a: a.digest not in self._slot_of)
+        for a in order:
+            if a.digest is None:
+                slots[a.request_id] = 0
+                continue
+            if a.digest in errors:
+                failed[a.request_id] = errors[a.digest]
+                continue
+            try:
+                slot = self.acquire(a.digest)
+            except Exception as e:  # noqa: BLE001 - this adapter cannot go in: fail its requests
+                log.exception("activating adapter %s failed", a.digest)
+                errors[a.digest] = e if isinstance(e, LoraplexError) else LoraplexError(
+                    f"adapter {a.digest[:19]} could not be activated: {type(e).__name__}")
+                failed[a.request_id] = errors[a.digest]
+                continue
+            if slot is None:  # the plan's slot accounting disagrees with the pool: a bug
+                failed[a.request_id] = Unavailable("no adapter slot free; retry",
+                                                   field="adapter")
+            else:
+                slots[a.request_id] = slot
+        return Activation(slots, failed)
+
+    def acquire(self, digest: str) -> int | None:
+        """Activate and count one running sequence on the adapter; None if not possible now."""
+        slot = self.activate(digest)
+        if slot is not None:
+            self._slots[slot].refs += 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        """A running sequence on `slot` ended."""
+        if slot <= 0:
+            return
+        s = self._slots[slot]
+        s.refs = max(0, s.refs - 1)
+        s.last_used = time.monotonic()
+        if s.refs == 0 and s.digest in self._drop_when_idle:
+            self.remove(s.digest)
+
+    def pin(self, digest: str) -> bool:
+        """Keep the adapter in a slot until `unpin`. False if already pinned.
+
+        Raises ResourceExhausted when it would pin the last unpinned slot (something must be
+        left for every other adapter)."""
+        slot = self._slot_of.get(digest)
+        if (slot is not None and self._slots[slot].pinned) or digest in self._pin_wanted:
+            return False
+        pinned = sum(1 for s in self._slots[1:] if s.pinned) + len(self._pin_wanted)
+        if pinned + 1 >= self.max_slots:
+            raise ResourceExhausted(f"pinning would leave no free adapter slot "
+                                    f"({pinned} of {self.max_slots} pinned)", field="ref")
+        if slot is None:
+            self._pin_wanted.add(digest)
+            slot = self.activate(digest)  # may still be None: activated when it lands
+        if slot is not None:
+            self._slots[slot].pinned = True
+        return True
+
+    def unpin(self, digest: str) -> bool:
+        if digest in self._pin_wanted:
+            self._pin_wanted.discard(digest)
+            return True
+        slot = self._slot_of.get(digest)
+        if slot is None or not self._slots[slot].pinned:
+            return False
+        self._slots[slot].pinned = False
+        return True
+
+    def remove(self, digest: str) -> bool:
+        """Drop the adapter from slot and host (after its running sequences end). False if it
+        was not held."""
+        self._pin_wanted.discard(digest)
+        slot = self._slot_of.get(digest)
+        held = slot is not None or digest in self._host
+        if slot is not None and self._slots[slot].refs > 0:
+            self._drop_when_idle.add(digest)
+            self._slots[slot].pinned = False
+            return True
+        self._drop_when_idle.discard(digest)
+        if slot is not None:
+            self._evict(digest, "device")
+        if digest in self._host:
+            self._evict(digest, "host")
+        return held
+
+    def shutdown(self) -> None:
+        self._loading.shutdown()
+        for waiters in self._landing.values():
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(Unavailable("engine shut down"))
+        self._landing.clear()
+
+    # -- internals -------------------------------------------------------------------------
+    def _free_slot(self) -> int | None:
+        for i in range(1, self.max_slots + 1):
+            if self._slots[i].digest is None:
+                return i
+        victims = [i for i in range(1, self.max_slots + 1)
+                   if self._slots[i].refs == 0 and not self._slots[i].pinned]
+        if not victims:
+            return None
+        victim = min(victims, key=lambda i: self._slots[i].last_used)
+        self._evict(self._slots[victim].digest, "device")
+        return victim
+
+    def _trim_host(self) -> None:
+        for d in list(self._host):
+            if self._host_bytes <= self.host_cache_bytes:
+                break
+            if self._wanted.get(d, 0) > 0 and d not in self._slot_of:
+                continue  # requests wait for it: keep it until it reaches a slot
+            self._evict(d, "host")
+
+    def _evict(self, digest: str, tier: str) -> None:
+        """The one eviction hook: clear a device slot, or forget host tensors."""
+        if tier == "device":
+            slot = self._slot_of.pop(digest)
+            self._clear_slot(slot)
+            self._slots[slot] = _Slot()
+        else:
+            self._host_bytes -= self._host.pop(digest).nbytes
+        self._observer_cache("evict", tier)
+
+    def _observer_cache(self, event: str, tier: str) -> None:
+        self._notify("on_cache", event, tier)
+
+    def _notify(self, hook: str, *args: Any) -> None:
+        notify(self._observer, hook, *args)
+
+
+def _internal(e: Exception) -> LoraplexError:
+    err = LoraplexError(f"adapter load failed: {type(e).__name__}: {e}")
+    return err

@@ -1,0 +1,236 @@
+"""The model side of a step: boot the base, then run forwards over row feeds.
+
+    runner = Runner.boot(config)                   # engine thread: base, LoRA layers, KV rows
+    out = runner.run(plan.decode, decode_slots, plan.prefill, prefill_slots)
+    out.decode.logits                              # [B, V], one row per decode feed
+
+A forward takes `RowFeed`s (KV row, start position, token ids) and one adapter slot per row,
+lays them out left-padded (`kv.build_layout`), builds the attention mask (with the sliding
+window where the model has one) and returns last-position logits. Decode (one token per
+running sequence) and prefill (prompt chunks) are separate forwards, so a long prompt never
+pads every decode row to its length. A forward that raises fails only its own rows.
+
+With `EngineConfig.cuda_graphs` (or `static_decode`, the same path without capture) the
+decode forward goes through `decode_graphs.StaticDecode`: padded to a bucket, fixed input
+buffers, a CUDA graph replayed per bucket; prefill stays eager.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from loraplex import peft_format
+from loraplex.errors import InvalidArgument, LoraplexError
+from loraplex.runtime.kv.cache import BlockKVCache, RowAllocator, RowFeed, build_layout
+from loraplex.runtime.model.decode_graphs import StaticDecode
+from loraplex.runtime.model.masks import MaskSpec, mask_spec, step_mask
+
+if TYPE_CHECKING:
+    from loraplex.fingerprint import BaseFingerprint
+    from loraplex.runtime.api.types import EngineConfig
+    from loraplex.runtime.lora.layers import LoraInjection
+
+log = logging.getLogger(__name__)
+MAX_CONTEXT = 4096
+
+
+@dataclass(frozen=True)
+class KvUsage:
+    """The KV cache's size and the prefix cache's counters, for `EngineStats`."""
+
+    reserved_bytes: int
+    used_bytes: int
+    limit_bytes: int
+    prefix_lookups: int
+    prefix_hits: int
+    prefix_hit_tokens: int
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward's outcome: `logits # [B, V]` for `feeds`, or the error that failed them."""
+
+    feeds: tuple[RowFeed, ...]
+    logits: torch.Tensor | None = None
+    error: LoraplexError | None = None
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    decode: Forward
+    prefill: Forward
+
+    @property
+    def rows(self) -> int:
+        return len(self.decode.feeds) + len(self.prefill.feeds)
+
+
+def forward(model: Any, kv: BlockKVCache, injection: LoraInjection, mask: MaskSpec,
+            feeds: Sequence[RowFeed], slots: Sequence[int], device: torch.device) -> torch.Tensor:
+    """One model forward over `feeds`; `slots # [B]` adapter slot per row → logits `[B, V]`."""
+    layout = build_layout(feeds, device)
+    kv.reserve(feeds)
+    kv.set_layout(layout)
+    injection.set_batch(list(slots))
+    with torch.inference_mode():
+        out = model(input_ids=layout.input_ids, position_ids=layout.position_ids,
+                    attention_mask=step_mask(layout, mask), cache=kv, use_cache=True,
+                    logits_to_keep=1)
+    return out.logits[:, -1].float()  # [B, V]
+
+
+class Runner:
+    """Owns the model, its LoRA layers and the KV rows; engine thread only."""
+
+    def __init__(self, model: Any, tokenizer: Any, fingerprint: BaseFingerprint,
+                 injection: LoraInjection, kv: BlockKVCache, mask: MaskSpec,
+                 max_seq_len: int, max_batch: int, device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.fingerprint = fingerprint
+        self.injection = injection
+        self.kv = kv
+        self.mask = mask
+        self.max_seq_len = max_seq_len
+        self.rows = RowAllocator(max_batch)
+        self.rows_total = max_batch
+        self.device = device
+        self.vocab_size = int(model.config.get_text_config().vocab_size)
+        self.eos = eos_ids(model, tokenizer)
+        self.lora_dtype = next(iter(injection.layers.values())).lora_a.dtype
+        self.static: StaticDecode | None = None  # decode through fixed buffers / CUDA graphs
+
+    @classmethod
+    def boot(cls, cfg: EngineConfig) -> Runner:
+        """Load the base, wrap its target modules, allocate the KV pools (by a warm-up
+        forward, from the shapes the model produces; they grow and shrink by blocks). With
+        `cuda_graphs`, capture one decode step as a probe: a base whose decode step cannot
+        be captured is refused here, typed, not at the first request."""
+        from loraplex.runtime.lora.layers import inject_lora
+        from loraplex.runtime.model.loading import load_base
+
+        device = torch.device(cfg.device if cfg.device != "auto"
+                              else ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_cuda_graphs(cfg.cuda_graphs, device)
+        dtype = peft_format.compute_dtype(cfg.compute_dtype, device)
+        base = load_base(cfg.base_dir, quantization=cfg.quantization, compute_dtype=dtype,
+                         device=device)
+        model = base.model
+        model.eval()
+        mcfg = model.config.get_text_config()
+        limit = int(getattr(mcfg, "max_position_embeddings", 0) or MAX_CONTEXT)
+        max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
+        injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
+                                cfg.lora_stack_dtype)
+        kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
+                          cfg.kv_block_size, cfg.prefix_cache_blocks,
+                          stable=cfg.cuda_graphs)  # a graph holds the pools' addresses
+        runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
+                     mask_spec(model), max_seq_len, cfg.max_batch, base.device)
+        runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV pools
+        if cfg.cuda_graphs or cfg.static_decode:
+            runner.static = runner.static_decode(capture=cfg.cuda_graphs)
+            runner.static.forward([RowFeed(0, 0, [0])], [0], strict=True)  # the probe
+        runner.release_row(0)
+        return runner
+
+    def static_decode(self, *, capture: bool) -> StaticDecode:
+        """The padded decode path over this runner's model, KV and LoRA layers; the LoRA
+        plan is the static Triton one where the layers would use Triton, else the torch
+        strategies on the padded slots (never captured)."""
+        from loraplex.runtime.lora.ops import triton_ready
+
+        kernel = self.injection.batch.kernel
+        triton = kernel == "triton" or (kernel == "auto" and self.device.type == "cuda"
+                                        and triton_ready())
+        return StaticDecode(self.model, self.kv, self.injection, self.mask, self.device,
+                            max_batch=self.rows_total, capture=capture,
+                            lora="static" if triton else "rows")
+
+    def forward(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
+        return forward(self.model, self.kv, self.injection, self.mask, feeds, slots,
+                       self.device)
+
+    def release_row(self, row: int, *, compact: bool = True) -> None:
+        """A sequence left the batch: its KV row and KV blocks go back (the pools compact
+        now, or with `compact=False` at the caller's `compact_kv()`)."""
+        self.kv.release(row, compact=compact)
+        self.rows.give(row)
+
+    def compact_kv(self) -> None:
+        """Shrink the KV pools once for every row released with `compact=False`."""
+        self.kv.compact()
+
+    def reuse_prefix(self, row: int, digest: str | None, prompt: Sequence[int]) -> int:
+        """Give a new `row` the cached KV blocks of `prompt`'s longest cached prefix under
+        this adapter (`digest`); returns the prompt positions that need no prefill."""
+        return self.kv.blocks.match(row, digest, prompt)
+
+    def share_prefix(self, row: int, digest: str | None, prompt: Sequence[int],
+                     upto: int) -> None:
+        """`row` has computed positions `0..upto-1` of `prompt`: offer its full blocks to
+        later prompts with the same prefix and adapter."""
+        self.kv.blocks.publish(row, digest, prompt, upto)
+
+    def kv_usage(self) -> KvUsage:
+        blocks = self.kv.blocks
+        return KvUsage(reserved_bytes=self.kv.nbytes(), used_bytes=self.kv.used_bytes(),
+                       limit_bytes=self.kv.limit_bytes(),
+                       prefix_lookups=blocks.prefix_lookups, prefix_hits=blocks.prefix_hits,
+                       prefix_hit_tokens=blocks.prefix_hit_tokens)
+
+    def decode(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
+        """A decode forward (one token per row): the static path when it is on."""
+        if self.static is not None:
+            return self.static.forward(feeds, slots)
+        return self.forward(feeds, slots)
+
+    def run(self, decode: Sequence[RowFeed], decode_slots: Sequence[int],
+            prefill: Sequence[RowFeed], prefill_slots: Sequence[int]) -> StepOutputs:
+        """The step's decode forward, then its prefill forward (always eager)."""
+        return StepOutputs(self._safe(self.decode, decode, decode_slots),
+                           self._safe(self.forward, prefill, prefill_slots))
+
+    def _safe(self, fn: Any, feeds: Sequence[RowFeed], slots: Sequence[int]) -> Forward:
+        if not feeds:
+            return Forward(())
+        try:
+            return Forward(tuple(feeds), logits=fn(feeds, slots))
+        except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
+            log.exception("forward failed for %d rows", len(feeds))
+            err = e if isinstance(e, LoraplexError) else LoraplexError(
+                f"internal error in the forward pass: {type(e).__name__}")
+            return Forward(tuple(feeds), error=err)
+
+
+def check_cuda_graphs(wanted: bool, device: torch.device) -> None:
+    """`cuda_graphs` on a machine that cannot capture is a configuration error, said at
+    boot (never a silent fallback to eager decoding)."""
+    if not wanted:
+        return
+    if device.type != "cuda":
+        raise InvalidArgument(f"`cuda_graphs` needs a CUDA device; this engine runs on "
+                              f"{device.type} (torch sees no CUDA device, or `device` says "
+                              "cpu): turn cuda_graphs off", field="cuda_graphs")
+    from loraplex.runtime.lora.ops import triton_ready
+
+    if not triton_ready():
+        raise InvalidArgument("`cuda_graphs` needs the Triton LoRA kernels (a capturable, "
+                              "fixed-grid LoRA op) and triton does not import: install "
+                              "loraplex[gpu] or turn cuda_graphs off", field="cuda_graphs")
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for src in (getattr(model, "generation_config", None), model.config, tokenizer):
+        v = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, list | tuple):
+            ids.update(int(x) for x in v)
+    return frozenset(ids)

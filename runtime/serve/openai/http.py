@@ -1,0 +1,324 @@
+"""OpenAI-compatible HTTP front door: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+    app = create_app(EngineBackend(engine, registry, base_name="smollm2"))
+    uvicorn.run(app, port=8000)            # or serve_in_thread(app, port) beside gRPC
+
+    client = openai.OpenAI(base_url="http://host:8000/v1", api_key=<loraplex token>)
+    client.chat.completions.create(model="acme/support@prod", messages=[...])
+
+The HTTP layer only speaks to a `Backend` (four methods, below), never to the engine's
+internals: `EngineBackend` binds it to `Engine.submit` (a `GenerationRequest` in, a
+`RequestStream` of `Chunk`s and a `GenerationResult` out). `model` is an adapter ref
+(`tenant/name`, `@alias`, `:v3`, `sha256:`) or the base's name; the Bearer token is the same
+registry token gRPC takes, and the tenant rules are the registry's, so a foreign adapter is
+404 exactly as it is NOT_FOUND over gRPC. Errors carry OpenAI's error body with the HTTP
+status of the gRPC code (`STATUS`). Streaming is server-sent events, ending in `[DONE]`.
+A finished choice's `finish_reason` is always one of OpenAI's names (`FINISH_REASONS`), and
+`loraplex_finish_reason` beside it is the engine's own (`stop`, `length`, `grammar`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from loraplex.chat import ROLES  # the roles chat intake accepts
+from loraplex.errors import InvalidArgument, LoraplexError, Unauthenticated
+
+# gRPC code -> HTTP status, as the OpenAI API and grpc-gateway use them.
+STATUS = {
+    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499,
+    "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "DATA_LOSS": 500, "INTERNAL": 500,
+}
+
+# The engine's finish reason -> OpenAI's (stop | length | content_filter | tool_calls |
+# function_call; clients and SDKs switch on these). "grammar" (the output can no longer
+# satisfy its constraint, runtime/decoding/grammar.py) becomes "stop": the server ended the output
+# before `max_tokens`, so "length" would tell a client that a larger budget helps, and
+# "content_filter" would claim a policy block. A client that must tell it from a natural
+# stop reads `loraplex_finish_reason`. Cancelled and past-deadline requests are errors,
+# never choices (openai_binding.py).
+FINISH_REASONS = {"stop": "stop", "length": "length", "grammar": "stop"}
+
+# vLLM's `structured_outputs` keys -> (Sampling field, what the value must be)
+STRUCTURED = {"json": ("json_schema", "a JSON schema (object or text)"),
+              "regex": ("regex", "a string"), "choice": ("choice", "a list of strings")}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    json_schema: str | None = None  # `response_format` or `structured_outputs.json` (JSON text)
+    regex: str | None = None  # `structured_outputs.regex`
+    choice: tuple[str, ...] = ()  # `structured_outputs.choice`
+
+
+@dataclass(frozen=True)
+class Outcome:
+    text: str
+    finish_reason: str  # the engine's: "stop" | "length" | "grammar" (FINISH_REASONS maps it)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class TextStream(Protocol):
+    """Text chunks as generated (`async for`), then `await result()`."""
+
+    def __aiter__(self) -> AsyncIterator[str]: ...
+
+    async def result(self) -> Outcome: ...
+
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    """All the HTTP layer needs from a serving process. Blocking methods are called off the
+    event loop (`asyncio.to_thread`); typed `LoraplexError`s become OpenAI error bodies."""
+
+    def authenticate(self, token: str | None) -> Any: ...
+
+    def models(self, identity: Any) -> list[str]: ...
+
+    def submit(self, identity: Any, model: str, *, prompt: str | None,
+               messages: list[dict[str, str]] | None, sampling: Sampling) -> TextStream: ...
+
+
+# -- request parsing ----------------------------------------------------------------------------
+def _sampling(body: dict[str, Any], default_max: int) -> Sampling:
+    stop = body.get("stop") or ()
+    stop = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
+        raise InvalidArgument("`stop` must be a string or a list of strings", field="stop")
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
+    constraint = _constraint(body)
+    try:
+        return Sampling(max_tokens=int(max_tokens),
+                        temperature=float(body.get("temperature", 1.0)),
+                        top_p=float(body.get("top_p", 1.0)),
+                        seed=None if body.get("seed") is None else int(body["seed"]),
+                        stop=tuple(stop), **constraint)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgument(f"bad sampling value: {e}", field="sampling") from e
+
+
+def _constraint(body: dict[str, Any]) -> dict[str, Any]:
+    """`Sampling`'s constraint field from OpenAI's `response_format` (JSON schemas only) or
+    vLLM's `structured_outputs` extra ({"json": schema} | {"regex": r} | {"choice": [...]},
+    `extra_body` in the official client), so clients written for vLLM work unchanged."""
+    schema = _response_format(body)
+    so = body.get("structured_outputs")
+    if so is None:
+        return {"json_schema": schema}
+    if schema is not None:
+        raise InvalidArgument("give `response_format` or `structured_outputs`, not both",
+                              field="structured_outputs")
+    if not isinstance(so, dict) or len(so) != 1 or next(iter(so)) not in STRUCTURED:
+        raise InvalidArgument("`structured_outputs` must hold exactly one of "
+                              f"{', '.join(STRUCTURED)}", field="structured_outputs")
+    (key, value), = so.items()
+    if key == "json" and isinstance(value, dict):
+        value = json.dumps(value)
+    field, what = STRUCTURED[key]
+    ok = isinstance(value, str) if key != "choice" else (
+        isinstance(value, list) and all(isinstance(c, str) for c in value))
+    if not ok:
+        raise InvalidArgument(f"`structured_outputs.{key}` must be {what}",
+                              field=f"structured_outputs.{key}")
+    return {field: tuple(value) if key == "choice" else value}
+
+
+def _response_format(body: dict[str, Any]) -> str | None:
+    """OpenAI's `response_format` → a JSON schema (text) for constrained decoding:
+    {"type": "json_schema", "json_schema": {"schema": {...}}} that schema, {"type":
+    "json_object"} any JSON object, {"type": "text"} or absent none."""
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json.dumps({"type": "object"})
+    if kind == "json_schema":
+        spec = rf.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise InvalidArgument("`response_format.json_schema.schema` must be a JSON object",
+                                  field="response_format.json_schema.schema")
+        return json.dumps(schema)
+    raise InvalidArgument("`response_format.type` must be one of text, json_object, "
+                          "json_schema", field="response_format.type")
+
+
+def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidArgument("`messages` must be a non-empty list", field="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # content parts: only text is served
+            content = "".join(p.get("text", "") for p in content
+                              if isinstance(p, dict) and p.get("type") == "text")
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(content, str):
+            raise InvalidArgument(f"messages[{i}]: role must be one of {', '.join(ROLES)} and "
+                                  "content a string", field=f"messages[{i}]")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompt(body: dict[str, Any]) -> str:
+    p = body.get("prompt")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str):
+        p = p[0]
+    if not isinstance(p, str):
+        raise InvalidArgument("`prompt` must be one string", field="prompt")
+    return p
+
+
+def _model(body: dict[str, Any]) -> str:
+    m = body.get("model")
+    if not isinstance(m, str) or not m:
+        raise InvalidArgument("`model` is required: an adapter ref or the base's name",
+                              field="model")
+    return m
+
+
+def _bearer(headers: Any) -> str | None:
+    auth = headers.get("authorization") or ""
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+# -- response shapes ----------------------------------------------------------------------------
+def error_body(e: LoraplexError) -> tuple[int, dict[str, Any]]:
+    status = STATUS.get(e.code, 500)
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return status, {"error": {"message": e.message, "type": kind, "param": e.field,
+                              "code": e.code.lower()}}
+
+
+def _usage(o: Outcome) -> dict[str, int]:
+    return {"prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+            "total_tokens": o.prompt_tokens + o.completion_tokens}
+
+
+def _choice(chat: bool, text: str, finish: str | None, *, delta: bool = False) -> dict[str, Any]:
+    """One choice; `finish` is the engine's reason (None: not finished yet)."""
+    choice: dict[str, Any] = {"index": 0}
+    if chat:
+        choice["delta" if delta else "message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    choice.update(finish_reason=None if finish is None else FINISH_REASONS.get(finish, "stop"),
+                  logprobs=None)
+    if finish is not None:
+        choice["loraplex_finish_reason"] = finish
+    return choice
+
+
+# -- the app ------------------------------------------------------------------------------------
+def create_app(backend: Backend, *, default_max_tokens: int = 256):
+    """A Starlette app serving the three routes over `backend`."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    async def identity_of(request: Request) -> Any:
+        token = _bearer(request.headers)
+        if token is None:
+            raise Unauthenticated("missing `Authorization: Bearer <token>` header")
+        return await asyncio.to_thread(backend.authenticate, token)
+
+    async def models(request: Request) -> JSONResponse:
+        try:
+            ident = await identity_of(request)
+            names = await asyncio.to_thread(backend.models, ident)
+        except LoraplexError as e:
+            return JSONResponse(error_body(e)[1], status_code=error_body(e)[0])
+        return JSONResponse({"object": "list", "data": [
+            {"id": n, "object": "model", "created": 0, "owned_by": n.split("/")[0]}
+            for n in names]})
+
+    async def generate(request: Request, chat: bool):
+        try:
+            ident = await identity_of(request)
+            try:
+                body = await request.json()
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"body is not JSON: {e}", field="body") from e
+            if not isinstance(body, dict):
+                raise InvalidArgument("body must be a JSON object", field="body")
+            model = _model(body)
+            sampling = _sampling(body, default_max_tokens)
+            prompt, msgs = (None, _messages(body)) if chat else (_prompt(body), None)
+            stream = await asyncio.to_thread(backend.submit, ident, model, prompt=prompt,
+                                             messages=msgs, sampling=sampling)
+        except LoraplexError as e:
+            status, err = error_body(e)
+            return JSONResponse(err, status_code=status)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": model}
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return StreamingResponse(_sse(stream, head, chat, include_usage),
+                                     media_type="text/event-stream")
+        try:
+            async for _ in stream:
+                pass
+            out = await stream.result()
+        except LoraplexError as e:
+            status, err = error_body(e)
+            return JSONResponse(err, status_code=status)
+        return JSONResponse({**head, "choices": [_choice(chat, out.text, out.finish_reason)],
+                             "usage": _usage(out)})
+
+    async def completions(request: Request):
+        return await generate(request, chat=False)
+
+    async def chat_completions(request: Request):
+        return await generate(request, chat=True)
+
+    return Starlette(routes=[
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ])
+
+
+async def _sse(stream: TextStream, head: dict[str, Any], chat: bool, include_usage: bool
+               ) -> AsyncIterator[str]:
+    """Server-sent events: one event per text chunk, a last one with `finish_reason`
+    (and `usage` when asked), then `[DONE]`. A failure mid-stream is an error event."""
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps({**head, 'object': obj, **payload})}\n\n"
+
+    try:
+        async for text in stream:
+            if text:
+                yield event({"choices": [_choice(chat, text, None, delta=True)]})
+        out = await stream.result()
+    except LoraplexError as e:
+        yield f"data: {json.dumps(error_body(e)[1])}\n\n"
+        return
+    finally:
+        stream.cancel()  # a client that hung up frees its engine slot (no-op once done)
+    last: dict[str, Any] = {"choices": [_choice(chat, "", out.finish_reason, delta=True)]}
+    if include_usage:
+        last["usage"] = _usage(out)
+    yield event(last)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,178 @@
+"""RegistryService: register (streamed), inspect, alias and delete adapters; watch changes;
+derive new versions (compress, merge).
+
+Registry calls touch the database and the blob store, and derivations do tensor work on
+every module of an adapter, so they all run in worker threads (`asyncio.to_thread`) and
+never block the event loop that serves generation streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from loraplex.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loraplex.runtime.serve.interceptors import current_identity
+from loraplex.runtime.serve.servicers import convert
+from loraplex.runtime.serve.servicers.state import ServingState
+from loraplex.v1 import registry_pb2, registry_pb2_grpc
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, state: ServingState) -> None:
+        self.state = state
+
+    @property
+    def registry(self):
+        return self.state.registry
+
+    async def RegisterAdapter(self, request_iterator, context):
+        identity = current_identity()
+        header, weights = await self._receive(request_iterator)
+        version = await asyncio.to_thread(
+            self.registry.push_bytes, identity, header.name, header.adapter_config, weights,
+            base=self._base_for(header.base_digest),
+            lineage=convert.lineage_from_json(header.lineage_json))
+        return registry_pb2.RegisterAdapterResponse(adapter=convert.adapter_pb(version),
+                                                    created=getattr(version, "created", True))
+
+    async def GetAdapter(self, request, context):
+        version = await asyncio.to_thread(self.registry.resolve, current_identity(),
+                                          _required(request.ref, "ref"))
+        return convert.adapter_pb(version)
+
+    async def ListAdapters(self, request, context):
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size must be <= {MAX_PAGE_SIZE}", field="page_size")
+        page, token = await asyncio.to_thread(
+            self.registry.list_adapters, current_identity(), tenant=request.tenant or None,
+            page_size=size, page_token=request.page_token or None)
+        return registry_pb2.ListAdaptersResponse(adapters=[convert.adapter_pb(v) for v in page],
+                                                 next_page_token=token or "")
+
+    async def ListVersions(self, request, context):
+        versions = await asyncio.to_thread(self.registry.list_versions, current_identity(),
+                                           _required(request.adapter, "adapter"))
+        return registry_pb2.ListVersionsResponse(versions=[convert.adapter_pb(v)
+                                                           for v in versions])
+
+    async def SetAlias(self, request, context):
+        from loraplex.registry import UNSET
+
+        which = request.WhichOneof("expected")
+        expected = {"expected_version": request.expected_version, "expect_absent": None,
+                    None: UNSET}[which]
+        move = await asyncio.to_thread(self.registry.set_alias, current_identity(),
+                                       _required(request.ref, "ref"),
+                                       _required(request.alias, "alias"), expected=expected)
+        return convert.alias_move_pb(move)
+
+    async def DeleteVersion(self, request, context):
+        await asyncio.to_thread(self.registry.delete_version, current_identity(),
+                                _required(request.ref, "ref"), force=request.force)
+        return registry_pb2.DeleteVersionResponse()
+
+    async def WatchAdapters(self, request, context) -> AsyncIterator:
+        """Poll `Registry.changes` and forward the ones the caller may see.
+
+        Ends when the server drains, so that watchers never hold a graceful shutdown open.
+        """
+        identity, after = current_identity(), request.after_id
+        while not self.state.draining:
+            changes = await asyncio.to_thread(self.registry.changes, after)
+            for change in changes:
+                after = max(after, change.id)
+                if identity.can_access(change.tenant):
+                    yield convert.change_pb(change)
+            if not changes:
+                await asyncio.sleep(self.state.settings.watch_poll_s)
+
+    async def CompressAdapter(self, request, context):
+        from loraplex.registry.derive import compress_version
+
+        which = request.WhichOneof("target")
+        if which is None:
+            raise InvalidArgument("give `rank` or `energy`", field="rank")
+        scope = "global" if request.scope == registry_pb2.ENERGY_SCOPE_GLOBAL else "module"
+        version = await asyncio.to_thread(
+            compress_version, self.registry, current_identity(), _required(request.ref, "ref"),
+            rank=request.rank if which == "rank" else None,
+            energy=request.energy if which == "energy" else None, scope=scope,
+            name=request.name.strip() or None)
+        return _derived_pb(version)
+
+    async def MergeAdapters(self, request, context):
+        from loraplex.registry.derive import merge_versions
+
+        if not request.refs:
+            raise InvalidArgument("`refs` must name at least one version", field="refs")
+        version = await asyncio.to_thread(
+            merge_versions, self.registry, current_identity(), list(request.refs),
+            name=_required(request.name, "name"), method=request.method or "linear",
+            weights=list(request.weights) or None,
+            density=request.density if request.HasField("density") else None,
+            svd_rank=request.svd_rank or None, seed=request.seed)
+        return _derived_pb(version)
+
+    # -- helpers ----------------------------------------------------------------------------
+    async def _receive(self, request_iterator) -> tuple[registry_pb2.RegisterAdapterHeader,
+                                                        bytes]:
+        """Header first, then weight chunks, refusing as soon as the size cap is passed."""
+        cap = self.state.settings.max_register_bytes
+        header, parts, size = None, [], 0
+        async for message in request_iterator:
+            part = message.WhichOneof("part")
+            if header is None:
+                if part != "header":
+                    raise InvalidArgument("the first message must be the header",
+                                          field="header")
+                header = message.header
+                _required(header.name, "header.name")
+                if not header.adapter_config:
+                    raise InvalidArgument("adapter_config (adapter_config.json) is required",
+                                          field="header.adapter_config")
+                size = len(header.adapter_config)
+                if header.size_bytes + size > cap:
+                    raise _too_big(cap)
+                continue
+            if part != "chunk":
+                raise InvalidArgument("only one header per stream", field="header")
+            size += len(message.chunk)
+            if size > cap:
+                raise _too_big(cap)
+            parts.append(message.chunk)
+        if header is None:
+            raise InvalidArgument("empty RegisterAdapter stream", field="header")
+        if not parts:
+            raise InvalidArgument("no adapter_model.safetensors chunks sent", field="chunk")
+        return header, b"".join(parts)
+
+    def _base_for(self, base_digest: str):
+        """The server registers adapters for the base it serves (see registry.proto)."""
+        served = self.state.base_fingerprint
+        if base_digest and served is not None and base_digest != served.digest:
+            raise FailedPrecondition(
+                f"this server serves base {served.digest}, not {base_digest}; register the "
+                "adapter where its base is served", field="header.base_digest")
+        return served
+
+
+def _required(value: str, field: str) -> str:
+    """`value` as sent (refs and names are never trimmed: `registry/refs.py`)."""
+    if not value:
+        raise InvalidArgument(f"`{field}` is required", field=field)
+    return value
+
+
+def _derived_pb(version) -> registry_pb2.DerivedAdapterResponse:
+    return registry_pb2.DerivedAdapterResponse(adapter=convert.adapter_pb(version),
+                                               created=getattr(version, "created", True))
+
+
+def _too_big(cap: int) -> ResourceExhausted:
+    return ResourceExhausted(f"adapter larger than the {cap}-byte registration cap",
+                             field="chunk")

@@ -1,0 +1,201 @@
+"""Adapter pool bookkeeping: slots, LRU, pinning, host budget, loads off-thread, failures.
+
+The pool is driven with its own callbacks (a dict standing in for the layers' slots and a
+loader that builds tensors); the engine tests run it against the real registry and layers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loraplex.errors import DataCorruption, ResourceExhausted
+from loraplex.runtime.lora.loading import HostAdapter
+from loraplex.runtime.lora.pool import AdapterPool
+
+
+@dataclass(frozen=True)
+class V:  # the fields of AdapterVersion the pool reads
+    digest: str
+    ref: str = "t/n:v1"
+
+
+class Rig:
+    def __init__(self, max_slots=2, host_cache_bytes=100_000, fail=(), delay=0.0):
+        self.slots: dict[int, str] = {}
+        self.loads: list[str] = []
+        self.fail, self.delay = set(fail), delay
+        self.gate = threading.Event()
+        self.gate.set()
+        self.pool = AdapterPool(max_slots=max_slots, host_cache_bytes=host_cache_bytes,
+                                load_fn=self.load, write_slot=self.write,
+                                clear_slot=self.slots.pop)
+
+    def load(self, v):
+        self.gate.wait(5)
+        time.sleep(self.delay)
+        self.loads.append(v.digest)
+        if v.digest in self.fail:
+            raise DataCorruption("bad blob")
+        return HostAdapter(digest=v.digest, ref=v.ref, rank=2, alpha=4.0,
+                           tensors={"m.lora_A.weight": torch.zeros(2, 250),  # 4000 bytes
+                                    "m.lora_B.weight": torch.zeros(250, 2)})
+
+    def write(self, slot, host):
+        self.slots[slot] = host.digest
+
+    def land(self, *versions, timeout=5.0):
+        """Wait for loads of `versions` and collect them."""
+        failures = []
+        end = time.monotonic() + timeout
+        while any(self.pool.is_loading(v.digest) for v in versions):
+            failures += self.pool.poll()
+            if time.monotonic() > end:
+                raise TimeoutError
+            time.sleep(0.001)
+        return failures + self.pool.poll()
+
+
+def test_load_runs_off_thread_then_activate_copies_into_a_free_slot():
+    rig = Rig()
+    rig.gate.clear()
+    v = V("sha256:a")
+    assert rig.pool.ensure_loading(v) is True
+    assert rig.pool.ensure_loading(v) is False  # safe to repeat: one load
+    assert rig.pool.acquire(v.digest) is None  # still loading: not placeable
+    rig.gate.set()
+    rig.land(v)
+    assert rig.loads == ["sha256:a"]
+    slot = rig.pool.acquire(v.digest)
+    assert slot == 1 and rig.slots == {1: "sha256:a"}
+    assert rig.pool.acquire(v.digest) == 1  # already there: no second copy
+
+
+def test_slots_in_use_are_never_evicted_lru_otherwise():
+    rig = Rig(max_slots=2)
+    a, b, c = V("sha256:a"), V("sha256:b"), V("sha256:c")
+    for v in (a, b, c):
+        rig.pool.ensure_loading(v)
+    rig.land(a, b, c)
+    sa = rig.pool.acquire(a.digest)  # in use
+    sb = rig.pool.acquire(b.digest)
+    assert rig.pool.acquire(c.digest) is None  # both slots in use
+    rig.pool.release(sb)
+    assert rig.pool.acquire(c.digest) == sb  # b (unused) made room, a stayed
+    assert rig.pool.slot_of(a.digest) == sa and rig.pool.slot_of(b.digest) is None
+    rig.pool.release(sa)
+    rig.pool.release(sb)
+    rig.pool.activate(a.digest)  # a used more recently than c
+    assert rig.pool.acquire(b.digest) == rig.pool.slot_of(b.digest)
+    assert rig.pool.slot_of(a.digest) is not None and rig.pool.slot_of(c.digest) is None
+
+
+def test_pinning_keeps_a_slot_and_cannot_take_the_last_one():
+    rig = Rig(max_slots=2)
+    a, b, c = V("sha256:a"), V("sha256:b"), V("sha256:c")
+    for v in (a, b, c):
+        rig.pool.ensure_loading(v)
+    rig.land(a, b, c)
+    assert rig.pool.pin(a.digest) is True and rig.pool.pin(a.digest) is False
+    with pytest.raises(ResourceExhausted):
+        rig.pool.pin(b.digest)
+    for v in (b, c, b, c):
+        rig.pool.release(rig.pool.acquire(v.digest))
+    assert rig.pool.slot_of(a.digest) is not None
+    assert rig.pool.unpin(a.digest) is True and rig.pool.unpin(a.digest) is False
+
+
+def test_pin_before_load_activates_when_it_lands():
+    rig = Rig()
+    a = V("sha256:a")
+    rig.pool.ensure_loading(a)
+    assert rig.pool.pin(a.digest) is True
+    rig.land(a)
+    assert rig.pool.slot_of(a.digest) is not None
+    assert [r["pinned"] for r in rig.pool.resident()] == [True]
+
+
+def test_host_tier_keeps_the_byte_budget_but_never_drops_what_requests_wait_for():
+    rig = Rig(max_slots=1, host_cache_bytes=9_000)  # room for two 4000-byte adapters
+    vs = [V(f"sha256:{i}") for i in range(4)]
+    rig.pool.want(vs[0])  # a request waits for 0
+    for v in vs[1:]:
+        rig.pool.ensure_loading(v)
+    rig.land(*vs)
+    assert rig.pool.on_host(vs[0].digest)  # wanted: kept although oldest
+    assert rig.pool.host_bytes <= 9_000
+    rig.pool.release(rig.pool.acquire(vs[0].digest))
+    rig.pool.unwant(vs[0].digest)
+    rig.pool.ensure_loading(V("sha256:new"))
+    rig.land(V("sha256:new"))
+    assert rig.pool.host_bytes <= 9_000
+
+
+def test_failed_load_is_reported_once_and_can_be_retried():
+    rig = Rig(fail={"sha256:bad"})
+    bad = V("sha256:bad")
+    rig.pool.ensure_loading(bad)
+    [failure] = rig.land(bad)
+    assert failure.digest == bad.digest and isinstance(failure.error, DataCorruption)
+    assert rig.pool.slot_of(bad.digest) is None and not rig.pool.on_host(bad.digest)
+    assert rig.pool.ensure_loading(bad) is True  # a later request tries again
+
+
+def test_when_resident_future_and_remove_while_in_use():
+    rig = Rig()
+    a = V("sha256:a")
+    fut = rig.pool.when_resident(a)
+    rig.land(a)
+    assert fut.result(1) is True and rig.pool.slot_of(a.digest) is not None
+    slot = rig.pool.acquire(a.digest)
+    assert rig.pool.remove(a.digest) is True  # in use: removed once the sequence ends
+    assert rig.pool.slot_of(a.digest) == slot
+    rig.pool.release(slot)
+    assert rig.pool.slot_of(a.digest) is None and not rig.pool.on_host(a.digest)
+    assert rig.pool.remove(a.digest) is False
+    bad = Rig(fail={"sha256:x"})
+    fut = bad.pool.when_resident(V("sha256:x"))
+    bad.land(V("sha256:x"))
+    with pytest.raises(DataCorruption):
+        fut.result(1)
+
+
+def test_loader_threads_can_run_at_background_priority():
+    import os
+
+    seen = []
+
+    def load(v):
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return HostAdapter(digest=v.digest, ref=v.ref, rank=1, alpha=1.0, tensors={})
+
+    pool = AdapterPool(max_slots=1, host_cache_bytes=0, load_fn=load, write_slot=print,
+                       clear_slot=print, loader_nice=7)
+    pool.ensure_loading(V("sha256:n"))
+    end = time.monotonic() + 5
+    while pool.is_loading("sha256:n") and time.monotonic() < end:
+        pool.poll()
+        time.sleep(0.001)
+    pool.shutdown()
+    assert seen and seen[0] >= 7  # never below the asked niceness (it may start higher)
+
+
+def test_a_slot_write_that_fails_leaves_no_half_written_slot_or_host_copy():
+    rig = Rig()
+    a = V("sha256:a")
+    rig.pool.ensure_loading(a)
+    rig.land(a)
+
+    def broken(slot, host):
+        rig.slots[slot] = "half"
+        raise RuntimeError("copy failed")
+
+    rig.pool._write_slot = broken
+    with pytest.raises(RuntimeError):
+        rig.pool.acquire(a.digest)
+    assert rig.slots == {} and not rig.pool.on_host(a.digest)
+    assert rig.pool.slot_of(a.digest) is None and rig.pool.slots_used == 0
