@@ -56,8 +56,8 @@ class Clock:
         self.t0 = time.perf_counter()
 
     def stamp(self) -> str:
-        s = time.perf_counter() - self.t0
-        return f"[{int(s // 60):02d}:{s % 60:02.0f}]"
+        minutes, seconds = divmod(int(time.perf_counter() - self.t0), 60)
+        return f"[{minutes:02d}:{seconds:02d}]"
 
     def say(self, text: str) -> None:
         console.print(f"{self.stamp()} {text}")
@@ -214,8 +214,10 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
     try:
         with Client(target, token=admin_token) as admin:
             admin.wait_ready(timeout=300)
+            stats = admin.stats()
         say(f"[3] server up in {time.perf_counter() - t0:.0f}s: gRPC {target}, OpenAI HTTP "
-            f":{hport}, metrics :{mport}, {quantization} base")
+            f":{hport}, metrics :{mport}, {quantization} base computing in "
+            f"{stats.compute_dtype} ({stats.compute_reason})")
         for tenant, name in TENANTS.items():
             with Client(target, token=tokens[tenant]) as c:
                 resp = c.register_adapter(name, adapters[tenant][0],

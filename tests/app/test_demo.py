@@ -55,6 +55,9 @@ def phases_are_announced_with_their_elapsed_time(stdout: str) -> None:
     stamps = [int(mm) * 60 + int(ss) for mm, ss in (s.split(":") for s, _ in stamped)]
     assert stamps == sorted(stamps)  # elapsed time only grows
     assert re.search(r"compute: training \(none base\) in (float32|bfloat16): \S", stdout)
+    # the server's own Stats say what it computes in
+    assert re.search(r"server up in \d+s:[\s\S]*?none\s+base\s+computing\s+in\s+"
+                     r"(float32|bfloat16)\s+\(\S", stdout)
 
 
 def test_a_quantile_past_the_top_bucket_is_shown_as_such():
