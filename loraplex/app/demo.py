@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -448,6 +449,9 @@ def print_latency(mport: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+    # bitsandbytes' CPU backend looks for an optional kernel on a model hub at import (the
+    # compute probe imports it) and warns when it cannot; nothing is downloaded at run time
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
     ap.add_argument("--quantization", default=os.environ.get("LORAPLEX_DEMO_QUANT", "nf4"),
