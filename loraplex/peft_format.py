@@ -345,16 +345,6 @@ COMPUTE_DTYPES = compute.COMPUTE_DTYPES
 """Names accepted for a compute dtype ("auto" besides, see `loraplex.compute`)."""
 
 
-def torch_dtype(name: str) -> Any:
-    """The torch dtype for one of `COMPUTE_DTYPES`."""
-    import torch
-
-    compute.check_name(name)
-    if name == "auto":
-        raise InvalidArgument("a dtype name is needed here, not 'auto'", field="compute_dtype")
-    return getattr(torch, name)
-
-
 def compute_dtype(name: Any, device: Any = "cpu", quantization: str = "none") -> Any:
     """The torch dtype `loraplex.compute.choose` picks for `name` ("auto", a dtype name or
     a torch dtype) on `device` with a `quantization` base."""
