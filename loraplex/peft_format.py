@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 
 import re2
 
+from loraplex import compute
 from loraplex.errors import InvalidArgument, quote
 from loraplex.limits import MAX_MODULE_CHARS, MAX_PATTERN_CHARS
 
@@ -429,34 +430,14 @@ QUANTIZATIONS = ("nf4", "int8", "none")
 """How a base is loaded for training and serving; the two must agree, since an adapter
 trained on an nf4 base matches peft on that same nf4 base."""
 
-COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-"""Names accepted for a compute dtype ("auto" besides, see `compute_dtype`)."""
+COMPUTE_DTYPES = compute.COMPUTE_DTYPES
+"""Names accepted for a compute dtype ("auto" besides, see `loraplex.compute`)."""
 
 
-def torch_dtype(name: str) -> Any:
-    """The torch dtype for one of `COMPUTE_DTYPES`."""
-    import torch
-
-    if name not in COMPUTE_DTYPES:
-        raise InvalidArgument(f"unknown compute_dtype {quote(name)}; choose one of "
-                              f"{('auto', *COMPUTE_DTYPES)}", field="compute_dtype")
-    return getattr(torch, name)
-
-
-def compute_dtype(name: Any, device: Any = "cpu") -> Any:
-    """A dtype name (or a torch dtype) for `device`. "auto" is bfloat16 on a CUDA device
-    that supports it and float32 otherwise: CPU half precision is slow, and float16 needs
-    loss scaling in training and overflows in some bases' activations."""
-    import torch
-
-    if isinstance(name, torch.dtype):
-        return torch_dtype(str(name).removeprefix("torch."))
-    if name == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return torch_dtype(name)
+def compute_dtype(name: Any, device: Any = "cpu", quantization: str = "none") -> Any:
+    """The torch dtype `loraplex.compute.choose` picks for `name` ("auto", a dtype name or
+    a torch dtype) on `device` with a `quantization` base."""
+    return compute.choose(name, device, quantization=quantization).torch_dtype
 
 
 def bnb_config(quantization: str, dtype: Any) -> Any | None:

@@ -130,12 +130,12 @@ GENERATORS: dict[str, Callable[[random.Random], dict[str, str]]] = {
 }
 TENANT_ADAPTERS = {"acme": "acme/router", "globex": "globex/extract", "initech": "initech/changelog"}
 
-# The recipe on the real base, measured on 2 loaded CPU cores (docs/demo.md): train in
-# bf16 on the dequantized base (AMX makes bf16 matmuls several times faster than fp32 and
-# nf4 on CPU), serve on nf4; a short sequence cap (the longest row is ~90 tokens) and no
+# The recipe on the real base, measured on 2 loaded CPU cores (docs/demo.md): train on
+# the dequantized base in the dtype `loraplex.compute` picks for the machine (docs/compute.md),
+# serve on nf4; a short sequence cap (the longest row is ~90 tokens) and no
 # validation split (greedy validation generation on CPU would cost as much as training).
 REAL_TRAIN_CONFIG: dict[str, object] = {
-    "quantization": "none", "compute_dtype": "bfloat16", "r": 8, "alpha": 16, "dropout": 0.0,
+    "quantization": "none", "compute_dtype": "auto", "r": 8, "alpha": 16, "dropout": 0.0,
     "lr": 2e-3, "batch_size": 8, "epochs": 1, "warmup_ratio": 0.1, "max_seq_len": 128,
     "val_fraction": 0.0, "eval_steps": 1000, "patience": 0, "eval_max_new_tokens": 32,
     "logging_steps": 5,

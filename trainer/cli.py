@@ -90,10 +90,11 @@ def run_train(flags: dict[str, Any], config_file: Path | None, *, progress: bool
     res = train(cfg, extra_callbacks=extra_callbacks, progress=progress)
     if not res.is_main:
         return None
-    out: dict[str, Any] = {"adapter_dir": str(res.adapter_dir), "metrics": res.metrics}
+    out: dict[str, Any] = {"adapter_dir": str(res.adapter_dir), "metrics": res.metrics,
+                           "compute": res.compute}
     if not cfg.publish:
         return out
-    pub = publish(cfg, res.adapter_dir, res.metrics, res.splits)
+    pub = publish(cfg, res.adapter_dir, res.metrics, res.splits, res.compute)
     out.update({"ref": pub.version.ref, "digest": pub.version.digest,
                 "created": pub.version.created, "promoted": pub.promoted,
                 "alias": cfg.promote,
@@ -112,6 +113,8 @@ def _report_train(out: dict[str, Any], as_json: bool) -> None:
                + (f", val loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")
                + (f", val exact-match {m['val_exact_match']:.1%}"
                   if m.get("val_exact_match") is not None else ""))
+    if out.get("compute"):
+        typer.echo(f"compute dtype {out['compute']['dtype']} ({out['compute']['reason']})")
     if "ref" not in out:
         typer.echo(f"adapter (not published): {out['adapter_dir']}")
         return

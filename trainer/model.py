@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loraplex import peft_format
+from loraplex import compute, peft_format
 from loraplex.errors import InvalidArgument
 from loraplex.quantization import keep_cpu_4bit_in_compute_dtype
 from loraplex.trainer.config import TrainConfig
@@ -28,8 +28,16 @@ def linear_target_modules(model: Any) -> list[str]:
     return names
 
 
-def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None):
-    """(model, tokenizer) for training; quantized per `cfg.quantization`."""
+def choose_compute(cfg: TrainConfig, device: Any) -> compute.ComputeChoice:
+    """The compute dtype for training `cfg` on `device` (`loraplex.compute`: an explicit
+    `compute_dtype` wins, "auto" decides for this machine and this quantization)."""
+    return compute.choose(cfg.compute_dtype, device, quantization=cfg.quantization)
+
+
+def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None,
+              choice: compute.ComputeChoice | None = None):
+    """(model, tokenizer) for training; quantized per `cfg.quantization`, in `choice`'s
+    dtype (default: `choose_compute`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -38,7 +46,7 @@ def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None):
         raise InvalidArgument(f"{base} is not a model directory (no config.json)", field="base")
     cuda = torch.cuda.is_available()
     dev = device if device is not None else ("cuda" if cuda else "cpu")
-    dtype = peft_format.compute_dtype(cfg.compute_dtype, dev)
+    dtype = (choice or choose_compute(cfg, dev)).torch_dtype
     qconf = peft_format.bnb_config(cfg.quantization, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if qconf is not None:

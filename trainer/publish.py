@@ -69,8 +69,10 @@ def library_versions() -> dict[str, str]:
 
 
 def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
-                  base_fingerprint: Any) -> dict[str, Any]:
-    """Everything needed to know where an adapter came from and to train it again."""
+                  base_fingerprint: Any, compute: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Everything needed to know where an adapter came from and to train it again.
+    `compute`: the training's `ComputeChoice.record()` (the dtype it ran in and why)."""
     ds = splits.dataset
     dataset: dict[str, Any] = {
         "path": str(cfg.data), "digest": ds.digest, "examples": len(ds.examples),
@@ -87,6 +89,7 @@ def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
         "base": {"digest": base_fingerprint.digest, "architecture": base_fingerprint.architecture,
                  "path": str(cfg.base)},
         "hyperparameters": cfg.hyperparameters(),
+        "compute": compute or {},
         "seed": cfg.seed,
         "metrics": {k: v for k, v in metrics.items() if v is not None},
         "wall_s": metrics.get("wall_s"),
@@ -173,13 +176,14 @@ class Published:
     gate: GateOutcome | None
 
 
-def publish(cfg: TrainConfig, adapter_dir: Path, metrics: dict[str, Any], splits: Any
-            ) -> Published:
-    """Push the adapter with its lineage; move `cfg.promote` if the gate passes."""
+def publish(cfg: TrainConfig, adapter_dir: Path, metrics: dict[str, Any], splits: Any,
+            compute: dict[str, Any] | None = None) -> Published:
+    """Push the adapter with its lineage; move `cfg.promote` if the gate passes.
+    `compute`: `TrainResult.compute`, recorded in the lineage."""
     from loraplex.fingerprint import fingerprint_base
 
     base_fp = fingerprint_base(cfg.base)
-    lineage = build_lineage(cfg, metrics, splits, base_fp)
+    lineage = build_lineage(cfg, metrics, splits, base_fp, compute)
     registry = open_registry(cfg.registry)
     try:
         identity = caller_identity(registry)

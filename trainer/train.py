@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ class TrainResult:
     is_main: bool  # rank 0 (or the only process): the one that publishes
     metrics: dict[str, Any] = field(default_factory=dict)
     splits: Splits | None = None
+    compute: dict[str, Any] = field(default_factory=dict)  # ComputeChoice.record(): lineage
 
 
 def load_splits(cfg: TrainConfig) -> Splits:
@@ -186,7 +188,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     from transformers import EarlyStoppingCallback, Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback
 
-    from loraplex.trainer.model import load_base, wrap_lora
+    from loraplex.trainer.model import choose_compute, load_base, wrap_lora
 
     splits = load_splits(cfg)  # every data error surfaces before the model loads
     cuda = torch.cuda.is_available()
@@ -198,7 +200,11 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
 
     set_seed(cfg.seed)  # LoRA A matrices are drawn in get_peft_model: seed before it
     device = f"cuda:{args.local_process_index}" if cuda else "cpu"
-    model, tokenizer = load_base(cfg.base, cfg, device=device)
+    choice = choose_compute(cfg, device)
+    log.info("training %s: %s", cfg.name, choice.line())
+    if progress and is_main:
+        print(f"train {cfg.name}: {choice.line()}", file=sys.stderr, flush=True)
+    model, tokenizer = load_base(cfg.base, cfg, device=device, choice=choice)
     model = wrap_lora(model, cfg)
     stop = stop_ids(tokenizer, getattr(model, "generation_config", None))  # EOS + end-of-turn
     train_rows = _encode(tokenizer, splits.train, cfg, "training", stop)
@@ -243,7 +249,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     if splits.val and is_main:
         metrics.update(_val_exact_match(trainer.model, tokenizer, splits.val, cfg))
     return TrainResult(adapter_dir=adapter_dir, run_dir=cfg.run_dir, is_main=is_main,
-                       metrics=metrics, splits=splits)
+                       metrics=metrics, splits=splits, compute=choice.record())
 
 
 def _best_step(checkpoint: str | None) -> int | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import socket
@@ -41,10 +42,30 @@ from rich.table import Table
 
 from loraplex.app import demo_bases
 from loraplex.app.demo_bases import DemoBase, chat_request
+from loraplex.compute import COMPUTE_DTYPES
 from loraplex.peft_format import QUANTIZATIONS
 
 console = Console(highlight=False, width=110)
 TENANTS: dict[str, str] = {}  # tenant -> adapter name, set by `run` from the chosen base
+
+
+class Clock:
+    """Every line the demo prints starts with the time since the demo began, `[mm:ss]`, and
+    every long phase says when it starts, so a slow machine is never a silent terminal."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def stamp(self) -> str:
+        minutes, seconds = divmod(int(time.perf_counter() - self.t0), 60)
+        return f"[{minutes:02d}:{seconds:02d}]"
+
+    def say(self, text: str) -> None:
+        console.print(f"{self.stamp()} {text}")
+
+
+CLOCK = Clock()
+say = CLOCK.say
 
 
 @dataclass(frozen=True)
@@ -56,12 +77,14 @@ class DemoPlan:
     n_test: int | None = None
     base: str = "auto"  # auto | smollm2 | tiny | micro (micro: the tests' fast smoke run)
     max_steps: int | None = None  # overrides the recipe's epochs (smoke runs)
+    compute_dtype: str = "auto"  # training and serving; auto: `loraplex.compute` decides
 
 
 # -- steps ------------------------------------------------------------------------------------
 def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: DemoPlan,
                   quantization: str | None, seed: int = 0, max_steps: int | None = None
-                  ) -> tuple[Path, dict]:
+                  ) -> tuple[Path, dict, dict]:
+    """(adapter dir, metrics, compute record) of one training run."""
     from loraplex.trainer.config import TrainConfig
     from loraplex.trainer.train import train
 
@@ -70,10 +93,40 @@ def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: Demo
         recipe["max_steps"] = plan.max_steps or max_steps
     if quantization:
         recipe["quantization"] = quantization
+    if plan.compute_dtype != "auto":
+        recipe["compute_dtype"] = plan.compute_dtype
     cfg = TrainConfig(base=str(base), data=str(data), name=PROFILE.adapters[tenant],
                       output_dir=str(run_dir), publish=False, **recipe)
     result = train(cfg, progress=False)
-    return result.adapter_dir, result.metrics
+    return result.adapter_dir, result.metrics, result.compute
+
+
+def train_recipe(tenant: str, plan: DemoPlan, quantization: str | None) -> str:
+    """A few words on what training `tenant` will run, for the line that announces it."""
+    recipe = {**PROFILE.recipe, **PROFILE.tenant_recipe.get(tenant, {})}
+    length = (f"{plan.max_steps} steps" if plan.max_steps
+              else f"{recipe.get('epochs', 1)} epoch(s) of {plan.n_train} rows")
+    return f"{length}, {quantization or recipe.get('quantization', 'nf4')} base"
+
+
+def announce_compute(plan: DemoPlan, train_quantization: str | None, quantization: str) -> None:
+    """Say which dtype training and serving will compute in, and why (`loraplex.compute`;
+    the first run on a machine measures bf16 against fp32 and caches the result)."""
+    import torch
+
+    from loraplex import compute
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    train_q = train_quantization or str(PROFILE.recipe.get("quantization", "nf4"))
+    train_dtype = (plan.compute_dtype if plan.compute_dtype != "auto"
+                   else str(PROFILE.recipe.get("compute_dtype", "auto")))
+    serve_dtype = (plan.compute_dtype if plan.compute_dtype != "auto"
+                   else PROFILE.serve_compute_dtype)
+    say("compute: choosing the dtypes for this machine ...")
+    for what, dtype, q in (("training", train_dtype, train_q), ("serving", serve_dtype,
+                                                               quantization)):
+        choice = compute.choose(dtype, device, quantization=q)
+        say(f"compute: {what} ({q} base) in {choice.dtype}: {choice.reason}")
 
 
 def free_port() -> int:
@@ -126,21 +179,23 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
     TENANTS.clear()
     TENANTS.update(PROFILE.adapters)
     plan = DemoPlan(n_train=plan.n_train or PROFILE.n_train, n_test=plan.n_test or PROFILE.n_test,
-                    base=kind, max_steps=plan.max_steps)
-    base = demo_bases.prepare(kind, out, console.print)
+                    base=kind, max_steps=plan.max_steps, compute_dtype=plan.compute_dtype)
+    base = demo_bases.prepare(kind, out, say)
     data = PROFILE.write_tasks(out / "data", n_train=plan.n_train, n_test=plan.n_test)
     tok = AutoTokenizer.from_pretrained(base)
+    announce_compute(plan, train_quantization, quantization)
 
-    adapters: dict[str, tuple[Path, dict]] = {}
+    adapters: dict[str, tuple[Path, dict, dict]] = {}
     for tenant, name in TENANTS.items():
         t0 = time.perf_counter()
+        say(f"[2] training {name} ({train_recipe(tenant, plan, train_quantization)}) ...")
         adapters[tenant] = train_adapter(base, data[tenant]["train"], tenant,
                                          out / "runs" / tenant, plan, train_quantization)
         m = adapters[tenant][1]
         loss = (f"val_loss {m['val_loss']:.3f}" if m.get("val_loss") is not None
                 else f"train loss {m.get('train_loss') or float('nan'):.3f}")
-        console.print(f"[2] trained {name}: {m.get('steps')} steps, {loss}, "
-                      f"{time.perf_counter() - t0:.0f}s")
+        say(f"[2] trained {name}: {m.get('steps')} steps, {loss}, "
+            f"{adapters[tenant][2].get('dtype')}, {time.perf_counter() - t0:.0f}s")
 
     registry_dir = out / "registry"
     if registry_dir.exists():
@@ -152,17 +207,23 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
     admin_token = reg.create_token(Identity.system(), "ops", admin=True)
     reg.close()
 
-    proc, target, mport, hport = start_server(base, registry_dir, quantization,
-                                              PROFILE.serve_compute_dtype)
+    serve_dtype = (plan.compute_dtype if plan.compute_dtype != "auto"
+                   else PROFILE.serve_compute_dtype)
+    t0 = time.perf_counter()
+    say(f"[3] starting `loraplex serve` ({quantization} base) ...")
+    proc, target, mport, hport = start_server(base, registry_dir, quantization, serve_dtype)
     try:
         with Client(target, token=admin_token) as admin:
             admin.wait_ready(timeout=300)
-        console.print(f"[3] server up: gRPC {target}, OpenAI HTTP :{hport}, metrics :{mport}, "
-                      f"{quantization} base")
+            stats = admin.stats()
+        say(f"[3] server up in {time.perf_counter() - t0:.0f}s: gRPC {target}, OpenAI HTTP "
+            f":{hport}, metrics :{mport}, {quantization} base computing in "
+            f"{stats.compute_dtype} ({stats.compute_reason})")
         for tenant, name in TENANTS.items():
             with Client(target, token=tokens[tenant]) as c:
                 resp = c.register_adapter(name, adapters[tenant][0],
-                                          lineage={"metrics": adapters[tenant][1]})
+                                          lineage={"metrics": adapters[tenant][1],
+                                                   "compute": adapters[tenant][2]})
                 c.set_alias(resp.adapter.ref, "prod", expected=None)
                 console.print(f"    registered {resp.adapter.ref} over gRPC "
                               f"({resp.adapter.size_bytes / 1e3:.0f} kB, "
@@ -193,6 +254,9 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
                 raise RuntimeError(f"{tenant}: {errs[0]}")
             results[tenant] = {"adapter": res[0::2], "base": res[1::2]}
 
+        n_items = sum(2 * len(prompts[t]) for t in TENANTS)
+        say(f"[4] BatchGenerate: sending {n_items} items over {len(TENANTS)} adapters + base, "
+            "one call per tenant, all at once, with concurrent streams ...")
         t0 = time.perf_counter()
         threads = [threading.Thread(target=batch_for, args=(t,)) for t in TENANTS]
         streamed: list[str] = []
@@ -211,9 +275,8 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
             th.start()
         for th in threads:
             th.join()
-        n_items = sum(2 * len(prompts[t]) for t in TENANTS)
-        console.print(f"[4] BatchGenerate: {n_items} items over 3 adapters + base, "
-                      f"{len(streamed)} concurrent streams, {time.perf_counter() - t0:.0f}s")
+        say(f"[4] BatchGenerate: {n_items} items over {len(TENANTS)} adapters + base, "
+            f"{len(streamed)} concurrent streams, {time.perf_counter() - t0:.0f}s")
         show_accuracy(tests, results)
         openai_call(hport, tokens["globex"], tests["globex"][0], max_new)
         for t in TENANTS:
@@ -229,14 +292,15 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
                  prompts["acme"])
         print_latency(mport)
     finally:
+        say("[7] stopping the server (SIGTERM) ...")
         proc.send_signal(signal.SIGTERM)
         try:
             code = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = -9
-    console.print(f"[7] server drained on SIGTERM and exited {code}; "
-                  f"demo took {time.perf_counter() - t_start:.0f}s")
+    say(f"[7] server drained on SIGTERM and exited {code}; "
+        f"demo took {time.perf_counter() - t_start:.0f}s")
     return 0 if code == 0 else 1
 
 
@@ -260,6 +324,8 @@ def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict, resu
     tenant's adapter)."""
     from loraplex.client import Client
 
+    t0 = time.perf_counter()
+    say("[4] cross matrix: every adapter on every other tenant's held-out task ...")
     outs: dict[tuple[str, str], list[str]] = {}
     for t in TENANTS:
         outs["base", t] = [g.text for g in results[t]["base"]]
@@ -284,6 +350,7 @@ def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict, resu
         table.add_row(model if model == "base" else TENANTS[model],
                       *(f"{exact_match(outs[model, task], tests[task]):.0%}" for task in TENANTS))
     console.print(table)
+    say(f"[4] cross matrix done in {time.perf_counter() - t0:.0f}s")
 
 
 def openai_call(http_port: int, token: str, example: dict, max_new: int) -> None:
@@ -309,7 +376,9 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
     """Train acme v2, then move @prod to it while acme traffic is running."""
     from loraplex.client import Client
 
-    adapter_dir, _ = train_adapter(base, data["acme"]["train"], "acme",
+    t0 = time.perf_counter()
+    say(f"[5] training {TENANTS['acme']} v2 (seed 1) for the hot swap ...")
+    adapter_dir, _, _ = train_adapter(base, data["acme"]["train"], "acme",
                                    out / "runs" / "acme-v2", plan, quantization, seed=1,
                                    max_steps=PROFILE.v2_max_steps)
     stop = threading.Event()
@@ -328,6 +397,8 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
                     failures.append(repr(e))
                 i += 1
 
+    say(f"[5] trained v2 in {time.perf_counter() - t0:.0f}s; moving {TENANTS['acme']}@prod "
+        "to it under 3 streams of acme traffic ...")
     workers = [threading.Thread(target=traffic) for _ in range(3)]
     for w in workers:
         w.start()
@@ -339,9 +410,9 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
     stop.set()
     for w in workers:
         w.join()
-    console.print(f"[5] hot swap: acme/router@prod v{moved.previous_version} -> v{moved.version} "
-                  f"during traffic; requests served per version {dict(sorted(seen.items()))}, "
-                  f"failed: {len(failures)}")
+    say(f"[5] hot swap: acme/router@prod v{moved.previous_version} -> v{moved.version} "
+        f"during traffic; requests served per version {dict(sorted(seen.items()))}, "
+        f"failed: {len(failures)}")
     if failures:
         raise RuntimeError(f"requests failed during the alias move: {failures[:3]}")
 
@@ -372,11 +443,15 @@ def print_latency(mport: int) -> None:
         buckets = histogram_buckets(text, metric)
         table.add_row(label, quantile_ms(buckets, 0.5), quantile_ms(buckets, 0.99),
                       f"{buckets[-1][1]:.0f}")
-    console.print("[6]", table)
+    say("[6] latency read back from the server's /metrics:")
+    console.print(table)
 
 
 def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
+    # bitsandbytes' CPU backend looks for an optional kernel on a model hub at import (the
+    # compute probe imports it) and warns when it cannot; nothing is downloaded at run time
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
     ap.add_argument("--quantization", default=os.environ.get("LORAPLEX_DEMO_QUANT", "nf4"),
@@ -389,8 +464,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=None)
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--max-steps", type=int, default=None)
+    ap.add_argument("--compute-dtype", default="auto", choices=("auto", *COMPUTE_DTYPES),
+                    help="training and serving dtype (default auto: chosen for this machine, "
+                    "docs/compute.md; $LORAPLEX_COMPUTE_DTYPE sets what auto means)")
     a = ap.parse_args(argv)
-    plan = DemoPlan(n_train=a.n_train, n_test=a.n_test, base=a.base, max_steps=a.max_steps)
+    plan = DemoPlan(n_train=a.n_train, n_test=a.n_test, base=a.base, max_steps=a.max_steps,
+                    compute_dtype=a.compute_dtype)
     return run(a.out, a.quantization, plan, a.train_quantization)
 
 

@@ -41,9 +41,8 @@ class DemoBase:
     n_test: int
     max_new_tokens: int
     v2_max_steps: int | None  # the hot-swap v2's training length (None: the full recipe)
-    # the served base's compute dtype: the dtype the adapters were trained in. SmolLM2's are
-    # trained in bf16, and bitsandbytes' packed AVX512-BF16 kernel ran an nf4 decode forward
-    # 1.4-3.8x faster than nf4 dequantized to fp32 (24 rows / 1 row, one A/B run on 2 cores)
+    # the served base's compute dtype; "auto": `loraplex.compute` picks it for the machine
+    # and the served quantization (docs/compute.md)
     serve_compute_dtype: str = "auto"
     tenant_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-tenant overrides
 
@@ -64,7 +63,7 @@ def profile(kind: str) -> DemoBase:
 
         return DemoBase(kind, dict(chat_tasks.TENANT_ADAPTERS), dict(chat_tasks.REAL_TRAIN_CONFIG),
                         chat_tasks.write_tasks, n_train=160, n_test=30, max_new_tokens=32,
-                        v2_max_steps=10, serve_compute_dtype="bfloat16",
+                        v2_max_steps=10,
                         tenant_recipe=dict(chat_tasks.TENANT_RECIPE))
     from loraplex.trainer import tasks
 
@@ -84,6 +83,9 @@ def prepare(kind: str, out: Path, say: Callable[[str], None]) -> Path:
             say(f"[1] base: reusing {base}")
             return base
     t0 = time.perf_counter()
+    what = ("importing SmolLM2-135M-Instruct" if kind == "smollm2"
+            else f"building the {kind} embedded base")
+    say(f"[1] base: {what} ...")
     if kind == "smollm2":
         from loraplex.base_import import import_base
 

@@ -180,7 +180,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished", "kv_reserved_bytes", "kv_used_bytes", "kv_limit_bytes", "prefix_hit_tokens", "prefix_lookups", "prefix_hits")
+    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished", "kv_reserved_bytes", "kv_used_bytes", "kv_limit_bytes", "prefix_hit_tokens", "prefix_lookups", "prefix_hits", "compute_dtype", "compute_reason")
     READY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,8 @@ class StatsResponse(_message.Message):
     PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_REASON_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     draining: bool
     running: int
@@ -219,4 +221,6 @@ class StatsResponse(_message.Message):
     prefix_hit_tokens: int
     prefix_lookups: int
     prefix_hits: int
-    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ...) -> None: ...
+    compute_dtype: str
+    compute_reason: str
+    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., compute_reason: _Optional[str] = ...) -> None: ...

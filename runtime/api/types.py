@@ -150,6 +150,8 @@ class EngineStats:
     prefix_hit_tokens: int = 0  # prompt positions reused from the prefix cache (not computed)
     prefix_lookups: int = 0  # admitted requests looked up in the prefix cache
     prefix_hits: int = 0  # ... that reused at least one block
+    compute_dtype: str = ""  # the base's compute dtype ("" before the base is loaded)
+    compute_reason: str = ""  # why that dtype (loraplex.compute.ComputeChoice.reason)
 
 
 @dataclass(frozen=True)
@@ -162,7 +164,7 @@ class EngineConfig:
 
     base_dir: str | Path
     quantization: Quantization = "nf4"
-    compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
+    compute_dtype: str = "auto"  # "auto": chosen for the machine (loraplex.compute)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_slots: int = 8
     max_rank: int = MAX_RANK  # the registry accepts no higher rank (loraplex.limits)

@@ -214,6 +214,7 @@ class Engine:
         core, cfg = self._core, self.config
         pool = core.pool if core else None
         kv = core.runner.kv_usage() if core else None
+        choice = core.runner.compute if core else None
         return EngineStats(
             ready=self.ready, draining=self._draining,
             running=len(core.running) if core else 0, waiting=len(self.scheduler),
@@ -229,7 +230,9 @@ class Engine:
             kv_limit_bytes=kv.limit_bytes if kv else 0,
             prefix_hit_tokens=kv.prefix_hit_tokens if kv else 0,
             prefix_lookups=kv.prefix_lookups if kv else 0,
-            prefix_hits=kv.prefix_hits if kv else 0)
+            prefix_hits=kv.prefix_hits if kv else 0,
+            compute_dtype=choice.dtype if choice else "",
+            compute_reason=choice.reason if choice else "")
 
     @property
     def fingerprint(self) -> BaseFingerprint | None:

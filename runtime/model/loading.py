@@ -62,7 +62,7 @@ def load_base(base_dir: str | Path, *, quantization: str = "nf4",
     """Load model + tokenizer from `base_dir` and fingerprint it. Typed errors for a bad
     directory, an unknown quantization/dtype/device."""
     dev = _device(device)
-    dtype = peft_format.compute_dtype(compute_dtype, dev)
+    dtype = peft_format.compute_dtype(compute_dtype, dev, quantization)
     qcfg = peft_format.bnb_config(quantization, dtype)
     base_dir = Path(base_dir)
     fingerprint = fingerprint_base(base_dir)  # InvalidArgument for a non-model directory

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loraplex import peft_format
+from loraplex import compute
 from loraplex.errors import InvalidArgument, LoraplexError
 from loraplex.runtime.kv.cache import BlockKVCache, RowAllocator, RowFeed, build_layout
 from loraplex.runtime.model.decode_graphs import StaticDecode
@@ -100,6 +100,7 @@ class Runner:
         self.rows = RowAllocator(max_batch)
         self.rows_total = max_batch
         self.device = device
+        self.compute: compute.ComputeChoice | None = None  # set by `boot`: the dtype and why
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos = eos_ids(model, tokenizer)
         self.lora_dtype = next(iter(injection.layers.values())).lora_a.dtype
@@ -117,9 +118,10 @@ class Runner:
         device = torch.device(cfg.device if cfg.device != "auto"
                               else ("cuda" if torch.cuda.is_available() else "cpu"))
         check_cuda_graphs(cfg.cuda_graphs, device)
-        dtype = peft_format.compute_dtype(cfg.compute_dtype, device)
-        base = load_base(cfg.base_dir, quantization=cfg.quantization, compute_dtype=dtype,
-                         device=device)
+        choice = compute.choose(cfg.compute_dtype, device, quantization=cfg.quantization)
+        log.info("serving a %s base: %s", cfg.quantization, choice.line())
+        base = load_base(cfg.base_dir, quantization=cfg.quantization,
+                         compute_dtype=choice.torch_dtype, device=device)
         model = base.model
         model.eval()
         mcfg = model.config.get_text_config()
@@ -132,6 +134,7 @@ class Runner:
                           stable=cfg.cuda_graphs)  # a graph holds the pools' addresses
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)
+        runner.compute = choice
         runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV pools
         if cfg.cuda_graphs or cfg.static_decode:
             runner.static = runner.static_decode(capture=cfg.cuda_graphs)

@@ -189,7 +189,6 @@ def test_per_module_scales_equal_peft_s_layers(micro_base, rslora):
 # ------------------------------------------------------------------------------ loading tables
 
 def test_dtype_and_quantization_tables():
-    assert pf.compute_dtype("auto", "cpu") is torch.float32
     assert pf.compute_dtype("bfloat16") is torch.bfloat16
     assert pf.compute_dtype(torch.float16) is torch.float16
     for bad in ("float64", torch.float64, "fp16"):

@@ -7,6 +7,7 @@ import json
 import pytest
 from transformers import TrainerCallback
 
+from loraplex import compute
 from loraplex.errors import InvalidArgument
 from loraplex.registry import Identity, Registry
 from loraplex.trainer.cli import run_train
@@ -59,6 +60,10 @@ def test_lineage_metrics_file_and_best_weights(micro_base, acme_data, tmp_path, 
     for k in ("train_loss", "val_loss", "val_exact_match", "wall_s", "tokens_per_s"):
         assert lin["metrics"][k] is not None, k
     assert {"torch", "transformers", "peft"} <= set(lin["libraries"])
+    # the dtype it trained in and why: `auto`, decided for this machine
+    assert lin["compute"]["requested"] == "auto" and lin["compute"]["source"] == "auto"
+    assert lin["compute"]["dtype"] == compute.choose("auto", "cpu").dtype
+    assert lin["compute"]["reason"] and out["compute"] == lin["compute"]
     recs = read_metrics(tmp_path / "run")
     assert any("loss" in r and "learning_rate" in r and "tokens_per_s" in r for r in recs)
     evals = [r["eval_loss"] for r in recs if "eval_loss" in r]
@@ -130,3 +135,15 @@ def test_nf4_qlora_trains_and_publishes(micro_base, acme_data, tmp_path, quick_f
     with Registry.open(tmp_path / "registry") as reg:
         v = reg.resolve(Identity.system(), out["ref"])
     assert v.dtype == "float32" and v.lineage["hyperparameters"]["quantization"] == "nf4"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_each_compute_dtype_trains_here_and_the_lineage_says_which(micro_base, acme_data, tmp_path,
+                                                                   quick_flags, dtype):
+    out = run_train(quick_flags(micro_base, acme_data, tmp_path, compute_dtype=dtype,
+                                max_steps=2, val_fraction=0.0), None, progress=False)
+    assert out["metrics"]["steps"] == 2 and out["metrics"]["train_loss"] > 0
+    with Registry.open(tmp_path / "registry") as reg:
+        lin = reg.resolve(Identity.system(), out["ref"]).lineage
+    assert lin["compute"]["dtype"] == dtype and lin["compute"]["source"] == "setting"
+    assert lin["hyperparameters"]["compute_dtype"] == dtype

@@ -209,7 +209,9 @@ def stats_pb(s: Any) -> admin_pb2.StatsResponse:
         kv_limit_bytes=getattr(s, "kv_limit_bytes", 0),
         prefix_hit_tokens=getattr(s, "prefix_hit_tokens", 0),
         prefix_lookups=getattr(s, "prefix_lookups", 0),
-        prefix_hits=getattr(s, "prefix_hits", 0))
+        prefix_hits=getattr(s, "prefix_hits", 0),
+        compute_dtype=getattr(s, "compute_dtype", ""),
+        compute_reason=getattr(s, "compute_reason", ""))
 
 
 def admin_ack_pb(changed: bool, version: Any) -> admin_pb2.AdminAdapterResponse:

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from loraplex import compute
 from loraplex.basemodel import EOS_ID, build_base
 from loraplex.errors import (
     AlreadyExists,
@@ -90,6 +91,9 @@ def test_eviction_under_pressure_keeps_every_answer_right(world):
     evictions = [e for e in rec.events if e[:2] == ("cache", "evict")]
     assert any(e[2] == "device" for e in evictions) and any(e[2] == "host" for e in evictions)
     assert stats.slots_used <= 2 and stats.host_bytes <= 60_000 + 50_000
+    # "auto" (the default): the dtype loraplex.compute picks here, and why, in the stats
+    want = compute.choose("auto", "cpu", quantization="none")
+    assert (stats.compute_dtype, stats.compute_reason) == (want.dtype, want.reason)
 
 
 def test_pinned_adapter_stays_in_its_slot_and_unpin_lets_it_go(world):

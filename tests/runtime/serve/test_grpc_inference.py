@@ -171,6 +171,7 @@ def test_admin_controls_residency(world):
     assert "globex/sales:v1" in {a.ref for a in admin.resident().adapters}
     stats = admin.stats()
     assert stats.ready and not stats.draining and stats.requests_finished > 0
+    assert (stats.compute_dtype, stats.compute_reason) == ("float32", "set explicitly")
 
 
 def test_deadline_is_honoured_and_frees_the_sequence(world):
