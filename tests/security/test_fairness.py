@@ -70,25 +70,50 @@ def _retry_delay(err: grpc.RpcError) -> float | None:
 def world(micro_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("fairness")
     reg = Registry.open(root / "reg")
-    tokens = {t: reg.create_token(Identity.system(), t) for t in ("acme", "globex")}
+    tokens = {t: reg.create_token(Identity.system(), t)
+              for t in ("acme", "globex", "initech", "hooli")}
     adapter = make_peft_adapter(micro_base, root / "adapter")
-    settings = settings_for(micro_base, root, registry_workers=1, max_concurrent_uploads=2,
+    settings = settings_for(micro_base, root, registry_workers=1, http_port=0,
+                            http_host="127.0.0.1", max_concurrent_uploads=2,
                             max_uploads_per_tenant=1, upload_spool_dir=root / "spool",
                             engine={"compute_dtype": "float32",
-                                    "tenant_requests_per_minute": 30})
+                                    "tenant_requests_per_minute": 3})
     with BackgroundServer(settings, registry=reg) as bg:
-        yield {"bg": bg, "tokens": tokens, "adapter": adapter, "root": root}
+        yield {"bg": bg, "tokens": tokens, "adapter": adapter, "root": root,
+               "model": micro_base.name}
 
 
 def test_request_rate_over_grpc_is_resource_exhausted_with_retry_info(world):
-    with Client(world["bg"].target, token=world["tokens"]["globex"], timeout=30) as c:
+    with Client(world["bg"].target, token=world["tokens"]["initech"], timeout=30) as c:
         with pytest.raises(ResourceExhausted) as e:
-            for _ in range(31):
+            for _ in range(10):  # 3 a minute: a 4th within 20 s is refused
                 c.generate(None, "hi", max_new_tokens=1)
     assert "requests per minute" in e.value.message
     raw = e.value.__cause__
     assert isinstance(raw, grpc.RpcError)
-    assert 0 < _retry_delay(raw) <= 2.0  # one request refills every 2 s at 30 a minute
+    assert 0 < _retry_delay(raw) <= 20.0  # one request refills every 20 s
+
+
+def test_request_rate_over_http_is_429_with_retry_after(world):
+    import http.client
+    import json
+
+    def post() -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", world["bg"].http_port, timeout=30)
+        conn.request("POST", "/v1/completions", body=json.dumps(
+            {"model": world["model"], "prompt": "hi", "max_tokens": 1}), headers={
+            "authorization": f"Bearer {world['tokens']['hooli']}",
+            "content-type": "application/json"})
+        resp = conn.getresponse()
+        resp.read()
+        conn.close()
+        return resp
+
+    statuses = [post() for _ in range(10)]  # 3 a minute
+    assert statuses[0].status == 200
+    refused = next(r for r in statuses if r.status != 200)
+    assert refused.status == 429
+    assert 1 <= int(refused.headers["retry-after"]) <= 20
 
 
 def _stalled_upload(target, token, adapter_dir, gate: threading.Event, sent: threading.Event):

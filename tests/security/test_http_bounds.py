@@ -5,11 +5,11 @@ goes away or the deadline passes, and `x-request-id`."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import time
 
-import http.client
-import socket
 import pytest
 
 from loraplex.chat import MAX_MESSAGES

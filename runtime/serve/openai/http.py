@@ -345,7 +345,11 @@ def create_app(backend: Backend, *, default_max_tokens: int = 256,
 
     def failed(e: LoraplexError, rid: str) -> JSONResponse:
         status, err = error_body(e)
-        return JSONResponse(err, status_code=status, headers={"x-request-id": rid})
+        headers = {"x-request-id": rid}
+        retry = getattr(e, "retry_after_s", None)
+        if status == 429 and retry is not None:
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        return JSONResponse(err, status_code=status, headers=headers)
 
     async def generate(request: Request, chat: bool):
         rid_header = request_id_of(request.headers)
