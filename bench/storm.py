@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / ".loraplex" / "bench-storm"
 UPLOAD_CAP = 64 << 20
 VICTIM_REGEX = "[a-z]{16}"
+EXTRA_ENV: dict[str, str] = {}
 
 
 def machine() -> dict:
@@ -120,7 +121,7 @@ def start_server(base: Path, reg_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     config = WORK / "server.yaml"
     config.write_text(f"max_register_bytes: {UPLOAD_CAP}\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **EXTRA_ENV}
     cmd = [sys.executable, "-c", "from loraplex.cli import main; main()", "serve",
            "--base", str(base), "--registry", str(reg_dir), "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "0", "--quantization", "none",
@@ -148,14 +149,18 @@ def victim_run(target: str, token: str, seconds: float) -> list[float]:
 class Storm:
     """Hostile loops, each recording (kind, status code, seconds) per call."""
 
-    def __init__(self, target: str, token: str, adapter: Path, regex_dir: Path | None) -> None:
+    def __init__(self, target: str, token: str, adapter: Path, regex_dir: Path | None,
+                 only: set[str] | None = None) -> None:
         self.target, self.token, self.adapter, self.regex_dir = target, token, adapter, regex_dir
+        self.only = only
         self.stop = threading.Event()
         self.calls: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self._lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
+        self.threads: list[tuple[str, threading.Thread]] = []
 
     def _record(self, kind: str, fn) -> None:
+        import grpc
+
         from loraplex.errors import LoraplexError
 
         t0 = time.perf_counter()
@@ -164,6 +169,8 @@ class Storm:
             code = "OK"
         except LoraplexError as e:
             code = e.code
+        except grpc.RpcError as e:  # a raw stub call (the oversized upload)
+            code = e.code().name
         except Exception as e:  # noqa: BLE001 - a hostile call may fail any way; count it
             code = type(e).__name__
         with self._lock:
@@ -213,21 +220,19 @@ class Storm:
         if self.regex_dir is not None:
             loops.append(("regex", regex))
         for kind, fn in loops:
+            if self.only is not None and kind not in self.only:
+                continue
             t = threading.Thread(target=self._loop, args=(kind, fn), daemon=True)
             t.start()
-            self.threads.append(t)
+            self.threads.append((kind, t))
 
     def finish(self, wait_s: float) -> list[str]:
         """Stop the loops; the kinds whose call was still running after `wait_s`."""
         self.stop.set()
         end = time.monotonic() + wait_s
-        for t in self.threads:
+        for _, t in self.threads:
             t.join(max(0.0, end - time.monotonic()))
-        return sorted({k for k, t in zip(self.kinds(), self.threads, strict=False)
-                       if t.is_alive()})
-
-    def kinds(self) -> list[str]:
-        return [t._args[0] for t in self.threads]  # type: ignore[attr-defined]
+        return sorted({kind for kind, t in self.threads if t.is_alive()})
 
     def summary(self) -> dict:
         out = {}
@@ -251,7 +256,8 @@ def sample_rss(pid: int, stop: threading.Event, into: list[int]) -> None:
         stop.wait(0.25)
 
 
-def phase(pid: int, fn) -> tuple[list[float], int]:
+def phase(pid: int, fn) -> tuple[list[float], list[int]]:
+    """The victim's latencies and the server's RSS sampled every 0.25 s meanwhile."""
     stop, rss = threading.Event(), []
     t = threading.Thread(target=sample_rss, args=(pid, stop, rss), daemon=True)
     t.start()
@@ -260,7 +266,13 @@ def phase(pid: int, fn) -> tuple[list[float], int]:
     finally:
         stop.set()
         t.join()
-    return lat, max(rss or [0])
+    return lat, rss or [0]
+
+
+def quarters(rss: list[int]) -> list[float]:
+    """Peak RSS (MiB) in each quarter of a phase: flat when memory is bounded."""
+    n = max(1, len(rss) // 4)
+    return [round(max(rss[i:i + n]) / 2**20, 1) for i in range(0, n * 4, n) if rss[i:i + n]]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -269,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--regex-as", type=int, default=24,
                     help="letters of the module name matched by (a|a)*b (the issue's: 30+)")
     ap.add_argument("--no-regex", action="store_true", help="leave the pattern attack out")
+    ap.add_argument("--only", default=None, help="comma-separated kinds of hostile call "
+                    "(bad_token, huge_prompt, oversized_upload, merge, regex, flood)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -291,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
             c.wait_ready(300)
         victim_run(target, victim, 3.0)  # warm-up: grammar compiled, code paths hot
         quiet, quiet_rss = phase(proc.pid, lambda: victim_run(target, victim, args.duration))
-        storm = Storm(target, mallory, adapter, regex_dir)
+        only = set(args.only.split(",")) if args.only else None
+        storm = Storm(target, mallory, adapter, regex_dir, only)
         storm.start()
         time.sleep(1.0)
         loud, storm_rss = phase(proc.pid, lambda: victim_run(target, victim, args.duration))
@@ -310,8 +325,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "storm": {"n": len(loud), "p50_s": round(pct(loud, 0.5), 4),
                              "p99_s": round(pct(loud, 0.99), 4)}},
         "p99_ratio": round(pct(loud, 0.99) / pct(quiet, 0.99), 2),
-        "rss_mib": {"quiet_peak": round(quiet_rss / 2**20, 1),
-                    "storm_peak": round(storm_rss / 2**20, 1)},
+        "rss_mib": {"quiet_peak": round(max(quiet_rss) / 2**20, 1),
+                    "storm_peak": round(max(storm_rss) / 2**20, 1),
+                    "storm_quarters": quarters(storm_rss)},
         "hostile": storm.summary(), "still_running_at_stop": stuck, "server_alive": alive,
         "regex_letters": None if args.no_regex else args.regex_as,
     }
@@ -327,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"p99 {v['storm']['p99_s']}s (n={v['storm']['n']}); p99 ratio "
               f"{result['p99_ratio']}x")
         print(f"server RSS peak: quiet {result['rss_mib']['quiet_peak']} MiB, storm "
-              f"{result['rss_mib']['storm_peak']} MiB")
+              f"{result['rss_mib']['storm_peak']} MiB (storm peak by quarter: "
+              f"{result['rss_mib']['storm_quarters']} MiB)")
         for kind, s in result["hostile"].items():
             print(f"  {kind:17s} {s['calls']:5d} calls  p50 {s['p50_s']}s  {s['codes']}")
         if stuck:

@@ -89,6 +89,12 @@ class ServerSettings(BaseSettings):
     registry_workers: int = Field(4, gt=0, description="Threads of the pool that runs heavy "
                                   "registry work (uploads, merges, compress, gc), apart from "
                                   "the one that admits inference.")
+    registry_nice: int = Field(10, ge=0, le=19, description="Linux nice value of those "
+                               "threads: inference keeps the CPU while they work (0: normal).")
+    max_concurrent_derivations: int = Field(2, gt=0, description="MergeAdapters and "
+                                            "CompressAdapter calls in progress at once.")
+    max_derivations_per_tenant: int = Field(1, gt=0, description="MergeAdapters and "
+                                            "CompressAdapter calls in progress for one tenant.")
     max_concurrent_uploads: int = Field(4, gt=0, description="RegisterAdapter streams in "
                                         "progress at once, all tenants together.")
     max_uploads_per_tenant: int = Field(2, gt=0, description="RegisterAdapter streams in "

@@ -110,11 +110,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if which is None:
             raise InvalidArgument("give `rank` or `energy`", field="rank")
         scope = "global" if request.scope == registry_pb2.ENERGY_SCOPE_GLOBAL else "module"
-        version = await self.state.run_heavy(
-            compress_version, self.registry, current_identity(), _required(request.ref, "ref"),
-            rank=request.rank if which == "rank" else None,
-            energy=request.energy if which == "energy" else None, scope=scope,
-            name=request.name.strip() or None)
+        identity = current_identity()
+        with self.state.derivations.hold(identity.tenant):
+            version = await self.state.run_heavy(
+                compress_version, self.registry, identity, _required(request.ref, "ref"),
+                rank=request.rank if which == "rank" else None,
+                energy=request.energy if which == "energy" else None, scope=scope,
+                name=request.name.strip() or None)
         return _derived_pb(version)
 
     async def MergeAdapters(self, request, context):
@@ -122,12 +124,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         if not request.refs:
             raise InvalidArgument("`refs` must name at least one version", field="refs")
-        version = await self.state.run_heavy(
-            merge_versions, self.registry, current_identity(), list(request.refs),
-            name=_required(request.name, "name"), method=request.method or "linear",
-            weights=list(request.weights) or None,
-            density=request.density if request.HasField("density") else None,
-            svd_rank=request.svd_rank or None, seed=request.seed)
+        identity = current_identity()
+        with self.state.derivations.hold(identity.tenant):
+            version = await self.state.run_heavy(
+                merge_versions, self.registry, identity, list(request.refs),
+                name=_required(request.name, "name"), method=request.method or "linear",
+                weights=list(request.weights) or None,
+                density=request.density if request.HasField("density") else None,
+                svd_rank=request.svd_rank or None, seed=request.seed)
         return _derived_pb(version)
 
     # -- helpers ----------------------------------------------------------------------------
