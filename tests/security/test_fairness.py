@@ -57,6 +57,23 @@ def test_rate_limits_refuse_with_the_time_to_wait():
     assert e.value.retry_after_s == pytest.approx(10.0)  # 100 short at 10 tokens/s
 
 
+def test_work_gate_bounds_calls_in_progress_globally_and_per_tenant():
+    from loraplex.runtime.serve.servicers.state import WorkGate
+
+    gate = WorkGate(total=2, per_tenant=1, what="merges")
+    with gate.hold("acme"):
+        with pytest.raises(ResourceExhausted, match="per-tenant limit") as e:
+            with gate.hold("acme"):
+                pass
+        assert e.value.retry_after_s > 0
+        with gate.hold("globex"):
+            with pytest.raises(ResourceExhausted, match="2 merges are in progress"):
+                with gate.hold("initech"):
+                    pass
+    with gate.hold("acme"):  # released on the way out, errors included
+        assert gate.in_progress == 1
+
+
 def _retry_delay(err: grpc.RpcError) -> float | None:
     for detail in rpc_status.from_call(err).details:
         if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
