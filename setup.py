@@ -5,8 +5,8 @@
 unrelated PyPI projects). `[tool.setuptools.packages.find]` can only name packages after
 their folders, so it cannot produce `loraplex.runtime.serve.servicers` from `runtime/serve/servicers/`;
 this file discovers every package under each mapped folder instead, so a new subpackage is
-installed without anyone having to list it (a hand-written list once left
-`loraplex.runtime.serve.servicers` out of the wheel). `tests/core/test_wheel.py` builds the wheel,
+installed without anyone having to list it (a hand-written list silently leaves out a
+package it forgets). `tests/core/test_wheel.py` builds the wheel,
 installs it outside the checkout and serves from it.
 """
 

@@ -1,7 +1,7 @@
 """Adapter algebra, measured: what compression and merging keep, and what they save.
 
     python -m bench.algebra                  # both parts (~15 min on 2 busy cores)
-    python -m bench.algebra --part quality   # the README table only
+    python -m bench.algebra --part quality   # the exact-match tables only
     python -m bench.algebra --part serving   # slot bytes and decode-step time only
     python -m bench.algebra --json           # the figures as JSON on stdout
 

@@ -109,7 +109,7 @@ def run(engine, clock: StepClock, texts: list[str], constrained: set[int], max_n
 
 
 def torch_mask_logits(logits, states):
-    """The former mask path (this bench's baseline): a tensor view per row, the bits
+    """The torch mask path (this bench's baseline): a tensor view per row, the bits
     unpacked, `torch.where` on the bool mask, gather and scatter."""
     import torch
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2, help="alternating free/half runs")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--masks", action="store_true",
-                    help="time the masking alone (engine vs the former torch path)")
+                    help="time the masking alone (engine vs a torch mask path)")
     args = ap.parse_args(argv)
 
     import jsonschema

@@ -269,6 +269,19 @@ class Rpc:
         return self.build is generate_request
 
 
+_TOKEN_SCOPES = {"inference": admin_pb2.TOKEN_SCOPE_INFERENCE,
+                 "publish": admin_pb2.TOKEN_SCOPE_PUBLISH, "admin": admin_pb2.TOKEN_SCOPE_ADMIN}
+
+
+def _create_token_request(tenant: str, scope: str = "publish", *, admin: bool = False,
+                          ttl_s: float = 0.0, label: str = "") -> admin_pb2.CreateTokenRequest:
+    if scope not in _TOKEN_SCOPES:
+        raise errors.InvalidArgument(f"scope must be one of {', '.join(_TOKEN_SCOPES)}, got "
+                                     f"{errors.quote(scope)}", field="scope")
+    return admin_pb2.CreateTokenRequest(tenant=tenant, scope=_TOKEN_SCOPES[scope],
+                                        admin=admin, ttl_s=ttl_s, label=label)
+
+
 RPCS: dict[str, Rpc] = {
     "generate": Rpc("inference", "Generate", generate_request, Generation.from_pb,
                     doc="Generate a completion; returns a `Generation`."),
@@ -318,6 +331,25 @@ RPCS: dict[str, Rpc] = {
     "unpin": Rpc("admin", "Unpin", _admin, idempotent=True),
     "resident": Rpc("admin", "Resident", admin_pb2.ResidentRequest, idempotent=True),
     "stats": Rpc("admin", "Stats", admin_pb2.StatsRequest, idempotent=True),
+    "create_token": Rpc("admin", "CreateToken", _create_token_request,
+                        doc="A new API token (`tenant`, `scope=` inference|publish|admin, "
+                            "`admin=`, `ttl_s=`, `label=`): a `TokenSecret`, its only "
+                            "showing."),
+    "list_tokens": Rpc("admin", "ListTokens",
+                       lambda tenant="", include_inactive=False: admin_pb2.ListTokensRequest(
+                           tenant=tenant, include_inactive=include_inactive),
+                       lambda resp: resp.tokens, idempotent=True),
+    "revoke_token": Rpc("admin", "RevokeToken",
+                        lambda token_id: admin_pb2.TokenIdRequest(id=token_id),
+                        idempotent=True),
+    "rotate_token": Rpc("admin", "RotateToken",
+                        lambda token_id, grace_s=0.0: admin_pb2.RotateTokenRequest(
+                            id=token_id, grace_s=grace_s),
+                        doc="A new secret for a token's tenant and scope; the old one ends "
+                            "after `grace_s`."),
+    "token_history": Rpc("admin", "TokenHistory",
+                         lambda tenant="": admin_pb2.TokenHistoryRequest(tenant=tenant),
+                         lambda resp: resp.events, idempotent=True),
     "health": Rpc("health", "Check",
                   lambda service="": health_pb2.HealthCheckRequest(service=service),
                   lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status),

@@ -27,14 +27,26 @@ def quote(value: object, limit: int = ECHO_CHARS) -> str:
 
 
 class LoraplexError(Exception):
-    """Base of every error a user can cause. `field` names the offending input, if any."""
+    """Base of every error a user can cause. `field` names the offending input, if any.
+
+    `public`: what a remote caller (a tenant over gRPC or HTTP) is told instead of
+    `message`, for failures of the server's own environment, whose full message names
+    server paths, the database host, the S3 bucket or the process's uid: those belong in
+    the server's log and on the operator's command line, not in a tenant's error."""
 
     code: str = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None,
+                 public: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        self.public = public
+
+    @property
+    def public_message(self) -> str:
+        """The message for a remote caller (see the class docstring)."""
+        return self.public if self.public is not None else self.message
 
     def __str__(self) -> str:
         return self.message
@@ -91,6 +103,20 @@ class ResourceExhausted(LoraplexError):
     """Queue full, per-tenant limit, or a request asking for more tokens than allowed."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's registry quota (versions or bytes) would be exceeded: delete versions
+    or ask for a larger quota; waiting does not help."""
+
+
+class AuthThrottled(ResourceExhausted):
+    """Too many failed authentications from one peer: refused without looking at the
+    token until `retry_after_s` has passed."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, field="token", public=None)
+        self.retry_after_s = retry_after_s
 
 
 class Overloaded(ResourceExhausted):

@@ -17,17 +17,29 @@ Sections: tensor names; target modules (list, regex, `all-linear`, exclusions, l
 indices); rank/alpha patterns and the scale; the loading tables (quantization, dtypes).
 Pure functions and frozen dataclasses; torch and transformers are imported only by the
 functions that take a model or build a loading config.
+
+Every pattern an adapter config carries is written by whoever uploaded it and is matched
+against module paths taken from that upload's own tensor names, so it runs on RE2
+(`google-re2`), whose matching time is linear in the input: a pattern such as `(a|a)*b`
+that takes Python's backtracking `re` exponential time finishes in microseconds. Pattern
+and module-path lengths are capped (`loraplex.limits`). RE2 refuses what it cannot match
+in linear time (backreferences, lookaround); peft's configs do not need either, and such a
+pattern is refused with InvalidArgument naming the field.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import re2
+
 from loraplex.errors import InvalidArgument, quote
+from loraplex.limits import MAX_MODULE_CHARS, MAX_PATTERN_CHARS
 
 T = TypeVar("T")
 
@@ -38,6 +50,13 @@ PEFT_PREFIX = "base_model.model."
 
 _KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<half>[AB])"
                   r"(?:\.(?P<adapter>[^.]+))?\.weight")
+# DoRA's magnitude: `<module>.lora_magnitude_vector` in a saved file (peft drops the adapter
+# name and the `.weight` of its DoraLinearLayer), `.lora_magnitude_vector.<adapter>.weight`
+# in a live state_dict
+_MAGNITUDE_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+?)\.lora_magnitude_vector"
+                            r"(?:\.(?P<adapter>[^.]+)\.weight)?")
+MAGNITUDE = "M"
+"""`LoraKey.half` of a DoRA magnitude vector `# [out]`."""
 
 
 @dataclass(frozen=True)
@@ -51,27 +70,35 @@ class LoraKey:
     """
 
     module: str  # base-model module path, e.g. "model.layers.0.self_attn.q_proj"
-    half: str  # "A" ([r, in]) or "B" ([out, r])
+    half: str  # "A" ([r, in]), "B" ([out, r]) or "M" (DoRA magnitude [out])
     adapter_name: str = ""  # "" in a saved file; "default" etc. in a live state_dict
 
     @property
     def normalized(self) -> str:
-        """`<module>.lora_A.weight`: the name loraplex hashes and hands to the runtime."""
+        """`<module>.lora_A.weight` (`<module>.lora_magnitude_vector` for DoRA's magnitude):
+        the name loraplex hashes and hands to the runtime."""
         return weight_key(self.module, self.half)
 
 
 def parse_key(key: str) -> LoraKey | None:
-    """A LoRA A/B weight name (with or without peft's prefix), or None for anything else
-    (DoRA magnitudes, embedding LoRA, biases, whole weights: none is a plain A/B pair)."""
+    """A LoRA A/B weight or DoRA magnitude name (with or without peft's prefix), or None for
+    anything else (embedding LoRA, biases, whole weights)."""
     m = _KEY.fullmatch(key)
-    if m is None:
-        return None
-    return LoraKey(m["module"], m["half"], m["adapter"] or "")
+    if m is not None:
+        return LoraKey(m["module"], m["half"], m["adapter"] or "")
+    m = _MAGNITUDE_KEY.fullmatch(key)
+    if m is not None:
+        return LoraKey(m["module"], MAGNITUDE, m["adapter"] or "")
+    return None
 
 
 def weight_key(module: str, half: str, *, prefixed: bool = False) -> str:
-    """The name of `module`'s A or B weight; `prefixed`: as peft's files spell it."""
-    return f"{PEFT_PREFIX if prefixed else ''}{module}.lora_{half}.weight"
+    """The name of `module`'s A or B weight, or of its DoRA magnitude (`half` "M");
+    `prefixed`: as peft's files spell it."""
+    prefix = PEFT_PREFIX if prefixed else ""
+    if half == MAGNITUDE:
+        return f"{prefix}{module}.lora_magnitude_vector"
+    return f"{prefix}{module}.lora_{half}.weight"
 
 
 @dataclass(frozen=True)
@@ -79,25 +106,77 @@ class LoraPairs(Generic[T]):
     """Tensors grouped per module: what the runtime copies and the registry checks."""
 
     pairs: dict[str, tuple[T, T]]  # module path -> (A # [r, in], B # [out, r])
-    unparsed: tuple[str, ...] = ()  # keys that are no LoRA A/B weight
+    unparsed: tuple[str, ...] = ()  # keys that are no LoRA A/B weight nor DoRA magnitude
     incomplete: tuple[tuple[str, str], ...] = ()  # (module, missing half "A"|"B")
+    magnitudes: dict[str, T] = field(default_factory=dict)  # module -> DoRA m # [out]
+
+    @property
+    def dora(self) -> bool:
+        """Some module carries a DoRA magnitude: B·A alone is not the adapter."""
+        return bool(self.magnitudes)
 
 
 def pair_tensors(tensors: Mapping[str, T]) -> LoraPairs[T]:
-    """Group `tensors` (any key spelling `parse_key` reads) into A/B pairs per module.
-    A module with only one half is reported, never served: B·A needs both."""
+    """Group `tensors` (any key spelling `parse_key` reads) into A/B pairs per module, and
+    DoRA magnitudes apart. A module with only one half (or a magnitude without its pair) is
+    reported, never served: B·A needs both."""
     halves: dict[str, dict[str, T]] = {}
+    magnitudes: dict[str, T] = {}
     unparsed: list[str] = []
     for name, t in tensors.items():
         key = parse_key(name)
         if key is None:
             unparsed.append(name)
+        elif key.half == MAGNITUDE:
+            magnitudes[key.module] = t
+            halves.setdefault(key.module, {})
         else:
             halves.setdefault(key.module, {})[key.half] = t
     pairs = {m: (h["A"], h["B"]) for m, h in halves.items() if len(h) == 2}
-    incomplete = tuple(sorted((m, "B" if "A" in h else "A") for m, h in halves.items()
-                              if len(h) != 2))
-    return LoraPairs(pairs, tuple(unparsed), incomplete)
+    incomplete = tuple(sorted((m, half) for m, h in halves.items() if len(h) != 2
+                              for half in ("A", "B") if half not in h))
+    return LoraPairs(pairs, tuple(unparsed), incomplete, magnitudes)
+
+
+def uses_dora(config: Mapping[str, Any]) -> bool:
+    """peft's `use_dora`: every targeted module carries a learned magnitude per output
+    feature over the row-normalised `W + s·B·A` (DoRA, arXiv 2402.09353)."""
+    return bool(config.get("use_dora", False))
+
+
+# ------------------------------------------------------------------------------ uploaded patterns
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.max_mem = 8 << 20  # a compiled program beyond this is refused, not built
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(pattern: str) -> Any:
+    return re2.compile(pattern, _RE2_OPTIONS)
+
+
+def compile_pattern(pattern: str, field: str) -> Any:
+    """An uploaded regular expression compiled for RE2 (linear-time matching), cached;
+    InvalidArgument naming `field` for one that is too long or not RE2 syntax."""
+    if not isinstance(pattern, str):
+        raise InvalidArgument(f"must be a string, got {quote(pattern)}", field=field)
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise InvalidArgument(f"pattern {quote(pattern)} is longer than "
+                              f"{MAX_PATTERN_CHARS} characters", field=field)
+    try:
+        return _compiled(pattern)
+    except re2.error as e:
+        raise InvalidArgument(f"pattern {quote(pattern)} is not a regular expression this "
+                              f"server matches (RE2 syntax: no backreferences or "
+                              f"lookaround): {e}", field=field) from None
+
+
+def _module_path(module: str) -> str:
+    """`module` if it is short enough to match against an uploaded pattern."""
+    if len(module) > MAX_MODULE_CHARS:
+        raise InvalidArgument(f"module path {quote(module)} is longer than "
+                              f"{MAX_MODULE_CHARS} characters", field="tensors")
+    return module
 
 
 # ------------------------------------------------------------------------------ target modules
@@ -112,10 +191,8 @@ which subclass `nn.Linear`) except the model's output layer, found by identity w
 def _names(value: Any, what: str) -> tuple[str, ...] | str:
     """A regex string or a tuple of non-empty names; InvalidArgument naming `what`."""
     if isinstance(value, str):
-        try:
-            re.compile(value)
-        except re.error as e:
-            raise InvalidArgument(f"not a valid regular expression: {e}", field=what) from e
+        if value.lower() != ALL_LINEAR:
+            compile_pattern(value, what)
         return value
     if (isinstance(value, list | tuple | set | frozenset) and value
             and all(isinstance(t, str) and t for t in value)):
@@ -167,7 +244,8 @@ class TargetModules:
         if self.all_linear:
             return linear is None or module in linear
         if isinstance(self.spec, str):
-            return re.fullmatch(self.spec, module) is not None
+            return compile_pattern(self.spec, "target_modules").fullmatch(
+                _module_path(module)) is not None
         if module in self.spec:  # named exactly: peft skips the layer-index filter
             return True
         return _name_match(self.spec, module) and self._in_layers(module)
@@ -185,7 +263,7 @@ class TargetModules:
         pats = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in self.layers_pattern] or [
             r".*?\.[^.]*\.(?P<idx>\d+)\."]
         for pat in pats:
-            m = re.match(pat, module)
+            m = compile_pattern(pat, "layers_pattern").match(_module_path(module))
             if m is not None:
                 return int(m["idx"]) in self.layers
         return False
@@ -193,7 +271,8 @@ class TargetModules:
 
 def _name_match(spec: str | tuple[str, ...], module: str) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, module) is not None
+        return compile_pattern(spec, "exclude_modules").fullmatch(
+            _module_path(module)) is not None
     return any(module == t or module.endswith("." + t) for t in spec)
 
 
@@ -209,6 +288,8 @@ def parse_targets(target_modules: Any, exclude_modules: Any = None,
         pattern = (pattern,)
     if not isinstance(pattern, list | tuple) or not all(isinstance(p, str) for p in pattern):
         raise InvalidArgument("must be a name or a list of names", field="layers_pattern")
+    for p in pattern:  # peft puts each name into a regex unescaped: it is one
+        compile_pattern(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", "layers_pattern")
     return TargetModules(spec, exclude, _layer_indices(layers_to_transform), tuple(pattern))
 
 
@@ -266,11 +347,19 @@ def leaf_names(modules: Iterable[str]) -> list[str]:
 def pattern_key(patterns: Iterable[str], module: str) -> str | None:
     """peft's `get_pattern_key`: the first pattern that matches the END of the module path
     at a dot boundary (`(.*\\.)?(<pattern>)$`), so "q_proj" and "layers.0.self_attn.q_proj"
-    both address one module; None when none does. Order matters: first match wins."""
+    both address one module; None when none does. Order matters: first match wins.
+    InvalidArgument (field `rank_pattern`) for a key that is no RE2 pattern."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if pattern_regex(key).match(_module_path(module)):
             return key
     return None
+
+
+def pattern_regex(key: str, field: str = "rank_pattern") -> Any:
+    """The compiled regex peft builds from a `rank_pattern` / `alpha_pattern` key."""
+    if not isinstance(key, str) or len(key) > MAX_PATTERN_CHARS:
+        compile_pattern(key, field)  # raises the length / type error
+    return compile_pattern(rf"(.*\.)?({key})$", field)
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool = False) -> float:

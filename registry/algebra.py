@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from loraplex import peft_format
-from loraplex.errors import InvalidArgument, quote
+from loraplex.errors import FailedPrecondition, InvalidArgument, quote
+from loraplex.limits import MAX_MERGE_INPUTS, MAX_RANK
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 Method = Literal["linear", "cat", "svd", "ties", "dare_linear", "dare_ties"]
@@ -65,8 +66,14 @@ class Derived:
 
 def modules_of(config: Mapping[str, Any], tensors: Mapping[str, Tensor]) -> dict[str, Module]:
     """The (A, B, scale) of every module of a stored adapter, in path order; the scale is
-    peft's, patterns included."""
+    peft's, patterns included. A DoRA adapter raises FailedPrecondition (field `use_dora`)."""
     grouped = peft_format.pair_tensors(tensors)
+    if grouped.dora or peft_format.uses_dora(config):
+        raise FailedPrecondition(
+            "a DoRA adapter (use_dora): its magnitude vector rescales each output feature of "
+            "W + s·B·A, which compress, merge and export-merged do not carry, so they refuse "
+            "it rather than drop the magnitude; serve the DoRA adapter as it is",
+            field="use_dora")
     if grouped.unparsed or grouped.incomplete:
         bad = [quote(k) for k in grouped.unparsed] + [f"{quote(m)} (no lora_{h})"
                                                      for m, h in grouped.incomplete]
@@ -222,12 +229,16 @@ def combine(ts: Sequence[Tensor], weights: Sequence[float], method: str,
 
 def merge(inputs: Sequence[tuple[Mapping[str, Any], Mapping[str, Tensor]]],
           weights: Sequence[float], method: str, *, density: float | None = None,
-          svd_rank: int | None = None, seed: int = 0) -> Derived:
+          svd_rank: int | None = None, seed: int = 0, max_rank: int = MAX_RANK,
+          max_inputs: int = MAX_MERGE_INPUTS) -> Derived:
     """peft's `add_weighted_adapter(adapters, weights, combination_type=method)` on stored
-    adapters. Modules an input lacks are simply not part of that input's sum."""
+    adapters. Modules an input lacks are simply not part of that input's sum. Bounds are
+    checked before any tensor work: at most `max_inputs` inputs, an output rank (`svd_rank`,
+    or the sum of the inputs' ranks for `cat`) of at most `max_rank`."""
     if method not in METHODS:
         raise InvalidArgument(f"method must be one of {', '.join(METHODS)}, got {quote(method)}",
                               field="method")
+    check_merge_bounds(len(inputs), svd_rank, max_rank=max_rank, max_inputs=max_inputs)
     if len(weights) != len(inputs):
         raise InvalidArgument(f"{len(inputs)} adapters need {len(inputs)} weights, got "
                               f"{len(weights)}", field="weights")
@@ -243,6 +254,10 @@ def merge(inputs: Sequence[tuple[Mapping[str, Any], Mapping[str, Tensor]]],
                               f"{sorted(set(max_ranks))}; use cat or svd", field="method")
     new_rank = sum(max_ranks) if method == "cat" else (svd_rank or max(max_ranks)) \
         if method == "svd" else max_ranks[0]
+    if new_rank > max_rank:
+        raise InvalidArgument(f"method {method} would make rank {new_rank}, above the "
+                              f"maximum {max_rank}; use svd with svd_rank <= {max_rank}",
+                              field="svd_rank" if method == "svd" else "method")
     gen = torch.Generator().manual_seed(seed)
     paths = sorted({p for ms in mods for p in ms})
     out: dict[str, Tensor] = {}
@@ -258,6 +273,18 @@ def merge(inputs: Sequence[tuple[Mapping[str, Any], Mapping[str, Tensor]]],
         info[path] = {"inputs": len(present), "rank": ranks[path]}
     cfg = derived_config(inputs[0][0], ranks, _union_targets([c for c, _ in inputs]))
     return Derived(cfg, out, info)
+
+
+def check_merge_bounds(n_inputs: int, svd_rank: int | None, *, max_rank: int = MAX_RANK,
+                       max_inputs: int = MAX_MERGE_INPUTS) -> None:
+    """What a merge may ask for, checked before anything is loaded."""
+    if not 1 <= n_inputs <= max_inputs:
+        raise InvalidArgument(f"a merge combines 1 to {max_inputs} adapters, got {n_inputs}",
+                              field="refs")
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int)
+                                 or not 1 <= svd_rank <= max_rank):
+        raise InvalidArgument(f"svd_rank must be an integer in [1, {max_rank}], got "
+                              f"{quote(svd_rank)}", field="svd_rank")
 
 
 def _merge_module(present: list[tuple[Module, float]], method: str, new_rank: int,

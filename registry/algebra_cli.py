@@ -8,30 +8,58 @@
 
 With `--alias`, the alias moves to the new version only after the gate (if given) passed; a
 failed gate leaves the version registered but unpromoted, prints one line saying why on
-stderr and exits 1. The gate is the trainer's evaluation (`trainer/gate.py`), imported only
-when a gate is asked for, so the registry package itself does not depend on the trainer.
+stderr and exits 1. The gate is the trainer's evaluation: the registry does not import the
+trainer, so the `loraplex` command hands one in (`use_gate_runner`, from `trainer/cli.py`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Protocol
 
 import typer
 
-from loraplex.errors import InvalidArgument, quote
+from loraplex.errors import FailedPrecondition, InvalidArgument, quote
 from loraplex.registry.cli import (
     DEFAULT_REGISTRY,
     BlobDirOpt,
     JsonOpt,
     RegistryOpt,
+    Session,
     TokenOpt,
-    _Session,
-    _session,
-    _version_dict,
     app,
+    session,
+    version_dict,
 )
-from loraplex.registry.records import AdapterVersion
+from loraplex.registry.records import AdapterVersion, Identity
+
+
+class GateOutcome(Protocol):
+    passed: bool
+    reason: str  # one line
+    new: dict[str, float]  # the new version's metrics
+    sources: dict[str, dict[str, float]]  # each source ref's metrics
+
+
+class GateRunner(Protocol):
+    """Scores a derived version against its sources (`trainer/cli.py` has the one)."""
+
+    def check(self, gate: str) -> None:
+        """Raise `InvalidArgument` for a malformed gate expression."""
+
+    def run(self, reg: Any, identity: Identity, gate: str, new_ref: str,
+            source_refs: list[str], data: Path, base_dir: Path,
+            max_examples: int) -> GateOutcome:
+        """Evaluate `new_ref` and the sources on `data`; the outcome of `gate`."""
+
+
+_gate_runner: GateRunner | None = None
+
+
+def use_gate_runner(runner: GateRunner) -> None:
+    """Make `--gate` work: the `loraplex` command passes the trainer's evaluation here."""
+    global _gate_runner
+    _gate_runner = runner
 
 # ------------------------------------------------------------------------- algebra
 NameOpt = Annotated[str | None, typer.Option(
@@ -65,7 +93,7 @@ def compress(
     """Truncated SVD of every module (rank K or an energy share) as a new version."""
     from loraplex.registry.derive import compress_version
 
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         _check_gate_args(gate, gate_data)
         v = compress_version(s.reg, s.me, ref, rank=rank, energy=energy,
                              scope="module" if per_module else "global", name=name)
@@ -94,7 +122,7 @@ def merge(
     """Combine adapters as peft's add_weighted_adapter does, as a new version."""
     from loraplex.registry.derive import merge_versions
 
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         _check_gate_args(gate, gate_data)
         v = merge_versions(s.reg, s.me, refs, name=name, method=method,
                            weights=_parse_weights(weights), density=density,
@@ -117,26 +145,30 @@ def _check_gate_args(gate: str | None, gate_data: Path | None) -> None:
         raise InvalidArgument("--gate needs --gate-data (a JSONL file to score on)",
                               field="gate_data")
     if gate is not None:
-        from loraplex.trainer.gate import parse
-
-        parse(gate)  # refuse a malformed gate before any work is done
+        _runner().check(gate)  # refuse a malformed gate before any work is done
 
 
-def _finish_derived(s: _Session, v: AdapterVersion, alias: str | None, gate: str | None,
+def _runner() -> GateRunner:
+    if _gate_runner is None:
+        raise FailedPrecondition("--gate needs the trainer's evaluation, which the `loraplex` "
+                                 "command provides: run `loraplex registry …`", field="gate")
+    return _gate_runner
+
+
+def _finish_derived(s: Session, v: AdapterVersion, alias: str | None, gate: str | None,
                     gate_data: Path | None, max_examples: int, base: str | None) -> None:
     """Report the new version; run the gate; move the alias only if it passed."""
     from loraplex.registry.derive import derived_sources
 
     said = (f"registered {v.ref} {v.digest}" if v.created
             else f"{v.ref} already holds this content ({v.digest}); nothing registered")
-    data = _version_dict(v)
+    data = version_dict(v)
     outcome = None
     if gate is not None and gate_data is not None:
         from loraplex.registry.export import base_dir_for
-        from loraplex.trainer.gate import parse, run_gate
 
-        outcome = run_gate(s.reg, s.me, parse(gate), v.ref, derived_sources(v), gate_data,
-                           base_dir_for(s.reg, v.base, base), max_examples=max_examples)
+        outcome = _runner().run(s.reg, s.me, gate, v.ref, derived_sources(v), gate_data,
+                                base_dir_for(s.reg, v.base, base), max_examples)
         data["gate"] = {"passed": outcome.passed, "reason": outcome.reason,
                         "new": outcome.new, "sources": outcome.sources}
     promoted = False
@@ -173,7 +205,7 @@ def export_command(
     """Export a version: the peft files, or (--merged) the base with the adapter folded in."""
     from loraplex.registry.export import export_merged
 
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         if not merged:
             v = s.reg.resolve(s.me, ref)
             path = s.reg.pull(s.me, v.ref, out)

@@ -41,8 +41,10 @@ class BlobStore(Protocol):
 
     def exists(self, digest: str) -> bool: ...
 
-    def delete(self, digest: str) -> bool:
-        """Remove; True if something was removed. Safe to repeat."""
+    def delete(self, digest: str, *, min_age_s: float = 0.0) -> bool:
+        """Remove, unless written or refreshed (`put` of existing bytes) within the last
+        `min_age_s` seconds, checked as close to the delete as the backend allows; True if
+        something was removed. Safe to repeat."""
         ...
 
     def list(self) -> Iterator[tuple[str, int, float]]:
@@ -107,9 +109,12 @@ class LocalBlobStore:
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
 
-    def delete(self, digest: str) -> bool:
+    def delete(self, digest: str, *, min_age_s: float = 0.0) -> bool:
+        path = self.path(digest)
         try:
-            self.path(digest).unlink()
+            if min_age_s > 0 and time.time() - path.stat().st_mtime < min_age_s:
+                return False
+            path.unlink()
             return True
         except FileNotFoundError:
             return False

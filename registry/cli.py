@@ -8,7 +8,8 @@
     loraplex registry pull acme/support@prod ./out
     loraplex registry rm acme/support:v1 [--force]
     loraplex registry verify && loraplex registry gc
-    loraplex registry token create acme [--admin]
+    loraplex registry token create acme [--scope inference|publish|admin] [--ttl 30d]
+    loraplex registry token list [acme] | revoke tok_… | rotate tok_… [--grace 1h] | history
     loraplex registry compress acme/support@prod --rank 4 [--alias prod --gate … --gate-data …]
     loraplex registry merge acme/a acme/b --method ties --density 0.5 --name acme/ab
 
@@ -57,7 +58,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
                                        callback=json_errors)]
 
 
-class _Session:
+class Session:
     """What a command works with: the open registry, the caller, the output mode."""
 
     def __init__(self, reg: Registry, me: Identity, as_json: bool) -> None:
@@ -73,16 +74,16 @@ class _Session:
 
 
 @contextmanager
-def _session(registry: str, blob_dir: str | None, token: str | None,
-             as_json: bool) -> Iterator[_Session]:
+def session(registry: str, blob_dir: str | None, token: str | None,
+             as_json: bool) -> Iterator[Session]:
     """Open the registry and authenticate. A typed error anywhere in the command is
     printed by the CLI's one handler (`loraplex/cli_errors.py`), as JSON too with --json."""
     with Registry.open(registry, blob_dir=blob_dir) as reg:
         me = reg.authenticate(token) if token else Identity.system()
-        yield _Session(reg, me, as_json)
+        yield Session(reg, me, as_json)
 
 
-def _version_dict(v: AdapterVersion) -> dict[str, Any]:
+def version_dict(v: AdapterVersion) -> dict[str, Any]:
     return v.manifest() | {"created": v.created}
 
 
@@ -138,12 +139,12 @@ def push(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Validate and register an adapter as the next version of NAME."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         meta = _read_lineage(lineage)
         v = s.reg.push(s.me, adapter_dir, name, base=base, lineage=meta)
         said = (f"registered {v.ref} {v.digest}" if v.created
                 else f"{v.ref} already holds this content ({v.digest}); nothing registered")
-        s.emit(_version_dict(v), said)
+        s.emit(version_dict(v), said)
 
 
 def _read_lineage(path: Path | None) -> dict[str, Any] | None:
@@ -163,7 +164,7 @@ def list_(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """List adapters (newest version of each), or every version of KEY."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         if key is not None:
             vs = s.reg.list_versions(s.me, key)
             title = f"versions of {key}"
@@ -173,7 +174,7 @@ def list_(
                 more, page = s.reg.list_adapters(s.me, tenant=tenant, page_token=page)
                 vs += more
             title = "adapters"
-        s.emit([_version_dict(v) for v in vs], _versions_table(title, vs))
+        s.emit([version_dict(v) for v in vs], _versions_table(title, vs))
 
 
 @app.command()
@@ -183,11 +184,11 @@ def show(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Show one version's manifest, the adapter's aliases and their history."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         v = s.reg.resolve(s.me, ref)
         names = s.reg.aliases(s.me, v.key)
         history = [_move_dict(m) for m in s.reg.alias_history(s.me, v.key)]
-        data = _version_dict(v) | {"aliases": names, "alias_history": history}
+        data = version_dict(v) | {"aliases": names, "alias_history": history}
         table = Table(title=v.ref, show_header=False)
         for k in ("digest", "size_bytes", "rank", "alpha", "use_rslora", "target_modules",
                   "dtype", "created_at", "created_by"):
@@ -209,7 +210,7 @@ def pull(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Write a version's adapter_config.json + adapter_model.safetensors (+ manifest)."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         v = s.reg.resolve(s.me, ref)
         out = s.reg.pull(s.me, v.ref, dest)
         s.emit({"ref": v.ref, "digest": v.digest, "dir": str(out)}, f"wrote {v.ref} to {out}")
@@ -226,7 +227,7 @@ def alias(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Point an alias at a version (compare-and-set with --expect)."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         move = s.reg.set_alias(s.me, ref, name, expected=_parse_expect(expect))
         where = "nothing" if move.from_version is None else f"v{move.from_version}"
         s.emit(_move_dict(move) | {"key": f"{move.tenant}/{move.name}"},
@@ -241,7 +242,7 @@ def rm(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Delete a version (its blobs are freed by the next gc)."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         v = s.reg.delete_version(s.me, ref, force=force)
         s.emit({"deleted": v.ref, "digest": v.digest}, f"deleted {v.ref}")
 
@@ -252,7 +253,7 @@ def verify(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Re-hash every blob; exit 1 if anything is corrupt or missing."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         problems = s.reg.verify()
         s.emit({"ok": not problems, "problems": problems},
                "\n".join(problems) if problems else "ok: every blob matches its digest")
@@ -269,7 +270,7 @@ def gc(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Delete blobs that no version references."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         r = s.reg.gc(min_age_s=min_age)
         s.emit({"removed": r.removed, "freed_bytes": r.freed_bytes, "kept": r.kept},
                f"removed {len(r.removed)} blobs ({_size(r.freed_bytes)}), kept {r.kept}")
@@ -278,14 +279,104 @@ def gc(
 @token_app.command("create")
 def token_create(
     tenant: Annotated[str, typer.Argument(help="Tenant the token acts for.")],
+    scope: Annotated[str, typer.Option(
+        help="inference (generate, read), publish (also push, alias, delete) or admin "
+        "(also manage this tenant's tokens).")] = "publish",
     admin: Annotated[bool, typer.Option(help="An admin token (all tenants).")] = False,
+    ttl: Annotated[str | None, typer.Option(
+        help="Expire after this long: seconds, or 90m, 12h, 30d (default: never).")] = None,
+    label: Annotated[str, typer.Option(help="A note shown by `token list`.")] = "",
     registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Create an API token; it is shown once and stored only as a hash."""
-    with _session(registry, blob_dir, token, as_json) as s:
-        new = s.reg.create_token(s.me, tenant, admin=admin)
-        s.emit({"tenant": tenant, "role": "admin" if admin else "tenant", "token": new}, new)
+    with session(registry, blob_dir, token, as_json) as s:
+        new, info = s.reg.issue_token(s.me, tenant, admin=admin,
+                                        scope="admin" if admin else scope,  # type: ignore[arg-type]
+                                        ttl_s=_duration(ttl), label=label)
+        s.emit(info.as_dict() | {"token": new}, new)
+
+
+@token_app.command("list")
+def token_list(
+    tenant: Annotated[str | None, typer.Argument(
+        help="Tenant (default: the caller's; an admin sees every tenant's).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Include revoked and expired.")] = False,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Tokens with their scope and created / last-used / expiry times (never secrets)."""
+    with session(registry, blob_dir, token, as_json) as s:
+        infos = s.reg.list_tokens(s.me, tenant, include_inactive=all_)
+        table = Table("id", "tenant", "scope", "label", "created", "last used", "expires",
+                      "state", title="API tokens")
+        for i in infos:
+            table.add_row(i.id, i.tenant, i.scope, i.label, _when(i.created_at),
+                          _when(i.last_used_at), _when(i.expires_at),
+                          "active" if i.active() else "revoked" if i.revoked_at else "expired")
+        s.emit([i.as_dict() for i in infos], table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (tok_…), from `token list`.")],
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token now (servers stop accepting it within their token cache time)."""
+    with session(registry, blob_dir, token, as_json) as s:
+        info = s.reg.revoke_token(s.me, token_id)
+        s.emit(info.as_dict(), f"revoked {info.id} ({info.tenant}, {info.scope})")
+
+
+@token_app.command("rotate")
+def token_rotate(
+    token_id: Annotated[str, typer.Argument(help="The token's id (tok_…), from `token list`.")],
+    grace: Annotated[str, typer.Option(
+        help="Keep the old token working this long (seconds, or 90m, 12h).")] = "0",
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """A new token with the old one's tenant, scope and label; prints the new secret."""
+    with session(registry, blob_dir, token, as_json) as s:
+        new, info = s.reg.rotate_token(s.me, token_id, grace_s=_duration(grace) or 0.0)
+        s.emit(info.as_dict() | {"token": new, "replaces": token_id}, new)
+
+
+@token_app.command("history")
+def token_history(
+    tenant: Annotated[str | None, typer.Argument(help="Tenant (default: the caller's).")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """The audit log of a tenant's tokens: created, rotated, revoked; when and by whom."""
+    with session(registry, blob_dir, token, as_json) as s:
+        events = s.reg.token_history(s.me, tenant)
+        table = Table("at", "token", "action", "detail", "by", title="token changes")
+        for e in events:
+            table.add_row(_when(e.at), e.token_id, e.action, e.detail, e.by)
+        s.emit([e.__dict__ for e in events], table)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str | None) -> float | None:
+    """Seconds from `3600`, `90m`, `12h` or `30d` (None stays None)."""
+    if text is None:
+        return None
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise InvalidArgument(f"not a duration: {quote(text)} (seconds, or e.g. 90m, 12h, "
+                              "30d)", field="ttl") from None
+    return value
+
+
+def _when(ts: Any) -> str:
+    return "-" if ts is None else ts.strftime("%Y-%m-%d %H:%M:%S")
 
 
 @base_app.command("add")
@@ -297,7 +388,7 @@ def base_add(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Register a base so adapters naming it (base_model_name_or_path) find it."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         fp = s.reg.register_base(s.me, base_dir, names=name)
         data = {k: v for k, v in fp.to_dict().items() if k != "linear_shapes"}
         s.emit(data, f"registered base {fp.summary()}")
@@ -309,7 +400,7 @@ def base_list(
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """List known bases and the names they answer to."""
-    with _session(registry, blob_dir, token, as_json) as s:
+    with session(registry, blob_dir, token, as_json) as s:
         rows = s.reg.list_bases()
         table = Table(title="bases")
         table.add_column("fingerprint")

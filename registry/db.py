@@ -69,8 +69,8 @@ versions = sa.Table(
     sa.Column("adapter_id", sa.Integer, sa.ForeignKey("lpx_adapters.id"), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("digest", _DIGEST, nullable=False, index=True),
-    sa.Column("config_blob", _DIGEST, nullable=False),
-    sa.Column("weights_blob", _DIGEST, nullable=False),
+    sa.Column("config_blob", _DIGEST, nullable=False, index=True),
+    sa.Column("weights_blob", _DIGEST, nullable=False, index=True),
     sa.Column("size_bytes", sa.BigInteger, nullable=False),
     sa.Column("rank", sa.Integer, nullable=False),
     sa.Column("alpha", sa.Float, nullable=False),
@@ -103,15 +103,43 @@ alias_moves = sa.Table(
     sa.Column("to_version", sa.Integer, nullable=True),
     sa.Column("at", _TS, nullable=False),
     sa.Column("by", sa.String(256), nullable=False),
+    sa.Index("ix_lpx_alias_moves_adapter", "adapter_id", "id"),  # alias_history
+)
+
+# The time a push last used each blob, written in the push's own transaction: gc re-checks
+# it (and the versions) under this row's lock before deleting a blob (registry.gc).
+blobs = sa.Table(
+    "lpx_blobs", metadata,
+    sa.Column("digest", _DIGEST, primary_key=True),
+    sa.Column("used_at", _TS, nullable=False),
 )
 
 tokens = sa.Table(
     "lpx_tokens", metadata,
     sa.Column("token_hash", sa.String(64), primary_key=True),  # sha256 hex; never the token
-    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("id", sa.String(32), nullable=False, unique=True),  # public handle: tok_<hex>
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
     sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("scope", sa.String(16), nullable=False),  # inference | publish | admin
+    sa.Column("label", sa.String(128), nullable=False, server_default=""),
     sa.Column("created_at", _TS, nullable=False),
     sa.Column("created_by", sa.String(256), nullable=False),
+    sa.Column("expires_at", _TS, nullable=True),  # None: never
+    sa.Column("last_used_at", _TS, nullable=True),
+    sa.Column("revoked_at", _TS, nullable=True),
+    sa.Column("revoked_by", sa.String(256), nullable=True),
+)
+
+# The audit log of token changes (created, rotated, revoked), like lpx_alias_moves.
+token_events = sa.Table(
+    "lpx_token_events", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("token_id", sa.String(32), nullable=False, index=True),
+    sa.Column("tenant", sa.String(64), nullable=False, index=True),
+    sa.Column("action", sa.String(16), nullable=False),  # created | rotated | revoked
+    sa.Column("detail", sa.String(256), nullable=False, server_default=""),
+    sa.Column("at", _TS, nullable=False),
+    sa.Column("by", sa.String(256), nullable=False),
 )
 
 changes = sa.Table(
@@ -168,14 +196,18 @@ def sqlite_read_only(url: str) -> bool:
 
 
 def create_engine(url: str, settings: RegistrySettings, *, read_only: bool = False) -> Engine:
-    """An engine with the transaction behaviour the module docstring relies on."""
+    """An engine with the transaction behaviour the module docstring relies on. Bound
+    parameters (token hashes, lineage, tenant names) never appear in its logs or in the
+    text of its exceptions (`hide_parameters`)."""
     if url.startswith("sqlite"):
         if read_only:
             url = _read_only_url(url)
-        engine = sa.create_engine(url, connect_args={"timeout": settings.sqlite_busy_timeout_s})
+        engine = sa.create_engine(url, connect_args={"timeout": settings.sqlite_busy_timeout_s},
+                                  hide_parameters=True)
         _sqlite_events(engine, settings, read_only=read_only)
     else:
-        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=settings.db_pool_size,
+        engine = sa.create_engine(url, pool_pre_ping=True, hide_parameters=True,
+                                  pool_size=settings.db_pool_size,
                                   max_overflow=settings.db_max_overflow,
                                   pool_timeout=settings.db_pool_timeout_s)
         if settings.db_schema:
@@ -250,12 +282,18 @@ def _pg_schema_events(engine: Engine, schema: str) -> None:
 
 
 def create_tables(engine: Engine) -> None:
-    """Create missing tables; on PostgreSQL under an advisory lock, because several
-    processes opening a fresh database at once would otherwise race on CREATE TABLE."""
+    """Create missing tables and indexes; on PostgreSQL under an advisory lock, because
+    several processes opening a fresh database at once would otherwise race on CREATE.
+    Indexes are created one by one as well: `create_all` adds them only with a new table,
+    and a database whose tables predate an index gets it here on its next writable open.
+    There are no other schema migrations: columns are never added to existing tables."""
     with write_tx(engine) as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(7431902)"))
         metadata.create_all(conn, checkfirst=True)
+        for table in metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
 
 
 @contextmanager
@@ -274,6 +312,19 @@ def read_tx(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+@contextmanager
+def statement_read(engine: Engine) -> Iterator[Connection]:
+    """For a read that is one statement (each statement sees one consistent snapshot):
+    on PostgreSQL an autocommit connection, which saves the BEGIN and COMMIT round trips
+    of `read_tx`; on SQLite (no round trips) a `read_tx`."""
+    if engine.dialect.name != "postgresql":
+        with read_tx(engine) as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+
 def lock_adapter(conn: Connection, adapter_id: int) -> sa.Row:
     """Serialise writers of one adapter (row lock on PostgreSQL; SQLite already holds
     the database write lock from BEGIN IMMEDIATE)."""
@@ -286,6 +337,18 @@ def lock_adapter(conn: Connection, adapter_id: int) -> sa.Row:
 def lock_changes(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(sa.text("LOCK TABLE lpx_changes IN SHARE ROW EXCLUSIVE MODE"))
+
+
+def upsert(conn: Connection, table: sa.Table, values: dict, update: dict) -> None:
+    """INSERT … ON CONFLICT (primary key) DO UPDATE on either dialect; on PostgreSQL the
+    row stays locked until the transaction ends."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    keys = [c.name for c in table.primary_key.columns]
+    conn.execute(insert(table).values(**values).on_conflict_do_update(index_elements=keys,
+                                                                      set_=update))
 
 
 def insert_ignore(conn: Connection, table: sa.Table, values: dict) -> None:

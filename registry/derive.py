@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from loraplex.errors import IncompatibleAdapter, InvalidArgument, NotFound
+from loraplex.errors import IncompatibleAdapter, InvalidArgument, NotFound, quote
 from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import algebra
 from loraplex.registry.records import AdapterVersion, Identity
@@ -92,10 +92,17 @@ def merge_versions(reg: Registry, identity: Identity, refs: Sequence[str], *, na
                    seed: int = 0) -> AdapterVersion:
     """Publish peft's `add_weighted_adapter(refs, weights, method)` as the next version of
     `name`. Inputs: one tenant (the output's), one base."""
-    if len(refs) < 1:
-        raise InvalidArgument("merge needs at least one adapter", field="refs")
+    limits = {"max_rank": reg.settings.max_rank, "max_inputs": reg.settings.max_merge_inputs}
+    algebra.check_merge_bounds(len(refs), svd_rank, **limits)
     tenant, _ = parse_key(name, field="name")
     inputs = [_input(reg, identity, r, tenant) for r in refs]
+    seen: dict[str, str] = {}
+    for r, v in zip(refs, inputs, strict=True):
+        if v.digest in seen:  # peft would add it twice; say so instead of guessing
+            raise InvalidArgument(f"{quote(r)} and {quote(seen[v.digest])} are the same "
+                                  "version; give it once with the summed weight",
+                                  field="refs")
+        seen[v.digest] = r
     bases = {v.base.digest for v in inputs}
     if len(bases) > 1:
         listed = ", ".join(f"{v.ref} on {v.base.digest[:19]}" for v in inputs)
@@ -103,7 +110,7 @@ def merge_versions(reg: Registry, identity: Identity, refs: Sequence[str], *, na
     ws = list(weights) if weights else [1.0] * len(inputs)
     loaded = [reg.load_adapter(v) for v in inputs]
     d = algebra.merge([(x.config, x.tensors) for x in loaded], ws, method,
-                      density=density, svd_rank=svd_rank, seed=seed)
+                      density=density, svd_rank=svd_rank, seed=seed, **limits)
     params: dict[str, Any] = {"weights": ws}
     if density is not None:
         params["density"] = density

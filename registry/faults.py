@@ -56,15 +56,19 @@ def os_error(e: OSError, doing: str, path: str | os.PathLike[str]) -> LoraplexEr
     what = f"{doing} {path}: {os.strerror(e.errno) if e.errno else e}"
     if e.errno in _FULL:
         return StorageFull(f"{what}: the filesystem holding {path} is full; free space or "
-                           "move the registry to a larger volume, then retry")
+                           "move the registry to a larger volume, then retry",
+                           public="the registry's storage is full; retry later")
     if e.errno == errno.EROFS:
         return StorageReadOnly(f"{what}: the storage is mounted read-only; reads work, "
-                               "writes need it mounted read-write")
+                               "writes need it mounted read-write",
+                               public="the registry's storage is read-only; reads work")
     if e.errno in _DENIED:
         return StorageAccessDenied(f"{what}: this process (uid {os.geteuid()}) may not do "
-                                   "that; fix the owner or mode of that path")
+                                   "that; fix the owner or mode of that path",
+                                   public="the registry may not access its storage")
     return StorageUnavailable(f"{what} ({errno.errorcode.get(e.errno or 0, 'OSError')}); "
-                              "retry, and check the storage if it persists")
+                              "retry, and check the storage if it persists",
+                              public="the registry's storage failed; retry shortly")
 
 
 def is_dropped(e: BaseException) -> bool:
@@ -84,21 +88,27 @@ def db_error(e: sa.exc.DBAPIError, where: str) -> LoraplexError | None:
     code = getattr(getattr(e, "orig", None), "sqlstate", None)
     if code in _PG_FULL or "disk is full" in low or "no space left" in low:
         return StorageFull(f"registry database {where}: {first}: free space where the "
-                           "database stores its files, then retry")
+                           "database stores its files, then retry",
+                           public="the registry database is full; retry later")
     if code in _PG_READ_ONLY or "readonly database" in low or "read-only" in low:
         return StorageReadOnly(f"registry database {where} is read-only ({first}); reads "
-                               "work, writes need write access to it and its directory")
+                               "work, writes need write access to it and its directory",
+                               public="the registry database is read-only; reads work")
     if code == "42P01" or "no such table" in low:  # undefined_table
         return FailedPrecondition(f"registry database {where} has no loraplex tables ({first}): "
-                                  "it is not a registry, or it was only ever opened read-only")
+                                  "it is not a registry, or it was only ever opened read-only",
+                                  public="the registry database is not set up")
     if "unable to open database file" in low:
         return StorageAccessDenied(f"registry database {where}: {first}: check that it "
                                    "exists and that this process may read it (and write "
-                                   "its directory, to change it)")
+                                   "its directory, to change it)",
+                                   public="the registry may not open its database")
     if e.connection_invalidated or code in _PG_BUSY or isinstance(
             e, sa.exc.OperationalError | sa.exc.InterfaceError):
         return DatabaseUnavailable(f"registry database {where} is unavailable ({first}); "
-                                   "retry shortly")
+                                   "retry shortly",
+                                   public="the registry database is unavailable; retry "
+                                   "shortly")
     return None
 
 
@@ -133,7 +143,9 @@ def writes(fn: F) -> F:
         if getattr(self, "read_only", False):
             raise StorageReadOnly(
                 f"registry {self.db_where} is open read-only (this process cannot write "
-                f"it or its directory): {fn.__name__.strip('_')} needs write access")
+                f"it or its directory): {fn.__name__.strip('_')} needs write access",
+                public="this registry is read-only: "
+                f"{fn.__name__.strip('_')} needs write access")
         try:
             return fn(self, *args, **kwargs)
         except sa.exc.DBAPIError as e:

@@ -18,6 +18,11 @@ if TYPE_CHECKING:
     import torch
 
 Role = Literal["tenant", "admin"]
+Scope = Literal["inference", "publish", "admin"]
+SCOPES: tuple[Scope, ...] = ("inference", "publish", "admin")
+"""Token scopes, each allowing everything the ones before it allow: `inference` generates
+and reads its tenant's adapters; `publish` also pushes, moves aliases, deletes, derives;
+`admin` also manages tokens and acts on every tenant."""
 ChangeKind = Literal["version_created", "alias_moved", "version_deleted"]
 
 
@@ -40,19 +45,39 @@ UNSET: Any = _Unset()
 
 @dataclass(frozen=True)
 class Identity:
-    """Who is calling. Tenants act on their own adapters; admins on every tenant's."""
+    """Who is calling. Tenants act on their own adapters; admins on every tenant's.
+    `scope` (see `SCOPES`) limits what a tenant may do: None means `publish` for a tenant
+    and `admin` for an admin; an admin is always scope `admin`. A tenant of scope `admin`
+    manages its own tenant's tokens; only an admin acts on other tenants."""
 
     tenant: str
     role: Role = "tenant"
     subject: str = ""
+    scope: Scope | None = None
 
     def __post_init__(self) -> None:
+        from loraplex.errors import InvalidArgument, quote
+
         check_name(self.tenant, "tenant", field="identity")
         if self.role not in ("tenant", "admin"):
-            from loraplex.errors import InvalidArgument, quote
-
             raise InvalidArgument(f"role must be 'tenant' or 'admin', got {quote(self.role)}",
                                   field="identity")
+        scope = self.scope or ("admin" if self.role == "admin" else "publish")
+        if scope not in SCOPES or (self.role == "admin" and scope != "admin"):
+            raise InvalidArgument(f"scope {quote(self.scope)} does not fit role {self.role}",
+                                  field="scope")
+        object.__setattr__(self, "scope", scope)
+
+    def allows(self, scope: Scope) -> bool:
+        return SCOPES.index(self.scope) >= SCOPES.index(scope)  # type: ignore[arg-type]
+
+    def require(self, scope: Scope, action: str) -> None:
+        """PermissionDenied unless this identity's scope covers `scope`."""
+        if not self.allows(scope):
+            from loraplex.errors import PermissionDenied
+
+            raise PermissionDenied(f"{self.who} (scope {self.scope}) may not {action}: "
+                                   f"that needs a token of scope {scope}", field="token")
 
     @classmethod
     def system(cls) -> Identity:

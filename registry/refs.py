@@ -70,10 +70,6 @@ class AdapterRef:
             raise InvalidArgument(f"{self} names no adapter", field="ref")
         return f"{self.tenant}/{self.name}"
 
-    @property
-    def is_digest(self) -> bool:
-        return self.digest is not None
-
     def __str__(self) -> str:
         if self.digest is not None:
             return self.digest

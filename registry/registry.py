@@ -5,10 +5,18 @@
     reg.set_alias(me, "acme/support:v1", "prod", expected=None)
     loaded = reg.load_adapter(reg.resolve(me, "acme/support@prod"))
 
-Registration order is what makes crashes harmless: validate, write both blobs (each one
-atomically), then insert the version row and its event in one transaction. A crash
-before the commit leaves at most unreferenced blobs, which `gc` removes; a crash after it
-leaves a complete version. No reader ever sees a version whose blobs are not in place.
+`Registry` is the one object callers hold; each job lives in its own module and this class
+only opens the store, checks what every call shares and delegates:
+
+| module | job |
+|---|---|
+| `bases.py` | base models: register, find by name, fingerprint cache |
+| `versions.py` | push: validate, write blobs, commit the version and its event |
+| `lookup.py` | resolve refs, list versions, page through adapters (keyset) |
+| `aliases.py` | compare-and-set alias moves and their audit log |
+| `deletion.py` | delete a version (and, forced, the aliases on it) |
+| `pull.py` | a version's tensors or peft files, digest-checked |
+| `changefeed.py` | the change feed: events, the head, waiting (LISTEN/NOTIFY or polling) |
 
 Environment failures (disk full, read-only or forbidden storage, a dropped database) come
 out as typed errors naming the path or database (`registry/faults.py`): public reads retry
@@ -22,39 +30,20 @@ act on every tenant; only admins register bases and create admin tokens.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import json
-import math
 import os
-import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
-from loraplex.errors import (
-    AliasConflict,
-    DataCorruption,
-    FailedPrecondition,
-    IncompatibleAdapter,
-    InvalidArgument,
-    LoraplexError,
-    NotFound,
-    PermissionDenied,
-    Unauthenticated,
-    ValidationFailed,
-    quote,
-)
+from loraplex.errors import DataCorruption, InvalidArgument, PermissionDenied
 from loraplex.fingerprint import BaseFingerprint
-from loraplex.peft_format import PEFT_PREFIX
-from loraplex.registry import db, faults, tensorfile
+from loraplex.registry import aliases, changefeed, db, deletion, faults, lookup, pull, versions
 from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore, open_blob_store
-from loraplex.registry.content import adapter_digest
-from loraplex.registry.db import adapters, alias_moves, aliases, versions
+from loraplex.registry.db import adapters
 from loraplex.registry.records import (
     UNSET,
     AdapterVersion,
@@ -63,32 +52,14 @@ from loraplex.registry.records import (
     GcReport,
     Identity,
     LoadedAdapter,
+    Scope,
 )
-from loraplex.registry.refs import LATEST, AdapterRef, check_name, parse_key, parse_ref
+from loraplex.registry.refs import AdapterRef
+from loraplex.registry.rows import Store, now, utc
 from loraplex.registry.settings import RegistrySettings
-from loraplex.registry.validation import ValidAdapter, validate
+from loraplex.registry.tokens import TokenEvent, TokenInfo, Tokens
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-MANIFEST_FILE = "loraplex_manifest.json"
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-TOKEN_PREFIX = "lpx_"
-CHANGES_CHANNEL = "lpx_changes"  # PostgreSQL NOTIFY channel of new `changes` rows
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _utc(ts: datetime) -> datetime:
-    """SQLite hands timestamps back naive (they were written in UTC), PostgreSQL in the
-    session's zone: normalise both to UTC."""
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-
-
-def _not_found(tenant: str, name: str) -> NotFound:
-    """The one message for "missing" and "someone else's": nothing leaks across tenants."""
-    return NotFound(f"adapter {tenant}/{name} not found", field="ref")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Registry:
@@ -102,12 +73,19 @@ class Registry:
         self.read_only = read_only
         self.db_where = _where(engine)
         self.base_catalog = BaseCatalog(engine, self.settings.commit_retries)
+        self.store = Store(engine, blobs, self.settings, self.base_catalog,
+                           after_blobs=lambda: self._on_blobs_written())
+        self.feed = changefeed.ChangeFeed(engine, self.settings.change_poll_s)
+        self.tokens = Tokens(engine, self.settings, read_only=read_only)
         if not read_only:
             self._create_tables()
 
     @faults.writes
     def _create_tables(self) -> None:
         db.create_tables(self.engine)
+
+    def _on_blobs_written(self) -> None:
+        """Seam between a push's blob writes and its commit; crash tests inject faults."""
 
     # ---------------------------------------------------------------- lifecycle
     @classmethod
@@ -131,6 +109,7 @@ class Registry:
                    read_only=read_only)
 
     def close(self) -> None:
+        self.feed.close()
         self.engine.dispose()
 
     def __enter__(self) -> Registry:
@@ -169,269 +148,66 @@ class Registry:
         """Every known base with the names it was registered under."""
         return self.base_catalog.list()
 
-    # ---------------------------------------------------------------- registration
+    # ---------------------------------------------------------------- versions
     @faults.writes
     def push(self, identity: Identity, adapter_dir: str | os.PathLike[str], name: str, *,
              base: BaseArg = None, lineage: dict[str, Any] | None = None) -> AdapterVersion:
-        """Register the peft adapter in `adapter_dir` as the next version of `name`.
-
-        Only `adapter_config.json` and `adapter_model.safetensors` are read. Pickled adapter
-        weights (`adapter_model.bin`, `.pt`, …) are refused even beside a safetensors file,
-        since they may differ from it; other files of a training run (`training_args.bin`,
-        `optimizer.pt`) are neither read nor stored, so they are left alone."""
-        d = Path(adapter_dir)
-        if not d.is_dir():
-            raise InvalidArgument(f"{d} is not a directory", field="adapter_dir")
-        problems = []
-        pickles = sorted(p.name for p in d.iterdir()
-                         if p.suffix.lower() in PICKLE_SUFFIXES and p.stem.startswith("adapter"))
-        if pickles:
-            problems.append(f"files: pickle weight files are refused ({', '.join(pickles)}); "
-                            "save with safetensors (save_pretrained(safe_serialization=True))")
-        for fname in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (d / fname).is_file():
-                problems.append(f"files: {fname} is missing from {d}")
-        if any(p.startswith("files: ") and "missing" in p for p in problems):
-            raise ValidationFailed(problems, field="files")
-        try:
-            config_bytes = (d / CONFIG_FILE).read_bytes()
-            weights_bytes = (d / WEIGHTS_FILE).read_bytes()
-        except OSError as e:
-            raise faults.os_error(e, "reading adapter files in", d) from e
-        return self._register(identity, name, config_bytes, weights_bytes, base, lineage,
-                              problems)
+        """Register the peft adapter in `adapter_dir` as the next version of `name`
+        (`versions.read_adapter_dir` says which files are read and which refused)."""
+        config, weights, problems = versions.read_adapter_dir(adapter_dir)
+        return versions.register(self.store, identity, name, config, weights, base,
+                                 lineage, problems)
 
     @faults.writes
     def push_bytes(self, identity: Identity, name: str, config_json: bytes,
                    safetensors: bytes, *, base: BaseArg = None,
                    lineage: dict[str, Any] | None = None) -> AdapterVersion:
         """`push` for callers holding the two files in memory (gRPC upload, trainer)."""
-        return self._register(identity, name, config_json, safetensors, base, lineage, [])
+        return versions.register(self.store, identity, name, config_json, safetensors,
+                                 base, lineage, [])
 
-    def _register(self, identity: Identity, name: str, config_bytes: bytes,
-                  weights_bytes: bytes, base: BaseArg, lineage: dict[str, Any] | None,
-                  problems: list[str]) -> AdapterVersion:
-        tenant, aname = parse_key(name)
-        if not identity.can_access(tenant):
-            raise PermissionDenied(f"{identity.who} may not push adapters of tenant {tenant}",
-                                   field="name")
-        lineage = _json_object(lineage, "lineage")
-        fp, base_problems = self.base_catalog.for_upload(base, _loose_json(config_bytes),
-                                                             lineage)
-        valid = validate(config_bytes, weights_bytes, fp, self.settings,
-                         prior=problems + base_problems)
-        if fp is None:  # validate raised already; keeps the type checker honest
-            raise ValidationFailed(["base: unknown"], field="base")
-        existing = self._existing(tenant, aname, valid.digest)
-        if existing is not None:
-            return _same_base(existing, fp)
-        config_blob = self.blobs.put(valid.config_bytes)
-        weights_blob = self.blobs.put(valid.weights_bytes)
-        self._on_blobs_written()
-        return db.with_retries(
-            lambda: self._insert_version(identity, tenant, aname, valid, fp, lineage,
-                                         config_blob, weights_blob),
-            self.settings.commit_retries)
-
-    def _on_blobs_written(self) -> None:
-        """Seam between the blob writes and the commit; crash tests inject faults here."""
-
-    def _existing(self, tenant: str, name: str, digest: str) -> AdapterVersion | None:
-        with db.read_tx(self.engine) as conn:
-            row = conn.execute(self._version_query().where(
-                adapters.c.tenant == tenant, adapters.c.name == name,
-                versions.c.digest == digest)).first()
-            return self._to_version(conn, row, created=False) if row else None
-
-    def _insert_version(self, identity: Identity, tenant: str, name: str, valid: ValidAdapter,
-                        fp: BaseFingerprint, lineage: dict[str, Any], config_blob: str,
-                        weights_blob: str) -> AdapterVersion:
-        now = _now()
-        with db.write_tx(self.engine) as conn:
-            db.insert_ignore(conn, adapters, {"tenant": tenant, "name": name,
-                                              "last_version": 0, "created_at": now})
-            adapter_id = self._adapter_id(conn, tenant, name)
-            row = db.lock_adapter(conn, adapter_id)
-            same = conn.execute(self._version_query().where(
-                versions.c.adapter_id == adapter_id, versions.c.digest == valid.digest)).first()
-            if same is not None:  # an identical push won the race
-                return _same_base(self._to_version(conn, same, created=False), fp)
-            number = row.last_version + 1
-            conn.execute(sa.update(adapters).where(adapters.c.id == adapter_id)
-                         .values(last_version=number))
-            self.base_catalog.ensure(conn, fp, now)
-            conn.execute(sa.insert(versions).values(
-                adapter_id=adapter_id, version=number, digest=valid.digest,
-                config_blob=config_blob, weights_blob=weights_blob,
-                size_bytes=len(valid.config_bytes) + len(valid.weights_bytes),
-                rank=valid.rank, alpha=valid.alpha, use_rslora=valid.use_rslora,
-                target_modules=list(valid.target_modules), dtype=valid.dtype,
-                base_digest=fp.digest, lineage=lineage, created_at=now,
-                created_by=identity.who))
-            self._emit(conn, "version_created", tenant, name, number, None, valid.digest, now)
-        return AdapterVersion(
-            tenant=tenant, name=name, version=number, digest=valid.digest,
-            size_bytes=len(valid.config_bytes) + len(valid.weights_bytes), rank=valid.rank,
-            alpha=valid.alpha, use_rslora=valid.use_rslora, target_modules=valid.target_modules,
-            dtype=valid.dtype, base=fp, lineage=lineage, created_at=now,
-            created_by=identity.who, config_blob=config_blob, weights_blob=weights_blob)
-
-    # ---------------------------------------------------------------- reading
     @faults.reads
     def resolve(self, identity: Identity, ref: str | AdapterRef) -> AdapterVersion:
         """The version a ref names right now (aliases and `latest` are followed)."""
-        r = parse_ref(ref)
-        with db.read_tx(self.engine) as conn:
-            if r.digest is not None:
-                return self._resolve_digest(conn, identity, r.digest)
-            tenant, name = r.tenant or "", r.name or ""
-            adapter_id = self._visible_adapter(conn, identity, tenant, name)
-            q = self._version_query().where(versions.c.adapter_id == adapter_id)
-            if r.version is not None:
-                row = conn.execute(q.where(versions.c.version == r.version)).first()
-                if row is None:
-                    raise NotFound(f"version {r} not found", field="ref")
-            elif r.alias is not None and r.alias != LATEST:
-                number = self._alias_target(conn, adapter_id, r.alias)
-                if number is None:
-                    raise NotFound(f"alias {r} not found", field="ref")
-                row = conn.execute(q.where(versions.c.version == number)).first()
-                if row is None:  # cannot happen: deleting a version drops its aliases
-                    raise NotFound(f"alias {r} points at a deleted version", field="ref")
-            else:
-                row = conn.execute(q.order_by(versions.c.version.desc()).limit(1)).first()
-                if row is None:
-                    raise _not_found(tenant, name)
-            return self._to_version(conn, row)
-
-    def _resolve_digest(self, conn: Connection, identity: Identity,
-                        digest: str) -> AdapterVersion:
-        q = self._version_query().where(versions.c.digest == digest)
-        if not identity.is_admin:
-            q = q.where(adapters.c.tenant == identity.tenant)
-        row = conn.execute(q.order_by(versions.c.id).limit(1)).first()
-        if row is None:
-            raise NotFound(f"adapter {digest} not found", field="ref")
-        return self._to_version(conn, row)
+        return lookup.resolve(self.store, identity, ref)
 
     @faults.reads
     def list_adapters(self, identity: Identity, *, tenant: str | None = None,
                       page_size: int = 100, page_token: str | None = None
                       ) -> tuple[list[AdapterVersion], str | None]:
         """The newest version of every visible adapter, ordered by `tenant/name`."""
-        if not 1 <= page_size <= 1000:
-            raise InvalidArgument("page_size must be between 1 and 1000", field="page_size")
-        if tenant is not None:
-            check_name(tenant, "tenant", field="tenant")
-            if not identity.can_access(tenant):
-                return [], None
-        elif not identity.is_admin:
-            tenant = identity.tenant
-        newest = (sa.select(versions.c.adapter_id, sa.func.max(versions.c.version).label("v"))
-                  .group_by(versions.c.adapter_id).subquery())
-        q = self._version_query().join(newest, sa.and_(
-            versions.c.adapter_id == newest.c.adapter_id, versions.c.version == newest.c.v))
-        if tenant is not None:
-            q = q.where(adapters.c.tenant == tenant)
-        if page_token:
-            t, n = _decode_page_token(page_token)
-            q = q.where(sa.or_(adapters.c.tenant > t,
-                               sa.and_(adapters.c.tenant == t, adapters.c.name > n)))
-        q = q.order_by(adapters.c.tenant, adapters.c.name).limit(page_size + 1)
-        with db.read_tx(self.engine) as conn:
-            rows = conn.execute(q).all()
-            out = [self._to_version(conn, r) for r in rows[:page_size]]
-        token = _encode_page_token(out[-1].key) if len(rows) > page_size else None
-        return out, token
+        return lookup.list_adapters(self.store, identity, tenant=tenant,
+                                    page_size=page_size, page_token=page_token)
 
     @faults.reads
     def list_versions(self, identity: Identity, key: str) -> list[AdapterVersion]:
         """Every live version of `tenant/name`, oldest first."""
-        tenant, name = parse_key(key, field="ref")
-        with db.read_tx(self.engine) as conn:
-            adapter_id = self._visible_adapter(conn, identity, tenant, name)
-            rows = conn.execute(self._version_query().where(versions.c.adapter_id == adapter_id)
-                                .order_by(versions.c.version)).all()
-            if not rows:
-                raise _not_found(tenant, name)
-            return [self._to_version(conn, r) for r in rows]
+        return lookup.list_versions(self.store, identity, key)
 
+    # ---------------------------------------------------------------- aliases
     @faults.reads
     def aliases(self, identity: Identity, key: str) -> dict[str, int]:
         """alias -> version number for `tenant/name` (`latest` is implicit, not listed)."""
-        tenant, name = parse_key(key, field="ref")
-        with db.read_tx(self.engine) as conn:
-            adapter_id = self._visible_adapter(conn, identity, tenant, name)
-            rows = conn.execute(sa.select(aliases.c.alias, aliases.c.version)
-                                .where(aliases.c.adapter_id == adapter_id)
-                                .order_by(aliases.c.alias)).all()
-        return {a: v for a, v in rows}
+        return aliases.aliases_of(self.store, identity, key)
 
-    # ---------------------------------------------------------------- aliases
     @faults.writes
     def set_alias(self, identity: Identity, ref: str | AdapterRef, alias: str, *,
                   expected: int | None = UNSET) -> AliasMove:
         """Point `alias` at the version `ref` names, compare-and-set: `expected` is the
         version the alias must point at now, None = it must not exist, UNSET = any.
         `latest` cannot be moved: it always follows the newest version."""
-        check_name(alias, "alias", field="alias")
-        if alias == LATEST:
-            raise InvalidArgument("`latest` follows the newest version and cannot be moved",
-                                  field="alias")
-        if expected is not UNSET and expected is not None and (
-                isinstance(expected, bool) or not isinstance(expected, int) or expected < 1):
-            raise InvalidArgument(f"expected must be a version number >= 1, None or UNSET, "
-                                  f"got {quote(expected)}", field="expected")
+        aliases.check_move(alias, expected)
+        identity.require("publish", "move aliases")
         target = self.resolve(identity, ref)
-        return db.with_retries(lambda: self._move_alias(identity, target, alias, expected),
+        return db.with_retries(lambda: aliases.move(self.store, identity, target, alias,
+                                                    expected),
                                self.settings.commit_retries)
-
-    def _move_alias(self, identity: Identity, target: AdapterVersion, alias: str,
-                    expected: int | None) -> AliasMove:
-        now = _now()
-        with db.write_tx(self.engine) as conn:
-            adapter_id = self._adapter_id(conn, target.tenant, target.name)
-            db.lock_adapter(conn, adapter_id)
-            alive = conn.execute(sa.select(versions.c.id).where(
-                versions.c.adapter_id == adapter_id,
-                versions.c.version == target.version)).first()
-            if alive is None:
-                raise NotFound(f"version {target.ref} not found", field="ref")
-            current = self._alias_target(conn, adapter_id, alias)
-            if expected is not UNSET and current != expected:
-                raise AliasConflict(
-                    f"alias {target.key}@{alias} points at {_vname(current)}, expected "
-                    f"{_vname(expected)}; re-read and retry", field="expected")
-            move = AliasMove(target.tenant, target.name, alias, current, target.version,
-                             now, identity.who)
-            if current == target.version:
-                return move  # already there: nothing to log
-            if current is None:
-                conn.execute(sa.insert(aliases).values(
-                    adapter_id=adapter_id, alias=alias, version=target.version,
-                    updated_at=now, updated_by=identity.who))
-            else:
-                conn.execute(sa.update(aliases).where(
-                    aliases.c.adapter_id == adapter_id, aliases.c.alias == alias)
-                    .values(version=target.version, updated_at=now, updated_by=identity.who))
-            self._log_move(conn, adapter_id, move)
-            self._emit(conn, "alias_moved", target.tenant, target.name, target.version, alias,
-                       target.digest, now)
-            return move
 
     @faults.reads
     def alias_history(self, identity: Identity, key: str,
                       alias: str | None = None) -> list[AliasMove]:
         """The audit log of `tenant/name`'s aliases (one alias, or all), oldest first."""
-        tenant, name = parse_key(key, field="ref")
-        with db.read_tx(self.engine) as conn:
-            adapter_id = self._visible_adapter(conn, identity, tenant, name)
-            q = sa.select(alias_moves).where(alias_moves.c.adapter_id == adapter_id)
-            if alias is not None:
-                q = q.where(alias_moves.c.alias == alias)
-            rows = conn.execute(q.order_by(alias_moves.c.id)).all()
-        return [AliasMove(tenant, name, r.alias, r.from_version, r.to_version, _utc(r.at), r.by)
-                for r in rows]
+        return aliases.history(self.store, identity, key, alias)
 
     # ---------------------------------------------------------------- retiring
     @faults.writes
@@ -439,75 +215,22 @@ class Registry:
                        force: bool = False) -> AdapterVersion:
         """Remove a version (its blobs go at the next `gc`). Refused while an alias points
         at it, unless `force`, which removes those aliases too (logged). The ref must pin
-        the version (`t/n:vN` or `sha256:…`): `rm t/n` deleting whatever is newest at that
-        moment is too easy a mistake."""
-        r = parse_ref(ref)
-        if r.version is None and r.digest is None:
-            raise InvalidArgument(f"delete needs a pinned version (t/n:vN or sha256:…), got "
-                                  f"{r!s}", field="ref")
-        target = self.resolve(identity, r)
-        return db.with_retries(lambda: self._delete(identity, target, force),
+        the version (`t/n:vN` or `sha256:…`)."""
+        identity.require("publish", "delete versions")
+        target = self.resolve(identity, deletion.pinned(ref))
+        return db.with_retries(lambda: deletion.delete(self.store, identity, target, force),
                                self.settings.commit_retries)
-
-    def _delete(self, identity: Identity, target: AdapterVersion, force: bool) -> AdapterVersion:
-        now = _now()
-        with db.write_tx(self.engine) as conn:
-            adapter_id = self._adapter_id(conn, target.tenant, target.name)
-            db.lock_adapter(conn, adapter_id)
-            pointing = conn.execute(sa.select(aliases.c.alias).where(
-                aliases.c.adapter_id == adapter_id, aliases.c.version == target.version)
-                .order_by(aliases.c.alias)).scalars().all()
-            if pointing and not force:
-                raise FailedPrecondition(
-                    f"{target.ref} is the target of alias {', '.join(pointing)}: move the "
-                    "alias first, or force the delete", field="ref")
-            gone = conn.execute(sa.delete(versions).where(
-                versions.c.adapter_id == adapter_id, versions.c.version == target.version))
-            if gone.rowcount == 0:
-                raise NotFound(f"version {target.ref} not found", field="ref")
-            for alias in pointing:
-                conn.execute(sa.delete(aliases).where(aliases.c.adapter_id == adapter_id,
-                                                      aliases.c.alias == alias))
-                self._log_move(conn, adapter_id, AliasMove(
-                    target.tenant, target.name, alias, target.version, None, now, identity.who))
-                self._emit(conn, "alias_moved", target.tenant, target.name, None, alias, None,
-                           now)
-            self._emit(conn, "version_deleted", target.tenant, target.name, target.version,
-                       None, target.digest, now)
-        return target
 
     # ---------------------------------------------------------------- content
     def load_adapter(self, version: AdapterVersion) -> LoadedAdapter:
         """Config + torch tensors of a version, every byte digest-checked. Tensor keys are
         base-model module paths (`model.layers.0.self_attn.q_proj.lora_A.weight`)."""
-        from safetensors.torch import load as load_safetensors
-
-        config_bytes = self.blobs.get(version.config_blob)
-        weights = self.blobs.get(version.weights_blob)
-        config = json.loads(config_bytes)
-        tf = tensorfile.parse(weights)
-        names = {k: k.removeprefix(PEFT_PREFIX) for k in tf.tensors}
-        if adapter_digest(config, tf, names) != version.digest:
-            raise DataCorruption(f"{version.ref}: stored content does not hash to "
-                                 f"{version.digest}", field="digest")
-        tensors = {names[k]: t for k, t in load_safetensors(weights).items()}
-        return LoadedAdapter(config=config, tensors=tensors, version=version)
+        return pull.load_adapter(self.blobs, version)
 
     def pull(self, identity: Identity, ref: str | AdapterRef,
              dest: str | os.PathLike[str]) -> Path:
         """Write the version's peft files (plus `loraplex_manifest.json`) into `dest`."""
-        v = self.resolve(identity, ref)
-        config_bytes = self.blobs.get(v.config_blob)
-        weights = self.blobs.get(v.weights_blob)
-        out = Path(dest)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / CONFIG_FILE).write_bytes(config_bytes)
-            (out / WEIGHTS_FILE).write_bytes(weights)
-            (out / MANIFEST_FILE).write_text(json.dumps(v.manifest(), indent=2, sort_keys=True))
-        except OSError as e:
-            raise faults.os_error(e, f"pulling {v.ref} into", out) from e
-        return out
+        return pull.write_files(self.blobs, self.resolve(identity, ref), dest)
 
     @faults.reads
     def verify(self) -> list[str]:
@@ -530,139 +253,136 @@ class Registry:
     @faults.writes
     def gc(self, *, min_age_s: float | None = None) -> GcReport:
         """Delete blobs no version references (and stale temp files), sparing blobs
-        younger than `min_age_s`: they may belong to a registration still committing."""
+        younger than `min_age_s`, by file age and by the time a push last used them (as
+        recorded in the database): they may belong to a registration still committing.
+
+        The listing and the first reading of the database only nominate candidates; each
+        one is decided again in its own write transaction, under the `lpx_blobs` row lock
+        that a push takes before it commits a version using the blob, and deleted while
+        that lock is held. A push that reuses a blob gc is about to take therefore either
+        commits first (gc sees the reference and keeps it) or finds it gone under the lock
+        and writes it again."""
         age_limit = self.settings.gc_min_age_s if min_age_s is None else min_age_s
-        listing = list(self.blobs.list())  # before reading the DB: see module docstring
+        listing = list(self.blobs.list())
         referenced = set(self._blob_users())
         removed, freed, kept = [], 0, 0
         for digest, size, age in listing:
             if digest in referenced or age < age_limit:
                 kept += 1
-            elif self.blobs.delete(digest):
+                continue
+            self._on_gc_candidate(digest)
+            if db.with_retries(lambda d=digest: self._collect(d, age_limit),
+                               self.settings.commit_retries):
                 removed.append(digest)
                 freed += size
+            else:
+                kept += 1
         if isinstance(self.blobs, LocalBlobStore):
             for tmp in self.blobs.stale_temp_files(age_limit):
                 tmp.unlink(missing_ok=True)
         return GcReport(removed=removed, freed_bytes=freed, kept=kept)
 
+    def _on_gc_candidate(self, digest: str) -> None:
+        """Seam between gc's nomination of a blob and its decision; race tests use it."""
+
+    def _collect(self, digest: str, age_limit: float) -> bool:
+        """Delete `digest` if, under its `lpx_blobs` row lock, no version uses it and no
+        push used it within `age_limit`; True if it was deleted."""
+        at = now()
+        with db.write_tx(self.engine) as conn:
+            db.insert_ignore(conn, db.blobs, {"digest": digest, "used_at": _EPOCH})
+            q = sa.select(db.blobs.c.used_at).where(db.blobs.c.digest == digest)
+            if conn.dialect.name == "postgresql":
+                q = q.with_for_update()
+            used_at = utc(conn.execute(q).scalar_one())
+            v = db.versions
+            in_use = conn.execute(sa.select(v.c.id).where(sa.or_(
+                v.c.config_blob == digest, v.c.weights_blob == digest)).limit(1)).first()
+            if in_use is not None or (at - used_at).total_seconds() < age_limit:
+                return False
+            gone = self.blobs.delete(digest, min_age_s=age_limit)
+            conn.execute(sa.delete(db.blobs).where(db.blobs.c.digest == digest))
+            return gone
+
     def _blob_users(self) -> dict[str, list[str]]:
-        q = (sa.select(adapters.c.tenant, adapters.c.name, versions.c.version,
-                       versions.c.config_blob, versions.c.weights_blob)
-             .select_from(versions.join(adapters)))
+        v = db.versions
+        q = (sa.select(adapters.c.tenant, adapters.c.name, v.c.version, v.c.config_blob,
+                       v.c.weights_blob).select_from(v.join(adapters)))
         users: dict[str, list[str]] = {}
         with db.read_tx(self.engine) as conn:
-            for t, n, v, cb, wb in conn.execute(q):
+            for t, n, ver, cb, wb in conn.execute(q):
                 for blob in (cb, wb):
-                    users.setdefault(blob, []).append(f"{t}/{n}:v{v}")
+                    users.setdefault(blob, []).append(f"{t}/{n}:v{ver}")
         return users
 
     # ---------------------------------------------------------------- tokens
+    # The lifecycle lives in registry/tokens.py (`self.tokens`); these keep the typed
+    # database errors of the rest of the registry.
     @faults.writes
-    def create_token(self, identity: Identity, tenant: str, *, admin: bool = False) -> str:
-        """A new API token for `tenant`; only its sha256 is stored, so show it once."""
-        check_name(tenant, "tenant", field="tenant")
-        if admin and not identity.is_admin:
-            raise PermissionDenied("only an admin can create admin tokens", field="admin")
-        if not identity.can_access(tenant):
-            raise PermissionDenied(f"{identity.who} may not create tokens for tenant {tenant}",
-                                   field="tenant")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        with db.write_tx(self.engine) as conn:
-            conn.execute(sa.insert(db.tokens).values(
-                token_hash=_token_hash(token), tenant=tenant,
-                role="admin" if admin else "tenant", created_at=_now(),
-                created_by=identity.who))
-        return token
+    def create_token(self, identity: Identity, tenant: str, *, admin: bool = False,
+                     scope: Scope | None = None, ttl_s: float | None = None,
+                     label: str = "") -> str:
+        """A new API token for `tenant` (scope `publish` unless given); only its sha256
+        is stored, so show it once. `Tokens.create` also returns its record."""
+        return self.tokens.create(identity, tenant, admin=admin, scope=scope, ttl_s=ttl_s,
+                                  label=label)[0]
+
+    @faults.writes
+    def issue_token(self, identity: Identity, tenant: str, *, admin: bool = False,
+                    scope: Scope | None = None, ttl_s: float | None = None,
+                    label: str = "") -> tuple[str, TokenInfo]:
+        """`create_token` that also returns the new token's record (CLI, AdminService)."""
+        return self.tokens.create(identity, tenant, admin=admin, scope=scope, ttl_s=ttl_s,
+                                  label=label)
 
     @faults.reads
-    def authenticate(self, token: str) -> Identity:
-        """The identity a token stands for; `Unauthenticated` for anything unknown.
-        Tokens carry 256 random bits, so a plain sha256 is a safe, fast lookup key."""
-        if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX):
-            raise Unauthenticated("invalid API token")
-        h = _token_hash(token)
-        with db.read_tx(self.engine) as conn:
-            row = conn.execute(sa.select(db.tokens).where(db.tokens.c.token_hash == h)).first()
-        if row is None:
-            raise Unauthenticated("invalid API token")
-        return Identity(tenant=row.tenant, role=row.role,
-                        subject=f"{row.role}:{row.tenant}/token:{h[:12]}")
+    def authenticate(self, token: str, *, peer: str | None = None) -> Identity:
+        """The identity a token stands for; `Unauthenticated` for anything unknown,
+        expired or revoked, `AuthThrottled` while `peer` backs off (registry/tokens.py)."""
+        return self.tokens.authenticate(token, peer=peer)
 
-    # ---------------------------------------------------------------- watchers
+    @faults.reads
+    def list_tokens(self, identity: Identity, tenant: str | None = None, *,
+                    include_inactive: bool = False) -> list[TokenInfo]:
+        return self.tokens.list(identity, tenant, include_inactive=include_inactive)
+
+    @faults.writes
+    def revoke_token(self, identity: Identity, token_id: str) -> TokenInfo:
+        return self.tokens.revoke(identity, token_id)
+
+    @faults.writes
+    def rotate_token(self, identity: Identity, token_id: str, *, grace_s: float = 0.0,
+                     ttl_s: float | None = None) -> tuple[str, TokenInfo]:
+        return self.tokens.rotate(identity, token_id, grace_s=grace_s, ttl_s=ttl_s)
+
+    @faults.reads
+    def token_history(self, identity: Identity, tenant: str | None = None) -> list[TokenEvent]:
+        return self.tokens.history(identity, tenant)
+
+    # ---------------------------------------------------------------- change feed
     @faults.reads
     def changes(self, after: int = 0, *, limit: int = 1000) -> list[Change]:
         """Events with id > `after`, oldest first (ids are visible in commit order)."""
-        with db.read_tx(self.engine) as conn:
-            rows = conn.execute(sa.select(db.changes).where(db.changes.c.id > after)
-                                .order_by(db.changes.c.id).limit(limit)).all()
-        return [Change(id=r.id, kind=r.kind, tenant=r.tenant, name=r.name, version=r.version,
-                       alias=r.alias, digest=r.digest, at=_utc(r.at)) for r in rows]
+        return changefeed.read(self.engine, after, limit)
 
-    # ---------------------------------------------------------------- helpers
-    @staticmethod
-    def _version_query() -> sa.Select:
-        return (sa.select(versions, adapters.c.tenant, adapters.c.name)
-                .select_from(versions.join(adapters)))
+    @faults.reads
+    def latest_change_id(self) -> int:
+        """The id of the newest event (0: none yet); a watcher starts there."""
+        return changefeed.latest_id(self.engine)
 
-    def _to_version(self, conn: Connection, row: sa.Row, *, created: bool = True
-                    ) -> AdapterVersion:
-        fp = self.base_catalog.by_digest(conn, row.base_digest)
-        if fp is None:  # FK guarantees the row; a missing one is a bug
-            raise NotFound(f"base {row.base_digest} of {row.tenant}/{row.name} is gone")
-        return AdapterVersion(
-            tenant=row.tenant, name=row.name, version=row.version, digest=row.digest,
-            size_bytes=row.size_bytes, rank=row.rank, alpha=row.alpha,
-            use_rslora=row.use_rslora, target_modules=tuple(row.target_modules),
-            dtype=row.dtype, base=fp, lineage=dict(row.lineage or {}),
-            created_at=_utc(row.created_at), created_by=row.created_by,
-            config_blob=row.config_blob, weights_blob=row.weights_blob, created=created)
+    @faults.reads
+    def wait_for_changes(self, after: int, timeout: float, *,
+                         limit: int = 1000) -> list[Change]:
+        """Events with id > `after` as soon as there is one, or [] after `timeout` s
+        (PostgreSQL: woken by NOTIFY within milliseconds; SQLite: polled every
+        `settings.change_poll_s`)."""
+        return self.feed.wait(after, timeout, limit)
 
-    @staticmethod
-    def _adapter_id(conn: Connection, tenant: str, name: str) -> int:
-        adapter_id = conn.execute(sa.select(adapters.c.id).where(
-            adapters.c.tenant == tenant, adapters.c.name == name)).scalar()
-        if adapter_id is None:
-            raise _not_found(tenant, name)
-        return adapter_id
-
-    def _visible_adapter(self, conn: Connection, identity: Identity, tenant: str,
-                         name: str) -> int:
-        if not identity.can_access(tenant):
-            raise _not_found(tenant, name)
-        return self._adapter_id(conn, tenant, name)
-
-    @staticmethod
-    def _alias_target(conn: Connection, adapter_id: int, alias: str) -> int | None:
-        return conn.execute(sa.select(aliases.c.version).where(
-            aliases.c.adapter_id == adapter_id, aliases.c.alias == alias)).scalar()
-
-    @staticmethod
-    def _log_move(conn: Connection, adapter_id: int, move: AliasMove) -> None:
-        conn.execute(sa.insert(alias_moves).values(
-            adapter_id=adapter_id, alias=move.alias, from_version=move.from_version,
-            to_version=move.to_version, at=move.at, by=move.by))
-
-    @staticmethod
-    def _emit(conn: Connection, kind: str, tenant: str, name: str, version: int | None,
-              alias: str | None, digest: str | None, at: datetime) -> None:
-        db.lock_changes(conn)
-        conn.execute(sa.insert(db.changes).values(kind=kind, tenant=tenant, name=name,
-                                                  version=version, alias=alias, digest=digest,
-                                                  at=at))
-        if conn.dialect.name == "postgresql":  # delivered at commit; followers wake at once
-            conn.execute(sa.text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
-
-
-def _same_base(existing: AdapterVersion, fp: BaseFingerprint) -> AdapterVersion:
-    """Identical content is the existing version, but only for the base it was registered
-    for: returning it for another base would silently record the wrong base."""
-    if existing.base.digest != fp.digest:
-        raise IncompatibleAdapter(
-            f"this content is already registered as {existing.ref} for base "
-            f"{existing.base.digest}; it cannot also be registered for base {fp.digest} "
-            "under the same name", field="base")
-    return existing
+    @property
+    def changes_notify(self) -> bool:
+        """Whether `wait_for_changes` is woken by the database (PostgreSQL) rather than
+        by polling."""
+        return self.feed.notified
 
 
 def _sqlite_blob_dir(url: str) -> Path | None:
@@ -678,54 +398,3 @@ def _where(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
-def _token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _vname(v: int | None) -> str:
-    return "nothing" if v is None else f"v{v}"
-
-
-def _loose_json(raw: bytes) -> dict[str, Any]:
-    """Best-effort config read for base lookup; validation reports a broken config."""
-    try:
-        value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _json_object(value: dict[str, Any] | None, field: str) -> dict[str, Any]:
-    """A plain-JSON copy of `value`. Non-finite floats (a diverged loss) become the strings
-    "nan"/"inf"/"-inf": PostgreSQL's JSON has no NaN, and the record should survive."""
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{field} must be a JSON object", field=field)
-    try:
-        return json.loads(json.dumps(_finite(value), allow_nan=False))
-    except (TypeError, ValueError) as e:
-        raise InvalidArgument(f"{field} is not JSON-serialisable: {e}", field=field) from e
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _encode_page_token(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str) -> tuple[str, str]:
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-        return parse_key(text, field="page_token")
-    except (ValueError, LoraplexError):
-        raise InvalidArgument("page_token is not one this registry issued",
-                              field="page_token") from None

@@ -102,12 +102,14 @@ class S3BlobStore:
             body = self._call("GetObject", key, Key=key)["Body"]
             data = body.read()
         except _Missing:
-            raise NotFound(f"blob {digest} is missing from {self.url}") from None
+            raise NotFound(f"blob {digest} is missing from {self.url}",
+                           public=f"blob {digest} is missing from the blob store") from None
         except Exception as e:  # noqa: BLE001 - a stream cut mid-body; typed below
             raise _typed(e, "GetObject", key) from e
         if bytes_digest(data) != digest:
             raise DataCorruption(f"blob {digest} in {self.url} is corrupt: its bytes hash to "
-                                 f"{bytes_digest(data)}", field="digest")
+                                 f"{bytes_digest(data)}", field="digest",
+                                 public=f"blob {digest} is corrupt in the blob store")
         return data
 
     def exists(self, digest: str) -> bool:
@@ -118,11 +120,24 @@ class S3BlobStore:
         except _Missing:
             return False
 
-    def delete(self, digest: str) -> bool:
-        if not self.exists(digest):
-            return False
+    def delete(self, digest: str, *, min_age_s: float = 0.0) -> bool:
+        """Conditional: the object is deleted only if it is still the one just examined
+        (`If-Match` its ETag) and was not refreshed within `min_age_s`; a server that
+        answers 412 (someone wrote or refreshed it meanwhile) keeps it."""
         key = self.key(digest)
-        self._call("DeleteObject", key, Key=key)
+        try:
+            head = self._call("HeadObject", key, Key=key)
+        except _Missing:
+            return False
+        age = (datetime.now(UTC) - head["LastModified"]).total_seconds()
+        if age < min_age_s:
+            return False
+        try:
+            self._call("DeleteObject", key, Key=key, IfMatch=head["ETag"])
+        except _Changed:
+            return False
+        except _Missing:
+            return False
         return True
 
     def list(self) -> Iterator[tuple[str, int, float]]:
@@ -149,7 +164,8 @@ class S3BlobStore:
         try:
             head = self._call("HeadObject", key, Key=key)
         except _Missing:  # gc took it between our write attempt and now: write it again
-            raise Unavailable(f"blob {key} vanished while being stored; retry") from None
+            raise Unavailable(f"blob {key} vanished while being stored; retry",
+                              public="a blob vanished while being stored; retry") from None
         age = (datetime.now(UTC) - head["LastModified"]).total_seconds()
         if age >= self.refresh_after_s:
             self._call("CopyObject", key, Key=key, MetadataDirective="REPLACE",
@@ -167,6 +183,8 @@ class S3BlobStore:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in _MISSING:
                 raise _Missing() from None
+            if code in _EXISTS and op == "DeleteObject":
+                raise _Changed() from None
             if code in _EXISTS:
                 raise _AlreadyThere() from None
             raise _typed(e, op, key) from e
@@ -182,6 +200,10 @@ class _AlreadyThere(Exception):
     pass
 
 
+class _Changed(Exception):
+    """412 Precondition Failed on a conditional delete."""
+
+
 def _typed(e: BaseException, op: str, key: str) -> LoraplexError:
     """The loraplex error for a failure of the store (module doc)."""
     from botocore.exceptions import ClientError
@@ -194,15 +216,20 @@ def _typed(e: BaseException, op: str, key: str) -> LoraplexError:
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _CONFIG:
             return FailedPrecondition(f"object store refused {op} {key}: {code}: "
-                                      f"{err.get('Message', '')}", field="blob_dir")
+                                      f"{err.get('Message', '')}", field="blob_dir",
+                                      public=f"the blob store refused {op} ({code})")
         if code == "BadDigest" or code == "XAmzContentChecksumMismatch":
             return DataCorruption(f"object store refused {op} {key}: the bytes arrived "
-                                  "damaged", field="digest")
+                                  "damaged", field="digest",
+                                  public=f"the blob store refused {op}: damaged bytes")
         if status >= 500 or code in ("SlowDown", "ServiceUnavailable", "InternalError"):
-            return Unavailable(f"object store failed {op} {key}: {code}; retry later")
+            return Unavailable(f"object store failed {op} {key}: {code}; retry later",
+                               public=f"the blob store failed {op} ({code}); retry later")
         return FailedPrecondition(f"object store refused {op} {key}: {code}: "
-                                  f"{err.get('Message', '')}", field="blob_dir")
-    return Unavailable(f"object store did not answer {op} {key}: {type(e).__name__}: {e}")
+                                  f"{err.get('Message', '')}", field="blob_dir",
+                                  public=f"the blob store refused {op} ({code})")
+    return Unavailable(f"object store did not answer {op} {key}: {type(e).__name__}: {e}",
+                       public=f"the blob store did not answer {op}; retry later")
 
 
 def _snake(op: str) -> str:

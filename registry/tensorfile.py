@@ -9,6 +9,13 @@ safetensors file is a validation error.
 Format: 8-byte little-endian header length N, N bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`,
 then the data section; offsets are relative to the start of the data section.
+
+What is accepted is exactly what the `safetensors` loader accepts at serve time, checked
+here so that an upload never registers and then fails to load: one entry per name;
+every tensor's bytes match its shape and dtype; the tensors, sorted by offset, tile the
+data section from its first byte to the file's last with no gap, overlap or trailing
+byte. Header size and tensor count are capped (`RegistrySettings.max_header_bytes`,
+`.max_tensors`) so one upload cannot make the parser hold hundreds of MiB of JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loraplex.errors import quote
+from loraplex.limits import MAX_TENSOR_NAME_CHARS
 
 # safetensors dtype code -> (torch-style name, item size in bytes)
 DTYPES: dict[str, tuple[str, int]] = {
@@ -35,7 +43,8 @@ _EXPONENT_MASKS: dict[str, tuple[str, int]] = {
     "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80),
     "F32": ("<u4", 0x7F800000), "F64": ("<u8", 0x7FF0000000000000),
 }
-_MAX_HEADER = 100 << 20
+MAX_HEADER_BYTES = 8 << 20  # default cap on the JSON header (safetensors' own: 100 MB)
+MAX_TENSORS = 16384  # default cap on the tensors of one file
 
 
 class TensorFileError(ValueError):
@@ -66,15 +75,19 @@ class TensorFile:
         return memoryview(self.raw)[info.begin:info.end]
 
 
-def parse(raw: bytes) -> TensorFile:
+def parse(raw: bytes, *, max_header_bytes: int = MAX_HEADER_BYTES,
+          max_tensors: int = MAX_TENSORS) -> TensorFile:
     """Parse and bounds-check a safetensors file held in memory."""
     if len(raw) < 8:
         raise TensorFileError("file is shorter than the 8-byte header length")
     n = int.from_bytes(raw[:8], "little")
-    if n <= 0 or n > _MAX_HEADER or 8 + n > len(raw):
+    if n > max_header_bytes:
+        raise TensorFileError(f"header length {n} is out of range: it exceeds the cap of "
+                              f"{max_header_bytes} bytes")
+    if n <= 0 or 8 + n > len(raw):
         raise TensorFileError("header length is out of range (not a safetensors file?)")
     try:
-        header = json.loads(raw[8:8 + n].decode("utf-8"))
+        header = json.loads(raw[8:8 + n].decode("utf-8"), object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TensorFileError(f"header is not JSON: {e}") from e
     if not isinstance(header, dict):
@@ -83,13 +96,44 @@ def parse(raw: bytes) -> TensorFile:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise TensorFileError("__metadata__ is not an object")
+    if len(header) > max_tensors:
+        raise TensorFileError(f"{len(header)} tensors exceed the cap of {max_tensors}")
     tensors = {name: _tensor_info(name, entry, data_start, len(raw))
                for name, entry in header.items()}
+    _check_tiling(tensors, data_start, len(raw))
     return TensorFile(tensors=tensors, metadata={str(k): str(v) for k, v in metadata.items()},
                       data_start=data_start, raw=raw)
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose keys are distinct (`json` would keep the last silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise TensorFileError(f"header names {quote(key)} twice")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _check_tiling(tensors: dict[str, TensorInfo], data_start: int, total: int) -> None:
+    """The safetensors loader's rule: sorted by offset, tensors cover the data section
+    exactly (each begins where the previous ends, the last ends at the end of the file)."""
+    at = data_start
+    for info in sorted(tensors.values(), key=lambda i: (i.begin, i.end)):
+        if info.begin != at:
+            what = "overlaps the tensor before it" if info.begin < at else \
+                "leaves a gap of unused bytes before it"
+            raise TensorFileError(f"tensor {quote(info.name)}: data_offsets {what}")
+        at = info.end
+    if at != total:
+        raise TensorFileError(f"{total - at} bytes after the last tensor's data "
+                              "(the safetensors loader refuses trailing bytes)")
+
+
 def _tensor_info(name: str, entry: object, data_start: int, total: int) -> TensorInfo:
+    if len(name) > MAX_TENSOR_NAME_CHARS:
+        raise TensorFileError(f"tensor name {quote(name)} is longer than "
+                              f"{MAX_TENSOR_NAME_CHARS} characters")
     if not isinstance(entry, dict):
         raise TensorFileError(f"tensor {quote(name)}: header entry is not an object")
     code = entry.get("dtype")

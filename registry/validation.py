@@ -4,23 +4,23 @@ A rejected adapter raises `ValidationFailed` whose `violations` are lines of the
 `<field>: <problem>` (field = the config key, `adapter_model.safetensors`, a tensor name,
 `base` or `size_bytes`), so a user fixes everything in one round trip.
 
-What the runtime can serve decides what is accepted: plain LoRA (A/B pairs on the linear
-layers of the base other than its output layer), with peft's per-module `rank_pattern` /
-`alpha_pattern`. DoRA, extra trainable modules and bias terms are refused here rather than
-silently served wrong. How tensor names, `target_modules` (incl. `all-linear`) and the
+What the runtime can serve decides what is accepted: LoRA (A/B pairs on the linear layers of
+the base other than its output layer), with peft's per-module `rank_pattern` /
+`alpha_pattern`, and DoRA (`use_dora`: a magnitude vector `[out]` beside every pair). Extra
+trainable modules and bias terms are refused here rather than silently served wrong. How tensor names, `target_modules` (incl. `all-linear`) and the
 patterns are read is `loraplex.peft_format`, shared with the runtime and the trainer.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from loraplex import peft_format
 from loraplex.errors import InvalidArgument, ValidationFailed, quote
 from loraplex.fingerprint import BaseFingerprint
+from loraplex.limits import MAX_MODULE_CHARS
 from loraplex.peft_format import PEFT_PREFIX
 from loraplex.registry import tensorfile
 from loraplex.registry.content import adapter_digest
@@ -29,7 +29,6 @@ from loraplex.registry.tensorfile import FLOAT_CODES, TensorFile, TensorFileErro
 
 # config key -> why a non-empty value is refused
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters are not supported by the runtime",
     "modules_to_save": "fully trained extra modules are not supported",
     "lora_bias": "LoRA bias terms are not supported",
     "target_parameters": "LoRA on parameters (not modules) is not supported",
@@ -80,7 +79,7 @@ def validate(config_bytes: bytes, weights_bytes: bytes, base: BaseFingerprint | 
         report.add("size_bytes", f"{size} bytes exceeds the cap of "
                    f"{settings.max_adapter_bytes} (LORAPLEX_MAX_ADAPTER_BYTES)")
     config = _check_config(config_bytes, settings, report)
-    tf = _parse_weights(weights_bytes, report)
+    tf = _parse_weights(weights_bytes, settings, report)
     names: dict[str, str] = {}
     modules: set[str] = set()
     dtype = ""
@@ -123,6 +122,8 @@ def _check_config(raw: bytes, settings: RegistrySettings,
     _check_pattern(config, "alpha_pattern", None, report)
     if not isinstance(config.get("use_rslora", False), bool):
         report.add("use_rslora", "`use_rslora` must be true or false")
+    if not isinstance(config.get("use_dora", False), bool):
+        report.add("use_dora", "`use_dora` must be true or false")
     try:
         peft_format.targets_of(config)
     except InvalidArgument as e:
@@ -151,14 +152,16 @@ def _check_pattern(config: dict[str, Any], key: str, max_rank: int | None,
             report.add(key, f"{quote(k)}: rank {v} exceeds the maximum {max_rank} "
                        "(LORAPLEX_MAX_RANK)")
         try:
-            re.compile(k)
-        except re.error as e:
-            report.add(key, f"{quote(k)}: not a valid regular expression: {e}")
+            peft_format.pattern_regex(k, key)
+        except InvalidArgument as e:
+            report.add(key, e.message)
 
 
-def _parse_weights(raw: bytes, report: _Report) -> TensorFile | None:
+def _parse_weights(raw: bytes, settings: RegistrySettings,
+                   report: _Report) -> TensorFile | None:
     try:
-        tf = tensorfile.parse(raw)
+        tf = tensorfile.parse(raw, max_header_bytes=settings.max_header_bytes,
+                              max_tensors=settings.max_tensors)
     except TensorFileError as e:
         report.add("adapter_model.safetensors", f"not a safetensors file: {e}")
         return None
@@ -183,7 +186,7 @@ def _rank_of(config: dict[str, Any] | None, module: str) -> Any:
         return r
     try:
         key = peft_format.pattern_key(pattern, module)
-    except re.error:  # reported by _check_pattern
+    except InvalidArgument:  # reported by _check_pattern
         return None
     return r if key is None else pattern[key]
 
@@ -191,8 +194,10 @@ def _rank_of(config: dict[str, Any] | None, module: str) -> Any:
 def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFingerprint | None,
                    report: _Report) -> tuple[dict[str, str], set[str], str]:
     names: dict[str, str] = {}
+    seen: set[str] = set()  # normalized names: a set, so N tensors cost O(N)
     codes: set[str] = set()
     targets = _targets(config)
+    dora = config is not None and config.get("use_dora") is True
     shapes = base.linear_shapes if base is not None else None
     for stored, info in tf.tensors.items():
         key = peft_format.parse_key(stored)
@@ -204,10 +209,17 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
             report.add(stored, f"names the adapter {quote(key.adapter_name)} (a live model's "
                        "state_dict, not a saved adapter: save it with save_pretrained)")
             continue
-        if key.normalized in names.values():
+        if key.normalized in seen:
             report.add(stored, "appears twice (with and without peft's prefix)")
             continue
+        seen.add(key.normalized)
         names[stored] = key.normalized
+        if len(key.module) > MAX_MODULE_CHARS:
+            report.add(stored, f"module path is longer than {MAX_MODULE_CHARS} characters")
+            continue
+        if key.half == peft_format.MAGNITUDE and not dora:
+            report.add(stored, "a DoRA magnitude vector, but `use_dora` is not true in "
+                       "adapter_config.json")
         if targets is not None and not targets.matches(key.module, shapes):
             report.add(stored, f"module {quote(key.module)} is not among target_modules "
                        f"{quote(config.get('target_modules'))}")
@@ -223,6 +235,9 @@ def _check_tensors(tf: TensorFile, config: dict[str, Any] | None, base: BaseFing
     grouped = peft_format.pair_tensors({k: None for k in names.values()})
     for module, missing in grouped.incomplete:
         report.add(module, f"has no lora_{missing} weight")
+    if dora and (bare := sorted(set(grouped.pairs) - set(grouped.magnitudes))):
+        report.add("use_dora", f"DoRA adapter, but {len(bare)} module(s) have no magnitude "
+                   f"vector (lora_magnitude_vector), e.g. {quote(bare[0])}")
     if len(codes) > 1:
         report.add("adapter_model.safetensors",
                    f"mixes dtypes {sorted(tensorfile.DTYPES[c][0] for c in codes)}")
@@ -238,6 +253,11 @@ def _check_shape(stored: str, module: str, ab: str, shape: tuple[int, ...], r: A
                    "the runtime serves LoRA on (every one but the output layer)")
         return
     fan_in, fan_out = shapes[module]
+    if ab == peft_format.MAGNITUDE:  # one magnitude per output feature
+        if list(shape) != [fan_out]:
+            report.add(stored, f"shape {list(shape)} does not match the base: expected "
+                       f"[{fan_out}] (one DoRA magnitude per output feature)")
+        return
     rank = r if isinstance(r, int) and not isinstance(r, bool) and r > 0 else None
     want = (rank, fan_in) if ab == "A" else (fan_out, rank)
     if len(shape) != 2 or any(w is not None and w != s for w, s in zip(want, shape, strict=True)):

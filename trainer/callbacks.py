@@ -111,14 +111,3 @@ class RichProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-class StopAtStep(TrainerCallback):
-    """Raises at a given global step: the tests' stand-in for a run killed part-way."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            raise KeyboardInterrupt(f"simulated kill at step {state.global_step}")

@@ -22,7 +22,7 @@ The generators are seeded and the held-out split shares no user turn with traini
 these shapes: each answer is decided by a few words of the input (a desk keyword, a refund
 or replace phrase, a verb and a platform) plus spans copied from it (order id, item,
 subject), which a 135M instruct model already copies well; a LoRA learns the mapping from a
-couple of hundred rows in about two minutes of CPU training (README: "The demo").
+couple of hundred rows in about two minutes of CPU training (docs/demo.md).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ GENERATORS: dict[str, Callable[[random.Random], dict[str, str]]] = {
 }
 TENANT_ADAPTERS = {"acme": "acme/router", "globex": "globex/extract", "initech": "initech/changelog"}
 
-# The recipe on the real base, measured on 2 loaded CPU cores (README "The demo"): train in
+# The recipe on the real base, measured on 2 loaded CPU cores (docs/demo.md): train in
 # bf16 on the dequantized base (AMX makes bf16 matmuls several times faster than fp32 and
 # nf4 on CPU), serve on nf4; a short sequence cap (the longest row is ~90 tokens) and no
 # validation split (greedy validation generation on CPU would cost as much as training).

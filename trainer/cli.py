@@ -37,6 +37,8 @@ def train_command(
     alpha: float = typer.Option(None, help="LoRA alpha [16]."),
     dropout: float = typer.Option(None, help="LoRA dropout [0.05]."),
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised scaling."),
+    dora: bool = typer.Option(None, "--dora/--no-dora",
+                              help="DoRA: a learned magnitude per output feature [off]."),
     target_modules: str = typer.Option(
         None, help="Comma list, or all-linear [every linear layer but the output head]."),
     epochs: float = typer.Option(None, help="Epochs [3]."),
@@ -216,7 +218,28 @@ def _print_eval(report: dict[str, Any]) -> None:
     Console(file=sys.stdout).print(t)
 
 
+class GateRunner:
+    """`--gate` of `loraplex registry compress|merge`: the trainer's evaluation
+    (`trainer/gate.py`), handed to the registry CLI, which does not import the trainer."""
+
+    def check(self, gate: str) -> None:
+        from loraplex.trainer.gate import parse
+
+        parse(gate)
+
+    def run(self, reg: Any, identity: Any, gate: str, new_ref: str, source_refs: list[str],
+            data: Path, base_dir: Path, max_examples: int) -> Any:
+        from loraplex.trainer.gate import parse, run_gate
+
+        return run_gate(reg, identity, parse(gate), new_ref, source_refs, data, base_dir,
+                        max_examples=max_examples)
+
+
 def register(app: typer.Typer) -> None:
-    """Attach `train` and `eval` to the root `loraplex` command."""
+    """Attach `train` and `eval` to the root `loraplex` command, and give the registry's
+    `compress`/`merge` their `--gate`."""
+    from loraplex.registry.algebra_cli import use_gate_runner
+
     app.command("train", help=_HELP_TRAIN)(train_command)
     app.command("eval", help=_HELP_EVAL)(eval_command)
+    use_gate_runner(GateRunner())

@@ -39,6 +39,7 @@ class TrainConfig(BaseModel):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     rslora: bool = False
+    dora: bool = False  # peft's use_dora: a learned magnitude per output feature (DoRA)
     # None: every linear layer but the output head, by leaf name; "all-linear": the same set,
     # resolved by peft; else names matched as peft matches them (loraplex.peft_format)
     target_modules: list[str] | str | None = None

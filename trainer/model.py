@@ -67,7 +67,8 @@ def wrap_lora(model: Any, cfg: TrainConfig):
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      use_rslora=cfg.rslora, target_modules=targets, bias="none",
+                      use_rslora=cfg.rslora, use_dora=cfg.dora, target_modules=targets,
+                      bias="none",
                       task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, lcfg)

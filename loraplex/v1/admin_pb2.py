@@ -22,29 +22,52 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\"\"\n\x13\x41\x64minAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"D\n\x14\x41\x64minAdapterResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"\x8b\x01\n\x0fResidentAdapter\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0f\n\x07on_host\x18\x05 \x01(\x08\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\"\x11\n\x0fResidentRequest\"\x7f\n\x10ResidentResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.ResidentAdapter\x12\x12\n\nslots_used\x18\x02 \x01(\r\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nhost_bytes\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa3\x03\n\rStatsResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07loading\x18\x05 \x01(\r\x12\x12\n\nslots_used\x18\x06 \x01(\r\x12\x13\n\x0bslots_total\x18\x07 \x01(\r\x12\x12\n\nhost_bytes\x18\x08 \x01(\x04\x12\x14\n\x0ckv_rows_used\x18\t \x01(\x04\x12\x15\n\rkv_rows_total\x18\n \x01(\x04\x12\r\n\x05steps\x18\x0b \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0c \x01(\x04\x12\x19\n\x11requests_finished\x18\r \x01(\x04\x12\x19\n\x11kv_reserved_bytes\x18\x0e \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x0f \x01(\x04\x12\x16\n\x0ekv_limit_bytes\x18\x10 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x11 \x01(\x04\x12\x16\n\x0eprefix_lookups\x18\x12 \x01(\x04\x12\x13\n\x0bprefix_hits\x18\x13 \x01(\x04\x32\xd1\x03\n\x0c\x41\x64minService\x12O\n\x08Prefetch\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12M\n\x06Unload\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12J\n\x03Pin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12L\n\x05Unpin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12G\n\x08Resident\x12\x1c.loraplex.v1.ResidentRequest\x1a\x1d.loraplex.v1.ResidentResponse\x12>\n\x05Stats\x12\x19.loraplex.v1.StatsRequest\x1a\x1a.loraplex.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17loraplex/v1/admin.proto\x12\x0bloraplex.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x02\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12&\n\x05scope\x18\x03 \x01(\x0e\x32\x17.loraplex.v1.TokenScope\x12\r\n\x05\x61\x64min\x18\x04 \x01(\x08\x12\r\n\x05label\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x07 \x01(\t\x12.\n\nexpires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x63tive\x18\x0b \x01(\x08\"y\n\x12\x43reateTokenRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12&\n\x05scope\x18\x02 \x01(\x0e\x32\x17.loraplex.v1.TokenScope\x12\r\n\x05\x61\x64min\x18\x03 \x01(\x08\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\x12\r\n\x05label\x18\x05 \x01(\t\"B\n\x0bTokenSecret\x12\r\n\x05token\x18\x01 \x01(\t\x12$\n\x04info\x18\x02 \x01(\x0b\x32\x16.loraplex.v1.TokenInfo\"=\n\x11ListTokensRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x18\n\x10include_inactive\x18\x02 \x01(\x08\"<\n\x12ListTokensResponse\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.loraplex.v1.TokenInfo\"\x1c\n\x0eTokenIdRequest\x12\n\n\x02id\x18\x01 \x01(\t\"1\n\x12RotateTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07grace_s\x18\x02 \x01(\x01\"%\n\x13TokenHistoryRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"\x82\x01\n\nTokenEvent\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02\x62y\x18\x06 \x01(\t\"?\n\x14TokenHistoryResponse\x12\'\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x17.loraplex.v1.TokenEvent\"\"\n\x13\x41\x64minAdapterRequest\x12\x0b\n\x03ref\x18\x01 \x01(\t\"D\n\x14\x41\x64minAdapterResponse\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\"\x8b\x01\n\x0fResidentAdapter\x12\x0b\n\x03ref\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\r\x12\x0f\n\x07on_host\x18\x05 \x01(\x08\x12\x0e\n\x06pinned\x18\x06 \x01(\x08\x12\x18\n\x10\x61\x63tive_sequences\x18\x07 \x01(\r\"\x11\n\x0fResidentRequest\"\x7f\n\x10ResidentResponse\x12.\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1c.loraplex.v1.ResidentAdapter\x12\x12\n\nslots_used\x18\x02 \x01(\r\x12\x13\n\x0bslots_total\x18\x03 \x01(\r\x12\x12\n\nhost_bytes\x18\x04 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa3\x03\n\rStatsResponse\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x10\n\x08\x64raining\x18\x02 \x01(\x08\x12\x0f\n\x07running\x18\x03 \x01(\r\x12\x0f\n\x07waiting\x18\x04 \x01(\r\x12\x0f\n\x07loading\x18\x05 \x01(\r\x12\x12\n\nslots_used\x18\x06 \x01(\r\x12\x13\n\x0bslots_total\x18\x07 \x01(\r\x12\x12\n\nhost_bytes\x18\x08 \x01(\x04\x12\x14\n\x0ckv_rows_used\x18\t \x01(\x04\x12\x15\n\rkv_rows_total\x18\n \x01(\x04\x12\r\n\x05steps\x18\x0b \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0c \x01(\x04\x12\x19\n\x11requests_finished\x18\r \x01(\x04\x12\x19\n\x11kv_reserved_bytes\x18\x0e \x01(\x04\x12\x15\n\rkv_used_bytes\x18\x0f \x01(\x04\x12\x16\n\x0ekv_limit_bytes\x18\x10 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x11 \x01(\x04\x12\x16\n\x0eprefix_lookups\x18\x12 \x01(\x04\x12\x13\n\x0bprefix_hits\x18\x13 \x01(\x04*t\n\nTokenScope\x12\x1b\n\x17TOKEN_SCOPE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOKEN_SCOPE_INFERENCE\x10\x01\x12\x17\n\x13TOKEN_SCOPE_PUBLISH\x10\x02\x12\x15\n\x11TOKEN_SCOPE_ADMIN\x10\x03\x32\xcd\x06\n\x0c\x41\x64minService\x12O\n\x08Prefetch\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12M\n\x06Unload\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12J\n\x03Pin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12L\n\x05Unpin\x12 .loraplex.v1.AdminAdapterRequest\x1a!.loraplex.v1.AdminAdapterResponse\x12G\n\x08Resident\x12\x1c.loraplex.v1.ResidentRequest\x1a\x1d.loraplex.v1.ResidentResponse\x12>\n\x05Stats\x12\x19.loraplex.v1.StatsRequest\x1a\x1a.loraplex.v1.StatsResponse\x12H\n\x0b\x43reateToken\x12\x1f.loraplex.v1.CreateTokenRequest\x1a\x18.loraplex.v1.TokenSecret\x12M\n\nListTokens\x12\x1e.loraplex.v1.ListTokensRequest\x1a\x1f.loraplex.v1.ListTokensResponse\x12\x42\n\x0bRevokeToken\x12\x1b.loraplex.v1.TokenIdRequest\x1a\x16.loraplex.v1.TokenInfo\x12H\n\x0bRotateToken\x12\x1f.loraplex.v1.RotateTokenRequest\x1a\x18.loraplex.v1.TokenSecret\x12S\n\x0cTokenHistory\x12 .loraplex.v1.TokenHistoryRequest\x1a!.loraplex.v1.TokenHistoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraplex.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADMINADAPTERREQUEST']._serialized_start=40
-  _globals['_ADMINADAPTERREQUEST']._serialized_end=74
-  _globals['_ADMINADAPTERRESPONSE']._serialized_start=76
-  _globals['_ADMINADAPTERRESPONSE']._serialized_end=144
-  _globals['_RESIDENTADAPTER']._serialized_start=147
-  _globals['_RESIDENTADAPTER']._serialized_end=286
-  _globals['_RESIDENTREQUEST']._serialized_start=288
-  _globals['_RESIDENTREQUEST']._serialized_end=305
-  _globals['_RESIDENTRESPONSE']._serialized_start=307
-  _globals['_RESIDENTRESPONSE']._serialized_end=434
-  _globals['_STATSREQUEST']._serialized_start=436
-  _globals['_STATSREQUEST']._serialized_end=450
-  _globals['_STATSRESPONSE']._serialized_start=453
-  _globals['_STATSRESPONSE']._serialized_end=872
-  _globals['_ADMINSERVICE']._serialized_start=875
-  _globals['_ADMINSERVICE']._serialized_end=1340
+  _globals['_TOKENSCOPE']._serialized_start=1883
+  _globals['_TOKENSCOPE']._serialized_end=1999
+  _globals['_TOKENINFO']._serialized_start=74
+  _globals['_TOKENINFO']._serialized_end=413
+  _globals['_CREATETOKENREQUEST']._serialized_start=415
+  _globals['_CREATETOKENREQUEST']._serialized_end=536
+  _globals['_TOKENSECRET']._serialized_start=538
+  _globals['_TOKENSECRET']._serialized_end=604
+  _globals['_LISTTOKENSREQUEST']._serialized_start=606
+  _globals['_LISTTOKENSREQUEST']._serialized_end=667
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=669
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=729
+  _globals['_TOKENIDREQUEST']._serialized_start=731
+  _globals['_TOKENIDREQUEST']._serialized_end=759
+  _globals['_ROTATETOKENREQUEST']._serialized_start=761
+  _globals['_ROTATETOKENREQUEST']._serialized_end=810
+  _globals['_TOKENHISTORYREQUEST']._serialized_start=812
+  _globals['_TOKENHISTORYREQUEST']._serialized_end=849
+  _globals['_TOKENEVENT']._serialized_start=852
+  _globals['_TOKENEVENT']._serialized_end=982
+  _globals['_TOKENHISTORYRESPONSE']._serialized_start=984
+  _globals['_TOKENHISTORYRESPONSE']._serialized_end=1047
+  _globals['_ADMINADAPTERREQUEST']._serialized_start=1049
+  _globals['_ADMINADAPTERREQUEST']._serialized_end=1083
+  _globals['_ADMINADAPTERRESPONSE']._serialized_start=1085
+  _globals['_ADMINADAPTERRESPONSE']._serialized_end=1153
+  _globals['_RESIDENTADAPTER']._serialized_start=1156
+  _globals['_RESIDENTADAPTER']._serialized_end=1295
+  _globals['_RESIDENTREQUEST']._serialized_start=1297
+  _globals['_RESIDENTREQUEST']._serialized_end=1314
+  _globals['_RESIDENTRESPONSE']._serialized_start=1316
+  _globals['_RESIDENTRESPONSE']._serialized_end=1443
+  _globals['_STATSREQUEST']._serialized_start=1445
+  _globals['_STATSREQUEST']._serialized_end=1459
+  _globals['_STATSRESPONSE']._serialized_start=1462
+  _globals['_STATSRESPONSE']._serialized_end=1881
+  _globals['_ADMINSERVICE']._serialized_start=2002
+  _globals['_ADMINSERVICE']._serialized_end=2847
 # @@protoc_insertion_point(module_scope)

@@ -64,6 +64,31 @@ class AdminServiceStub:
                 request_serializer=loraplex_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_admin__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/loraplex.v1.AdminService/CreateToken',
+                request_serializer=loraplex_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenSecret.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/loraplex.v1.AdminService/ListTokens',
+                request_serializer=loraplex_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/loraplex.v1.AdminService/RevokeToken',
+                request_serializer=loraplex_dot_v1_dot_admin__pb2.TokenIdRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenInfo.FromString,
+                _registered_method=True)
+        self.RotateToken = channel.unary_unary(
+                '/loraplex.v1.AdminService/RotateToken',
+                request_serializer=loraplex_dot_v1_dot_admin__pb2.RotateTokenRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenSecret.FromString,
+                _registered_method=True)
+        self.TokenHistory = channel.unary_unary(
+                '/loraplex.v1.AdminService/TokenHistory',
+                request_serializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -108,6 +133,38 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """API tokens with a lifecycle. A secret is returned only by CreateToken and RotateToken,
+        once; List and the audit log never carry one. Each change is an audit row.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TokenHistory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +197,31 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=loraplex_dot_v1_dot_admin__pb2.StatsRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_admin__pb2.StatsResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=loraplex_dot_v1_dot_admin__pb2.CreateTokenRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_admin__pb2.TokenSecret.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=loraplex_dot_v1_dot_admin__pb2.ListTokensRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_admin__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenIdRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_admin__pb2.TokenInfo.SerializeToString,
+            ),
+            'RotateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateToken,
+                    request_deserializer=loraplex_dot_v1_dot_admin__pb2.RotateTokenRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_admin__pb2.TokenSecret.SerializeToString,
+            ),
+            'TokenHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.TokenHistory,
+                    request_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +386,141 @@ class AdminService:
             '/loraplex.v1.AdminService/Stats',
             loraplex_dot_v1_dot_admin__pb2.StatsRequest.SerializeToString,
             loraplex_dot_v1_dot_admin__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdminService/CreateToken',
+            loraplex_dot_v1_dot_admin__pb2.CreateTokenRequest.SerializeToString,
+            loraplex_dot_v1_dot_admin__pb2.TokenSecret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdminService/ListTokens',
+            loraplex_dot_v1_dot_admin__pb2.ListTokensRequest.SerializeToString,
+            loraplex_dot_v1_dot_admin__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdminService/RevokeToken',
+            loraplex_dot_v1_dot_admin__pb2.TokenIdRequest.SerializeToString,
+            loraplex_dot_v1_dot_admin__pb2.TokenInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdminService/RotateToken',
+            loraplex_dot_v1_dot_admin__pb2.RotateTokenRequest.SerializeToString,
+            loraplex_dot_v1_dot_admin__pb2.TokenSecret.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdminService/TokenHistory',
+            loraplex_dot_v1_dot_admin__pb2.TokenHistoryRequest.SerializeToString,
+            loraplex_dot_v1_dot_admin__pb2.TokenHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

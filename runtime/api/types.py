@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from loraplex import peft_format
 from loraplex.errors import InvalidArgument
+from loraplex.limits import MAX_RANK
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
@@ -164,7 +165,7 @@ class EngineConfig:
     compute_dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     max_slots: int = 8
-    max_rank: int = 64
+    max_rank: int = MAX_RANK  # the registry accepts no higher rank (loraplex.limits)
     max_batch: int = 32
     max_waiting: int = 256
     # Per-tenant back-pressure (None: only the global `max_waiting`): one tenant may not

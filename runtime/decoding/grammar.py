@@ -123,10 +123,6 @@ class GrammarState:
         return bool(self.matcher.is_stopped()) and not self.matcher.is_error()
 
     @property
-    def accepting(self) -> bool:
-        return bool(self.matcher.is_accepting())
-
-    @property
     def error(self) -> str:
         return str(self.matcher.get_error())
 

@@ -13,8 +13,8 @@ where `allocated` counts blocks rows hold plus idle prefix-cache blocks (at most
 `cache_blocks`). A row of `n` tokens owns `ceil(n / block_size)` blocks, so reserved
 positions stay within `1.5 × used + one block per live row` (+ the scratch block and the
 idle prefix blocks). Growth leaves 25% headroom so a decoding batch does not reallocate
-every block boundary; the pool never exceeds `max_blocks` (every row at its longest — what
-the old per-row cache reserved up front — plus `cache_blocks`), so a row the scheduler
+every block boundary; the pool never exceeds `max_blocks` (every row at its longest, plus
+`cache_blocks`), so a row the scheduler
 admitted can always get its blocks: admission by free rows stays sufficient.
 
 Stable pools (`stable=True`, with CUDA graphs: runtime/model/decode_graphs.py): a captured graph

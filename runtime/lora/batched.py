@@ -1,8 +1,9 @@
 """The batched LoRA layer: one forward of a base layer serves many adapters, per token.
 
 Each `BatchedLoraLayer` owns pre-allocated stacks `a # [max_slots+1, max_rank, in]`,
-`b # [max_slots+1, out, max_rank]`, `scale # [max_slots+1]`; slot 0 is zeros and never
-written. Activating an adapter is a `copy_` into its slot. All layers of one injection share
+`b # [max_slots+1, out, max_rank]`, `scale # [max_slots+1]` and, for DoRA adapters,
+`dora # [max_slots+1, out]` (magnitude / ‖W + s·B·A‖ − 1, 0 for a LoRA slot); slot 0 is zeros
+and never written. Activating an adapter is a `copy_` into its slot. All layers of one injection share
 one `LoraBatch`: `set_rows`/`set_tokens` store the slots of the step, the first layer of a
 forward builds the `LoraBatchPlan` (`lora_ops.make_plan`) and every other layer reuses it.
 `layers.inject_lora` puts these layers into a model; `layer_dispatch` says which base layers
@@ -15,8 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.errors import FailedPrecondition, InvalidArgument
-from loraplex.runtime.lora.dispatch import WrapSpec
-from loraplex.runtime.lora.ops import Kernel, LoraBatchPlan, add_lora, make_plan
+from loraplex.runtime.lora.dispatch import WrapSpec, base_weight
+from loraplex.runtime.lora.ops import (
+    Kernel,
+    LoraBatchPlan,
+    add_dora,
+    add_lora,
+    dora_gain,
+    make_plan,
+)
 
 # --------------------------------------------------------------------------- batch state
 
@@ -31,8 +39,10 @@ class LoraBatch:
     """
 
     def __init__(self, slot_ranks: list[int], device: torch.device,
-                 kernel: Kernel = "auto") -> None:
+                 kernel: Kernel = "auto", slot_dora: list[bool] | None = None) -> None:
         self._slot_ranks = slot_ranks  # [max_slots+1], owned by the injection, read live
+        # [max_slots+1]: the slot holds a DoRA adapter; owned by the injection, read live
+        self.slot_dora = slot_dora if slot_dora is not None else [False] * len(slot_ranks)
         self._device = device
         self.kernel = kernel  # lora_ops.make_plan's choice: "auto" | "torch" | "triton"
         self._row_slots: Tensor | None = None  # [B] int64 on cpu
@@ -66,6 +76,12 @@ class LoraBatch:
             self._slot_ranks[slot] = rank
             self._plans = {}
 
+    def note_dora(self, slot: int, dora: bool) -> None:
+        """A layer loaded a DoRA (or a plain LoRA) adapter into `slot`."""
+        if self.slot_dora[slot] != dora:
+            self.slot_dora[slot] = dora
+            self._plans = {}
+
     def plan_for(self, num_tokens: int, rows: int | None = None) -> LoraBatchPlan | None:
         """The plan for a layer input of `num_tokens` rows (`rows`: its batch dim if it has
         one, checked against row_slots); None = no adapter in the batch."""
@@ -76,7 +92,7 @@ class LoraBatch:
         plan = None
         if slots is not None and bool(slots.any()):
             plan = make_plan(slots, slot_ranks=self._slot_ranks, device=self._device,
-                             kernel=self.kernel)
+                             kernel=self.kernel, slot_dora=self.slot_dora)
         self._plans[key] = plan
         return plan
 
@@ -113,7 +129,8 @@ def b_stack(slots: int, out: int, rank: int, dtype: torch.dtype,
 
 
 class BatchedLoraLayer(nn.Module):
-    """`base(x) + scale[s] * B[s] @ (A[s] @ x)` per token, `s` from the shared LoraBatch."""
+    """`base(x) + scale[s] * B[s] @ (A[s] @ x)` per token, `s` from the shared LoraBatch; for
+    a DoRA slot, each output feature (bias aside) then times magnitude / ‖W + s·B·A‖."""
 
     def __init__(self, base_layer: nn.Module, spec: WrapSpec, *, max_slots: int, max_rank: int,
                  batch: LoraBatch, dtype: torch.dtype | None = None) -> None:
@@ -132,9 +149,14 @@ class BatchedLoraLayer(nn.Module):
         # fp32 whatever the stacks: alpha/sqrt(r) is not rounded to a half's 8-11 bits
         self.register_buffer("lora_scale", torch.zeros(max_slots + 1, dtype=torch.float32,
                                                        device=dev), persistent=False)
+        # fp32: DoRA's per-feature factor − 1, written once per activation (`dora_gain`)
+        self.register_buffer("lora_dora", torch.zeros(max_slots + 1, spec.out_features,
+                                                      dtype=torch.float32, device=dev),
+                             persistent=False)
         self.lora_a: Tensor  # [max_slots+1, max_rank, in]
         self.lora_b: Tensor  # [max_slots+1, out, max_rank]
         self.lora_scale: Tensor  # [max_slots+1]
+        self.lora_dora: Tensor  # [max_slots+1, out]
         self.ranks = [0] * (max_slots + 1)  # true rank loaded in each slot (0 = empty)
         self._batch = batch
 
@@ -153,10 +175,16 @@ class BatchedLoraLayer(nn.Module):
                                   field="slot")
 
     @torch.no_grad()
-    def set_slot(self, slot: int, a: Tensor, b: Tensor, scale: float) -> None:
-        """Copy one adapter's `a # [r, in]`, `b # [out, r]` into `slot`, zero-padded to R."""
+    def set_slot(self, slot: int, a: Tensor, b: Tensor, scale: float,
+                 dora: Tensor | None = None) -> None:
+        """Copy one adapter's `a # [r, in]`, `b # [out, r]` into `slot`, zero-padded to R.
+        `dora # [out]`: a DoRA adapter's `dora_gain` row (`self.dora_gain`); None = LoRA."""
         self._check_slot(slot)
         r = self.check_shapes(a, b)
+        if dora is not None and tuple(dora.shape) != (self.out_features,):
+            raise IncompatibleShapes(f"DoRA factor of shape {tuple(dora.shape)} does not fit "
+                                     f"a layer with {self.out_features} outputs",
+                                     field="lora_magnitude_vector")
         # non_blocking: from pinned host memory (the engine pins on CUDA) the copies queue on
         # the current stream (the pool's copy stream) without stalling the host
         self.lora_a[slot, :r].copy_(a, non_blocking=True)
@@ -164,8 +192,29 @@ class BatchedLoraLayer(nn.Module):
         self.lora_b[slot, :, :r].copy_(b, non_blocking=True)
         self.lora_b[slot, :, r:].zero_()
         self.lora_scale[slot].fill_(float(scale))
+        if dora is None:
+            self.lora_dora[slot].zero_()
+        else:
+            self.lora_dora[slot].copy_(dora, non_blocking=True)
         self.ranks[slot] = r
         self._batch.note_rank(slot, r)
+        if dora is not None:
+            self._batch.note_dora(slot, True)
+
+    @torch.no_grad()
+    def dora_gain(self, a: Tensor, b: Tensor, scale: float, magnitude: Tensor) -> Tensor:
+        """A DoRA adapter's factor for this layer, `# [out]` fp32 on the host: magnitude over
+        the norm of each output feature's row of `W + scale·b@a`, minus one, with `W` this
+        layer's base weight (dequantized, as peft reads it). Pure: the slot is not touched,
+        so loader threads compute it once and `set_slot` only copies it."""
+        self.check_shapes(a, b)
+        if tuple(magnitude.shape) != (self.out_features,):
+            raise IncompatibleShapes(f"DoRA magnitude of shape {tuple(magnitude.shape)} does "
+                                     f"not fit a layer with {self.out_features} outputs",
+                                     field="lora_magnitude_vector")
+        w = base_weight(self.base_layer, self.kind)  # [out, in]
+        return dora_gain(w, a.to(w.device), b.to(w.device), scale,
+                         magnitude.to(w.device)).cpu()
 
     def check_shapes(self, a: Tensor, b: Tensor) -> int:
         """The rank of (a, b), or a typed error if they cannot go into this layer."""
@@ -189,6 +238,7 @@ class BatchedLoraLayer(nn.Module):
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         self.lora_scale[slot].zero_()
+        self.lora_dora[slot].zero_()
         self.ranks[slot] = 0
 
     def forward(self, x: Tensor) -> Tensor:  # x # [..., in]
@@ -203,14 +253,17 @@ class BatchedLoraLayer(nn.Module):
         y2 = y.view(-1, self.out_features)  # [T, out]
         if plan.strategy == "triton":  # casts on load/store, accumulates in fp32
             add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_scale, plan)
-            return y
-        if x2.dtype != self.lora_a.dtype:
-            x2 = x2.to(self.lora_a.dtype)
-        if y2.dtype == self.lora_a.dtype:
-            add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_scale, plan)
         else:
-            d = x2.new_zeros(x2.shape[0], self.out_features)  # [T, out] in the LoRA dtype
-            y2.add_(add_lora(d, x2, self.lora_a, self.lora_b, self.lora_scale, plan).to(y2.dtype))
+            if x2.dtype != self.lora_a.dtype:
+                x2 = x2.to(self.lora_a.dtype)
+            if y2.dtype == self.lora_a.dtype:
+                add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_scale, plan)
+            else:
+                d = x2.new_zeros(x2.shape[0], self.out_features)  # [T, out] in the LoRA dtype
+                y2.add_(add_lora(d, x2, self.lora_a, self.lora_b, self.lora_scale,
+                                 plan).to(y2.dtype))
+        if plan.dora:
+            add_dora(y2, self.base_layer.bias, self.lora_dora, plan)
         return y
 
     def extra_repr(self) -> str:

@@ -81,6 +81,18 @@ DISPATCHERS: tuple[Dispatcher, ...] = (
 )
 
 
+def base_weight(module: nn.Module, kind: str) -> torch.Tensor:
+    """The weight of a base layer `dispatch` recognised as `kind`, as `[out, in]`, dequantized
+    for bitsandbytes layers by peft's own `dequantize_module_weight` (DoRA's norm is over the
+    weight the adapter was trained against, so it is read the way peft reads it)."""
+    if kind in ("bnb4", "bnb8"):
+        from peft.utils.integrations import dequantize_module_weight
+
+        return dequantize_module_weight(module).detach()
+    w = module.weight.detach()
+    return w.t() if kind == "conv1d" else w  # Conv1D stores [in, out]
+
+
 def dispatch(module: nn.Module) -> WrapSpec | None:
     """The first dispatcher that recognises `module`, or None if none can wrap it."""
     for fn in DISPATCHERS:

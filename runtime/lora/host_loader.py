@@ -1,4 +1,5 @@
-"""Registry → host memory: read an adapter (digest-checked) and check it fits the layers.
+"""Registry → host memory: read an adapter (digest-checked) and check it fits the layers;
+for a DoRA adapter, also compute its per-feature factors from the base weights (once per load).
 
 Runs on the pool's loader threads, never on the engine thread (a cold load must not stall
 decoding). Tensor names are read by the shared peft-format rules (`loraplex.peft_format`),
@@ -40,25 +41,33 @@ class HostLoader:
             self.hook(version)
         check_compatible(version, self.limits)
         loaded = self.registry.load_adapter(version)
-        tensors = {k: t.to(dtype=self.dtype).contiguous() for k, t in loaded.tensors.items()}
-        if self.pin_memory:
-            tensors = {k: t.pin_memory() for k, t in tensors.items()}
-        problems = fit_problems(tensors, self.injection)
+        rank_pattern = loaded.config.get("rank_pattern") or None
+        alpha_pattern = loaded.config.get("alpha_pattern") or None
+        problems = fit_problems(loaded.tensors, self.injection)
         if problems:
             raise FailedPrecondition(f"adapter {version.ref} does not fit this engine: "
                                      + "; ".join(problems[:5]), field="adapter")
+        gains = None
+        if peft_format.pair_tensors(loaded.tensors).dora:  # stored dtype, before any cast
+            gains = self.injection.dora_gains(
+                loaded.tensors, version.rank, version.alpha, version.use_rslora,
+                rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+        tensors = {k: t.to(dtype=self.dtype).contiguous() for k, t in loaded.tensors.items()}
+        if self.pin_memory:
+            tensors = {k: t.pin_memory() for k, t in tensors.items()}
+            gains = None if gains is None else {k: g.pin_memory() for k, g in gains.items()}
         return HostAdapter(digest=version.digest, ref=version.ref, tensors=tensors,
                            rank=version.rank, alpha=version.alpha,
-                           use_rslora=version.use_rslora,
-                           rank_pattern=loaded.config.get("rank_pattern") or None,
-                           alpha_pattern=loaded.config.get("alpha_pattern") or None)
+                           use_rslora=version.use_rslora, rank_pattern=rank_pattern,
+                           alpha_pattern=alpha_pattern, dora_gains=gains)
 
 
 def fit_problems(tensors: dict[str, torch.Tensor], injection: LoraInjection) -> list[str]:
     """Every tensor must be half of an A/B pair that targets an injected layer with shapes
     it can hold (a lone half is refused here, not a KeyError on the loader thread)."""
     grouped = peft_format.pair_tensors(tensors)
-    problems = [f"{quote(key)} is not a LoRA A/B weight" for key in grouped.unparsed]
+    problems = [f"{quote(key)} is not a LoRA A/B weight nor a DoRA magnitude"
+                for key in grouped.unparsed]
     problems += [f"module {quote(module)} has no lora_{half} weight"
                  for module, half in grouped.incomplete]
     for module, (a, b) in grouped.pairs.items():
@@ -75,6 +84,7 @@ def write_slot(injection: LoraInjection) -> Callable[[int, HostAdapter], None]:
 
     def write(slot: int, host: HostAdapter) -> None:
         injection.load_adapter(slot, host.tensors, host.rank, host.alpha, host.use_rslora,
-                               rank_pattern=host.rank_pattern, alpha_pattern=host.alpha_pattern)
+                               rank_pattern=host.rank_pattern, alpha_pattern=host.alpha_pattern,
+                               dora_gains=host.dora_gains)
 
     return write

@@ -62,6 +62,7 @@ class LoraInjection:
         self.layers = layers  # module path -> layer, e.g. "model.layers.0.self_attn.q_proj"
         self.batch = batch
         self.slot_ranks = slot_ranks  # [max_slots+1] max true rank over layers, 0 = empty
+        self.slot_dora = batch.slot_dora  # [max_slots+1] the slot holds a DoRA adapter
         self.max_slots = max_slots
         self.max_rank = max_rank
 
@@ -87,14 +88,17 @@ class LoraInjection:
     # ---- adapters
     def load_adapter(self, slot: int, tensors: Mapping[str, Tensor], r: int, alpha: float,
                      use_rslora: bool = False, *, rank_pattern: Mapping[str, int] | None = None,
-                     alpha_pattern: Mapping[str, float] | None = None) -> list[str]:
+                     alpha_pattern: Mapping[str, float] | None = None,
+                     dora_gains: Mapping[str, Tensor] | None = None) -> list[str]:
         """Copy a peft adapter's lora_A/lora_B tensors into `slot` of every layer it targets;
         layers it does not target are cleared in that slot. Checks everything before the
         first copy, so a rejected adapter leaves the slot as it was. Returns the layer paths.
 
         `r`, `alpha`, `use_rslora`, `rank_pattern`, `alpha_pattern`: the adapter config's
         fields; the patterns override r/alpha per module (peft's matching), so each layer
-        gets peft's own scale.
+        gets peft's own scale. A DoRA adapter (`lora_magnitude_vector` tensors beside every
+        pair) is served with its per-feature factor: `dora_gains` (module -> `# [out]`, from
+        `dora_gains` on a loader thread) or, when None, computed here from the base weights.
         """
         if not 1 <= slot <= self.max_slots:
             raise InvalidArgument(f"slot must be in 1..{self.max_slots}, got {slot}",
@@ -102,8 +106,11 @@ class LoraInjection:
         scaling = peft_format.LoraScaling(r, alpha, use_rslora, rank_pattern or (),
                                           alpha_pattern or ())  # refuses a bad r
         grouped = peft_format.pair_tensors(tensors)
-        problems = [f"unsupported tensor {quote(k)} (only lora_A/lora_B weights)"
-                    for k in grouped.unparsed]
+        problems = [f"unsupported tensor {quote(k)} (only lora_A/lora_B weights and DoRA "
+                    "magnitudes)" for k in grouped.unparsed]
+        if grouped.dora:
+            problems += [f"{quote(m)}: a DoRA adapter needs a lora_magnitude_vector for "
+                         "every module" for m in grouped.pairs if m not in grouped.magnitudes]
         problems += [f"{quote(m)}: lora_A and lora_B must both be present"
                      for m, _ in grouped.incomplete]
         problems += [f"{quote(m)} is not an injected layer"
@@ -116,19 +123,49 @@ class LoraInjection:
                                      field="tensors")
         ranks = {p: self.layers[p].check_shapes(a, b)
                  for p, (a, b) in pairs.items()}  # raises RankTooLarge / IncompatibleShapes
+        gains: Mapping[str, Tensor] = {}
+        if grouped.dora:
+            gains = dora_gains if dora_gains is not None else self.dora_gains(
+                tensors, r, alpha, use_rslora, rank_pattern=rank_pattern,
+                alpha_pattern=alpha_pattern)
+            if missing := sorted(set(pairs) - set(gains)):
+                raise IncompatibleShapes(f"no DoRA factor for {quote(missing[0])}",
+                                         field="lora_magnitude_vector")
         for path, layer in self.layers.items():
             if path in pairs:
-                layer.set_slot(slot, *pairs[path], scaling.scale(path))
+                layer.set_slot(slot, *pairs[path], scaling.scale(path), gains.get(path))
             elif layer.ranks[slot]:
                 layer.clear_slot(slot)
         self.slot_ranks[slot] = max(ranks.values())  # exact now: every layer was written
+        self.slot_dora[slot] = grouped.dora
         self.batch.invalidate()
         return sorted(pairs)
+
+    def dora_gains(self, tensors: Mapping[str, Tensor], r: int, alpha: float,
+                   use_rslora: bool = False, *, rank_pattern: Mapping[str, int] | None = None,
+                   alpha_pattern: Mapping[str, float] | None = None) -> dict[str, Tensor]:
+        """A DoRA adapter's factors, module -> `# [out]` fp32 on the host ({} for plain
+        LoRA): magnitude / ‖W + s·B·A‖ − 1 per output feature (`BatchedLoraLayer.dora_gain`).
+        Reads the base weights and writes nothing, so loader threads run it once per load
+        and an activation is only copies. Raises IncompatibleShapes, InvalidArgument."""
+        grouped = peft_format.pair_tensors(tensors)
+        scaling = peft_format.LoraScaling(r, alpha, use_rslora, rank_pattern or (),
+                                          alpha_pattern or ())
+        gains: dict[str, Tensor] = {}
+        for path, m in grouped.magnitudes.items():
+            layer = self.layers.get(path)
+            if layer is None or path not in grouped.pairs:
+                raise IncompatibleShapes(f"DoRA magnitude {quote(path)} has no LoRA layer "
+                                         "and pair to go with", field="lora_magnitude_vector")
+            a, b = grouped.pairs[path]
+            gains[path] = layer.dora_gain(a, b, scaling.scale(path), m)
+        return gains
 
     def clear_slot(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.clear_slot(slot)
         self.slot_ranks[slot] = 0
+        self.slot_dora[slot] = False
         self.batch.invalidate()
 
     def remove(self) -> nn.Module:
@@ -173,7 +210,7 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, ma
 
     `stack_dtype`: of the A/B stacks (`resolve_stack_dtype`: "auto" = bf16 on CUDA, fp32 on
     CPU; the scales stay fp32). Against fp32 stacks, bf16 stacks moved the micro base's
-    logits by up to 6e-3 and flipped 0.8% of greedy picks, at near-ties (see README,
+    logits by up to 6e-3 and flipped 0.8% of greedy picks, at near-ties (docs/gpu.md,
     "Adapter stacks in half precision"). `kernel`: "auto" = the Triton kernels on CUDA, torch on CPU."""
     if max_slots < 1:
         raise InvalidArgument("`max_slots` must be >= 1", field="max_slots")

@@ -41,10 +41,14 @@ class HostAdapter:
     # peft's per-module overrides (module-name pattern -> r / alpha); None: none
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
+    # DoRA: module -> magnitude / ‖W + s·B·A‖ − 1 # [out] fp32, computed on the loader
+    # thread so that activating the adapter into a slot is only copies; None: plain LoRA
+    dora_gains: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if not self.nbytes:
-            self.nbytes = sum(t.numel() * t.element_size() for t in self.tensors.values())
+            held = [*self.tensors.values(), *(self.dora_gains or {}).values()]
+            self.nbytes = sum(t.numel() * t.element_size() for t in held)
 
 
 @dataclass

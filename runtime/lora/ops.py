@@ -22,6 +22,11 @@ Strategies (picked by `make_plan`, measured on a 2-core Xeon, see bench/README.m
 A "gathered bmm" (copy `a[slot[t]]` for every token, then `bmm`) was measured too: it copies
 `T * R * (in + out)` weights per layer and lost to "grouped" in every case, so it is not here.
 
+DoRA rows (`plan.dora`): after the LoRA delta, `add_dora` rescales each output feature of a
+DoRA adapter's rows by its magnitude over the norm of `W + s·B·A` (`dora_gain`, computed once
+per adapter, never per step); LoRA and base rows in the same batch are left bit for bit as
+they were (their gain is 0).
+
 Stacks in half precision (`a`, `b` in bf16/fp16) are allowed: the torch strategies compute
 in the stacks' dtype (the layer casts `x` first), "triton" accumulates in fp32. `scale` may
 stay fp32 (it does in BatchedLoraLayer) so alpha/sqrt(r) is not rounded to 8 bits.
@@ -85,6 +90,8 @@ class LoraBatchPlan:
     # > 0: a static decode plan (`static_decode_plan`) for this many rows: seg_table and
     # perm are fixed-size device buffers, so the launches do not depend on the batch
     static_rows: int = 0
+    # some token's slot holds a DoRA adapter: layers run `add_dora` after `add_lora`
+    dora: bool = False
 
     @property
     def num_adapters(self) -> int:
@@ -104,8 +111,10 @@ def make_plan(
     device: torch.device | str | None = None,
     strategy: Strategy | None = None,
     kernel: Kernel = "auto",
+    slot_dora: Sequence[bool] | None = None,
 ) -> LoraBatchPlan:
     """Plan one step. `slots # [T]`: slot per token (0 = no adapter).
+    `slot_dora[s]`: slot s holds a DoRA adapter (the plan's `dora`; None = no DoRA slot).
 
     `slot_ranks[s]`: the true rank of the adapter in slot s (its zero padding up to R is
     skipped when all adapters in the batch share a smaller rank); None = always use R.
@@ -148,6 +157,7 @@ def make_plan(
     # the largest rank present instead of the stacks' R (a rank-8 + rank-16 batch on
     # max_rank 64 computes 16 columns, not 64).
     top_rank = None if None in seg_ranks else max(seg_ranks)
+    dora = slot_dora is not None and any(slot_dora[s] for s in seg_slots)
     t_lora = int(perm.numel())
     all_tokens = t_lora == n
     identity = all_tokens and bool(torch.equal(perm, torch.arange(n)))
@@ -157,7 +167,7 @@ def make_plan(
         strategy = "triton"
     if strategy == "triton":
         return _triton_plan(n, dev_slots, perm, identity, seg_slots, seg_lens, seg_ranks,
-                            top_rank, device)
+                            top_rank, device, dora)
     if strategy is None:
         strategy = _choose(seg_slots, seg_lens, t_lora)
 
@@ -167,7 +177,7 @@ def make_plan(
         return LoraBatchPlan(
             num_tokens=n, strategy="single", slots=dev_slots, rank=shared_rank,
             slot=seg_slots[0], tokens=None if all_tokens else lora_tok.to(device),
-            seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+            seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
         )
 
     if strategy == "grouped":
@@ -184,18 +194,19 @@ def make_plan(
                 num_tokens=n, strategy="grouped", slots=dev_slots, rank=top_rank,
                 lo=lo, num_groups=k, group_len=length,
                 gather_src=None if gather_src is None else gather_src.to(device),
-                seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+                seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
             )
         return LoraBatchPlan(
             num_tokens=n, strategy="grouped", slots=dev_slots, rank=top_rank,
             lo=lo, num_groups=k, group_len=length, pad_pos=pos.to(device),
             perm=perm.to(device), seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+            dora=dora,
         )
 
     return LoraBatchPlan(
         num_tokens=n, strategy="segments", slots=dev_slots,
         perm=None if identity else perm.to(device), sorted_slots=sorted_slots.to(device),
-        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
     )
 
 
@@ -217,7 +228,7 @@ _TRITON_READY: bool | None = None
 def _triton_plan(n: int, dev_slots: Tensor, perm: Tensor, identity: bool,
                  seg_slots: tuple[int, ...], seg_lens: tuple[int, ...],
                  seg_ranks: tuple[int | None, ...], top_rank: int | None,
-                 device: torch.device) -> LoraBatchPlan:
+                 device: torch.device, dora: bool = False) -> LoraBatchPlan:
     """The segments layout as one int32 host buffer `[U*4 + T_lora]` (seg table, then perm),
     moved to the device in one copy: the kernels find each segment's rows, slot and rank."""
     u = len(seg_slots)
@@ -233,7 +244,7 @@ def _triton_plan(n: int, dev_slots: Tensor, perm: Tensor, identity: bool,
     return LoraBatchPlan(
         num_tokens=n, strategy="triton", slots=dev_slots, rank=top_rank,
         perm=None if identity else dev[4 * u:], seg_table=dev[: 4 * u].view(u, 4),
-        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
+        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
     )
 
 
@@ -269,13 +280,16 @@ def static_decode_table(slots: Sequence[int], rows: int,
     return table + order + [i for i in range(rows) if i not in taken]
 
 
-def static_decode_plan(table: Tensor, slots: Tensor, rows: int) -> LoraBatchPlan:
+def static_decode_plan(table: Tensor, slots: Tensor, rows: int, *,
+                       dora: bool = False) -> LoraBatchPlan:
     """The plan over `static_decode_table`'s layout on the device: `table # [rows*5]` int32
     (seg_table then perm, e.g. a view of a static input buffer), `slots # [rows]`. Building
-    it reads nothing back, so it can run inside a CUDA graph capture."""
+    it reads nothing back, so it can run inside a CUDA graph capture. `dora`: run `add_dora`
+    for every row (a gain of 0 leaves LoRA and base rows as they are), since the graph
+    cannot look at which slots the batch holds."""
     return LoraBatchPlan(num_tokens=rows, strategy="triton", slots=slots,
                          seg_table=table[:4 * rows].view(rows, 4), perm=table[4 * rows:],
-                         static_rows=rows)
+                         static_rows=rows, dora=dora)
 
 
 def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int) -> Strategy:
@@ -387,6 +401,46 @@ def _add_segments(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
     if plan.perm is None:
         return y.add_(d)
     return y.index_add_(0, plan.perm, d)
+
+
+def add_dora(y: Tensor, bias: Tensor | None, gain: Tensor, plan: LoraBatchPlan) -> Tensor:
+    """Rescale the output features of DoRA rows, in place, after `add_lora`; returns `y`.
+
+    Semantics:
+        for t in range(T):
+            s = plan.slots[t]
+            y[t] += gain[s] * (y[t] - bias)
+
+    y     # [T, out]  W x + bias + scale[s] B A x (the layer output after add_lora)
+    bias  # [out] or None: the base layer's bias, which DoRA does not rescale
+    gain  # [S, out] fp32: magnitude / ‖W + scale·B·A‖ − 1 per output feature (`dora_gain`);
+          #   0 for a LoRA slot, an empty slot and slot 0, so those rows do not change
+    That is peft's DoRA forward, `m/‖W + s·B·A‖ ⊙ (W x + s·B·A x) + bias`, with the norm over
+    each output feature's row of the weight, taken as a constant (peft detaches it).
+    """
+    g = gain.index_select(0, plan.slots).to(y.dtype)  # [T, out]
+    base = y if bias is None else y - bias.to(y.dtype)  # [T, out]
+    return y.add_(g.mul_(base))
+
+
+def dora_gain(weight: Tensor, a: Tensor, b: Tensor, scale: float, magnitude: Tensor) -> Tensor:
+    """DoRA's per-output-feature factor minus one, in fp32 (`add_dora`'s `gain` row).
+
+    Semantics:  magnitude / torch.linalg.norm(weight + scale * b @ a, dim=1) - 1
+
+    weight    # [out, in]  the base layer's weight, dequantized (peft: `dequantize_module_weight`)
+    a # [r, in], b # [out, r], magnitude # [out]
+    Raises InvalidArgument if a row of `weight + scale·b@a` has norm 0 or the factor is not
+    finite (peft would serve NaN or Inf there).
+    """
+    w = weight.float() + scale * (b.float() @ a.float())  # [out, in]
+    norm = torch.linalg.norm(w, dim=1)  # [out]
+    g = magnitude.float() / norm  # [out]
+    if not bool(torch.isfinite(g).all()):
+        raise InvalidArgument("DoRA magnitude over the norm of W + s·B·A is not finite "
+                              f"for {int((~torch.isfinite(g)).sum())} output features",
+                              field="lora_magnitude_vector")
+    return g - 1.0
 
 
 def reference_add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,

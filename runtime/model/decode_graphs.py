@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LoraMode = Literal["static", "rows"]  # static segment table (triton) | padded row slots (torch)
 WARMUP = 2  # eager forwards on the capture stream before a capture (PyTorch's advice)
-_STACKS = ("lora_a", "lora_b", "lora_scale")
+_STACKS = ("lora_a", "lora_b", "lora_scale", "lora_dora")
 
 
 def buckets_up_to(limit: int) -> tuple[int, ...]:
@@ -189,6 +189,7 @@ class StaticDecode:
         self._kv_generation = -1
         self._stack_owners = [layer._buffers for layer in injection.layers.values()]
         self._stacks: list[torch.Tensor] = []
+        self._dora = False  # a DoRA adapter is in some slot: the graphs run `add_dora`
         self._pool = torch.cuda.graph_pool_handle() if capture else None
         self._stream = torch.cuda.Stream(device) if capture else None
 
@@ -270,12 +271,15 @@ class StaticDecode:
         return captured
 
     def _drop_if_moved(self) -> None:
-        """Drop every graph if the KV pools were replaced or any adapter stack is no longer
+        """Drop every graph if the KV pools were replaced, any adapter stack is no longer
         the tensor the graphs read (an identity check over every LoRA layer: ~0.07 ms a
-        step for 210 layers on the 2-core host here, cheaper than one stale replay)."""
+        step for 210 layers on the 2-core host here, cheaper than one stale replay), or the
+        first DoRA adapter came into a slot or the last one left (the graphs then gain or
+        lose the per-feature DoRA rescale, which LoRA-only batches do not pay for)."""
         stacks = [bufs[k] for bufs in self._stack_owners for k in _STACKS]
+        dora = any(self.injection.slot_dora)
         if (self.kv.generation == self._kv_generation and len(stacks) == len(self._stacks)
-                and all(map(operator.is_, stacks, self._stacks))):
+                and all(map(operator.is_, stacks, self._stacks)) and dora == self._dora):
             return
         if self._graphs:
             self.stats.invalidations += 1
@@ -284,7 +288,7 @@ class StaticDecode:
         self._graphs.clear()
         if self.capture:  # a pool no graph uses any more may not be joined again (the
             self._pool = torch.cuda.graph_pool_handle()  # allocator asserts): a new one
-        self._kv_generation, self._stacks = self.kv.generation, stacks
+        self._kv_generation, self._stacks, self._dora = self.kv.generation, stacks, dora
 
     # -- the forward a graph holds ---------------------------------------------------------
     def _body(self, bucket: Bucket) -> torch.Tensor:
@@ -296,7 +300,8 @@ class StaticDecode:
         self.kv.bind(v.table, v.pos, valid, kv_len)
         if self.lora == "static":
             self.injection.batch.set_plan(
-                static_decode_plan(v.lora.to(torch.int32), v.slots, bucket.rows))
+                static_decode_plan(v.lora.to(torch.int32), v.slots, bucket.rows,
+                                   dora=self._dora))
         layout = StepLayout(rows=v.rows, input_ids=v.ids, position_ids=v.pos, valid=valid,
                             kv_len=kv_len)
         out = self.model(input_ids=v.ids, position_ids=v.pos,

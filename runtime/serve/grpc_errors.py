@@ -52,11 +52,14 @@ def status_code(name: str) -> grpc.StatusCode:
 def map_error(error: BaseException, request_id: str = "") -> MappedError:
     """Classify any exception; logs the ones that are bugs."""
     if isinstance(error, LoraplexError):
+        if error.public_message != error.message:  # the server's own detail stays here
+            log.warning("request %s: %s: %s", request_id or "-", type(error).__name__,
+                        error.message)
         code = status_code(error.code)
         retry = getattr(error, "retry_after_s", None)
         if retry is None and code in RETRYABLE:
             retry = RETRY_AFTER_S
-        return MappedError(code, cap_message(error.message), error.field,
+        return MappedError(code, cap_message(error.public_message), error.field,
                            type(error).__name__, retry)
     log.error("internal error in request %s", request_id or "-", exc_info=error)
     suffix = f" (request id {request_id})" if request_id else ""

@@ -50,6 +50,10 @@ identity_var: contextvars.ContextVar[Any] = contextvars.ContextVar("identity", d
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/loraplex.v1.AdminService/"
+# AdminService methods the registry authorizes itself (token scope `admin`: an admin, or a
+# tenant-admin token for its own tenant), so the interceptor's admin-role check skips them.
+TOKEN_METHODS = frozenset(ADMIN_PREFIX + m for m in (
+    "CreateToken", "ListTokens", "RevokeToken", "RotateToken", "TokenHistory"))
 REQUEST_ID_KEY = "x-request-id"
 DEADLINE_SLACK_S = 0.25  # see `ended_by_client`
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -221,7 +225,9 @@ class MetricsInterceptor(_ScopeInterceptor):
 class AuthInterceptor(_ScopeInterceptor):
     """Bearer token → `Identity` via the registry; admin-only services check the role.
 
-    With `authenticate=None` (the `--no-auth` flag) every caller is `fallback` (an admin).
+    `authenticate(token, peer=...)` gets the caller's address (`context.peer()`), by
+    which the registry backs off repeated failures (registry/tokens.py). With
+    `authenticate=None` (the `--no-auth` flag) every caller is `fallback` (an admin).
     """
 
     def __init__(self, authenticate: Callable[[str], Any] | None, fallback: Any = None) -> None:
@@ -231,7 +237,8 @@ class AuthInterceptor(_ScopeInterceptor):
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
         identity = await self._identify(context)
-        if method.startswith(ADMIN_PREFIX) and getattr(identity, "role", "") != "admin":
+        if (method.startswith(ADMIN_PREFIX) and method not in TOKEN_METHODS
+                and getattr(identity, "role", "") != "admin"):
             raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")
         token = identity_var.set(identity)
         try:
@@ -248,7 +255,14 @@ class AuthInterceptor(_ScopeInterceptor):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization metadata must be `Bearer <token>`")
-        return await asyncio.to_thread(self.authenticate, token.strip())
+        return await asyncio.to_thread(self.authenticate, token.strip(), peer=_peer_host(context))
+
+
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """`ipv4:10.0.0.7` of `ipv4:10.0.0.7:53211`: one backoff per address, not per
+    connection (a client opens a new port for each)."""
+    peer = context.peer() or ""
+    return peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
 
 
 def _code_name(code: grpc.StatusCode | None) -> str:

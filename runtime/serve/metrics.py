@@ -33,7 +33,7 @@ OTHER = "other"
 BASE = "base"  # adapter label of requests that ran on the base alone
 
 # up to 5 min: on a CPU a big BatchGenerate queues its last items for minutes (the SmolLM2
-# demo's p99 sat past the former 60 s top bucket)
+# demo's TTFT p99 is near 60 s)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5,
                 2.0, 3.0, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15,

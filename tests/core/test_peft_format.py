@@ -28,7 +28,8 @@ LLAMA = [f"model.layers.{i}.{p}" for i in (0, 1) for p in (
     (f"{Q0}.lora_B.weight", (Q0, "B", "")),
     (f"base_model.model.{Q0}.lora_B.default.weight", (Q0, "B", "default")),
     ("transformer.h.0.attn.c_attn.lora_A.weight", ("transformer.h.0.attn.c_attn", "A", "")),
-    (f"base_model.model.{Q0}.lora_magnitude_vector", None),  # DoRA
+    (f"base_model.model.{Q0}.lora_magnitude_vector", (Q0, "M", "")),  # DoRA, saved
+    (f"base_model.model.{Q0}.lora_magnitude_vector.default.weight", (Q0, "M", "default")),
     ("base_model.model.model.embed_tokens.lora_embedding_A", None),  # embedding LoRA
     (f"base_model.model.{Q0}.lora_A.bias", None),
     ("base_model.model.lm_head.weight", None),
@@ -36,8 +37,10 @@ LLAMA = [f"model.layers.{i}.{p}" for i in (0, 1) for p in (
 def test_parse_key(key, want):
     got = pf.parse_key(key)
     assert (got and (got.module, got.half, got.adapter_name)) == want
-    if got is not None:
+    if got is not None and got.half != "M":
         assert got.normalized == f"{want[0]}.lora_{want[1]}.weight"
+    elif got is not None:
+        assert got.normalized == f"{want[0]}.lora_magnitude_vector"
 
 
 def test_pair_tensors_reports_strays_and_half_pairs():
@@ -48,6 +51,17 @@ def test_pair_tensors_reports_strays_and_half_pairs():
     assert grouped.incomplete == (("model.layers.1.mlp.up_proj", "A"),)
     assert grouped.unparsed == ("lm_head.weight",)
     assert pf.weight_key(Q0, "A", prefixed=True) == f"base_model.model.{Q0}.lora_A.weight"
+    assert not grouped.dora
+
+
+def test_pair_tensors_keeps_dora_magnitudes_apart():
+    up = "model.layers.1.mlp.up_proj"
+    grouped = pf.pair_tensors({
+        f"{Q0}.lora_A.weight": 1, f"{Q0}.lora_B.weight": 2, f"{Q0}.lora_magnitude_vector": 3,
+        f"{up}.lora_magnitude_vector": 4})
+    assert grouped.pairs == {Q0: (1, 2)} and grouped.unparsed == ()
+    assert grouped.magnitudes == {Q0: 3, up: 4} and grouped.dora
+    assert grouped.incomplete == ((up, "A"), (up, "B"))  # a magnitude alone is no adapter
 
 
 # ------------------------------------------------------------------------------ target modules

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from loraplex.fingerprint import BaseFingerprint
-from loraplex.registry import Identity, Registry
+from loraplex.registry import Identity, Registry, changefeed
 
 ADMIN = Identity.system()
 
@@ -53,7 +53,7 @@ def test_failure_inside_the_transaction_rolls_everything_back(
     def boom(*_a: object, **_k: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(Registry, "_emit", staticmethod(boom))
+    monkeypatch.setattr(changefeed, "emit", boom)  # inside the push transaction
     with pytest.raises(RuntimeError, match="disk full"):
         sqlite_reg.push(ADMIN, make_adapter(seed=1), "acme/support", base=micro_base)
     monkeypatch.undo()

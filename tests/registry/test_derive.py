@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from loraplex.cli import app
 from loraplex.errors import NotFound
 from loraplex.registry import Identity, Registry
 from loraplex.registry.algebra import modules_of
-from loraplex.registry.cli import app
 from loraplex.registry.derive import compress_version, merge_versions
 
 ACME = Identity("acme")
@@ -108,7 +108,7 @@ def cli(world, tmp_path: Path):
            "LORAPLEX_BLOB_DIR": None}
 
     def run(*args, code: int = 0):
-        res = runner.invoke(app, [str(a) for a in args], env=env)
+        res = runner.invoke(app, ["registry", *(str(a) for a in args)], env=env)
         assert res.exit_code == code, f"{args}: {res.output} {res.stderr} {res.exception!r}"
         return res.stdout, res.stderr
 
@@ -162,3 +162,61 @@ def test_gate_failure_leaves_the_version_unpromoted_and_says_why(cli, world, gat
     _, err = cli("merge", "acme/a:v1", "--name", "acme/same", "--alias", "prod",
                  "--gate", "loss<=0.5*source", "--gate-data", gate_data, code=1)
     assert "fails loss<=0.5*" in err and "of acme/a:v1" in err
+
+
+def test_gate_without_the_trainer_is_refused_before_any_work(cli, world, gate_data,
+                                                             monkeypatch):
+    """`python -m loraplex.registry.cli` has no trainer to score with: a clear error, and
+    nothing registered."""
+    from loraplex.registry import algebra_cli
+
+    reg, _ = world
+    monkeypatch.setattr(algebra_cli, "_gate_runner", None)
+    _, err = cli("compress", "acme/a", "--rank", "1", "--gate", "exact_match>=0.9",
+                 "--gate-data", gate_data, code=1)
+    assert "FAILED_PRECONDITION" in err and "trainer" in err
+    assert [v.version for v in reg.list_versions(ACME, "acme/a")] == [1]
+
+
+# ------------------------------------------------------------------------ DoRA
+def _dora_adapter(make_adapter) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    d = make_adapter(seed=4, r=4)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    t = load_file(d / "adapter_model.safetensors")
+    for k in [k for k in t if k.endswith(".lora_B.weight")]:
+        t[k.removesuffix(".lora_B.weight") + ".lora_magnitude_vector"] = torch.ones(
+            t[k].shape[0])
+    save_file(t, str(d / "adapter_model.safetensors"))
+    return d
+
+
+def test_compress_merge_and_export_refuse_dora_rather_than_drop_its_magnitude(
+        world, make_adapter, cli, tmp_path):
+    """B·A alone is not a DoRA adapter: every verb that would rebuild it from B·A refuses,
+    by name, and publishes nothing."""
+    from loraplex.errors import FailedPrecondition
+    from loraplex.registry.export import export_merged
+
+    reg, _ = world
+    reg.push(ADMIN, _dora_adapter(make_adapter), "acme/d")
+    with pytest.raises(FailedPrecondition, match="DoRA") as info:
+        compress_version(reg, ACME, "acme/d", rank=2)
+    assert info.value.field == "use_dora"
+    with pytest.raises(FailedPrecondition, match="magnitude"):
+        merge_versions(reg, ACME, ["acme/a", "acme/d"], name="acme/ad")
+    with pytest.raises(FailedPrecondition, match="DoRA"):
+        export_merged(reg, ACME, "acme/d", tmp_path / "merged")
+    _, err = cli("compress", "acme/d", "--rank", "2", code=1)
+    assert "FAILED_PRECONDITION" in err and "DoRA" in err
+    assert [v.ref for v in reg.list_versions(ACME, "acme/d")] == ["acme/d:v1"]
+    assert not _exists(reg, "acme/ad")
+
+
+def _exists(reg: Registry, key: str) -> bool:
+    try:
+        return bool(reg.list_versions(ACME, key))
+    except NotFound:
+        return False

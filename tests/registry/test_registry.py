@@ -209,11 +209,14 @@ def test_tokens_are_stored_only_as_hashes(registry) -> None:
     for bad in ("", "lpx_nope", token + "x", "Bearer " + token):
         with pytest.raises(Unauthenticated):
             registry.authenticate(bad)
-    assert registry.authenticate(registry.create_token(me, "acme")).tenant == "acme"
+    with pytest.raises(PermissionDenied):  # a publish token mints no tokens
+        registry.create_token(me, "acme")
+    boss = registry.authenticate(registry.create_token(ADMIN, "acme", scope="admin"))
+    assert registry.authenticate(registry.create_token(boss, "acme")).tenant == "acme"
     with pytest.raises(PermissionDenied):
-        registry.create_token(me, "globex")
+        registry.create_token(boss, "globex")
     with pytest.raises(PermissionDenied):
-        registry.create_token(me, "acme", admin=True)
+        registry.create_token(boss, "acme", admin=True)
     with pytest.raises(PermissionDenied):
         registry.register_base(me, ".")
 

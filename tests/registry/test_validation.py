@@ -41,6 +41,17 @@ def _rejected(reg: Registry, d: Path, **kw: object) -> ValidationFailed:
     return info.value
 
 
+def _add_magnitudes(t: dict[str, torch.Tensor]) -> None:
+    """DoRA: a magnitude per output feature beside every pair, as peft saves it."""
+    for k in [k for k in t if k.endswith(".lora_B.weight")]:
+        t[k.removesuffix(".lora_B.weight") + ".lora_magnitude_vector"] = (
+            torch.rand(t[k].shape[0]) + 0.5)
+
+
+def _dora(d: Path) -> Path:
+    return _edit_config(_edit_tensors(d, _add_magnitudes), use_dora=True)
+
+
 @pytest.fixture
 def reg(sqlite_reg: Registry, micro_base: Path) -> Registry:
     """A registry that knows micro_base, so adapters find it by their declared name."""
@@ -49,6 +60,7 @@ def reg(sqlite_reg: Registry, micro_base: Path) -> Registry:
 
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+MAG0 = f"{Q0}.lora_magnitude_vector"
 
 
 @pytest.mark.parametrize(("edit", "field", "problem"), [
@@ -58,7 +70,15 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
     (lambda d: _edit_config(d, lora_alpha=-1), "lora_alpha", "must be a number > 0"),
     (lambda d: _edit_config(d, target_modules=[]), "target_modules", "non-empty list"),
     (lambda d: _edit_config(d, target_modules="q_proj("), "target_modules", "regular expr"),
-    (lambda d: _edit_config(d, use_dora=True), "use_dora", "DoRA"),
+    (lambda d: _edit_config(d, use_dora=True), "use_dora", "have no magnitude vector"),
+    (lambda d: _edit_config(d, use_dora="yes"), "use_dora", "must be true or false"),
+    (lambda d: _edit_tensors(d, _add_magnitudes), MAG0, "`use_dora` is not true"),
+    (lambda d: _edit_tensors(_dora(d), lambda t: t.pop(MAG0)), "use_dora",
+     "1 module(s) have no magnitude vector"),
+    (lambda d: _edit_tensors(_dora(d), lambda t: t.__setitem__(MAG0, torch.ones(63))), MAG0,
+     "expected [64] (one DoRA magnitude per output feature)"),
+    (lambda d: _edit_tensors(_dora(d), lambda t: t[MAG0].__setitem__(3, math.nan)), MAG0,
+     "1 NaN/Inf"),
     (lambda d: _edit_config(d, rank_pattern={"q_proj": 8}), f"{Q0}.lora_A.weight",
      "expected [8, 64]"),
     (lambda d: _edit_config(d, rank_pattern={"q_proj": 0}), "rank_pattern",
@@ -111,6 +131,17 @@ def test_each_rejection_names_its_field(reg: Registry, make_adapter, edit, field
     matching = [v for v in err.violations if v.startswith(field + ":") and problem in v]
     assert matching, err.violations
     assert err.code == "INVALID_ARGUMENT"
+
+
+def test_a_dora_adapter_is_registered_with_its_magnitudes(reg: Registry, make_adapter) -> None:
+    v = reg.push(ME, _dora(make_adapter()), "acme/support")
+    loaded = reg.load_adapter(v)
+    mags = {k for k in loaded.tensors if k.endswith(".lora_magnitude_vector")}
+    assert loaded.config["use_dora"] is True
+    assert f"{MAG0.removeprefix('base_model.model.')}" in mags
+    assert len(mags) == len(loaded.pairs())  # one per module, none dropped
+    plain = reg.push(ME, make_adapter(), "acme/plain")
+    assert plain.digest != v.digest
 
 
 def test_rank_above_the_configured_maximum(tmp_path: Path, make_adapter,

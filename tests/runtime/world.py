@@ -15,7 +15,8 @@ import torch
 
 from loraplex.registry import Identity, Registry
 
-# (name, r, alpha, use_rslora, subset of target leaf names or None = all[, LoraConfig extras])
+# (name, r, alpha, use_rslora, subset of target leaf names or None = all[, LoraConfig extras,
+# e.g. {"use_dora": True}])
 SPECS = [
     ("a1", 2, 4, False, None),
     ("a2", 8, 16, True, None),
@@ -75,6 +76,8 @@ def make_world(base_dir: Path, root: Path, specs=SPECS, tenant: str = "acme",
             for n, p in peft_model.named_parameters():
                 if f"lora_B.{name}." in n:
                     p.mul_(4.0)
+                elif f"lora_magnitude_vector.{name}." in n:  # DoRA: a factor != 1 per feature
+                    p.mul_(0.5 + torch.rand_like(p))
         out = root / "adapters" / name
         peft_model.save_pretrained(out, selected_adapters=[name])
         adir = out / name if (out / name).is_dir() else out

@@ -79,3 +79,27 @@ def test_torchrun_two_processes_gloo_and_only_rank0_publishes(micro_base, acme_d
     with Registry.open(tmp_path / "registry") as reg:
         assert [v.ref for v in reg.list_versions(Identity.system(), "acme/upper")] == \
             ["acme/upper:v1"]
+
+
+def test_train_dora_publishes_a_dora_adapter_the_runtime_serves(micro_base, acme_data, tmp_path,
+                                                                 quick_flags):
+    """`--dora`: peft trains a magnitude per output feature; the registry keeps it and the
+    runtime serves it with its own per-feature factor (not plain B·A)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.runtime.lora.layers import inject_lora
+
+    flags = quick_flags(micro_base, acme_data, tmp_path, max_steps=2, eval_steps=2, lr=1e-2)
+    res = CliRunner().invoke(app, ["train", "--dora", "--quiet", *_cli_args(flags)])
+    assert res.exit_code == 0, res.output
+    with Registry.open(tmp_path / "registry") as reg:
+        v = reg.resolve(Identity.system(), "acme/upper")
+        loaded = reg.load_adapter(v)
+    assert loaded.config["use_dora"] is True and v.lineage["hyperparameters"]["dora"] is True
+    mags = [k for k in loaded.tensors if k.endswith(".lora_magnitude_vector")]
+    assert mags and len(mags) == len(loaded.pairs())
+    model = AutoModelForCausalLM.from_pretrained(micro_base, dtype=torch.float32).eval()
+    inj = inject_lora(model, None, max_slots=1, max_rank=v.rank)
+    gains = inj.dora_gains(loaded.tensors, v.rank, v.alpha, v.use_rslora)
+    assert max(float(g.abs().max()) for g in gains.values()) > 1e-5  # the magnitude learned

@@ -5,11 +5,22 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import TrainerCallback
 
 from loraplex.errors import InvalidArgument
 from loraplex.registry import Identity, Registry
-from loraplex.trainer.callbacks import StopAtStep
 from loraplex.trainer.cli import run_train
+
+
+class StopAtStep(TrainerCallback):
+    """Raises at a given global step: a run killed part-way."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt(f"simulated kill at step {state.global_step}")
 
 
 def test_same_seed_data_and_config_give_the_same_digest(micro_base, acme_data, tmp_path, quick_flags):

@@ -295,7 +295,7 @@ def _bearer(headers: Any) -> str | None:
 def error_body(e: LoraplexError) -> tuple[int, dict[str, Any]]:
     status = STATUS.get(e.code, 500)
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return status, {"error": {"message": e.message, "type": kind, "param": e.field,
+    return status, {"error": {"message": e.public_message, "type": kind, "param": e.field,
                               "code": e.code.lower()}}
 
 

@@ -1,5 +1,9 @@
-"""AdminService: what is resident on the accelerator. The auth interceptor has already
-refused non-admin callers (PERMISSION_DENIED) before any method here runs."""
+"""AdminService: what is resident on the accelerator, and API tokens.
+
+The auth interceptor has already refused non-admin callers (PERMISSION_DENIED) of the
+residency methods before they run; the token methods are authorized by the registry
+(scope `admin`: an admin, or a tenant-admin token for its own tenant), which also writes
+their audit rows."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from loraplex.errors import InvalidArgument
 from loraplex.runtime.serve.interceptors import current_identity
 from loraplex.runtime.serve.servicers import convert
 from loraplex.runtime.serve.servicers.state import ServingState
-from loraplex.v1 import admin_pb2_grpc
+from loraplex.v1 import admin_pb2, admin_pb2_grpc
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -37,6 +41,42 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         engine = self.state.require_engine()
         return convert.stats_pb(await asyncio.to_thread(engine.stats))
 
+    # -- tokens ----------------------------------------------------------------------------
+    async def CreateToken(self, request, context):
+        scope = convert.TOKEN_SCOPES.get(request.scope)
+        if request.scope not in convert.TOKEN_SCOPES:
+            raise InvalidArgument(f"unknown scope {request.scope}", field="scope")
+        if not request.tenant:
+            raise InvalidArgument("`tenant` is required", field="tenant")
+        secret, info = await asyncio.to_thread(
+            self.state.registry.issue_token, current_identity(), request.tenant,
+            scope="admin" if request.admin else scope, admin=request.admin,
+            ttl_s=request.ttl_s or None, label=request.label)
+        return admin_pb2.TokenSecret(token=secret, info=convert.token_info_pb(info))
+
+    async def ListTokens(self, request, context):
+        infos = await asyncio.to_thread(self.state.registry.list_tokens, current_identity(),
+                                        request.tenant or None,
+                                        include_inactive=request.include_inactive)
+        return admin_pb2.ListTokensResponse(tokens=[convert.token_info_pb(i) for i in infos])
+
+    async def RevokeToken(self, request, context):
+        info = await asyncio.to_thread(self.state.registry.revoke_token, current_identity(),
+                                       _token_id(request.id))
+        return convert.token_info_pb(info)
+
+    async def RotateToken(self, request, context):
+        secret, info = await asyncio.to_thread(
+            self.state.registry.rotate_token, current_identity(), _token_id(request.id),
+            grace_s=request.grace_s)
+        return admin_pb2.TokenSecret(token=secret, info=convert.token_info_pb(info))
+
+    async def TokenHistory(self, request, context):
+        events = await asyncio.to_thread(self.state.registry.token_history,
+                                         current_identity(), request.tenant or None)
+        return admin_pb2.TokenHistoryResponse(events=[convert.token_event_pb(e)
+                                                      for e in events])
+
     async def _adapter_call(self, method: str, ref: str):
         """Resolve the ref once (a registry read) and run the command, both off the event
         loop: the command waits for the engine thread (and a prefetch for the load)."""
@@ -46,3 +86,9 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         version = await asyncio.to_thread(engine.intake.resolve, identity, ref)
         outcome = await asyncio.to_thread(getattr(engine.admin, method), version)
         return convert.admin_ack_pb(outcome, version)
+
+
+def _token_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("`id` is required (tok_…, from ListTokens)", field="id")
+    return value

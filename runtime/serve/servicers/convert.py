@@ -131,6 +131,26 @@ def timestamp_pb(at: datetime | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
+TOKEN_SCOPES = {admin_pb2.TOKEN_SCOPE_UNSPECIFIED: None,
+                admin_pb2.TOKEN_SCOPE_INFERENCE: "inference",
+                admin_pb2.TOKEN_SCOPE_PUBLISH: "publish", admin_pb2.TOKEN_SCOPE_ADMIN: "admin"}
+_SCOPE_PB = {v: k for k, v in TOKEN_SCOPES.items() if v}
+
+
+def token_info_pb(t: Any) -> admin_pb2.TokenInfo:
+    """A `registry.tokens.TokenInfo` (never a secret: it has none)."""
+    return admin_pb2.TokenInfo(
+        id=t.id, tenant=t.tenant, scope=_SCOPE_PB[t.scope], admin=t.role == "admin",
+        label=t.label, created_at=timestamp_pb(t.created_at), created_by=t.created_by,
+        expires_at=timestamp_pb(t.expires_at), last_used_at=timestamp_pb(t.last_used_at),
+        revoked_at=timestamp_pb(t.revoked_at), active=t.active())
+
+
+def token_event_pb(e: Any) -> admin_pb2.TokenEvent:
+    return admin_pb2.TokenEvent(token_id=e.token_id, tenant=e.tenant, action=e.action,
+                                detail=e.detail, at=timestamp_pb(e.at), by=e.by)
+
+
 def adapter_pb(v: Any) -> common_pb2.AdapterVersion:
     return common_pb2.AdapterVersion(
         tenant=v.tenant, name=v.name, version=v.version, digest=v.digest,

@@ -77,8 +77,8 @@ def test_reserved_kv_follows_live_sequences_and_comes_back(micro_base, tmp_path)
     peak_used = max(u for _, u, _, _ in watch.readings)
     for reserved, used, rows, block in watch.readings:
         assert reserved <= 1.5 * used + (rows + 1) * block, (reserved, used, rows)
-    # the old cache reserved max_batch × max_seq_len up front; at its peak use this holds
-    # a fraction of that
+    # the limit is max_batch × max_seq_len, what a cache reserving every row up front holds;
+    # at its peak use this holds a fraction of that
     limit = stats.kv_limit_bytes
     assert max(r for r, _, _, _ in watch.readings) < 0.5 * limit
     assert peak_used > 0

@@ -1,6 +1,6 @@
 """Adapter stacks in bf16 against fp32 stacks on the same base: the error a user would see.
 
-The README's figures ("Adapter stacks in half precision") come from this test's printout
+The figures in docs/gpu.md ("Adapter stacks in half precision") come from this test's printout
 (`pytest -s`): max |logit| difference on a mixed batch, and at which positions the greedy
 pick changes (teacher-forced on the fp32 model's own greedy continuation).
 """

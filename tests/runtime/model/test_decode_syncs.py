@@ -24,11 +24,11 @@ from tests.runtime.world import SPECS, make_world
 
 # (file, function) allowed to read tensors to the host, and why
 ALLOWED = {
-    ("sampling.py", "sample_next"): "the sampled tokens: the step needs them on the host",
-    ("sampling.py", "_sample_row"): "seeded sampling of one row (not used greedy)",
-    ("lora_ops.py", "make_plan"): "host copy of the row slots (a Python list)",
-    ("batched_layer.py", "plan_for"): "host copy of the row slots",
-    ("layers.py", "_slots"): "host copy of the row slots (validation)",
+    ("decoding/sampling.py", "sample_next"): "the sampled tokens: the step needs them on the host",
+    ("decoding/sampling.py", "_sample_row"): "seeded sampling of one row (not used greedy)",
+    ("lora/ops.py", "make_plan"): "host copy of the row slots (a Python list)",
+    ("lora/batched.py", "plan_for"): "host copy of the row slots",
+    ("lora/layers.py", "_slots"): "host copy of the row slots (validation)",
 }
 READS = ("item", "tolist", "__int__", "__bool__", "__float__", "__index__")
 
@@ -46,7 +46,8 @@ def test_a_decode_step_reads_back_only_the_sampled_tokens(micro_base, tmp_path, 
     def counting(name, real):
         def read(self, *a, **k):
             frame = traceback.extract_stack(limit=2)[0]
-            calls[(frame.filename.rsplit("/", 1)[-1], frame.name, name)] += 1
+            where = "/".join(frame.filename.rsplit("/", 2)[-2:])  # folder/file.py
+            calls[(where, frame.name, name)] += 1
             return real(self, *a, **k)
         return read
 
@@ -72,7 +73,7 @@ def test_a_decode_step_reads_back_only_the_sampled_tokens(micro_base, tmp_path, 
     ours = {k: v for k, v in calls.items() if "site-packages" not in k[0]}
     outside = {k: v for k, v in ours.items() if (k[0], k[1]) not in ALLOWED}
     assert outside == {}, f"device reads outside sampling/plan bookkeeping: {outside}"
-    sampled = sum(v for (f, fn, _), v in ours.items() if f == "sampling.py")
+    sampled = sum(v for (f, fn, _), v in ours.items() if f == "decoding/sampling.py")
     # one read per forward, the whole batch at once (a step runs a decode and a prefill)
     assert 0 < sampled <= 2 * steps
     print(f"\n{steps} steps: host reads by site {dict(ours)}", file=sys.stderr)

@@ -22,7 +22,7 @@ from loraplex.runtime.serve.settings import load_settings
 
 pytestmark = pytest.mark.slow
 PROMETHEUS = "/usr/bin/prometheus"
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / \
+DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "dashboards" / \
     "loraplex.json"
 
 

@@ -1,0 +1,226 @@
+"""The machine's limits beside SmolLM2's decode step: how much of the peak the step reaches.
+
+    make bench BENCH=roofline ARGS=--quick   # fewer repeats, c=16 and 32, 48-token outputs
+    .venv/bin/python -m bench.roofline --json
+
+1. Peak matmul GFLOP/s, fp32 and bf16, on all cores and on one (torch threads = cores, then
+   1): `torch.mm` on SmolLM2-135M's shapes (hidden 576, intermediate 1536, 9 query / 3 KV
+   heads of 64, vocab 49152) at 16, 32 and 512 rows, and one 1024³ square; each figure is
+   the fastest of `--repeats` samples of ~2 ms (on a shared machine a preempted sample is
+   only ever slower). "Peak" is the best shape.
+2. Memory bandwidth: `dst.copy_(src)` on 8 MiB chunks taken in turn from a 512 MiB buffer
+   (from memory, not cache), read + write bytes ÷ the fastest chunk's time.
+3. SmolLM2's decode step, timed from outside: `loraplex serve` (fp32 base, compute float32,
+   the bench.peer adapters: 8 adapters, r8/r16 on every linear layer) under C concurrent
+   streamed completions spread round-robin over the adapters, C = 16 and 32. One decode
+   step gives every running row one token, so the step time is a stream's inter-token gap;
+   achieved GFLOP/s = C × FLOP per token ÷ TPOT p50 (a request's time per output token
+   after the first: (last − first token time) ÷ (tokens − 1); the median request's). FLOP per token counts the 7 projections
+   of 30 layers and the tied LM head (2 × 134.5 M = 0.269 GFLOP), attention over the mean
+   context, and the LoRA pair of every projection at the adapters' mean rank. A step that
+   also runs a prefill is longer, so the figure is the decode step as the clients live it,
+   prefill interleaving included. Beside it, GFLOP per CPU-second of the server's process
+   tree (decode FLOP ÷ the CPU time the server used; on a shared machine this leaves out
+   the time the server waited for a core) against one core's fp32 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+
+import torch
+
+from bench import peer
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 576, 1536, 30, 9, 3, 64, 49152
+# (in, out) of each linear layer of one decoder layer
+PROJ = {"q": (HIDDEN, HEADS * HEAD_DIM), "k": (HIDDEN, KV_HEADS * HEAD_DIM),
+        "v": (HIDDEN, KV_HEADS * HEAD_DIM), "o": (HEADS * HEAD_DIM, HIDDEN),
+        "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
+
+
+def flop_per_token(context: float, rank: float) -> dict[str, float]:
+    """FLOP of one decode token of SmolLM2-135M: base projections + LM head, attention over
+    `context` positions, LoRA at mean `rank` on every projection."""
+    base = 2 * LAYERS * sum(i * o for i, o in PROJ.values()) + 2 * HIDDEN * VOCAB
+    attn = LAYERS * 2 * 2 * context * HEADS * HEAD_DIM  # q·k and p·v over the context
+    lora = LAYERS * 2 * rank * sum(i + o for i, o in PROJ.values())
+    return {"base": base, "attention": attn, "lora": lora, "total": base + attn + lora}
+
+
+def time_best(fn, repeats: int, target_s: float = 2e-3) -> float:
+    """Seconds per call: the fastest of `repeats` samples of ~`target_s` each. Short samples
+    and the minimum keep a shared machine's preemptions out of a peak (a sample that was
+    preempted is slower, never faster)."""
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    inner = max(1, int(target_s / max(time.perf_counter() - t0, 1e-7)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def matmul_table(threads: int, repeats: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    shapes = [(m, HIDDEN, INTER) for m in (16, 32, 512)] + \
+             [(m, INTER, HIDDEN) for m in (16, 32, 512)] + \
+             [(m, HIDDEN, HIDDEN) for m in (16, 32)] + [(32, HIDDEN, VOCAB), (1024, 1024, 1024)]
+    out = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for m, k, n in shapes:
+            a = torch.randn(m, k).to(dtype)  # [M, K]
+            b = torch.randn(k, n).to(dtype)  # [K, N]
+            c = torch.empty(m, n, dtype=dtype)  # [M, N]
+            flop = 2 * m * k * n
+            s = time_best(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats)
+            out.append({"dtype": str(dtype).split(".")[1], "threads": threads, "m": m, "k": k,
+                        "n": n, "us": round(s * 1e6, 1), "gflop_s": round(flop / s / 1e9, 1)})
+    return out
+
+
+def bandwidth(threads: int, repeats: int) -> float:
+    """GB/s of `dst.copy_(src)` (read + write bytes) on 8 MiB chunks taken in turn from a
+    512 MiB buffer, so each chunk comes from memory, not cache; the fastest chunk."""
+    torch.set_num_threads(threads)
+    chunk = 2 << 20  # fp32 elements: 8 MiB
+    src = torch.ones(64 * chunk)  # [128 Mi] fp32: 512 MiB
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for i in range(max(repeats, 64)):
+        lo = (i % 64) * chunk
+        t0 = time.perf_counter()
+        dst[lo:lo + chunk].copy_(src[lo:lo + chunk])
+        best = min(best, time.perf_counter() - t0)
+    return 2 * chunk * 4 / best / 1e9
+
+
+def decode_step(plan: peer.Plan, concurrency: tuple[int, ...], max_tokens: int,
+                say) -> list[dict]:
+    base = peer.base_dir(say)
+    adapters = peer.adapter_dirs(base, plan.adapters, say)
+    registry = peer.registry_dir(base, adapters, say)
+    ranks = [int(d.name.split("-r")[1]) for d in adapters.values()]
+    rank = sum(ranks) / len(ranks)
+    srv = peer.loraplex_server("loraplex-fp32", plan, base, registry, adapters, None)
+    out = []
+    try:
+        srv.start(plan.ready_timeout_s)
+        asyncio.run(peer.run_cell(srv, plan, "completions-rr", len(adapters), len(adapters), 4))
+        for c in concurrency:
+            cell = asyncio.run(peer.run_cell(srv, plan, "completions-rr", c, 2 * c,
+                                             max_tokens)).summary()
+            # prompts are ~20 tokens; a row's context runs from there to prompt + max_tokens
+            flop = flop_per_token(context=20 + cell["mean_output_tokens"] / 2, rank=rank)
+            step_s = cell["tpot_p50_ms"] / 1e3
+            out.append({**cell, "rows": c, "mean_rank": rank,
+                        "gflop_per_token": round(flop["total"] / 1e9, 4),
+                        "flop_split": {k: round(v / 1e9, 4) for k, v in flop.items()},
+                        "achieved_gflop_s": round(c * flop["total"] / step_s / 1e9, 1),
+                        **per_cpu_second(cell, flop)})
+            say(f"decode c={c}: TPOT p50 {cell['tpot_p50_ms']} ms -> "
+                f"{out[-1]['achieved_gflop_s']} GFLOP/s")
+    finally:
+        srv.stop()
+    return out
+
+
+def decode_from_peer(path: str, adapters: int) -> list[dict]:
+    """The same figures from a bench.peer JSON: its loraplex-fp32 `completions-rr` cells."""
+    peer_result = json.loads(open(path).read())
+    ranks = [8 if i % 2 == 0 else 16 for i in range(adapters)]
+    rank = sum(ranks) / len(ranks)
+    out = []
+    for cell in peer_result["servers"]["loraplex-fp32"]["cells"]:
+        if cell["workload"] != "completions-rr" or not cell.get("tpot_p50_ms"):
+            continue
+        c = cell["concurrency"]
+        flop = flop_per_token(context=20 + cell["mean_output_tokens"] / 2, rank=rank)
+        out.append({**cell, "rows": c, "mean_rank": rank, "source": path,
+                    "gflop_per_token": round(flop["total"] / 1e9, 4),
+                    "flop_split": {k: round(v / 1e9, 4) for k, v in flop.items()},
+                    "achieved_gflop_s": round(c * flop["total"] / (cell["tpot_p50_ms"] / 1e3)
+                                              / 1e9, 1), **per_cpu_second(cell, flop)})
+    return out
+
+
+def per_cpu_second(cell: dict, flop: dict) -> dict:
+    """GFLOP per CPU-second the server's process tree used in the cell (a shared machine's
+    preemptions do not count; prefill FLOP are left out, so it is a lower bound)."""
+    if not cell.get("server_cpu_s"):
+        return {}
+    tokens = cell["mean_output_tokens"] * cell["requests"]
+    return {"gflop_per_cpu_s": round(tokens * flop["total"] / cell["server_cpu_s"] / 1e9, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--no-decode", action="store_true", help="only the machine's peaks")
+    ap.add_argument("--peer-json", default=None, help="take the decode step from this "
+                    "bench.peer JSON (its loraplex-fp32 completions-rr cells) instead of "
+                    "serving again")
+    a = ap.parse_args(argv)
+    repeats = a.repeats or (10 if a.quick else 40)
+    max_tokens = a.max_tokens or (48 if a.quick else 96)
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
+
+    cores = os.cpu_count() or 1
+    head = peer.machine()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    mm = matmul_table(cores, repeats) + (matmul_table(1, repeats) if cores > 1 else [])
+    bw = {"all_cores": round(bandwidth(cores, repeats), 1), "one_core": round(bandwidth(1, repeats), 1)}
+    torch.set_num_threads(cores)
+    peaks = {f"{d}_{'all' if t == cores else 'one'}": max(r["gflop_s"] for r in mm
+                                                         if r["dtype"] == d and r["threads"] == t)
+             for d in ("float32", "bfloat16") for t in {cores, 1}}
+    say(f"peak GFLOP/s {peaks}; copy bandwidth GB/s {bw}")
+    if a.peer_json:
+        decode = decode_from_peer(a.peer_json, peer.Plan().adapters)
+    else:
+        decode = [] if a.no_decode else decode_step(peer.Plan(), (16, 32), max_tokens, say)
+    for d in decode:
+        d["fraction_of_fp32_peak"] = round(d["achieved_gflop_s"] / peaks["float32_all"], 3)
+        if "gflop_per_cpu_s" in d:  # one busy core's worth of work against one core's peak
+            d["cpu_s_fraction_of_one_core_fp32_peak"] = round(
+                d["gflop_per_cpu_s"] / peaks["float32_one"], 3)
+    result = {"bench": "roofline", "started": started, "machine": head,
+              "load_avg_end": list(os.getloadavg()),
+              "command": shlex.join([os.path.basename(sys.executable), "-m", "bench.roofline",
+                                     *sys.argv[1:]]),
+              "peak_gflop_s": peaks, "copy_gb_s": bw, "matmul": mm, "decode": decode,
+              "target": "decode at 32 rows >= 50% of the fp32 all-core peak: " + (
+                  "met" if decode and decode[-1]["fraction_of_fp32_peak"] >= 0.5 else
+                  "not met" if decode else "not measured")}
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in mm:
+            print(f"{r['dtype']:9s} threads={r['threads']} {r['m']:5d}x{r['k']:5d}x{r['n']:6d} "
+                  f"{r['us']:10.1f} us {r['gflop_s']:8.1f} GFLOP/s")
+        for d in decode:
+            print(f"decode {d['rows']} rows: TPOT p50 {d['tpot_p50_ms']} ms, "
+                  f"{d['achieved_gflop_s']} GFLOP/s = {d['fraction_of_fp32_peak']:.0%} of the "
+                  f"fp32 peak")
+        print(result["target"])
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
