@@ -22,12 +22,16 @@ from typing import Any
 from loraplex.errors import InvalidArgument, quote
 
 ROLES = ("system", "user", "assistant")
+MAX_MESSAGES = 1024  # messages in one conversation (both doors)
 
 
 def check_messages(messages: Any, *, field: str = "messages") -> list[dict[str, str]]:
     """Plain `[{"role", "content"}]` dicts, or InvalidArgument naming `field[i].role` etc."""
     if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
         raise InvalidArgument(f"`{field}` must be a non-empty list of messages", field=field)
+    if len(messages) > MAX_MESSAGES:
+        raise InvalidArgument(f"`{field}` holds {len(messages)} messages; at most "
+                              f"{MAX_MESSAGES}", field=field)
     out = []
     for i, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else getattr(m, "role", None)

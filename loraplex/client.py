@@ -17,6 +17,13 @@ iterators where the sync one returns values and iterators. Every method takes `t
 (seconds) and `request_id=` (default: a fresh id); the id goes out as `x-request-id`, comes
 back in `Generation.request_id`, and is on every error raised (`.request_id`).
 
+TLS: `tls=True` verifies the server against the system's roots; `tls_ca="ca.pem"` against
+that CA bundle (a self-signed or private CA), and `tls_cert`/`tls_key` present a client
+certificate to a server that requires one (mutual TLS). Without any of them the channel is
+plaintext, which a TLS server refuses.
+
+    Client("serve.example:50051", token, tls_ca="ca.pem")
+
 Generation calls return plain dataclasses (`Generation`, `StreamChunk`); registry and admin
 calls return the protobuf messages of `loraplex.v1`. Failures raise the typed errors of
 `loraplex.errors` (`NotFound`, `InvalidArgument` with `.field`, …), each carrying the
@@ -30,6 +37,7 @@ import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from os import PathLike
 from typing import Any
 
 import grpc
@@ -55,7 +63,7 @@ from loraplex.client_rpcs import (
 from loraplex.v1 import admin_pb2_grpc, inference_pb2_grpc, registry_pb2_grpc
 
 __all__ = ["CHUNK_BYTES", "AsyncClient", "Client", "Generation", "RpcError", "StreamChunk",
-           "generate_request", "register_messages", "set_alias_request", "typed_error"]
+           "channel_credentials", "generate_request", "register_messages", "set_alias_request", "typed_error"]
 
 READY_POLL_S = 0.1  # between health checks in wait_ready
 
@@ -89,12 +97,41 @@ class _Prepared:
         return self.rpc.quiet_end and e.code() in ended
 
 
+def channel_credentials(tls: bool | None = None, tls_ca: str | PathLike | None = None,
+                        tls_cert: str | PathLike | None = None,
+                        tls_key: str | PathLike | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel, or None for plaintext (nothing asked for TLS).
+    `tls_ca`: PEM roots to verify the server (default: the system's); `tls_cert` and
+    `tls_key`: this client's certificate, for servers that require one."""
+    if (tls_cert is None) != (tls_key is None):
+        raise errors.InvalidArgument("tls_cert and tls_key go together", field="tls_cert")
+    if tls is False and (tls_ca or tls_cert):
+        raise errors.InvalidArgument("tls=False with TLS files", field="tls")
+    if not (tls or tls_ca or tls_cert):
+        return None
+
+    def read(path, field: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise errors.InvalidArgument(f"cannot read {field} {errors.quote(str(path))}: "
+                                         f"{e.strerror}", field=field) from e
+
+    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca, "tls_ca"),
+                                        private_key=read(tls_key, "tls_key"),
+                                        certificate_chain=read(tls_cert, "tls_cert"))
+
+
 class _Base:
     def __init__(self, target: str, token: str | None, timeout: float | None,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, tls: dict[str, Any]) -> None:
         self.target = target
         self.token = token
         self.timeout = timeout
+        self._credentials = channel_credentials(**tls)
         self._options = [("grpc.max_receive_message_length", max_message_bytes),
                          ("grpc.max_send_message_length", max_message_bytes),
                          ("grpc.enable_retries", 1),
@@ -161,9 +198,15 @@ class Client(_Base):
     """Blocking client; one channel, thread-safe, reuse it."""
 
     def __init__(self, target: str = "localhost:50051", token: str | None = None, *,
-                 timeout: float | None = None, max_message_bytes: int = 8 << 20) -> None:
-        super().__init__(target, token, timeout, max_message_bytes)
-        self._set_channel(grpc.insecure_channel(target, options=self._options))
+                 timeout: float | None = None, max_message_bytes: int = 8 << 20,
+                 tls: bool | None = None, tls_ca: str | PathLike | None = None,
+                 tls_cert: str | PathLike | None = None,
+                 tls_key: str | PathLike | None = None) -> None:
+        super().__init__(target, token, timeout, max_message_bytes,
+                         dict(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+        creds = self._credentials
+        self._set_channel(grpc.secure_channel(target, creds, options=self._options) if creds
+                          else grpc.insecure_channel(target, options=self._options))
 
     def __enter__(self) -> Client:
         return self
@@ -215,9 +258,15 @@ class AsyncClient(_Base):
     """asyncio client (`grpc.aio`); create it inside the running event loop."""
 
     def __init__(self, target: str = "localhost:50051", token: str | None = None, *,
-                 timeout: float | None = None, max_message_bytes: int = 8 << 20) -> None:
-        super().__init__(target, token, timeout, max_message_bytes)
-        self._set_channel(grpc.aio.insecure_channel(target, options=self._options))
+                 timeout: float | None = None, max_message_bytes: int = 8 << 20,
+                 tls: bool | None = None, tls_ca: str | PathLike | None = None,
+                 tls_cert: str | PathLike | None = None,
+                 tls_key: str | PathLike | None = None) -> None:
+        super().__init__(target, token, timeout, max_message_bytes,
+                         dict(tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key))
+        creds, opts = self._credentials, self._options
+        self._set_channel(grpc.aio.secure_channel(target, creds, options=opts) if creds
+                          else grpc.aio.insecure_channel(target, options=opts))
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -206,7 +206,10 @@ def create_engine(url: str, settings: RegistrySettings, *, read_only: bool = Fal
                                   hide_parameters=True)
         _sqlite_events(engine, settings, read_only=read_only)
     else:
-        engine = sa.create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        engine = sa.create_engine(url, pool_pre_ping=True, hide_parameters=True,
+                                  pool_size=settings.db_pool_size,
+                                  max_overflow=settings.db_max_overflow,
+                                  pool_timeout=settings.db_pool_timeout_s)
         if settings.db_schema:
             _pg_schema_events(engine, settings.db_schema)
     return engine

@@ -116,6 +116,7 @@ def reads(fn: F) -> F:
     """Typed errors, and one retry when the connection dropped (idempotent reads only)."""
 
     @functools.wraps(fn)
+    @_pool_waits
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self, *args, **kwargs)
@@ -137,6 +138,7 @@ def writes(fn: F) -> F:
     A registry opened read-only refuses at once, before any blob is written."""
 
     @functools.wraps(fn)
+    @_pool_waits
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "read_only", False):
             raise StorageReadOnly(
@@ -148,6 +150,21 @@ def writes(fn: F) -> F:
             return fn(self, *args, **kwargs)
         except sa.exc.DBAPIError as e:
             _raise_typed(e, self.db_where)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _pool_waits(fn: F) -> F:
+    """The connection pool stayed full for `db_pool_timeout_s` (SQLAlchemy's TimeoutError,
+    not a DBAPIError): the registry is busy, not broken: UNAVAILABLE, retry later."""
+
+    @functools.wraps(fn)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        except sa.exc.TimeoutError as e:
+            raise DatabaseUnavailable(f"registry database {self.db_where}: every connection "
+                                      "is busy; retry shortly") from e
 
     return wrapper  # type: ignore[return-value]
 

@@ -57,6 +57,11 @@ class RegistrySettings(BaseSettings):
         "to a registration that has written its blobs but not committed yet.")
     db_schema: str | None = Field(
         None, description="PostgreSQL schema to keep the tables in (created if missing).")
+    db_pool_size: int = Field(10, gt=0, description="PostgreSQL connections kept open.")
+    db_max_overflow: int = Field(10, ge=0, description="PostgreSQL connections opened "
+                                 "beyond `db_pool_size` under load, closed when returned.")
+    db_pool_timeout_s: float = Field(10.0, gt=0, description="How long a call waits for a "
+                                     "free PostgreSQL connection before UNAVAILABLE.")
     change_poll_s: float = Field(
         0.05, gt=0, description="How often `wait_for_changes` re-reads the change feed on "
         "SQLite (PostgreSQL wakes it by NOTIFY instead).")

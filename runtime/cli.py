@@ -41,6 +41,16 @@ def serve(
     ray: bool = typer.Option(None, "--ray/--no-ray",
                              help="Engines as Ray Serve replicas behind this gRPC ingress."),
     replicas: int = typer.Option(None, help="--ray: engine replicas (default 2)."),
+    tls_cert: Path = typer.Option(None, help="PEM certificate chain: every door speaks TLS."),
+    tls_key: Path = typer.Option(None, help="PEM private key of --tls-cert."),
+    tls_client_ca: Path = typer.Option(None, help="PEM CA: require client certificates it "
+                                       "signed (mutual TLS)."),
+    metrics_host: str = typer.Option(None, help="/metrics listen address (default 127.0.0.1)."),
+    http_host: str = typer.Option(None, help="OpenAI HTTP listen address (default 0.0.0.0)."),
+    no_auth_on_public_interfaces_i_understand: bool = typer.Option(
+        None, "--no-auth-on-public-interfaces-i-understand",
+        help="Allow --no-auth with a listener on a non-loopback address (anyone who reaches "
+        "it is an admin)."),
 ) -> None:
     """Serve inference, registry and admin over gRPC, and /metrics over HTTP."""
     from loraplex.runtime.serve.server import exit_process
@@ -49,7 +59,9 @@ def serve(
     flags = dict(base=base, registry=registry, blob_dir=blob_dir, host=host, port=port,
                  metrics_port=metrics_port, http_port=http_port, no_auth=no_auth,
                  quantization=quantization, device=device, grace_s=grace_s, ray=ray,
-                 replicas=replicas)
+                 replicas=replicas, tls_cert=tls_cert, tls_key=tls_key,
+                 tls_client_ca=tls_client_ca, metrics_host=metrics_host, http_host=http_host,
+                 no_auth_on_public_interfaces_i_understand=no_auth_on_public_interfaces_i_understand)
     settings = load_settings(flags, config)  # a typed error: one line (loraplex/cli_errors.py)
     if settings.base is None:
         raise typer.BadParameter("--base DIR is required (or LORAPLEX_BASE)")
@@ -80,6 +92,14 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Send chat messages (the server renders "
                               "them with the base's chat template) instead of raw text."),
     system: list[str] = typer.Option([], help="With --chat: a system message (repeatable)."),
+    tls_ca: Path = typer.Option(None, envvar="LORAPLEX_TLS_CA", help="PEM CA bundle: talk "
+                                "TLS and verify the server with it."),
+    tls: bool = typer.Option(False, "--tls", envvar="LORAPLEX_TLS",
+                             help="Talk TLS, verifying the server with the system's roots."),
+    tls_cert: Path = typer.Option(None, envvar="LORAPLEX_TLS_CERT",
+                                  help="PEM client certificate (mutual TLS)."),
+    tls_key: Path = typer.Option(None, envvar="LORAPLEX_TLS_KEY",
+                                 help="PEM private key of --tls-cert."),
 ) -> None:
     """Generate text with an adapter on a running server."""
     from loraplex.client import Client
@@ -91,7 +111,8 @@ def generate(
     if chat:
         kw["messages"] = chat_messages(prompt, system)
         prompt = None
-    with Client(target, token=token or os.environ.get("LORAPLEX_TOKEN")) as client:
+    with Client(target, token=token or os.environ.get("LORAPLEX_TOKEN"), tls=tls or None,
+                tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key) as client:
         if stream:
             final = None
             for chunk in client.stream(adapter or None, prompt, **kw):

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
 
 
+# A token of ordinary text is a few bytes; this bound on text per context position refuses
+# only prompts that could never fit the context, before the tokenizer spends time on them.
+PROMPT_BYTES_PER_POSITION = 32
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a request must fit, known once the base is loaded."""
@@ -25,6 +30,14 @@ class Limits:
     max_new_tokens: int  # the server's cap on `sampling.max_new_tokens`
     max_rank: int
     fingerprint: BaseFingerprint | None = None  # adapters must be made for this base
+    max_prompt_bytes: int | None = None  # None: PROMPT_BYTES_PER_POSITION × max_seq_len
+
+    @property
+    def prompt_bytes(self) -> int:
+        """The most UTF-8 bytes of prompt text the intake tokenizes."""
+        if self.max_prompt_bytes is not None:
+            return self.max_prompt_bytes
+        return PROMPT_BYTES_PER_POSITION * self.max_seq_len
 
 
 

@@ -175,6 +175,16 @@ class EngineConfig:
     # max_new_tokens), so a burst from one tenant is refused before it fills the queue.
     max_waiting_per_tenant: int | None = None
     max_waiting_tokens_per_tenant: int | None = None
+    # Without `max_waiting_per_tenant`, one tenant may hold this share of `max_waiting`
+    # (rounded up); 1.0 lets one tenant fill the whole queue.
+    tenant_waiting_share: float = 0.25
+    # Per-tenant rates, refused with RESOURCE_EXHAUSTED + RetryInfo (None: off): requests,
+    # and tokens (prompt + max_new_tokens), per minute (runtime/engine/ratelimit.py).
+    tenant_requests_per_minute: int | None = None
+    tenant_tokens_per_minute: int | None = None
+    # A prompt (or the messages' contents) longer than this many UTF-8 bytes is refused
+    # before it is tokenized; None: 32 bytes per position of the context.
+    max_prompt_bytes: int | None = None
     max_new_tokens_limit: int = 1024
     max_seq_len: int | None = None
     prefill_token_budget: int = 512
@@ -210,7 +220,11 @@ class EngineConfig:
                      "prefill_token_budget", "loader_threads", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0"))
-        for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant"):
+        if not 0 < self.tenant_waiting_share <= 1:
+            problems.append(("tenant_waiting_share", "`tenant_waiting_share` must be in (0, 1]"))
+        for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant",
+                     "tenant_requests_per_minute", "tenant_tokens_per_minute",
+                     "max_prompt_bytes"):
             if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0 (or unset)"))
         if not 0 <= self.loader_nice <= 19:
@@ -230,6 +244,13 @@ class EngineConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if problems:
             raise InvalidArgument("; ".join(m for _, m in problems), field=problems[0][0])
+
+    @property
+    def waiting_per_tenant(self) -> int:
+        """The per-tenant waiting cap in force (`max_waiting_per_tenant`, else the share)."""
+        if self.max_waiting_per_tenant is not None:
+            return self.max_waiting_per_tenant
+        return max(1, math.ceil(self.max_waiting * self.tenant_waiting_share))
 
     def replace(self, **changes: Any) -> EngineConfig:
         from dataclasses import replace

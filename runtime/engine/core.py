@@ -200,7 +200,7 @@ class EngineCore:
                 s.t_adapter = now
             self.running.append(s)
             self._notify("on_admitted", now - s.t_submit)
-            s.prefilled = self.runner.reuse_prefix(s.row, s.digest, s.prompt)
+            s.prefilled = self.runner.reuse_prefix(s.row, s.tenant, s.digest, s.prompt)
             if s.prefilled:
                 plan = plan.skip_cached(s.row, s.prompt, s.prefilled)
         return plan.without_rows(failed_rows)
@@ -245,7 +245,8 @@ class EngineCore:
         if fed is not None:  # prefill: only rows whose prompt is now complete sample
             for s, n in zip(seqs, fed, strict=True):
                 s.prefilled += n
-                self.runner.share_prefix(s.row, s.digest, s.prompt, s.prefilled)
+                self.runner.share_prefix(s.row, s.tenant, s.digest, s.prompt,
+                                          s.prefilled)
             idx = [i for i, s in enumerate(seqs) if s.prefilled == len(s.prompt)]
             if not idx:
                 return

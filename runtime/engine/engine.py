@@ -48,6 +48,7 @@ from loraplex.runtime.engine.commands import AdminCommands
 from loraplex.runtime.engine.commit import Seq
 from loraplex.runtime.engine.core import EngineCore, Inbox
 from loraplex.runtime.engine.intake import Intake, LockedTokenizer, validate_request
+from loraplex.runtime.engine.ratelimit import RateLimiter
 from loraplex.runtime.engine.scheduler import Scheduler
 from loraplex.runtime.engine.stream import RequestStream
 from loraplex.runtime.lora.host_loader import HostLoader, write_slot
@@ -78,7 +79,7 @@ class Engine:
         self.observer = observer or EngineObserver()
         self.scheduler = Scheduler(
             config.max_waiting, config.aging_s,
-            max_waiting_per_tenant=config.max_waiting_per_tenant,
+            max_waiting_per_tenant=config.waiting_per_tenant,
             max_waiting_tokens_per_tenant=config.max_waiting_tokens_per_tenant)
         self._inbox = Inbox()
         self._wake = threading.Event()
@@ -311,7 +312,7 @@ class Engine:
         runner = Runner.boot(cfg)
         limits = Limits(vocab_size=runner.vocab_size, max_seq_len=runner.max_seq_len,
                         max_new_tokens=cfg.max_new_tokens_limit, max_rank=cfg.max_rank,
-                        fingerprint=runner.fingerprint)
+                        fingerprint=runner.fingerprint, max_prompt_bytes=cfg.max_prompt_bytes)
         tokenizer = LockedTokenizer(runner.tokenizer)
         self._tokens = TokenTable.for_tokenizer(tokenizer)  # streamed text: whole characters
         self.loader = HostLoader(self.registry, runner.injection, limits, runner.lora_dtype,
@@ -327,7 +328,9 @@ class Engine:
             runner.tokenizer, sorted(runner.eos), vocab_size=runner.vocab_size,
             on_compile=lambda sec: self._notify("on_grammar_compile", sec),
             on_cache=lambda hit: self._notify("on_grammar_cache", hit))
-        self._intake = Intake(self.registry, tokenizer, limits, grammars)
+        self._intake = Intake(self.registry, tokenizer, limits, grammars,
+                              rates=RateLimiter(cfg.tenant_requests_per_minute,
+                                                cfg.tenant_tokens_per_minute))
 
     def _notify(self, hook: str, *args: Any) -> None:
         notify(self.observer, hook, *args)

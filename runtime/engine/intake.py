@@ -33,6 +33,7 @@ from loraplex.errors import (
 from loraplex.runtime.api.limits import Limits, check_compatible
 from loraplex.runtime.api.types import GenerationRequest, SamplingParams
 from loraplex.runtime.decoding.sampling import validate_sampling
+from loraplex.runtime.engine.ratelimit import RateLimiter
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion, Identity, Registry
@@ -70,11 +71,13 @@ class Intake:
     """Ref + prompt → `GenerationRequest` (see the module docstring). Thread-safe."""
 
     def __init__(self, registry: Registry | None, tokenizer: LockedTokenizer,
-                 limits: Limits, grammars: GrammarCompiler | None = None) -> None:
+                 limits: Limits, grammars: GrammarCompiler | None = None,
+                 rates: RateLimiter | None = None) -> None:
         self.registry = registry
         self.tokenizer = tokenizer
         self.limits = limits
         self.grammars = grammars
+        self.rates = rates or RateLimiter(None, None)
 
     def admit(self, request_id: str, identity: Identity, adapter: str | None = None,
               prompt: str | None = None, prompt_ids: Sequence[int] | None = None,
@@ -92,9 +95,11 @@ class Intake:
         if len(given) != 1:
             raise InvalidArgument("give exactly one of `prompt`, `prompt_ids` and `messages`",
                                   field=given[0] if given else "prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidArgument("`prompt` must be a string", field="prompt")
+        self.rates.request(tenant)  # before any tokenizing: over its rate costs nothing more
         if prompt is not None:
-            if not isinstance(prompt, str):
-                raise InvalidArgument("`prompt` must be a string", field="prompt")
+            check_prompt_bytes([prompt], "prompt", self.limits)
             ids = self.tokenizer.encode_ids(prompt) if prompt else []
             check_prompt(ids, "prompt", self.limits)
         elif messages is not None:
@@ -103,6 +108,7 @@ class Intake:
             ids = list(prompt_ids)
         request = GenerationRequest(request_id, tenant, None, ids, sampling, deadline)
         validate_request(request, self.limits)  # before the registry: cheap problems first
+        self.rates.tokens(tenant, len(ids) + int(sampling.max_new_tokens))
         version = self.resolve(identity, adapter) if adapter else None
         return self.with_grammar(GenerationRequest(request_id, tenant, version, ids, sampling,
                                                    deadline))
@@ -121,6 +127,7 @@ class Intake:
     def chat_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """`messages` checked (roles), rendered with the base's chat template and tokenized."""
         clean = chat.check_messages(messages)
+        check_prompt_bytes([m["content"] for m in clean], "messages", self.limits)
         ids = chat.render_ids(self.tokenizer, clean)
         check_prompt(ids, "messages", self.limits)
         return ids
@@ -154,6 +161,17 @@ def validate_request(request: GenerationRequest, limits: Limits) -> None:
         raise InvalidArgument("`deadline` must be time.monotonic() seconds", field="deadline")
     if request.adapter is not None:
         check_compatible(request.adapter, limits)
+
+
+def check_prompt_bytes(texts: Sequence[str], name: str, limits: Limits) -> None:
+    """Refuse text longer than `limits.prompt_bytes` (UTF-8) before it is tokenized: the
+    tokenizer's time grows with the text, under one lock every caller shares."""
+    cap = limits.prompt_bytes
+    chars = sum(len(t) for t in texts)
+    size = chars if chars > cap else sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    if size > cap:
+        raise InvalidArgument(f"`{name}` is {'at least ' if chars > cap else ''}{size} bytes; "
+                              f"this server tokenizes at most {cap}", field=name)
 
 
 def check_prompt(ids: Sequence[int], name: str, limits: Limits) -> None:

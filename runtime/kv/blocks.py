@@ -24,17 +24,19 @@ process, and reserved KV stays at its peak instead of following use (the invaria
 does not hold).
 
 Prefix cache (`cache_blocks > 0`): a full block of a prompt is published under a key that
-chains the adapter digest (or the base) with every token up to the block's end (sha256), so
-a later row with the same adapter version and the same leading tokens takes the same blocks
-(reference-counted, never written again: only full prompt blocks are shared, and a row
-writes only past its cached prefix). A different adapter, version or alias target has a
-different digest, so a different key: KV is never shared across them. Blocks no row holds
-stay cached, least recently used evicted first, up to `cache_blocks`.
+chains the tenant, the adapter digest (or the base) and every token up to the block's end
+(sha256), so a later row of the same tenant with the same adapter version and the same
+leading tokens takes the same blocks (reference-counted, never written again: only full
+prompt blocks are shared, and a row writes only past its cached prefix). A different
+adapter, version or alias target has a different digest, so a different key: KV is never
+shared across them. Nor across tenants: a hit is faster than a miss, so a shared cache
+would let one tenant learn, by timing its own requests, which prompts another tenant sent.
+Blocks no row holds stay cached, least recently used evicted first, up to `cache_blocks`.
 
     alloc = BlockAllocator(block_size=16, max_blocks=rows * ceil(max_len / 16))
-    cached = alloc.match(row, digest, prompt)  # positions reused from the prefix cache
+    cached = alloc.match(row, tenant, digest, prompt)  # positions reused from the cache
     grow_to = alloc.extend(row, upto)          # new capacity when the pool must grow
-    alloc.publish(row, digest, prompt, upto)   # full prompt blocks written: cache them
+    alloc.publish(row, tenant, digest, prompt, upto)   # full prompt blocks: cache them
     moves, shrink_to = alloc.release(row)      # block copies (src -> dst), then truncate
     alloc.release(row, compact=False); alloc.compact()   # many releases, one compaction
 """
@@ -177,16 +179,18 @@ class BlockAllocator:
         return Shrink(tuple(where.items()), capacity)
 
     # -- prefix cache -----------------------------------------------------------------------
-    def _chain(self, digest: str | None, prompt: Sequence[int], blocks: int) -> list[bytes]:
-        """Keys of the first `blocks` full blocks of `prompt` under `digest`."""
-        h = hashlib.sha256(f"adapter:{digest}".encode() if digest else b"base")
+    def _chain(self, tenant: str, digest: str | None, prompt: Sequence[int],
+               blocks: int) -> list[bytes]:
+        """Keys of the first `blocks` full blocks of `prompt` of `tenant` under `digest`."""
+        h = hashlib.sha256(f"tenant:{len(tenant)}:{tenant}|".encode())
+        h.update(f"adapter:{digest}".encode() if digest else b"base")
         bs, keys = self.block_size, []
         for i in range(blocks):
             h.update(b"|" + ",".join(map(str, prompt[i * bs:(i + 1) * bs])).encode())
             keys.append(h.copy().digest())
         return keys
 
-    def match(self, row: int, digest: str | None, prompt: Sequence[int]) -> int:
+    def match(self, row: int, tenant: str, digest: str | None, prompt: Sequence[int]) -> int:
         """Give a new `row` the cached blocks of `prompt`'s longest cached prefix (at least
         one prompt token is left to compute: its logits pick the first token); returns
         the positions reused."""
@@ -194,7 +198,7 @@ class BlockAllocator:
             return 0
         self.prefix_lookups += 1
         found: list[int] = []
-        for key in self._chain(digest, prompt, (len(prompt) - 1) // self.block_size):
+        for key in self._chain(tenant, digest, prompt, (len(prompt) - 1) // self.block_size):
             b = self._keys.get(key)
             if b is None:
                 break
@@ -212,13 +216,14 @@ class BlockAllocator:
         self.prefix_hit_tokens += n
         return n
 
-    def publish(self, row: int, digest: str | None, prompt: Sequence[int], upto: int) -> None:
+    def publish(self, row: int, tenant: str, digest: str | None, prompt: Sequence[int],
+                upto: int) -> None:
         """`row` has written positions `0..upto-1` of `prompt`: cache its full blocks."""
         if not self.cache_blocks:
             return
         table = self.tables.get(row, [])
         full = min(upto, len(prompt)) // self.block_size
-        for i, key in enumerate(self._chain(digest, prompt, full)):
+        for i, key in enumerate(self._chain(tenant, digest, prompt, full)):
             b = table[i]
             if key in self._keys or b in self._key_of:
                 continue  # already cached (maybe another row's copy of the same prefix)

@@ -169,16 +169,18 @@ class Runner:
         """Shrink the KV pools once for every row released with `compact=False`."""
         self.kv.compact()
 
-    def reuse_prefix(self, row: int, digest: str | None, prompt: Sequence[int]) -> int:
-        """Give a new `row` the cached KV blocks of `prompt`'s longest cached prefix under
-        this adapter (`digest`); returns the prompt positions that need no prefill."""
-        return self.kv.blocks.match(row, digest, prompt)
+    def reuse_prefix(self, row: int, tenant: str, digest: str | None,
+                     prompt: Sequence[int]) -> int:
+        """Give a new `row` the cached KV blocks of `prompt`'s longest cached prefix of
+        this tenant under this adapter (`digest`); returns the prompt positions that need
+        no prefill."""
+        return self.kv.blocks.match(row, tenant, digest, prompt)
 
-    def share_prefix(self, row: int, digest: str | None, prompt: Sequence[int],
+    def share_prefix(self, row: int, tenant: str, digest: str | None, prompt: Sequence[int],
                      upto: int) -> None:
         """`row` has computed positions `0..upto-1` of `prompt`: offer its full blocks to
-        later prompts with the same prefix and adapter."""
-        self.kv.blocks.publish(row, digest, prompt, upto)
+        the same tenant's later prompts with the same prefix and adapter."""
+        self.kv.blocks.publish(row, tenant, digest, prompt, upto)
 
     def kv_usage(self) -> KvUsage:
         blocks = self.kv.blocks

@@ -18,11 +18,14 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from loraplex.errors import LoraplexError, Overloaded
+from loraplex.errors import LoraplexError
 
 log = logging.getLogger("loraplex.runtime.grpc")
 DOMAIN = "loraplex.dev"
 RETRY_AFTER_S = 1.0
+# Codes whose errors carry RetryInfo (RETRY_AFTER_S unless the error names its own
+# `retry_after_s`): a full queue, a tenant over a rate or share, a server going away.
+RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
 # An error travels three times in the trailing metadata (grpc-message percent-encoded, then
 # the base64 Status holding the message and a BadRequest description); a default client
 # refuses more than 16 KiB of metadata. Inputs are quoted short (`errors.quote`); this cap
@@ -38,7 +41,7 @@ class MappedError:
     message: str
     field: str | None
     reason: str  # the error class name, e.g. "AliasConflict"
-    retry_after_s: float | None = None  # RetryInfo beyond the default (AuthThrottled)
+    retry_after_s: float | None = None  # RetryInfo: when a retry may succeed
 
 
 def status_code(name: str) -> grpc.StatusCode:
@@ -52,9 +55,12 @@ def map_error(error: BaseException, request_id: str = "") -> MappedError:
         if error.public_message != error.message:  # the server's own detail stays here
             log.warning("request %s: %s: %s", request_id or "-", type(error).__name__,
                         error.message)
-        return MappedError(status_code(error.code), cap_message(error.public_message),
-                           error.field, type(error).__name__,
-                           getattr(error, "retry_after_s", None))
+        code = status_code(error.code)
+        retry = getattr(error, "retry_after_s", None)
+        if retry is None and code in RETRYABLE:
+            retry = RETRY_AFTER_S
+        return MappedError(code, cap_message(error.public_message), error.field,
+                           type(error).__name__, retry)
     log.error("internal error in request %s", request_id or "-", exc_info=error)
     suffix = f" (request id {request_id})" if request_id else ""
     return MappedError(grpc.StatusCode.INTERNAL, "internal error" + suffix, None, "Internal")
@@ -69,11 +75,10 @@ def rich_status(mapped: MappedError, request_id: str = "") -> grpc.Status:
         details.append(_pack(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=mapped.field,
                                                         description=mapped.message)])))
-    if (mapped.retry_after_s is not None or mapped.reason == Overloaded.__name__
-            or mapped.code == grpc.StatusCode.UNAVAILABLE):
-        after = RETRY_AFTER_S if mapped.retry_after_s is None else mapped.retry_after_s
+    if mapped.retry_after_s is not None:
+        delay = max(0.0, mapped.retry_after_s)
         details.append(_pack(error_details_pb2.RetryInfo(
-            retry_delay={"seconds": int(after), "nanos": int((after % 1) * 1e9)})))
+            retry_delay={"seconds": int(delay), "nanos": int((delay % 1) * 1e9)})))
     status = status_pb2.Status(code=_rpc_code(mapped.code), message=mapped.message,
                                details=details)
     return rpc_status.to_status(status)

@@ -1,7 +1,9 @@
 """Server interceptors, one job each, composed in `server.py` in this order (outermost first):
 
 1. `RequestIdInterceptor` — binds the request id (`x-request-id` metadata or a fresh one) to
-   a contextvar so logs and errors of the whole call can name it.
+   a contextvar so logs and errors of the whole call can name it. A caller's id is taken
+   only when it is at most 128 characters of `[A-Za-z0-9._:-]` (`plain_request_id`): any
+   other is replaced by a fresh one before anything logs or echoes it.
 2. `ErrorInterceptor` — turns `LoraplexError`s into their precise status code with details
    (`grpc_errors.py`); anything else is a bug → INTERNAL, logged.
 3. `MetricsInterceptor` — counts finished RPCs by method and status code.
@@ -28,6 +30,7 @@ import asyncio
 import contextvars
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -53,6 +56,12 @@ TOKEN_METHODS = frozenset(ADMIN_PREFIX + m for m in (
     "CreateToken", "ListTokens", "RevokeToken", "RotateToken", "TokenHistory"))
 REQUEST_ID_KEY = "x-request-id"
 DEADLINE_SLACK_S = 0.25  # see `ended_by_client`
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def plain_request_id(value: str | None) -> str | None:
+    """`value` when it is a request id safe to log and echo, else None."""
+    return value if value and REQUEST_ID.fullmatch(value) else None
 
 Scope = Callable[[grpc.aio.ServicerContext], AbstractAsyncContextManager[None]]
 
@@ -160,7 +169,8 @@ class RequestIdInterceptor(_ScopeInterceptor):
 
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
-        token = request_id_var.set(metadata_value(context, REQUEST_ID_KEY) or uuid.uuid4().hex)
+        given = plain_request_id(metadata_value(context, REQUEST_ID_KEY))
+        token = request_id_var.set(given or uuid.uuid4().hex)
         try:
             yield
         finally:

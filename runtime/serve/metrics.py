@@ -136,7 +136,7 @@ class ServerMetrics(EngineObserver):
                             ("method", "code"), registry=r)
         self.rpc_duration = hist("grpc_request_duration_seconds", "RPC duration by method.",
                                  DURATION_BUCKETS, ("method",))
-        self.router = RouterMetrics(r)  # vLLM-named gauges for LoRA-aware routers
+        self.router = RouterMetrics(r, max_listed=top_k)  # vLLM-named gauges for routers
 
     # -- wiring ---------------------------------------------------------------------------
     def bind_engine(self, stats: Callable[[], object],
@@ -155,9 +155,17 @@ class ServerMetrics(EngineObserver):
             self.resident.labels("host").set_function(
                 lambda: sum(1 for a in resident() if getattr(a, "on_host", False)))
 
-    def serve_http(self, port: int, host: str = "0.0.0.0") -> int:  # noqa: S104 - a server
-        """Start `/metrics` on `host:port` (0: any free port); returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve_http(self, port: int, host: str = "127.0.0.1", *, certfile: str | None = None,
+                   keyfile: str | None = None, client_cafile: str | None = None) -> int:
+        """Start `/metrics` on `host:port` (0: any free port); returns the bound port. With
+        `certfile`/`keyfile` it speaks HTTPS; with `client_cafile` a scraper must present a
+        certificate that CA signed."""
+        tls = {}
+        if certfile is not None:
+            tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_cafile,
+                   "client_auth_required": client_cafile is not None}
+        self._http, _thread = start_http_server(port, addr=host, registry=self.registry,
+                                                **tls)
         return self._http.server_port
 
     def close(self) -> None:

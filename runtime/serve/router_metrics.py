@@ -17,6 +17,10 @@ comma-separated), `waiting_lora_adapters` (adapters of queued requests that none
 running sequences uses yet). An adapter is named by its key `tenant/name`: the name a
 router sees in the request's `model`, whatever alias or version follows it.
 
+Each list names at most `max_listed` adapters (the server's `metrics_top_k`; running ones
+are bounded by `max_lora` anyway): many tenants queueing many distinct adapters would
+otherwise make one unbounded label value, a new series at every scrape.
+
 Everything is read at scrape time from `engine.stats()`, `engine.resident()` and the
 request ids this module is told about (queued / done); the snapshot is a pure function.
 """
@@ -52,13 +56,17 @@ def adapter_key(ref: str) -> str:
     return ref.split("@", 1)[0].split(":", 1)[0]
 
 
-def snapshot(stats: Any, resident: Iterable[Any], queued_refs: Iterable[str]) -> RouterSnapshot:
+MAX_LISTED = 20
+
+
+def snapshot(stats: Any, resident: Iterable[Any], queued_refs: Iterable[str],
+             max_listed: int = MAX_LISTED) -> RouterSnapshot:
     """What a router sees of one replica (module docstring), from engine readings."""
     running = sorted({adapter_key(a.ref) for a in resident
                       if a.slot is not None and a.active_sequences > 0})
     waiting = sorted({adapter_key(r) for r in queued_refs if r} - set(running))
-    return RouterSnapshot(tuple(running), tuple(waiting), stats.slots_total, stats.running,
-                          stats.waiting, kv_usage(stats))
+    return RouterSnapshot(tuple(running[:max_listed]), tuple(waiting[:max_listed]),
+                          stats.slots_total, stats.running, stats.waiting, kv_usage(stats))
 
 
 def kv_usage(stats: Any) -> float:
@@ -73,7 +81,8 @@ def kv_usage(stats: Any) -> float:
 class RouterMetrics(Collector):
     """A collector in the server's Prometheus registry; fed request ids as they queue/end."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, max_listed: int = MAX_LISTED) -> None:
+        self.max_listed = max_listed
         self._refs: dict[str, str] = {}  # in-flight request id -> adapter ref as requested
         self._lock = threading.Lock()
         self._stats: Callable[[], Any] | None = None
@@ -97,7 +106,7 @@ class RouterMetrics(Collector):
             return
         with self._lock:
             refs = list(self._refs.values())
-        snap = snapshot(self._stats(), self._resident(), refs)
+        snap = snapshot(self._stats(), self._resident(), refs, self.max_listed)
         yield from families(snap, time.time())
 
 

@@ -74,7 +74,8 @@ class LoraplexServer:
         self.grpc = grpc.aio.server(
             interceptors=self._interceptors(),
             options=[("grpc.max_receive_message_length", settings.max_message_bytes),
-                     ("grpc.max_send_message_length", settings.max_message_bytes)])
+                     ("grpc.max_send_message_length", settings.max_message_bytes)],
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(self.state), self.grpc)
         registry_pb2_grpc.add_RegistryServiceServicer_to_server(
@@ -102,7 +103,8 @@ class LoraplexServer:
             from loraplex.registry import Identity
 
             log.warning("authentication is OFF (--no-auth): every caller is an admin; "
-                        "use this for local experiments only")
+                        "use this for local experiments only (listeners: %s)",
+                        ", ".join(f"{k}={v}" for k, v in self.settings.listeners()))
             auth = AuthInterceptor(None, fallback=Identity.system())
         else:
             auth = AuthInterceptor(self.state.registry.authenticate)
@@ -114,7 +116,10 @@ class LoraplexServer:
     def bind(self) -> int:
         """Bind the configured address; returns the port (the chosen one for port 0)."""
         address = f"{self.settings.host}:{self.settings.port}"
-        port = self.grpc.add_insecure_port(address)
+        if self.settings.tls:
+            port = self.grpc.add_secure_port(address, server_credentials(self.settings))
+        else:
+            port = self.grpc.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot bind gRPC address {address}")
         return port
@@ -124,8 +129,9 @@ class LoraplexServer:
         await self._set_health((REGISTRY,), health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(self.settings.metrics_port,
-                                                        self.settings.metrics_host)
+            self.metrics_port = self.metrics.serve_http(
+                self.settings.metrics_port, self.settings.metrics_host,
+                **tls_files(self.settings))
         await self.grpc.start()
         if self.engine is not None and self.settings.http_port is not None:
             self.http = await asyncio.to_thread(self._open_http)
@@ -149,8 +155,10 @@ class LoraplexServer:
                                             if self.settings.base else "base")
         backend = EngineBackend(self.engine, None if self.settings.no_auth else self.registry,
                                 base_name=name)
-        return HttpThread(create_app(backend), host=self.settings.http_host,
-                          port=self.settings.http_port).__enter__()
+        app = create_app(backend, max_body_bytes=self.settings.http_max_body_bytes,
+                         timeout_s=self.settings.http_timeout_s)
+        return HttpThread(app, host=self.settings.http_host, port=self.settings.http_port,
+                          **tls_files(self.settings)).__enter__()
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the base is loaded (raises what the engine raised, if it failed)."""
@@ -212,6 +220,7 @@ class LoraplexServer:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown, 0.0)
         self.metrics.close()
+        self.state.close()
         close_registry = getattr(self.registry, "close", None)
         if callable(close_registry):
             close_registry()
@@ -219,6 +228,33 @@ class LoraplexServer:
     async def _set_health(self, services, status) -> None:
         for service in services:
             await self.health.set(service, status)
+
+
+def tls_files(settings: ServerSettings) -> dict[str, str | None]:
+    """The PEM files of the TLS settings, as the HTTP and /metrics doors take them
+    (empty without TLS)."""
+    if not settings.tls:
+        return {}
+    return {"certfile": str(settings.tls_cert), "keyfile": str(settings.tls_key),
+            "client_cafile": str(settings.tls_client_ca) if settings.tls_client_ca else None}
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials:
+    """gRPC TLS credentials from the PEM files; with `tls_client_ca`, a client must present
+    a certificate that CA signed (mutual TLS)."""
+    from loraplex.errors import InvalidArgument
+
+    def read(path, field: str) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise InvalidArgument(f"cannot read {field} {path}: {e.strerror}",
+                                  field=field) from e
+
+    pair = (read(settings.tls_key, "tls_key"), read(settings.tls_cert, "tls_cert"))
+    ca = read(settings.tls_client_ca, "tls_client_ca") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca,
+                                       require_client_auth=ca is not None)
 
 
 def create_server(settings: ServerSettings, *, registry: Any = None, engine: Any = None,

@@ -10,12 +10,13 @@ file's `engine:` table and are passed to `EngineConfig` whole, which validates t
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from loraplex.errors import InvalidArgument
@@ -34,7 +35,8 @@ class ServerSettings(BaseSettings):
                                  "for a database URL registry.")
     host: str = Field("0.0.0.0", description="gRPC listen address.")  # noqa: S104
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    metrics_host: str = Field("0.0.0.0", description="/metrics listen address.")  # noqa: S104
+    metrics_host: str = Field("127.0.0.1", description="/metrics listen address (loopback "
+                              "by default: it has no auth and names tenants and adapters).")
     metrics_port: int | None = Field(
         9090, ge=0, le=65535, description="/metrics port; 0 picks one, None disables.")
     http_host: str = Field("0.0.0.0", description="OpenAI HTTP listen address.")  # noqa: S104
@@ -43,7 +45,16 @@ class ServerSettings(BaseSettings):
                                   "disables.")
     model_name: str | None = Field(None, description="The base's `model` name in the OpenAI "
                                    "routes (default: the base directory's name).")
-    no_auth: bool = Field(False, description="Treat every caller as an admin (local use only).")
+    no_auth: bool = Field(False, description="Treat every caller as an admin (local use only: "
+                          "refused unless every listener binds a loopback address).")
+    no_auth_on_public_interfaces_i_understand: bool = Field(
+        False, description="Allow `no_auth` with a listener on a non-loopback address: anyone "
+        "who reaches it is an admin.")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: gRPC, HTTP and "
+                                  "/metrics speak TLS only (needs `tls_key`).")
+    tls_key: Path | None = Field(None, description="PEM private key of `tls_cert`.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: every door requires a "
+                                       "client certificate signed by it (mutual TLS).")
     quantization: Literal[QUANTIZATIONS] = Field("nf4", description="Base weights.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_slots: int = Field(8, gt=0, description="Adapters resident on the device at once.")
@@ -72,6 +83,28 @@ class ServerSettings(BaseSettings):
     ray_address: str | None = Field(None, description="--ray: cluster to join (`auto`, "
                                     "`ray://…`); default: $RAY_ADDRESS or a local Ray.")
     max_message_bytes: int = Field(8 << 20, gt=0, description="gRPC message size limit.")
+    max_concurrent_rpcs: int | None = Field(
+        1024, gt=0, description="gRPC calls in progress at once; later ones get "
+        "RESOURCE_EXHAUSTED (None: unbounded).")
+    registry_workers: int = Field(4, gt=0, description="Threads of the pool that runs heavy "
+                                  "registry work (uploads, merges, compress, gc), apart from "
+                                  "the one that admits inference.")
+    registry_nice: int = Field(10, ge=0, le=19, description="Linux nice value of those "
+                               "threads: inference keeps the CPU while they work (0: normal).")
+    max_concurrent_derivations: int = Field(2, gt=0, description="MergeAdapters and "
+                                            "CompressAdapter calls in progress at once.")
+    max_derivations_per_tenant: int = Field(1, gt=0, description="MergeAdapters and "
+                                            "CompressAdapter calls in progress for one tenant.")
+    max_concurrent_uploads: int = Field(4, gt=0, description="RegisterAdapter streams in "
+                                        "progress at once, all tenants together.")
+    max_uploads_per_tenant: int = Field(2, gt=0, description="RegisterAdapter streams in "
+                                        "progress at once for one tenant.")
+    upload_spool_dir: Path | None = Field(None, description="Where uploads are spooled while "
+                                          "they stream in (default: the system temp dir).")
+    http_max_body_bytes: int = Field(8 << 20, gt=0, description="Largest HTTP request body; "
+                                     "a larger one gets 413 before it is read.")
+    http_timeout_s: float = Field(600.0, gt=0, description="Deadline of one non-streaming "
+                                  "HTTP completion.")
 
     @field_validator("blob_dir", mode="before")
     @classmethod
@@ -88,6 +121,34 @@ class ServerSettings(BaseSettings):
         if clash:
             raise ValueError(f"set {clash} as top-level settings, not under `engine`")
         return v
+
+    @model_validator(mode="after")
+    def _doors(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.no_auth and not self.no_auth_on_public_interfaces_i_understand:
+            public = [f"{name}={host}" for name, host in self.listeners() if not is_loopback(host)]
+            if public:
+                raise ValueError(
+                    "no_auth makes every caller an admin, so every listener must bind a "
+                    f"loopback address; these do not: {', '.join(public)} (bind 127.0.0.1, or "
+                    "set no_auth_on_public_interfaces_i_understand)")
+        return self
+
+    def listeners(self) -> list[tuple[str, str]]:
+        """(setting, address) of every listener these settings open."""
+        out = [("host", self.host)]
+        if self.metrics_port is not None:
+            out.append(("metrics_host", self.metrics_host))
+        if self.http_port is not None:
+            out.append(("http_host", self.http_host))
+        return out
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
@@ -116,6 +177,16 @@ class _FileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return read_config_file(self.path) if self.path else {}
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost`, or an address in 127.0.0.0/8 or ::1; a name or wildcard is not."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

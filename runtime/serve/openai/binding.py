@@ -99,16 +99,28 @@ class EngineBackend:
 
 class HttpThread:
     """uvicorn serving `app` on its own thread (beside the gRPC server's loop); port 0
-    picks a free port, read back from `port`."""
+    picks a free port, read back from `port`. With `certfile`/`keyfile` it speaks HTTPS
+    only; with `client_cafile` a client must present a certificate that CA signed."""
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0,
+                 certfile: str | None = None, keyfile: str | None = None,
+                 client_cafile: str | None = None) -> None:
+        import ssl
+
         import uvicorn
 
-        self._sock = socket.socket()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        tls: dict[str, Any] = {}
+        if certfile is not None:
+            tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+            if client_cafile is not None:
+                tls.update(ssl_ca_certs=client_cafile, ssl_cert_reqs=ssl.CERT_REQUIRED)
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off",
+                                                    **tls))
         self._thread = threading.Thread(target=self.server.run,
                                         kwargs={"sockets": [self._sock]}, daemon=True,
                                         name="loraplex-http")

@@ -15,20 +15,48 @@ registry token gRPC takes, and the tenant rules are the registry's, so a foreign
 status of the gRPC code (`STATUS`). Streaming is server-sent events, ending in `[DONE]`.
 A finished choice's `finish_reason` is always one of OpenAI's names (`FINISH_REASONS`), and
 `loraplex_finish_reason` beside it is the engine's own (`stop`, `length`, `grammar`).
+
+Bounds: a body larger than `max_body_bytes` is refused with 413 before it is read past the
+cap (by its Content-Length when it has one); JSON with `NaN`/`Infinity` is 400; a chat call
+holds at most `chat.MAX_MESSAGES` messages; one choice per call (`n`/`best_of` of 1, no
+`logit_bias`, no `logprobs`: anything else is 400, never silently ignored). A non-streaming
+call is cancelled when its client disconnects and after `timeout_s`. `x-request-id` is
+echoed (and logged) only when it is at most 128 characters of `[A-Za-z0-9._:-]`;
+otherwise the response carries a fresh one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from loraplex.chat import ROLES  # the roles chat intake accepts
-from loraplex.errors import InvalidArgument, LoraplexError, Unauthenticated
+from loraplex.chat import MAX_MESSAGES, ROLES  # what chat intake accepts
+from loraplex.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    LoraplexError,
+    Unauthenticated,
+)
+
+MAX_BODY_BYTES = 8 << 20
+TIMEOUT_S = 600.0
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# OpenAI parameters this server has one answer for: (name, the values it serves, why)
+SINGLE_CHOICE = (
+    ("n", (None, 1), "one choice per request: send `n` requests"),
+    ("best_of", (None, 1), "one choice per request: `best_of` is not served"),
+    ("logit_bias", (None, {}), "`logit_bias` is not served"),
+    ("logprobs", (None, False), "`logprobs` are not served"),
+    ("top_logprobs", (None, 0), "`logprobs` are not served"),
+)
 
 # gRPC code -> HTTP status, as the OpenAI API and grpc-gateway use them.
 STATUS = {
@@ -95,7 +123,30 @@ class Backend(Protocol):
 
 
 # -- request parsing ----------------------------------------------------------------------------
+class BodyTooLarge(Exception):
+    """The body passed the cap (413)."""
+
+
+def _refuse_unserved(body: dict[str, Any]) -> None:
+    """400 for OpenAI parameters asking for more than one plain choice."""
+    for name, served, why in SINGLE_CHOICE:
+        value = body.get(name)
+        if isinstance(value, bool) and name != "logprobs":
+            raise InvalidArgument(f"`{name}` must be a number", field=name)
+        if not any(value == ok and type(value) is type(ok) or value is ok for ok in served):
+            raise InvalidArgument(f"`{name}`={json.dumps(value)[:40]}: {why}", field=name)
+
+
+def _finite(name: str, value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"`{name}` must be a finite number", field=name)
+    return value
+
+
 def _sampling(body: dict[str, Any], default_max: int) -> Sampling:
+    _refuse_unserved(body)
+    for name in ("max_completion_tokens", "max_tokens", "temperature", "top_p", "seed"):
+        _finite(name, body.get(name))
     stop = body.get("stop") or ()
     stop = (stop,) if isinstance(stop, str) else stop
     if not isinstance(stop, list | tuple) or not all(isinstance(s, str) for s in stop):
@@ -108,7 +159,7 @@ def _sampling(body: dict[str, Any], default_max: int) -> Sampling:
                         top_p=float(body.get("top_p", 1.0)),
                         seed=None if body.get("seed") is None else int(body["seed"]),
                         stop=tuple(stop), **constraint)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise InvalidArgument(f"bad sampling value: {e}", field="sampling") from e
 
 
@@ -165,6 +216,9 @@ def _messages(body: dict[str, Any]) -> list[dict[str, str]]:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise InvalidArgument("`messages` must be a non-empty list", field="messages")
+    if len(msgs) > MAX_MESSAGES:
+        raise InvalidArgument(f"`messages` holds {len(msgs)} messages; at most {MAX_MESSAGES}",
+                              field="messages")
     out = []
     for i, m in enumerate(msgs):
         content = m.get("content") if isinstance(m, dict) else None
@@ -193,6 +247,43 @@ def _model(body: dict[str, Any]) -> str:
         raise InvalidArgument("`model` is required: an adapter ref or the base's name",
                               field="model")
     return m
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidArgument(f"body: `{name}` is not JSON (numbers must be finite)", field="body")
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a request body; InvalidArgument for anything else (`NaN` and
+    `Infinity` included: Python's json would take them)."""
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise InvalidArgument(f"body is not JSON: {str(e)[:200]}", field="body") from e
+    if not isinstance(body, dict):
+        raise InvalidArgument("body must be a JSON object", field="body")
+    return body
+
+
+async def read_body(request: Any, cap: int) -> bytes:
+    """The body, at most `cap` bytes: refused by its Content-Length before any of it is
+    read, and as soon as a chunked body passes the cap."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > cap:
+        raise BodyTooLarge
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > cap:
+            raise BodyTooLarge
+        parts.append(part)
+    return b"".join(parts)
+
+
+def request_id_of(headers: Any) -> str:
+    """The caller's `x-request-id` when it is short and plain, else a fresh one."""
+    given = headers.get("x-request-id") or ""
+    return given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
 
 
 def _bearer(headers: Any) -> str | None:
@@ -228,7 +319,8 @@ def _choice(chat: bool, text: str, finish: str | None, *, delta: bool = False) -
 
 
 # -- the app ------------------------------------------------------------------------------------
-def create_app(backend: Backend, *, default_max_tokens: int = 256):
+def create_app(backend: Backend, *, default_max_tokens: int = 256,
+               max_body_bytes: int = MAX_BODY_BYTES, timeout_s: float = TIMEOUT_S):
     """A Starlette app serving the three routes over `backend`."""
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -251,39 +343,48 @@ def create_app(backend: Backend, *, default_max_tokens: int = 256):
             {"id": n, "object": "model", "created": 0, "owned_by": n.split("/")[0]}
             for n in names]})
 
+    def failed(e: LoraplexError, rid: str) -> JSONResponse:
+        status, err = error_body(e)
+        headers = {"x-request-id": rid}
+        retry = getattr(e, "retry_after_s", None)
+        if status == 429 and retry is not None:
+            headers["retry-after"] = str(max(1, math.ceil(retry)))
+        return JSONResponse(err, status_code=status, headers=headers)
+
     async def generate(request: Request, chat: bool):
+        rid_header = request_id_of(request.headers)
         try:
             ident = await identity_of(request)
             try:
-                body = await request.json()
-            except json.JSONDecodeError as e:
-                raise InvalidArgument(f"body is not JSON: {e}", field="body") from e
-            if not isinstance(body, dict):
-                raise InvalidArgument("body must be a JSON object", field="body")
+                raw = await read_body(request, max_body_bytes)
+            except BodyTooLarge:
+                return JSONResponse({"error": {
+                    "message": f"request body larger than {max_body_bytes} bytes",
+                    "type": "invalid_request_error", "param": "body",
+                    "code": "request_too_large"}}, status_code=413,
+                    headers={"x-request-id": rid_header, "connection": "close"})
+            body = parse_body(raw)
             model = _model(body)
             sampling = _sampling(body, default_max_tokens)
             prompt, msgs = (None, _messages(body)) if chat else (_prompt(body), None)
             stream = await asyncio.to_thread(backend.submit, ident, model, prompt=prompt,
                                              messages=msgs, sampling=sampling)
         except LoraplexError as e:
-            status, err = error_body(e)
-            return JSONResponse(err, status_code=status)
+            return failed(e, rid_header)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": model}
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_sse(stream, head, chat, include_usage),
-                                     media_type="text/event-stream")
+                                     media_type="text/event-stream",
+                                     headers={"x-request-id": rid_header})
         try:
-            async for _ in stream:
-                pass
-            out = await stream.result()
+            out = await _until_done_or_gone(request, stream, timeout_s)
         except LoraplexError as e:
-            status, err = error_body(e)
-            return JSONResponse(err, status_code=status)
+            return failed(e, rid_header)
         return JSONResponse({**head, "choices": [_choice(chat, out.text, out.finish_reason)],
-                             "usage": _usage(out)})
+                             "usage": _usage(out)}, headers={"x-request-id": rid_header})
 
     async def completions(request: Request):
         return await generate(request, chat=False)
@@ -296,6 +397,35 @@ def create_app(backend: Backend, *, default_max_tokens: int = 256):
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ])
+
+
+async def _until_done_or_gone(request: Any, stream: TextStream, timeout_s: float) -> Outcome:
+    """The outcome of a non-streaming call; its engine request is cancelled when the client
+    disconnects (Cancelled) or `timeout_s` passes (DeadlineExceeded)."""
+
+    async def drain() -> Outcome:
+        async for _ in stream:
+            pass
+        return await stream.result()
+
+    async def gone() -> None:
+        while True:  # the body is read: the next message is the disconnect
+            if (await request.receive())["type"] == "http.disconnect":
+                return
+
+    work, watch = asyncio.ensure_future(drain()), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait({work, watch}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            return work.result()
+        if watch in done:
+            raise Cancelled("the client disconnected")
+        raise DeadlineExceeded(f"the request ran past the server's {timeout_s:g}s limit")
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        stream.cancel()  # frees the engine's row (a no-op once the request finished)
 
 
 async def _sse(stream: TextStream, head: dict[str, Any], chat: bool, include_usage: bool

@@ -26,6 +26,7 @@ from loraplex.runtime.serve.interceptors import (
     current_identity,
     current_request_id,
     ended_by_client,
+    plain_request_id,
 )
 from loraplex.runtime.serve.servicers import convert
 from loraplex.runtime.serve.servicers.state import ServingState
@@ -86,6 +87,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                      field_prefix: str = "", deadline: float | None = None):
         """(GenerationRequest, client-facing request id): resolved and tokenized in a worker
         thread (registry reads and the tokenizer lock stay off the event loop)."""
+        if request.request_id and not plain_request_id(request.request_id):
+            raise InvalidArgument(f"{field_prefix}request_id must be 1-128 characters of "
+                                  "A-Z a-z 0-9 . _ : -", field=f"{field_prefix}request_id")
         client_id = client_id or request.request_id or current_request_id() or uuid.uuid4().hex
         if deadline is None:
             deadline = convert.deadline_from_remaining(context.time_remaining())

@@ -2,14 +2,24 @@
 derive new versions (compress, merge).
 
 Registry calls touch the database and the blob store, and derivations do tensor work on
-every module of an adapter, so they all run in worker threads (`asyncio.to_thread`) and
-never block the event loop that serves generation streams.
+every module of an adapter, so they all run in worker threads and never block the event
+loop that serves generation streams: light reads on the default executor, uploads and
+derivations on the state's heavy-registry pool (`ServingState.run_heavy`), so a flood of
+them cannot starve inference admission.
+
+An upload streams to a temporary directory on disk (`upload_spool_dir`) as its chunks
+arrive, never into a list of chunks in memory, and is registered from there; the uploads
+in progress are bounded globally and per tenant (`ServingState.uploads`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from loraplex.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from loraplex.runtime.serve.interceptors import current_identity
@@ -31,11 +41,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
     async def RegisterAdapter(self, request_iterator, context):
         identity = current_identity()
-        header, weights = await self._receive(request_iterator)
-        version = await asyncio.to_thread(
-            self.registry.push_bytes, identity, header.name, header.adapter_config, weights,
-            base=self._base_for(header.base_digest),
-            lineage=convert.lineage_from_json(header.lineage_json))
+        spool = self.state.settings.upload_spool_dir
+        with self.state.uploads.hold(identity.tenant), _spool_dir(spool) as folder:
+            header = await self._receive(request_iterator, folder)
+            version = await self.state.run_heavy(
+                self.registry.push, identity, folder, header.name,
+                base=self._base_for(header.base_digest),
+                lineage=convert.lineage_from_json(header.lineage_json))
         return registry_pb2.RegisterAdapterResponse(adapter=convert.adapter_pb(version),
                                                     created=getattr(version, "created", True))
 
@@ -98,11 +110,13 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if which is None:
             raise InvalidArgument("give `rank` or `energy`", field="rank")
         scope = "global" if request.scope == registry_pb2.ENERGY_SCOPE_GLOBAL else "module"
-        version = await asyncio.to_thread(
-            compress_version, self.registry, current_identity(), _required(request.ref, "ref"),
-            rank=request.rank if which == "rank" else None,
-            energy=request.energy if which == "energy" else None, scope=scope,
-            name=request.name.strip() or None)
+        identity = current_identity()
+        with self.state.derivations.hold(identity.tenant):
+            version = await self.state.run_heavy(
+                compress_version, self.registry, identity, _required(request.ref, "ref"),
+                rank=request.rank if which == "rank" else None,
+                energy=request.energy if which == "energy" else None, scope=scope,
+                name=request.name.strip() or None)
         return _derived_pb(version)
 
     async def MergeAdapters(self, request, context):
@@ -110,46 +124,55 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
 
         if not request.refs:
             raise InvalidArgument("`refs` must name at least one version", field="refs")
-        version = await asyncio.to_thread(
-            merge_versions, self.registry, current_identity(), list(request.refs),
-            name=_required(request.name, "name"), method=request.method or "linear",
-            weights=list(request.weights) or None,
-            density=request.density if request.HasField("density") else None,
-            svd_rank=request.svd_rank or None, seed=request.seed)
+        identity = current_identity()
+        with self.state.derivations.hold(identity.tenant):
+            version = await self.state.run_heavy(
+                merge_versions, self.registry, identity, list(request.refs),
+                name=_required(request.name, "name"), method=request.method or "linear",
+                weights=list(request.weights) or None,
+                density=request.density if request.HasField("density") else None,
+                svd_rank=request.svd_rank or None, seed=request.seed)
         return _derived_pb(version)
 
     # -- helpers ----------------------------------------------------------------------------
-    async def _receive(self, request_iterator) -> tuple[registry_pb2.RegisterAdapterHeader,
-                                                        bytes]:
-        """Header first, then weight chunks, refusing as soon as the size cap is passed."""
+    async def _receive(self, request_iterator,
+                       folder: Path) -> registry_pb2.RegisterAdapterHeader:
+        """Header first, then weight chunks, refusing as soon as the size cap is passed. The
+        config and the chunks are written to `folder` as peft's two files."""
         cap = self.state.settings.max_register_bytes
-        header, parts, size = None, [], 0
-        async for message in request_iterator:
-            part = message.WhichOneof("part")
-            if header is None:
-                if part != "header":
-                    raise InvalidArgument("the first message must be the header",
-                                          field="header")
-                header = message.header
-                _required(header.name, "header.name")
-                if not header.adapter_config:
-                    raise InvalidArgument("adapter_config (adapter_config.json) is required",
-                                          field="header.adapter_config")
-                size = len(header.adapter_config)
-                if header.size_bytes + size > cap:
+        header, size, chunks = None, 0, 0
+        weights = open(folder / WEIGHTS_FILE, "wb")  # noqa: SIM115 - closed below
+        try:
+            async for message in request_iterator:
+                part = message.WhichOneof("part")
+                if header is None:
+                    if part != "header":
+                        raise InvalidArgument("the first message must be the header",
+                                              field="header")
+                    header = message.header
+                    _required(header.name, "header.name")
+                    if not header.adapter_config:
+                        raise InvalidArgument("adapter_config (adapter_config.json) is required",
+                                              field="header.adapter_config")
+                    size = len(header.adapter_config)
+                    if header.size_bytes + size > cap:
+                        raise _too_big(cap)
+                    continue
+                if part != "chunk":
+                    raise InvalidArgument("only one header per stream", field="header")
+                size += len(message.chunk)
+                if size > cap:
                     raise _too_big(cap)
-                continue
-            if part != "chunk":
-                raise InvalidArgument("only one header per stream", field="header")
-            size += len(message.chunk)
-            if size > cap:
-                raise _too_big(cap)
-            parts.append(message.chunk)
+                chunks += 1
+                await self.state.run_heavy(weights.write, message.chunk)
+        finally:
+            weights.close()
         if header is None:
             raise InvalidArgument("empty RegisterAdapter stream", field="header")
-        if not parts:
+        if not chunks:
             raise InvalidArgument("no adapter_model.safetensors chunks sent", field="chunk")
-        return header, b"".join(parts)
+        (folder / CONFIG_FILE).write_bytes(header.adapter_config)
+        return header
 
     def _base_for(self, base_digest: str):
         """The server registers adapters for the base it serves (see registry.proto)."""
@@ -159,6 +182,25 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                 f"this server serves base {served.digest}, not {base_digest}; register the "
                 "adapter where its base is served", field="header.base_digest")
         return served
+
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+
+class _spool_dir:
+    """A private temporary directory (mode 0700) under `root`, removed on exit."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def __enter__(self) -> Path:
+        if self.root is not None:
+            os.makedirs(self.root, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix="loraplex-upload-", dir=self.root))
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _required(value: str, field: str) -> str:

@@ -242,7 +242,8 @@ def test_cold_load_does_not_stall_running_sequences(world):
 
 
 def test_full_queue_is_overloaded_and_draining_is_unavailable(world):
-    engine = _engine(world, Recorder(token_sleep=0.005), max_batch=1, max_waiting=2)
+    engine = _engine(world, Recorder(token_sleep=0.005), max_batch=1, max_waiting=2,
+                     tenant_waiting_share=1.0)  # one tenant may fill the queue here
     try:
         first = engine.submit(_req(engine, "1", None, n=100))
         next(iter(first))

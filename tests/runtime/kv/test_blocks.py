@@ -160,12 +160,12 @@ def test_shared_prefix_blocks_are_counted_moved_once_and_evicted_lru():
     a = BlockAllocator(block_size=4, max_blocks=40, cache_blocks=3)
     p = list(range(100, 113))  # 13 tokens: 3 full blocks, 1 token left to compute
     a.extend(0, 40)  # a long row first, so the prompt's blocks land high
-    assert a.match(1, "sha256:x", p) == 0
+    assert a.match(1, "acme", "sha256:x", p) == 0
     a.extend(1, 13)
-    a.publish(1, "sha256:x", p, 13)
-    assert a.match(2, "sha256:y", p) == 0  # another adapter: nothing shared
-    assert a.match(3, None, p) == 0  # the base: nothing shared
-    assert a.match(4, "sha256:x", p) == 12 and a.tables[4] == a.tables[1][:3]
+    a.publish(1, "acme", "sha256:x", p, 13)
+    assert a.match(2, "acme", "sha256:y", p) == 0  # another adapter: nothing shared
+    assert a.match(3, "acme", None, p) == 0  # the base: nothing shared
+    assert a.match(4, "acme", "sha256:x", p) == 12 and a.tables[4] == a.tables[1][:3]
     assert all(a.refs[b] == 2 for b in a.tables[4])
     shrink = a.release(0)  # the low blocks free up: the shared ones move once
     assert shrink is not None
@@ -174,13 +174,13 @@ def test_shared_prefix_blocks_are_counted_moved_once_and_evicted_lru():
     a.release(1)
     a.release(4)  # the 3 prompt blocks stay cached, idle
     assert a.allocated == 3 and a.used_tokens == 0
-    assert a.match(5, "sha256:x", p) == 12
+    assert a.match(5, "acme", "sha256:x", p) == 12
     a.release(5)
     q = list(range(200, 213))
     a.extend(6, 13)
-    a.publish(6, "sha256:x", q, 13)
+    a.publish(6, "acme", "sha256:x", q, 13)
     a.release(6)  # 6 idle blocks > 3: the least recently used (p's) are evicted
-    assert a.match(7, "sha256:x", p) == 0 and a.match(8, "sha256:x", q) == 12
+    assert a.match(7, "acme", "sha256:x", p) == 0 and a.match(8, "acme", "sha256:x", q) == 12
 
 
 def test_idle_prefix_blocks_stay_cached_while_the_pool_can_still_grow():
@@ -189,14 +189,14 @@ def test_idle_prefix_blocks_stay_cached_while_the_pool_can_still_grow():
     a = BlockAllocator(block_size=4, max_blocks=8, cache_blocks=4)
     p = list(range(100, 113))  # 3 full blocks + 1 token
     a.extend(0, 13)
-    a.publish(0, "sha256:x", p, 13)
+    a.publish(0, "acme", "sha256:x", p, 13)
     a.release(0)  # 3 idle cached blocks; the pool shrinks to them
     assert (a.capacity, a.allocated) == (3, 3)
     a.extend(1, 24)  # 6 new blocks: the pool grows, the cached prompt stays
-    assert a.capacity == 10 and a.match(2, "sha256:x", p) == 12
+    assert a.capacity == 10 and a.match(2, "acme", "sha256:x", p) == 12
     a.release(2)
     a.extend(3, 20)  # 5 more: the pool reaches 8 + 4 and evicts the 2 oldest idle blocks
-    assert a.capacity == 12 and a.match(4, "sha256:x", p) == 0
+    assert a.capacity == 12 and a.match(4, "acme", "sha256:x", p) == 0
 
 
 def test_a_steps_rows_grow_the_pool_once_and_its_releases_compact_once():

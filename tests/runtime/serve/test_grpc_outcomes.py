@@ -43,7 +43,8 @@ def server(micro_base, tmp_path_factory):
         "base": micro_base, "registry": str(root / "reg"), "port": 0, "host": "127.0.0.1",
         "metrics_port": 0, "metrics_host": "127.0.0.1", "quantization": "none",
         "device": "cpu", "no_auth": True, "max_batch": 2 * N, "max_waiting": 4 * N,
-        "engine": {"compute_dtype": "float32"}})
+        # one caller (no auth): the whole queue is its own, not a tenant's share of it
+        "engine": {"compute_dtype": "float32", "tenant_waiting_share": 1.0}})
     with BackgroundServer(settings) as bg:
         yield bg
 
