@@ -65,7 +65,7 @@ def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: Demo
     from loraplex.trainer.config import TrainConfig
     from loraplex.trainer.train import train
 
-    recipe = {**PROFILE.recipe, **PROFILE.tenant_recipe.get(tenant, {}), "seed": seed}
+    recipe = {**PROFILE.recipe, "seed": seed}
     if plan.max_steps or max_steps:
         recipe["max_steps"] = plan.max_steps or max_steps
     if quantization:

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class DemoBase:
     # trained in bf16, and bitsandbytes' packed AVX512-BF16 kernel ran an nf4 decode forward
     # 1.4-3.8x faster than nf4 dequantized to fp32 (24 rows / 1 row, one A/B run on 2 cores)
     serve_compute_dtype: str = "auto"
-    tenant_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-tenant overrides
 
 
 def resolve(kind: str) -> tuple[str, str | None]:
@@ -64,14 +63,13 @@ def profile(kind: str) -> DemoBase:
 
         return DemoBase(kind, dict(chat_tasks.TENANT_ADAPTERS), dict(chat_tasks.REAL_TRAIN_CONFIG),
                         chat_tasks.write_tasks, n_train=160, n_test=30, max_new_tokens=32,
-                        v2_max_steps=10, serve_compute_dtype="bfloat16",
-                        tenant_recipe=dict(chat_tasks.TENANT_RECIPE))
+                        v2_max_steps=10, serve_compute_dtype="bfloat16")
     from loraplex.trainer import tasks
 
     return DemoBase(kind, {"acme": "acme/router", "globex": "globex/sentiment",
                            "initech": "initech/numwords"}, dict(tasks.DEMO_TRAIN_CONFIG),
                     tasks.write_tasks, n_train=400, n_test=40, max_new_tokens=48,
-                    v2_max_steps=None, tenant_recipe=dict(tasks.TENANT_RECIPE))
+                    v2_max_steps=None)
 
 
 def prepare(kind: str, out: Path, say: Callable[[str], None]) -> Path:

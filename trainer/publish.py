@@ -69,8 +69,11 @@ def library_versions() -> dict[str, str]:
 
 
 def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
-                  base_fingerprint: Any) -> dict[str, Any]:
-    """Everything needed to know where an adapter came from and to train it again."""
+                  base_fingerprint: Any, report: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """Everything needed to know where an adapter came from and to train it again.
+    `report` (train.TrainResult.report): the recipe and why, the learning-rate probe, the
+    loss curve and the kept checkpoint."""
     ds = splits.dataset
     dataset: dict[str, Any] = {
         "path": str(cfg.data), "digest": ds.digest, "examples": len(ds.examples),
@@ -92,6 +95,11 @@ def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
         "wall_s": metrics.get("wall_s"),
         "tokens_per_s": metrics.get("tokens_per_s"),
         "libraries": library_versions(),
+        **({} if not report else {
+            "recipe": {**report.get("recipe", {}), "probe": report.get("probe")},
+            "curve": report.get("curve", []),
+            "checkpoint": report.get("checkpoint"),
+        }),
     }
 
 
@@ -173,13 +181,13 @@ class Published:
     gate: GateOutcome | None
 
 
-def publish(cfg: TrainConfig, adapter_dir: Path, metrics: dict[str, Any], splits: Any
-            ) -> Published:
+def publish(cfg: TrainConfig, adapter_dir: Path, metrics: dict[str, Any], splits: Any,
+            report: dict[str, Any] | None = None) -> Published:
     """Push the adapter with its lineage; move `cfg.promote` if the gate passes."""
     from loraplex.fingerprint import fingerprint_base
 
     base_fp = fingerprint_base(cfg.base)
-    lineage = build_lineage(cfg, metrics, splits, base_fp)
+    lineage = build_lineage(cfg, metrics, splits, base_fp, report)
     registry = open_registry(cfg.registry)
     try:
         identity = caller_identity(registry)
