@@ -190,9 +190,13 @@ def probe_candidates(lr: float) -> list[float]:
     return sorted({float(f"{min(max(lr * f, lo), hi):.1e}") for f in PROBE_FACTORS})
 
 
+MIN_STEPS_TO_PROBE = 40  # a shorter run is not worth three trial runs
+
+
 def probe_steps(total_steps: int) -> int:
-    """Steps per candidate: enough for the losses to separate, a small share of the run."""
-    return max(8, min(30, total_steps // 8))
+    """Steps per candidate: enough for the losses to separate, a tenth of the run (the
+    three candidates together cost under a third of it), 5 to 30."""
+    return max(5, min(30, total_steps // 10))
 
 
 def pick_probe(scores: dict[float, float], prior: float, tolerance: float = 0.02) -> float:

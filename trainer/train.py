@@ -50,6 +50,7 @@ from loraplex.trainer.data import (
 )
 from loraplex.trainer.recipe import (
     EVALS_PER_RUN,
+    MIN_STEPS_TO_PROBE,
     BaseStats,
     Compute,
     DataStats,
@@ -245,18 +246,21 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     set_seed(cfg.seed)
     model = wrap_lora(model, rcfg)
     probe: dict[str, Any] | None = None
-    if recipe.probe and val_rows is not None and resume_from is None:
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (rcfg.batch_size * rcfg.grad_accum)))
+    planned = rcfg.max_steps if rcfg.max_steps > 0 else int(rcfg.epochs * steps_per_epoch)
+    if recipe.probe and planned < MIN_STEPS_TO_PROBE:
+        recipe.notes.append(f"no learning-rate probe: {planned} steps are too few to share")
+    elif recipe.probe and val_rows is not None and resume_from is None:
         probe_s = None if budget_s is None else PROBE_SHARE * (
             budget_s - (time.perf_counter() - t_start))
         probe = _probe_lr(model, train_rows, val_rows, rcfg, tokenizer.pad_token_id, say,
-                          probe_s)
+                          planned, probe_s)
         rcfg = rcfg.model_copy(update={"lr": probe["chosen"]})
         recipe.values["lr"] = probe["chosen"]
         recipe.reasons["lr"] = probe["reason"]
     elif recipe.probe:
         recipe.notes.append("no learning-rate probe: " + (
             "resumed run" if resume_from else "no validation split to score it on"))
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (rcfg.batch_size * rcfg.grad_accum)))
     if budget_s is not None and probe is not None and rcfg.max_steps <= 0:
         left = budget_s - (time.perf_counter() - t_start)
         epochs, why = fit_budget(rcfg.epochs, steps_per_epoch, probe["seconds_per_step"], left)
@@ -395,7 +399,7 @@ def _rows_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int,
 
 
 def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, pad_id: int,
-              say: Any, seconds: float | None = None) -> dict[str, Any]:
+              say: Any, planned: int, seconds: float | None = None) -> dict[str, Any]:
     """Train a few steps at each candidate learning rate from the same initial adapter,
     score each by validation loss, restore the initial adapter; the chosen rate and what
     was tried (also the measured seconds per step, for the budget). `seconds`: the share of
@@ -407,8 +411,7 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
     init = {n: p.detach().clone() for n, p in params.items()}
     prior = float(cfg.lr)
     candidates = probe_candidates(prior)
-    total = int(cfg.epochs * math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum)))
-    steps = probe_steps(total)
+    steps = probe_steps(planned)
     val = val_rows.rows[:PROBE_VAL_ROWS]
     order = list(range(len(train_rows)))
     random.Random(cfg.seed).shuffle(order)
