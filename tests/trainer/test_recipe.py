@@ -118,3 +118,15 @@ def test_fit_budget_cuts_epochs_to_what_the_measured_speed_affords():
     assert fit_budget(10.0, 30, 0.1, 600) == (10.0, None)  # 300 steps in 30 s: fits
     epochs, why = fit_budget(10.0, 30, 1.0, 60)  # 51 steps affordable of 300
     assert epochs == pytest.approx(51 / 30, rel=0.01) and "300 planned steps cut to 51" in why
+
+
+def test_the_demo_trains_every_tenant_with_the_automatic_recipe():
+    from loraplex.trainer import chat_tasks, tasks
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.recipe import AUTO_FIELDS
+
+    assert not hasattr(tasks, "TENANT_RECIPE") and not hasattr(chat_tasks, "TENANT_RECIPE")
+    for recipe in (tasks.DEMO_TRAIN_CONFIG, chat_tasks.REAL_TRAIN_CONFIG):
+        assert not set(recipe) & set(AUTO_FIELDS), recipe
+        cfg = TrainConfig(base="b", data="d", name="acme/x", **recipe)
+        assert all(v is None for v in cfg.auto_fields().values())
