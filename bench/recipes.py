@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "loraplex" / "bench-recipes"))
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json", default=None, help="write every run here")
+    ap.add_argument("--skip-defaults", action="store_true",
+                    help="grid points only (to split one comparison across processes)")
     a = ap.parse_args(argv)
     if a.quick:
         a.tasks, a.grid_lr = "classify,chat", "3e-3"
@@ -139,9 +141,12 @@ def main(argv: list[str] | None = None) -> None:
         for task in tasks:
             paths = write_task(task, Path(tmp) / "data", n_train=a.n_train, n_test=a.n_test)
             t0 = time.perf_counter()
-            default = run_one(base, paths, Path(tmp) / task / "default", {}, a.max_new_tokens)
-            print(f"{task}: defaults {default['exact_match']:.0%} in {default['seconds']:.0f}s "
-                  f"({default['recipe']})", flush=True)
+            default = None
+            if not a.skip_defaults:
+                default = run_one(base, paths, Path(tmp) / task / "default", {},
+                                  a.max_new_tokens)
+                print(f"{task}: defaults {default['exact_match']:.0%} in "
+                      f"{default['seconds']:.0f}s ({default['recipe']})", flush=True)
             points = []
             for lr, r, epochs in grid:
                 flags = {"lr": lr, "r": r, "alpha": 2.0 * r, "epochs": epochs, "batch_size": 8,
@@ -161,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| task | kind | suite | defaults EM | defaults s | grid best (lr, r, epochs) | "
           "best EM | best s | EM ratio | time ratio |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = [(t, d, b) for t, d, b in rows if d is not None]
     for task, d, b in rows:
         f = b["flags"]
         em_ratio = d["exact_match"] / b["exact_match"] if b["exact_match"] else float("nan")

@@ -51,7 +51,7 @@ def test_the_recipe_is_chosen_and_recorded_with_its_reasons(auto_run):
         assert recipe["reasons"][k] and recipe["reasons"][k] != "given", k
     assert hp["r"] == 16 and v.rank == 16  # the adapter itself has the chosen rank
     probe = recipe["probe"]
-    assert len(probe["candidates"]) == 3 and probe["chosen"] == hp["lr"]
+    assert len(probe["candidates"]) >= 2 and probe["chosen"] == hp["lr"]
     assert set(json.loads(json.dumps(probe["val_loss"]))) and probe["steps"] >= 3
     assert v.lineage["dataset"]["val_examples"] == 8  # auto split: 8 of 40 rows
     assert json.loads((run / "recipe.json").read_text())["recipe"]["values"]["r"] == 16
@@ -78,7 +78,7 @@ def test_the_user_sees_the_recipe_curve_kept_checkpoint_and_how_to_serve(auto_ru
     res, v, _, run = auto_run
     out = res.stdout
     assert "recipe: epochs" in out and "(auto: " in out
-    assert "lr probe: probe: 3 rates" in out
+    assert "lr probe: probe: 2 rates" in out  # the tiny base: 1e-3 and 3e-3
     assert f"kept: step {v.lineage['checkpoint']['step']}" in out
     png = run / "curve.png"
     assert f"curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -91,8 +91,9 @@ def test_validation_split_size(n, val):
     assert validation_rows(n) == val
 
 
-def test_probe_candidates_bracket_the_rule():
+def test_probe_candidates_bracket_the_rule_within_the_safe_range():
     assert probe_candidates(1e-3) == [3.3e-4, 1e-3, 3e-3]
+    assert probe_candidates(3e-3) == [1e-3, 3e-3]  # never above 3e-3
 
 
 def test_probe_keeps_the_rule_unless_another_rate_is_clearly_better():
