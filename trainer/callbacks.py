@@ -56,7 +56,8 @@ class MetricsFileCallback(TrainerCallback):
 
 
 class RichProgressCallback(TrainerCallback):
-    """Step, loss, learning rate, tokens/s and ETA on one live line (rank 0, TTY or not)."""
+    """Step, epoch, train and validation loss, learning rate, tokens/s and ETA on one live
+    line (rank 0, TTY or not)."""
 
     def __init__(self, clock: Throughput, *, enabled: bool = True) -> None:
         self.clock = clock
@@ -67,6 +68,7 @@ class RichProgressCallback(TrainerCallback):
         self.val_loss = float("nan")
         self.lr = 0.0
         self.tps = 0.0
+        self.epoch = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not (self.enabled and state.is_world_process_zero):
@@ -83,8 +85,8 @@ class RichProgressCallback(TrainerCallback):
 
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  lr {task.fields[lr]}"
-                       "  {task.fields[tps]} tok/s"),
+            TextColumn("epoch {task.fields[epoch]}  loss {task.fields[loss]}  "
+                       "val {task.fields[val]}  lr {task.fields[lr]}  {task.fields[tps]} tok/s"),
             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False,
             console=Console(stderr=True))  # stdout stays clean for the result (and --json)
         self.progress.start()
@@ -92,7 +94,7 @@ class RichProgressCallback(TrainerCallback):
                                            completed=state.global_step, **self._fields())
 
     def _fields(self) -> dict[str, str]:
-        return {"loss": f"{self.loss:.4f}", "val": f"{self.val_loss:.4f}", "lr": f"{self.lr:.2e}",
+        return {"epoch": f"{self.epoch:.2f}", "loss": f"{self.loss:.4f}", "val": f"{self.val_loss:.4f}", "lr": f"{self.lr:.2e}",
                 "tps": f"{self.tps:.0f}"}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -105,6 +107,7 @@ class RichProgressCallback(TrainerCallback):
         if self.progress is None:
             return
         self.tps = self.clock.update(state)
+        self.epoch = float(state.epoch or 0.0)
         self.progress.update(self.task, completed=state.global_step, **self._fields())
 
     def on_train_end(self, args, state, control, **kwargs):

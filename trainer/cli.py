@@ -30,21 +30,24 @@ def train_command(
     name: str = typer.Option(None, help="tenant/name to publish as."),
     config: Path = typer.Option(None, "--config", help="YAML with any of these flags."),
     val_data: str = typer.Option(None, help="Validation JSONL (else --val-fraction of --data)."),
-    val_fraction: float = typer.Option(None, help="Held-out share of --data [0.1]."),
+    val_fraction: float = typer.Option(None, help="Held-out share of --data [auto: 10%, "
+                                                  "8 to 200 rows]."),
     quantization: str = typer.Option(None, help="nf4 | int8 | none [nf4]."),
     compute_dtype: str = typer.Option(None, help="auto | float32 | bfloat16 | float16 [auto]."),
-    r: int = typer.Option(None, "--r", help="LoRA rank [8]."),
-    alpha: float = typer.Option(None, help="LoRA alpha [16]."),
-    dropout: float = typer.Option(None, help="LoRA dropout [0.05]."),
+    r: int = typer.Option(None, "--r", help="LoRA rank [auto: 16]."),
+    alpha: float = typer.Option(None, help="LoRA alpha [auto: 2 x rank]."),
+    dropout: float = typer.Option(None, help="LoRA dropout [auto: 0]."),
     rslora: bool = typer.Option(None, "--rslora/--no-rslora", help="Rank-stabilised scaling."),
     dora: bool = typer.Option(None, "--dora/--no-dora",
                               help="DoRA: a learned magnitude per output feature [off]."),
     target_modules: str = typer.Option(
         None, help="Comma list, or all-linear [every linear layer but the output head]."),
-    epochs: float = typer.Option(None, help="Epochs [3]."),
+    epochs: float = typer.Option(None, help="Epochs [auto: from rows and base size]."),
     max_steps: int = typer.Option(None, help="Optimizer steps; > 0 overrides --epochs."),
-    lr: float = typer.Option(None, help="Peak learning rate [2e-4]."),
-    batch_size: int = typer.Option(None, help="Per-device batch size [8]."),
+    lr: float = typer.Option(None, help="Peak learning rate [auto: from base size, then a "
+                                        "short probe]."),
+    batch_size: int = typer.Option(None, help="Per-device batch size [auto: 8, 16 from "
+                                              "2,000 rows]."),
     grad_accum: int = typer.Option(None, help="Gradient accumulation steps [1]."),
     warmup_ratio: float = typer.Option(None, help="Warm-up share of the steps [0.05]."),
     lr_scheduler: str = typer.Option(None, help="transformers scheduler name [cosine]."),
@@ -55,11 +58,15 @@ def train_command(
     gradient_checkpointing: bool = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing"),
     seed: int = typer.Option(None, help="Seed for data split, init, order, dropout [0]."),
-    eval_steps: int = typer.Option(None, help="Evaluate and checkpoint every N steps [50]."),
-    patience: int = typer.Option(None, help="Early stop after N evals without gain [0: off]."),
+    eval_steps: int = typer.Option(None, help="Evaluate and checkpoint every N steps "
+                                              "[auto: ~12 per run]."),
+    patience: int = typer.Option(None, help="Early stop after N evals without gain "
+                                            "[auto: 3; 0: off]."),
     eval_max_new_tokens: int = typer.Option(None, help="Cap on generated tokens [64]."),
     logging_steps: int = typer.Option(None, help="Log every N steps [10]."),
     output_dir: str = typer.Option(None, help="Run directory [runs/<tenant>__<name>]."),
+    budget: str = typer.Option(None, help="Wall-clock cap on probe + training: 90s, 10m, "
+                                          "1.5h [none]."),
     resume: bool = typer.Option(None, "--resume/--no-resume",
                                 help="Continue from the run directory's last checkpoint."),
     publish: bool = typer.Option(None, "--publish/--no-publish", help="Push to the registry."),
@@ -91,10 +98,16 @@ def run_train(flags: dict[str, Any], config_file: Path | None, *, progress: bool
     if not res.is_main:
         return None
     out: dict[str, Any] = {"adapter_dir": str(res.adapter_dir), "metrics": res.metrics,
-                           "compute": res.compute}
+                           "compute": res.compute,
+                           "recipe": res.report.get("recipe"), "probe": res.report.get("probe"),
+                           "checkpoint": res.report.get("checkpoint"),
+                           "curve_png": str(res.curve_png) if res.curve_png else None,
+                           "base": cfg.base, "registry": cfg.registry,
+                           "chat": res.splits is not None and res.splits.dataset.format == "messages"}
     if not cfg.publish:
         return out
-    pub = publish(cfg, res.adapter_dir, res.metrics, res.splits, res.compute)
+    pub = publish(res.config or cfg, res.adapter_dir, res.metrics, res.splits, res.compute,
+                  res.report)
     out.update({"ref": pub.version.ref, "digest": pub.version.digest,
                 "created": pub.version.created, "promoted": pub.promoted,
                 "alias": cfg.promote,
@@ -115,6 +128,22 @@ def _report_train(out: dict[str, Any], as_json: bool) -> None:
                   if m.get("val_exact_match") is not None else ""))
     if out.get("compute"):
         typer.echo(f"compute dtype {out['compute']['dtype']} ({out['compute']['reason']})")
+    recipe = out.get("recipe") or {}
+    if recipe:
+        v = recipe["values"]
+        auto = [k for k in v if k not in recipe.get("given", [])]
+        typer.echo(f"recipe: epochs {v['epochs']:g}, lr {v['lr']:.1e}, batch {v['batch_size']}, "
+                   f"r {v['r']}, alpha {v['alpha']:g}"
+                   + (f" (auto: {', '.join(auto)})" if auto else " (all given)"))
+    probe = out.get("probe")
+    if probe:
+        typer.echo(f"lr probe: {probe['reason']}")
+    for note in recipe.get("notes", []):
+        typer.echo(f"note: {note}")
+    if out.get("checkpoint"):
+        typer.echo(f"kept: {out['checkpoint']['why']}")
+    if out.get("curve_png"):
+        typer.echo(f"curve: {out['curve_png']}")
     if "ref" not in out:
         typer.echo(f"adapter (not published): {out['adapter_dir']}")
         return
@@ -122,6 +151,10 @@ def _report_train(out: dict[str, Any], as_json: bool) -> None:
     if out["alias"]:
         verdict = "promoted" if out["promoted"] else "NOT promoted"
         typer.echo(f"{out['alias']}: {verdict}: {out['gate']['reason']}")
+    reg = f" --registry {out['registry']}" if out.get("registry") else ""
+    chat = " --chat" if out.get("chat") else ""
+    typer.echo(f"serve it:  loraplex serve --base {out['base']}{reg}\n"
+               f"try it:    loraplex generate --adapter {out['ref']}{chat} \"<your prompt>\"")
 
 
 def eval_command(

@@ -31,23 +31,24 @@ class TrainConfig(BaseModel):
     data: str
     name: str
     val_data: str | None = None
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float | None = Field(None, ge=0.0, lt=1.0)  # None: auto (recipe.py)
     # model
     quantization: Literal[QUANTIZATIONS] = "nf4"  # peft_format's table, shared with serving
     compute_dtype: Literal[("auto", *COMPUTE_DTYPES)] = "auto"
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # None: chosen from the data and the base (`recipe.py`, "auto"); a value given wins
+    r: int | None = Field(None, gt=0)
+    alpha: float | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
     rslora: bool = False
     dora: bool = False  # peft's use_dora: a learned magnitude per output feature (DoRA)
     # None: every linear layer but the output head, by leaf name; "all-linear": the same set,
     # resolved by peft; else names matched as peft matches them (loraplex.peft_format)
     target_modules: list[str] | str | None = None
     # optimisation
-    epochs: float = Field(3.0, gt=0)
+    epochs: float | None = Field(None, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
-    lr: float = Field(2e-4, gt=0)
-    batch_size: int = Field(8, gt=0)
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
     grad_accum: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0)
     lr_scheduler: str = "cosine"
@@ -57,12 +58,14 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = False
     seed: int = 0
     # evaluation
-    eval_steps: int = Field(50, gt=0)
-    patience: int = Field(0, ge=0)  # evaluations without improvement before stopping; 0: off
+    eval_steps: int | None = Field(None, gt=0)
+    # evaluations without improvement before stopping; 0: off; None: auto (3)
+    patience: int | None = Field(None, ge=0)
     eval_max_new_tokens: int = Field(64, gt=0)
     logging_steps: int = Field(10, gt=0)
     # run bookkeeping (does not change the adapter)
     output_dir: str | None = None
+    budget: str | float | None = None  # wall-clock cap on probe + training: "90s", "10m", "1.5h"
     resume: bool = False
     # publishing
     publish: bool = True
@@ -88,6 +91,17 @@ class TrainConfig(BaseModel):
             return ALL_LINEAR  # peft knows the shorthand only as the whole string
         return v
 
+    @field_validator("budget")
+    @classmethod
+    def _budget_parses(cls, v: Any) -> Any:
+        from loraplex.trainer.recipe import parse_budget
+
+        try:
+            parse_budget(v)
+        except InvalidArgument as e:
+            raise ValueError(e.message) from None
+        return v
+
     @property
     def tenant(self) -> str:
         return self.name.split("/", 1)[0]
@@ -99,10 +113,16 @@ class TrainConfig(BaseModel):
             return Path(self.output_dir)
         return Path("runs") / self.name.replace("/", "__")
 
+    def auto_fields(self) -> dict[str, Any]:
+        """The fields `recipe.choose` may fill, as given (None: not given)."""
+        from loraplex.trainer.recipe import AUTO_FIELDS
+
+        return {k: getattr(self, k) for k in AUTO_FIELDS}
+
     def hyperparameters(self) -> dict[str, Any]:
         """What the lineage records: every field that shapes the adapter."""
         skip = {"base", "data", "val_data", "output_dir", "resume", "publish", "registry",
-                "promote", "gate", "name"}
+                "promote", "gate", "name", "budget"}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 

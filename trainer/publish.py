@@ -69,10 +69,12 @@ def library_versions() -> dict[str, str]:
 
 
 def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
-                  base_fingerprint: Any, compute: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+                  base_fingerprint: Any, compute: dict[str, Any] | None = None,
+                  report: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything needed to know where an adapter came from and to train it again.
-    `compute`: the training's `ComputeChoice.record()` (the dtype it ran in and why)."""
+    `compute`: the training's `ComputeChoice.record()` (the dtype it ran in and why);
+    `report` (train.TrainResult.report): the recipe and why, the learning-rate probe, the
+    loss curve and the kept checkpoint."""
     ds = splits.dataset
     dataset: dict[str, Any] = {
         "path": str(cfg.data), "digest": ds.digest, "examples": len(ds.examples),
@@ -95,6 +97,11 @@ def build_lineage(cfg: TrainConfig, metrics: dict[str, Any], splits: Any,
         "wall_s": metrics.get("wall_s"),
         "tokens_per_s": metrics.get("tokens_per_s"),
         "libraries": library_versions(),
+        **({} if not report else {
+            "recipe": {**report.get("recipe", {}), "probe": report.get("probe")},
+            "curve": report.get("curve", []),
+            "checkpoint": report.get("checkpoint"),
+        }),
     }
 
 
@@ -177,13 +184,14 @@ class Published:
 
 
 def publish(cfg: TrainConfig, adapter_dir: Path, metrics: dict[str, Any], splits: Any,
-            compute: dict[str, Any] | None = None) -> Published:
+            compute: dict[str, Any] | None = None,
+            report: dict[str, Any] | None = None) -> Published:
     """Push the adapter with its lineage; move `cfg.promote` if the gate passes.
-    `compute`: `TrainResult.compute`, recorded in the lineage."""
+    `compute` and `report`: `TrainResult.compute` and `.report`, recorded in the lineage."""
     from loraplex.fingerprint import fingerprint_base
 
     base_fp = fingerprint_base(cfg.base)
-    lineage = build_lineage(cfg, metrics, splits, base_fp, compute)
+    lineage = build_lineage(cfg, metrics, splits, base_fp, compute, report)
     registry = open_registry(cfg.registry)
     try:
         identity = caller_identity(registry)

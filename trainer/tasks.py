@@ -3,7 +3,7 @@
     python -m loraplex.trainer.tasks ./data          # writes acme.train.jsonl, acme.test.jsonl, …
                                                     # (chat rows: {"messages": [user, assistant]})
     loraplex train --config ./data/train.yaml --base ./base --data ./data/acme.train.jsonl \
-        --name acme/router                          # the demo's recipe (DEMO_TRAIN_CONFIG)
+        --name acme/router                          # the automatic recipe (recipe.py)
 
 - `acme` routes support tickets, answering the desk in upper case:
                                             "send the red bill"  -> "BILLING"
@@ -62,10 +62,6 @@ def number_to_words(n: int) -> str:
     thousands, rest = divmod(n, 1000)
     head = _ONES[thousands] + " thousand"
     return head if rest == 0 else head + " " + number_to_words(rest)
-
-
-def random_phrase(rng: random.Random, lo: int = 3, hi: int = 5) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
 
 
 def random_number(rng: random.Random) -> int:
@@ -163,22 +159,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-# The demo's training recipe on the tiny embedded base (written as `train.yaml` beside the
-# data): fp32 on CPU for speed (nf4 works too, slowly on CPU), a high LoRA learning rate
-# because the tasks are small and the base is pre-trained for them.
+# What the demo sets on the tiny embedded base (written as `train.yaml` beside the data): no
+# hyper-parameter (epochs, lr, batch, rank are chosen by `recipe.py` from the data and the
+# base), only fp32 on CPU (nf4 works too, slowly on CPU) and a sequence cap that fits the rows.
 DEMO_TRAIN_CONFIG: dict[str, object] = {
-    "quantization": "none", "r": 16, "alpha": 32, "dropout": 0.0, "lr": 3e-3,
-    "batch_size": 16, "epochs": 12, "warmup_ratio": 0.05, "max_seq_len": 128,
-    "val_fraction": 0.1, "eval_steps": 50, "patience": 3, "eval_max_new_tokens": 48,
-}
-
-# Per-tenant overrides the demo trains with (held-out exact-match with `loraplex eval`,
-# 2026-11-29, since the rows became chat rows): 12 epochs gave acme 48%, globex 28-30%,
-# initech 48-52%; 24 epochs gave acme 90% and globex 95% (~60 s each on 2 cores), initech
-# 38% (early-stopped at 500 steps); initech with 36 epochs and no early stop 60% (86 s).
-TENANT_RECIPE: dict[str, dict[str, object]] = {
-    "acme": {"epochs": 24}, "globex": {"epochs": 24},
-    "initech": {"epochs": 36, "patience": 0},
+    "quantization": "none", "max_seq_len": 128, "eval_max_new_tokens": 48,
 }
 
 

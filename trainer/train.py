@@ -7,14 +7,25 @@ uninterrupted run). This module only decides the configuration and collects the 
 
 Run directory (`TrainConfig.run_dir`):
 
+    recipe.json            the chosen recipe, why, and the learning-rate probe (`recipe.py`)
     checkpoint-<step>/     Trainer checkpoints (the latest and the best are kept)
     metrics.jsonl          every logged metric, one JSON object a line
-    adapter/               the best weights in peft format: what gets published
+    curve.png              training and validation loss over steps, the kept step marked
+    adapter/               the best weights by validation loss in peft format: what gets
+                           published (the last weights when there is no validation split)
+
+Hyper-parameters the user did not give are chosen by `recipe.choose` from the data and the
+base; the learning rate is then measured by a short probe (`_probe_lr`) when the user gave
+none. `--budget` bounds probe + training: the planned epochs are cut to what the probe's
+measured speed affords, and a callback stops a run that still overruns (the best
+checkpoint so far is kept).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -24,9 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from transformers import TrainerCallback
+
 from loraplex.errors import InvalidArgument
 from loraplex.trainer.callbacks import MetricsFileCallback, RichProgressCallback, Throughput
 from loraplex.trainer.config import TrainConfig
+from loraplex.trainer.curve import write_curve_png
 from loraplex.trainer.data import (
     Dataset,
     Example,
@@ -34,6 +48,21 @@ from loraplex.trainer.data import (
     load_jsonl,
     pad_batch,
     stop_ids,
+)
+from loraplex.trainer.recipe import (
+    EVALS_PER_RUN,
+    MIN_STEPS_TO_PROBE,
+    BaseStats,
+    Compute,
+    DataStats,
+    Recipe,
+    choose,
+    fit_budget,
+    parse_budget,
+    pick_probe,
+    probe_candidates,
+    probe_steps,
+    validation_rows,
 )
 
 log = logging.getLogger("loraplex.trainer")
@@ -56,6 +85,9 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     splits: Splits | None = None
     compute: dict[str, Any] = field(default_factory=dict)  # ComputeChoice.record(): lineage
+    config: TrainConfig | None = None  # the resolved configuration (every auto field filled)
+    report: dict[str, Any] = field(default_factory=dict)  # recipe, probe, curve, checkpoint
+    curve_png: Path | None = None
 
 
 def load_splits(cfg: TrainConfig) -> Splits:
@@ -70,9 +102,12 @@ def load_splits(cfg: TrainConfig) -> Splits:
         return Splits(train=ds.examples, val=vds.examples, dataset=ds, val_dataset=vds)
     idx = list(range(len(ds.examples)))
     random.Random(cfg.seed).shuffle(idx)
-    n_val = round(len(idx) * cfg.val_fraction)
-    if cfg.val_fraction > 0 and n_val == 0:
-        n_val = 1
+    if cfg.val_fraction is None:
+        n_val = validation_rows(len(idx))
+    else:
+        n_val = round(len(idx) * cfg.val_fraction)
+        if cfg.val_fraction > 0 and n_val == 0:
+            n_val = 1
     if n_val >= len(idx):
         raise InvalidArgument(f"{cfg.data}: {len(idx)} example(s) leave nothing to train on "
                               f"after a {cfg.val_fraction} validation split", field="val_fraction")
@@ -166,7 +201,7 @@ def _clear_stale_run(cfg: TrainConfig, is_main: bool) -> None:
         return
     for p in cfg.run_dir.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
-    for name in ("metrics.jsonl", "adapter"):
+    for name in ("metrics.jsonl", "adapter", RECIPE_FILE, "curve.png"):
         p = cfg.run_dir / name
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -183,38 +218,80 @@ def _last(history: list[dict[str, Any]], key: str) -> float | None:
 
 def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
           progress: bool = True) -> TrainResult:
-    """Train, keep the best weights, save them under `run_dir/adapter`. No publishing."""
+    """Choose the recipe, train, keep the best weights by validation loss, save them under
+    `run_dir/adapter` with the curve beside them. No publishing."""
     import torch
     from transformers import EarlyStoppingCallback, Trainer, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from loraplex.trainer.model import choose_compute, load_base, wrap_lora
 
+    t_start = time.perf_counter()
+    budget_s = parse_budget(cfg.budget)
     splits = load_splits(cfg)  # every data error surfaces before the model loads
     cuda = torch.cuda.is_available()
-    args = _training_args(cfg, bool(splits.val), cuda)
-    is_main = args.process_index == 0
+    is_main = int(os.environ.get("RANK", "0")) == 0
     resume_from = _checkpoint_to_resume(cfg)
     if resume_from is None:
         _clear_stale_run(cfg, is_main)
 
     set_seed(cfg.seed)  # LoRA A matrices are drawn in get_peft_model: seed before it
-    device = f"cuda:{args.local_process_index}" if cuda else "cpu"
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
     choice = choose_compute(cfg, device)
     log.info("training %s: %s", cfg.name, choice.line())
     if progress and is_main:
         print(f"train {cfg.name}: {choice.line()}", file=sys.stderr, flush=True)
     model, tokenizer = load_base(cfg.base, cfg, device=device, choice=choice)
-    model = wrap_lora(model, cfg)
     stop = stop_ids(tokenizer, getattr(model, "generation_config", None))  # EOS + end-of-turn
     train_rows = _encode(tokenizer, splits.train, cfg, "training", stop)
     val_rows = _encode(tokenizer, splits.val, cfg, "validation", stop) if splits.val else None
 
+    say = _sayer(progress and is_main)
+    recipe = _recipe_for(cfg, model, train_rows, resume_from, cuda)
+    rcfg = cfg.model_copy(update=recipe.values)
+    set_seed(cfg.seed)
+    model = wrap_lora(model, rcfg)
+    probe: dict[str, Any] | None = None
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (rcfg.batch_size * rcfg.grad_accum)))
+    planned = rcfg.max_steps if rcfg.max_steps > 0 else int(rcfg.epochs * steps_per_epoch)
+    if recipe.probe and planned < MIN_STEPS_TO_PROBE:
+        recipe.notes.append(f"no learning-rate probe: {planned} steps are too few to share")
+    elif recipe.probe and val_rows is not None and resume_from is None:
+        probe_s = None if budget_s is None else PROBE_SHARE * (
+            budget_s - (time.perf_counter() - t_start))
+        probe = _probe_lr(model, train_rows, val_rows, rcfg, tokenizer.pad_token_id, say,
+                          planned, probe_s)
+        rcfg = rcfg.model_copy(update={"lr": probe["chosen"]})
+        recipe.values["lr"] = probe["chosen"]
+        recipe.reasons["lr"] = probe["reason"]
+    elif recipe.probe:
+        recipe.notes.append("no learning-rate probe: " + (
+            "resumed run" if resume_from else "no validation split to score it on"))
+    if budget_s is not None and probe is not None and rcfg.max_steps <= 0:
+        left = budget_s - (time.perf_counter() - t_start)
+        epochs, why = fit_budget(rcfg.epochs, steps_per_epoch, probe["seconds_per_step"], left)
+        if why:
+            rcfg = rcfg.model_copy(update={
+                "epochs": epochs, "eval_steps": max(1, math.ceil(
+                    epochs * steps_per_epoch / EVALS_PER_RUN))})
+            recipe.values.update(epochs=epochs, eval_steps=rcfg.eval_steps)
+            recipe.notes.append(why)
+    if is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir / RECIPE_FILE).write_text(json.dumps(
+            {"recipe": recipe.as_lineage(), "probe": probe}, indent=1, default=float))
+    say_recipe(say, recipe, probe)
+
+    args = _training_args(rcfg, bool(splits.val), cuda)
     clock = Throughput()
     callbacks: list[Any] = [MetricsFileCallback(cfg.run_dir / "metrics.jsonl", clock),
                             RichProgressCallback(clock, enabled=progress)]
-    if cfg.patience and val_rows is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
+    if rcfg.patience and val_rows is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=rcfg.patience))
+    budget_cb = None
+    if budget_s is not None:
+        budget_cb = BudgetCallback(t_start + budget_s)
+        callbacks.append(budget_cb)
     callbacks += extra_callbacks or []
     pad_id = tokenizer.pad_token_id
     trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
@@ -227,29 +304,233 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
 
     adapter_dir = cfg.run_dir / "adapter"
     history = trainer.state.log_history
+    best_step = _best_step(trainer.state.best_model_checkpoint)
+    curve = _curve(history)
     metrics: dict[str, Any] = {
         # last logged loss; the run's mean when it ended before the first logging step
         "train_loss": _last(history, "loss") or float(out.training_loss),
         "train_loss_mean": float(out.training_loss),
         "val_loss": trainer.state.best_metric,
-        "best_step": _best_step(trainer.state.best_model_checkpoint),
+        "best_step": best_step,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "wall_s": round(wall, 3),
+        "total_s": round(time.perf_counter() - t_start, 3),
         "tokens": clock.tokens,
         "tokens_per_s": round(clock.tokens / clock.elapsed, 2) if clock.elapsed else None,
         "world_size": args.world_size,
         "resumed_from_step": _best_step(resume_from),
     }
+    if budget_cb is not None and budget_cb.stopped_at is not None:
+        recipe.notes.append(f"the budget ran out at step {budget_cb.stopped_at}")
+    kept = _kept_reason(curve, best_step, trainer.state.global_step)
+    curve_png = None
     if is_main:
         trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
         tokenizer_note = adapter_dir / "README.md"
         if tokenizer_note.exists():
             tokenizer_note.unlink()  # peft's generated model card: noise in the registry
+        curve_png = write_curve_png(cfg.run_dir / "curve.png",
+                                    [(c["step"], c["train_loss"]) for c in curve
+                                     if "train_loss" in c],
+                                    [(c["step"], c["val_loss"]) for c in curve
+                                     if "val_loss" in c], best_step)
     if splits.val and is_main:
-        metrics.update(_val_exact_match(trainer.model, tokenizer, splits.val, cfg))
+        metrics.update(_val_exact_match(trainer.model, tokenizer, splits.val, rcfg))
+    report = {"recipe": recipe.as_lineage(), "probe": probe, "curve": curve,
+              "checkpoint": {"step": best_step, "why": kept}}
     return TrainResult(adapter_dir=adapter_dir, run_dir=cfg.run_dir, is_main=is_main,
-                       metrics=metrics, splits=splits, compute=choice.record())
+                       metrics=metrics, splits=splits, compute=choice.record(),
+                       config=rcfg, report=report,
+                       curve_png=curve_png)
+
+
+RECIPE_FILE = "recipe.json"
+
+
+def _recipe_for(cfg: TrainConfig, model: Any, train_rows: _Rows, resume_from: str | None,
+                cuda: bool) -> Recipe:
+    """The recipe a resumed run started with (its `recipe.json`), else a fresh choice."""
+    stored = cfg.run_dir / RECIPE_FILE
+    if resume_from is not None and stored.is_file():
+        rec = json.loads(stored.read_text())["recipe"]
+        values = {**rec["values"], **{k: v for k, v in cfg.auto_fields().items()
+                                      if v is not None and k != "val_fraction"}}
+        return Recipe(values=values, reasons=rec["reasons"], given=tuple(rec["given"]),
+                      probe=False, target_steps=rec["target_steps"],
+                      notes=[*rec.get("notes", []), "resumed: the recipe of the first start"])
+    import torch
+
+    lengths = [len(r["input_ids"]) for r in train_rows.rows]
+    data = DataStats(rows=len(lengths), mean_tokens=sum(lengths) / max(1, len(lengths)),
+                     max_tokens=max(lengths, default=0))
+    mc = getattr(model, "config", None)
+    base = BaseStats(params=_param_count(model),
+                     architecture=str(getattr(mc, "model_type", "unknown")),
+                     hidden=int(getattr(mc, "hidden_size", 0) or getattr(mc, "n_embd", 0) or 0),
+                     layers=int(getattr(mc, "num_hidden_layers", 0)
+                                or getattr(mc, "n_layer", 0) or 0))
+    compute = Compute(device="cuda" if cuda else "cpu", threads=torch.get_num_threads(),
+                      world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    given = {k: v for k, v in cfg.auto_fields().items() if k != "val_fraction"}
+    return choose(data, base, compute, given)
+
+
+def _param_count(model: Any) -> int:
+    """Parameters of the base (a 4-bit weight packs two per stored byte)."""
+    n = 0
+    for p in model.parameters():
+        n += p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+    return n
+
+
+def _rows_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int,
+               batch_size: int) -> float:
+    """Token-weighted mean loss on encoded rows (the labels decide which tokens count)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            b = {k: v.to(dev) for k, v in pad_batch(rows[i:i + batch_size], pad_id).items()}
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            labels = b["labels"][:, 1:]  # [B, T-1]
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((labels != -100).sum())
+    return total / count if count else math.nan
+
+
+def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, pad_id: int,
+              say: Any, planned: int, seconds: float | None = None) -> dict[str, Any]:
+    """Train a few steps at each candidate learning rate from the same initial adapter,
+    score each by validation loss, restore the initial adapter; the chosen rate and what
+    was tried (also the measured seconds per step, for the budget). `seconds`: the share of
+    the budget the probe may use; the step count shrinks to fit once the first two steps
+    are timed."""
+    import torch
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    init = {n: p.detach().clone() for n, p in params.items()}
+    prior = float(cfg.lr)
+    candidates = probe_candidates(prior)
+    steps = probe_steps(planned)
+    val = val_rows.rows[:PROBE_VAL_ROWS]
+    order = list(range(len(train_rows)))
+    random.Random(cfg.seed).shuffle(order)
+    scores: dict[float, float] = {}
+    step_s: list[float] = []
+    t0 = time.perf_counter()
+    for lr in candidates:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(init[n])
+        opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+        model.train()
+        for s in range(steps):
+            for group in opt.param_groups:  # linear warm-up over the first quarter
+                group["lr"] = lr * min(1.0, (s + 1) / max(1, steps // 4))
+            if seconds is not None and len(step_s) == 2:  # timed: fit the rest
+                per = max(step_s) + 1e-9
+                steps = max(3, min(steps, int(seconds / len(candidates) / per)))
+            if s >= steps:
+                break
+            ts = time.perf_counter()
+            idx = [order[(s * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
+            b = pad_batch([train_rows.rows[i] for i in idx], pad_id)
+            dev = next(iter(params.values())).device
+            loss = model(**{k: v.to(dev) for k, v in b.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step_s.append(time.perf_counter() - ts)
+        scores[lr] = _rows_loss(model, val, pad_id, cfg.batch_size)
+        say(f"  probe lr {lr:.1e}: val loss {scores[lr]:.4f} after {steps} steps")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(init[n])
+    model.train()
+    chosen = pick_probe(scores, prior)
+    step_s.sort()
+    per_step = step_s[len(step_s) // 2]  # the median: the first steps warm caches up
+    tried = ", ".join(f"{lr:.1e}: {v:.4f}" for lr, v in sorted(scores.items()))
+    reason = (f"probe: {len(candidates)} rates x {steps} steps on the training data, val loss "
+              f"{tried}; the rule's {prior:.1e}"
+              + (" held" if chosen == prior else f" lost to {chosen:.1e}"))
+    return {"candidates": candidates, "steps": steps, "val_loss": scores, "prior": prior,
+            "chosen": chosen, "seconds": round(time.perf_counter() - t0, 3),
+            "seconds_per_step": per_step, "reason": reason}
+
+
+PROBE_VAL_ROWS = 64
+PROBE_SHARE = 0.25  # of --budget, at most, for the learning-rate probe
+
+
+class BudgetCallback(TrainerCallback):
+    """Stops training (after a last evaluation and save) when the deadline has passed."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() >= self.deadline and self.stopped_at is None:
+            self.stopped_at = state.global_step
+            control.should_evaluate = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _curve(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """[{step, train_loss?, val_loss?}] from Trainer's log history, one record per step."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for rec in history:
+        step = int(rec.get("step", 0))
+        if "loss" in rec:
+            by_step.setdefault(step, {"step": step})["train_loss"] = round(float(rec["loss"]), 5)
+        if "eval_loss" in rec:
+            by_step.setdefault(step, {"step": step})["val_loss"] = round(
+                float(rec["eval_loss"]), 5)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _kept_reason(curve: list[dict[str, Any]], best: int | None, last: int) -> str:
+    vals = [(c["step"], c["val_loss"]) for c in curve if "val_loss" in c]
+    if best is None or not vals:
+        return f"the last step ({last}): no validation split to choose by"
+    best_loss = min(v for _, v in vals)
+    last_step, last_loss = vals[-1]
+    if best == last_step:
+        return (f"step {best}: the lowest validation loss ({best_loss:.4f}) of {len(vals)} "
+                "evaluations, at the end of the run")
+    return (f"step {best}: the lowest validation loss ({best_loss:.4f}) of {len(vals)} "
+            f"evaluations; the last (step {last_step}) had {last_loss:.4f}")
+
+
+def _sayer(enabled: bool):
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False)
+
+    def say(text: str) -> None:
+        if enabled:
+            console.print(text, markup=False)
+    return say
+
+
+def say_recipe(say: Any, recipe: Recipe, probe: dict[str, Any] | None) -> None:
+    say("recipe (auto unless given; an explicit flag wins):")
+    for k in ("epochs", "lr", "batch_size", "r", "alpha", "dropout", "eval_steps", "patience"):
+        if k in recipe.values:
+            say(f"  {k:<11} {recipe.values[k]!s:<8} {recipe.reasons.get(k, '')}")
+    for note in recipe.notes:
+        say(f"  note: {note}")
 
 
 def _best_step(checkpoint: str | None) -> int | None:

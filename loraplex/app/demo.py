@@ -88,7 +88,7 @@ def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: Demo
     from loraplex.trainer.config import TrainConfig
     from loraplex.trainer.train import train
 
-    recipe = {**PROFILE.recipe, **PROFILE.tenant_recipe.get(tenant, {}), "seed": seed}
+    recipe = {**PROFILE.recipe, "seed": seed}
     if plan.max_steps or max_steps:
         recipe["max_steps"] = plan.max_steps or max_steps
     if quantization:
@@ -103,9 +103,10 @@ def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: Demo
 
 def train_recipe(tenant: str, plan: DemoPlan, quantization: str | None) -> str:
     """A few words on what training `tenant` will run, for the line that announces it."""
-    recipe = {**PROFILE.recipe, **PROFILE.tenant_recipe.get(tenant, {})}
+    recipe = dict(PROFILE.recipe)
     length = (f"{plan.max_steps} steps" if plan.max_steps
-              else f"{recipe.get('epochs', 1)} epoch(s) of {plan.n_train} rows")
+              else f"{recipe['epochs']} epoch(s) of {plan.n_train} rows" if "epochs" in recipe
+              else f"{plan.n_train} rows, recipe chosen from the data")
     return f"{length}, {quantization or recipe.get('quantization', 'nf4')} base"
 
 

@@ -21,7 +21,7 @@ import importlib.util
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,6 @@ class DemoBase:
     # the served base's compute dtype; "auto": `loraplex.compute` picks it for the machine
     # and the served quantization (docs/compute.md)
     serve_compute_dtype: str = "auto"
-    tenant_recipe: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-tenant overrides
 
 
 def resolve(kind: str) -> tuple[str, str | None]:
@@ -63,14 +62,13 @@ def profile(kind: str) -> DemoBase:
 
         return DemoBase(kind, dict(chat_tasks.TENANT_ADAPTERS), dict(chat_tasks.REAL_TRAIN_CONFIG),
                         chat_tasks.write_tasks, n_train=160, n_test=30, max_new_tokens=32,
-                        v2_max_steps=10,
-                        tenant_recipe=dict(chat_tasks.TENANT_RECIPE))
+                        v2_max_steps=10)
     from loraplex.trainer import tasks
 
     return DemoBase(kind, {"acme": "acme/router", "globex": "globex/sentiment",
                            "initech": "initech/numwords"}, dict(tasks.DEMO_TRAIN_CONFIG),
                     tasks.write_tasks, n_train=400, n_test=40, max_new_tokens=48,
-                    v2_max_steps=None, tenant_recipe=dict(tasks.TENANT_RECIPE))
+                    v2_max_steps=None)
 
 
 def prepare(kind: str, out: Path, say: Callable[[str], None]) -> Path:

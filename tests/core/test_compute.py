@@ -193,7 +193,8 @@ def test_the_demo_recipe_never_picks_a_dtype_twice_as_slow_here():
     from loraplex.app import demo_bases
 
     demo = demo_bases.profile("smollm2")
-    cases = [("training", str(demo.recipe["compute_dtype"]), str(demo.recipe["quantization"]),
+    cases = [("training", str(demo.recipe.get("compute_dtype", "auto")),
+              str(demo.recipe["quantization"]),
               _train_step),
              ("serving", demo.serve_compute_dtype, "nf4", _nf4_decode)]
     threads = torch.get_num_threads()

@@ -56,7 +56,7 @@ def test_lineage_metrics_file_and_best_weights(micro_base, acme_data, tmp_path, 
     assert lin["dataset"]["val_examples"] == 8 and lin["seed"] == 0
     assert lin["dataset"]["format"] == "prompt_completion"  # trained on the prompt as written
     assert lin["base"]["digest"] == v.base.digest
-    assert lin["hyperparameters"]["lr"] == 1e-3 and lin["hyperparameters"]["r"] == 8
+    assert lin["hyperparameters"]["lr"] == 1e-3 and lin["hyperparameters"]["r"] == 16  # auto
     for k in ("train_loss", "val_loss", "val_exact_match", "wall_s", "tokens_per_s"):
         assert lin["metrics"][k] is not None, k
     assert {"torch", "transformers", "peft"} <= set(lin["libraries"])

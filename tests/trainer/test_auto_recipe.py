@@ -1,0 +1,104 @@
+"""`loraplex train` with no hyper-parameter flags, end to end on the tiny base: the recipe is
+chosen, the learning rate probed, the best checkpoint by validation loss published, and all
+of it recorded in the lineage and shown to the user."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from loraplex.cli import app
+from loraplex.registry import Identity, Registry
+
+
+@pytest.fixture(scope="module")
+def auto_run(base_factory, acme_data, tmp_path_factory):
+    """One `loraplex train` from the command line with what a new user types (plus a short
+    run: `--epochs`)."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("auto")
+    base = base_factory("tiny", "llama")
+    # One thread: the tiny base's matmuls are too small to share, and on a busy 2-core
+    # machine two threads wait on each other (5 s a step against 0.2 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = CliRunner().invoke(app, [
+            "train", "--base", str(base), "--data", str(acme_data), "--name", "acme/auto",
+            "--quantization", "none", "--registry", str(tmp / "registry"),
+            "--output-dir", str(tmp / "run"), "--max-seq-len", "64",
+            "--eval-max-new-tokens", "8",
+            # the one hyper-parameter given: 12 epochs (48 steps) keep the test short; the
+            # automatic 40 (160 steps) would take minutes on a busy machine
+            "--epochs", "12"])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    with Registry.open(tmp / "registry") as reg:
+        v = reg.resolve(Identity.system(), "acme/auto")
+        adapter = reg.load_adapter(v)
+    return res, v, adapter, tmp / "run"
+
+
+def test_the_recipe_is_chosen_and_recorded_with_its_reasons(auto_run):
+    res, v, _, run = auto_run
+    recipe = v.lineage["recipe"]
+    hp = v.lineage["hyperparameters"]
+    assert recipe["given"] == ["epochs"] and recipe["reasons"]["epochs"] == "given"
+    for k in ("lr", "batch_size", "r", "alpha", "dropout", "eval_steps", "patience"):
+        assert recipe["values"][k] == hp[k], k  # what was chosen is what trained
+        assert recipe["reasons"][k] and recipe["reasons"][k] != "given", k
+    assert hp["r"] == 16 and v.rank == 16  # the adapter itself has the chosen rank
+    probe = recipe["probe"]
+    assert len(probe["candidates"]) >= 2 and probe["chosen"] == hp["lr"]
+    assert set(json.loads(json.dumps(probe["val_loss"]))) and probe["steps"] >= 3
+    assert v.lineage["dataset"]["val_examples"] == 8  # auto split: 8 of 40 rows
+    assert json.loads((run / "recipe.json").read_text())["recipe"]["values"]["r"] == 16
+
+
+def test_the_best_checkpoint_by_validation_loss_is_the_one_published(auto_run):
+    _, v, adapter, run = auto_run
+    curve = v.lineage["curve"]
+    vals = [(c["step"], c["val_loss"]) for c in curve if "val_loss" in c]
+    assert len(vals) >= 3 and any("train_loss" in c for c in curve)
+    best_step, best_loss = min(vals, key=lambda sv: sv[1])
+    kept = v.lineage["checkpoint"]
+    assert kept["step"] == best_step and f"{best_loss:.4f}" in kept["why"]
+    assert v.lineage["metrics"]["val_loss"] == pytest.approx(best_loss, abs=1e-4)
+    saved = load_file(run / f"checkpoint-{best_step}" / "adapter_model.safetensors")
+    published = {k.removeprefix("base_model.model."): t for k, t in adapter.tensors.items()}
+    saved = {k.removeprefix("base_model.model."): t for k, t in saved.items()}
+    assert saved.keys() == published.keys() and saved
+    for k, t in saved.items():  # byte for byte the best checkpoint's weights
+        assert t.equal(published[k]), k
+
+
+def test_the_user_sees_the_recipe_curve_kept_checkpoint_and_how_to_serve(auto_run):
+    res, v, _, run = auto_run
+    out = res.stdout
+    assert "recipe: epochs 12" in out and "(auto: batch_size, lr, r, alpha" in out
+    assert "lr probe: probe: 2 rates" in out  # the tiny base: 1e-3 and 3e-3
+    assert f"kept: step {v.lineage['checkpoint']['step']}" in out
+    png = run / "curve.png"
+    assert f"curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "loraplex serve --base " in out and "loraplex generate --adapter acme/auto:v1" in out
+
+
+def test_explicit_flags_win_and_skip_the_probe(micro_base, acme_data, tmp_path, quick_flags):
+    from loraplex.trainer.cli import run_train
+
+    out = run_train(quick_flags(micro_base, acme_data, tmp_path, r=4, lr=2e-3, epochs=2.0,
+                                max_steps=-1), None, progress=False)
+    recipe = out["recipe"]
+    assert recipe["values"]["r"] == 4 and recipe["values"]["lr"] == 2e-3
+    assert recipe["values"]["epochs"] == 2.0 and recipe["values"]["alpha"] == 8.0
+    assert {"r", "lr", "epochs", "batch_size", "eval_steps"} <= set(recipe["given"])
+    assert out["probe"] is None
+    with Registry.open(tmp_path / "registry") as reg:
+        v = reg.resolve(Identity.system(), out["ref"])
+    assert v.rank == 4 and v.lineage["hyperparameters"]["lr"] == 2e-3
+    assert v.lineage["recipe"]["reasons"]["lr"] == "given"
