@@ -17,12 +17,11 @@ from torch import Tensor, nn
 
 from loraplex.errors import FailedPrecondition, InvalidArgument
 from loraplex.runtime.lora.dispatch import WrapSpec, base_weight
+from loraplex.runtime.lora.dora import add_dora, dora_gain
 from loraplex.runtime.lora.ops import (
     Kernel,
     LoraBatchPlan,
-    add_dora,
     add_lora,
-    dora_gain,
     make_plan,
 )
 

@@ -22,7 +22,7 @@ Strategies (picked by `make_plan`, measured on a 2-core Xeon, see bench/README.m
 A "gathered bmm" (copy `a[slot[t]]` for every token, then `bmm`) was measured too: it copies
 `T * R * (in + out)` weights per layer and lost to "grouped" in every case, so it is not here.
 
-DoRA rows (`plan.dora`): after the LoRA delta, `add_dora` rescales each output feature of a
+DoRA rows (`plan.dora`): after the LoRA delta, `dora.add_dora` rescales each output feature of a
 DoRA adapter's rows by its magnitude over the norm of `W + s·B·A` (`dora_gain`, computed once
 per adapter, never per step); LoRA and base rows in the same batch are left bit for bit as
 they were (their gain is 0).
@@ -401,46 +401,6 @@ def _add_segments(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
     if plan.perm is None:
         return y.add_(d)
     return y.index_add_(0, plan.perm, d)
-
-
-def add_dora(y: Tensor, bias: Tensor | None, gain: Tensor, plan: LoraBatchPlan) -> Tensor:
-    """Rescale the output features of DoRA rows, in place, after `add_lora`; returns `y`.
-
-    Semantics:
-        for t in range(T):
-            s = plan.slots[t]
-            y[t] += gain[s] * (y[t] - bias)
-
-    y     # [T, out]  W x + bias + scale[s] B A x (the layer output after add_lora)
-    bias  # [out] or None: the base layer's bias, which DoRA does not rescale
-    gain  # [S, out] fp32: magnitude / ‖W + scale·B·A‖ − 1 per output feature (`dora_gain`);
-          #   0 for a LoRA slot, an empty slot and slot 0, so those rows do not change
-    That is peft's DoRA forward, `m/‖W + s·B·A‖ ⊙ (W x + s·B·A x) + bias`, with the norm over
-    each output feature's row of the weight, taken as a constant (peft detaches it).
-    """
-    g = gain.index_select(0, plan.slots).to(y.dtype)  # [T, out]
-    base = y if bias is None else y - bias.to(y.dtype)  # [T, out]
-    return y.add_(g.mul_(base))
-
-
-def dora_gain(weight: Tensor, a: Tensor, b: Tensor, scale: float, magnitude: Tensor) -> Tensor:
-    """DoRA's per-output-feature factor minus one, in fp32 (`add_dora`'s `gain` row).
-
-    Semantics:  magnitude / torch.linalg.norm(weight + scale * b @ a, dim=1) - 1
-
-    weight    # [out, in]  the base layer's weight, dequantized (peft: `dequantize_module_weight`)
-    a # [r, in], b # [out, r], magnitude # [out]
-    Raises InvalidArgument if a row of `weight + scale·b@a` has norm 0 or the factor is not
-    finite (peft would serve NaN or Inf there).
-    """
-    w = weight.float() + scale * (b.float() @ a.float())  # [out, in]
-    norm = torch.linalg.norm(w, dim=1)  # [out]
-    g = magnitude.float() / norm  # [out]
-    if not bool(torch.isfinite(g).all()):
-        raise InvalidArgument("DoRA magnitude over the norm of W + s·B·A is not finite "
-                              f"for {int((~torch.isfinite(g)).sum())} output features",
-                              field="lora_magnitude_vector")
-    return g - 1.0
 
 
 def reference_add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,

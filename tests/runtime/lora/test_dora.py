@@ -12,8 +12,9 @@ import torch
 
 from loraplex.errors import InvalidArgument
 from loraplex.runtime.lora.batched import IncompatibleShapes
+from loraplex.runtime.lora.dora import add_dora, dora_gain
 from loraplex.runtime.lora.layers import default_target_modules, inject_lora
-from loraplex.runtime.lora.ops import add_dora, dora_gain, make_plan
+from loraplex.runtime.lora.ops import make_plan
 
 # (name, r, alpha, use_dora, target subset: None = every default target)
 ADAPTERS = [
