@@ -63,8 +63,13 @@ def load_base(base: str | Path, cfg: TrainConfig, *, device: Any = None,
 
 
 def wrap_lora(model: Any, cfg: TrainConfig):
-    """Prepare a (possibly quantized) model for k-bit training and add LoRA adapters."""
+    """Prepare a (possibly quantized) model for k-bit training and add LoRA adapters.
+    `cfg` is the resolved configuration (`recipe.choose` filled rank, alpha and dropout)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    unresolved = [k for k in ("r", "alpha", "dropout") if getattr(cfg, k) is None]
+    if unresolved:
+        raise ValueError(f"wrap_lora needs a resolved recipe; unset: {unresolved}")
 
     targets = cfg.target_modules or linear_target_modules(model)
     if cfg.quantization != "none":

@@ -314,7 +314,8 @@ def test_trainer_passes_all_linear_to_peft(micro_base):
     from loraplex.trainer.model import linear_target_modules, load_base, wrap_lora
 
     cfg = TrainConfig(base=str(micro_base), data="x.jsonl", name="acme/a",
-                      target_modules="ALL-LINEAR", quantization="none")
+                      target_modules="ALL-LINEAR", quantization="none", r=8, alpha=16,
+                      dropout=0.0)  # the rank the automatic recipe would otherwise choose
     assert cfg.target_modules == "all-linear"
     model, _ = load_base(micro_base, cfg)
     assert linear_target_modules(model) == pf.leaf_names(LLAMA)
