@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from loraplex.compute import cpu_model
+
 TARGET_SPEEDUP = 5.0
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -123,7 +125,8 @@ def run_engine(engine, work, max_new: int) -> tuple[float, int]:
 
 
 def machine() -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
 

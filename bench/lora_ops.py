@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from loraplex.compute import cpu_model
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_BASE_DIR = ROOT / "results" / "base-bench-llama"
 TARGETS = {"ours_n1": 1.15, "ours_n32": 1.35, "speedup_vs_peft_n32": 2.5}
@@ -210,7 +212,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
                    "variants": list(injections), "ours": first,
                    "projections": PROJECTIONS, "rounds": rounds, "quick": quick,
                    "clock": clock},
-        "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_avg": _load_avg()},
         "base_ms": base * 1e3,
@@ -250,16 +252,6 @@ def _variant_name(stack_dtype: str, kernel: str) -> str:
 
 def _say(msg: str) -> None:
     print(f"[bench.lora_ops {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def _load_avg() -> list[float] | None:

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import vllm_env
+from loraplex.compute import cpu_model
 
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / ".loraplex" / "bench-peer"
@@ -445,14 +446,7 @@ def measure(server: Server, plan: Plan, say) -> dict:
 def machine() -> dict:
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "load_avg": list(os.getloadavg())}

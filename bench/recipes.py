@@ -28,7 +28,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -36,16 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.recipe_tasks import TASKS, write_task
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from loraplex.compute import cpu_model
 
 
 def machine(argv: list[str]) -> dict[str, Any]:

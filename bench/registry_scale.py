@@ -55,6 +55,7 @@ from typing import Any
 import sqlalchemy as sa
 import torch
 
+from loraplex.compute import cpu_model
 from loraplex.registry import Identity, Registry, RegistrySettings, db
 
 ADMIN = Identity.system()
@@ -65,14 +66,7 @@ PG_URL = os.environ.get("LORAPLEX_BENCH_PG_URL",
 
 
 def machine(argv: list[str]) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(), "sqlite": sqlite3.sqlite_version,

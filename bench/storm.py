@@ -41,6 +41,8 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from loraplex.compute import cpu_model
+
 REPO = Path(__file__).resolve().parent.parent
 WORK = REPO / ".loraplex" / "bench-storm"
 UPLOAD_CAP = 64 << 20
@@ -51,14 +53,7 @@ EXTRA_ENV: dict[str, str] = {}
 def machine() -> dict:
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
             "cores": os.cpu_count(), "torch": torch.__version__,
             "python": platform.python_version(),

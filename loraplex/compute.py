@@ -177,13 +177,14 @@ def decide(requested: str, *, device_type: str, env: str | None = None,
 def cpu_facts() -> CpuFacts:
     import torch
 
-    return CpuFacts(model=_cpu_model(), capability=torch.backends.cpu.get_cpu_capability(),
+    return CpuFacts(model=cpu_model(), capability=torch.backends.cpu.get_cpu_capability(),
                     avx512_bf16=bool(torch.cpu._is_avx512_bf16_supported()),
                     amx=bool(torch.cpu._is_amx_tile_supported()),
                     torch_version=torch.__version__)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform's answer elsewhere)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
