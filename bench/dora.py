@@ -34,13 +34,14 @@ from bench.lora_ops import (
     DEFAULT_BASE_DIR,
     PROJECTIONS,
     DecodeStep,
-    _cpu_name,
     _load_avg,
     bench_base,
+    interleaved_times,
     load_fp32,
     make_adapters,
     prefill_cache,
 )
+from loraplex.compute import cpu_model
 
 TARGET = 1.10  # dora step / lora step
 N_ADAPTERS = 16
@@ -125,15 +126,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
         plan = inj.batch.plan_for(batch, batch)
         strategies[kind] = f"{plan.strategy}{'+dora' if plan.dora else ''}"
 
-    _say("warm-up ...")
-    for step in steps.values():
-        for _ in range(2):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(rounds):
-        _say(f"round {i + 1}/{rounds}")
-        for key, step in steps.items():  # interleaved: drift hits every config alike
-            times[key].append(step())
+    times = interleaved_times(steps, rounds, _say)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     rows = []
@@ -154,7 +147,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
                    "prompt_len": prompt_len, "prefill": [prefill_rows, prefill_len],
                    "projections": PROJECTIONS, "rounds": rounds, "quick": quick,
                    "clock": clock},
-        "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "capability": torch.backends.cpu.get_cpu_capability(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_avg": _load_avg()},

@@ -190,16 +190,7 @@ def run(quick: bool, base_dir: Path, batch: int = 32, prompt_len: int = 32, rank
         steps[f"peft_n{n}"] = DecodeStep(peft_model, cache, batch, prompt_len, noop,
                                          {"adapter_names": names})
 
-    _say("warm-up ...")
-    for step in steps.values():
-        for _ in range(2):
-            step()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for i in range(rounds):
-        _say(f"round {i + 1}/{rounds}")
-        for key, step in steps.items():  # interleaved: drift hits every config alike
-            times[key].append(step())
-
+    times = interleaved_times(steps, rounds, _say)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["base"]
     first = next(iter(injections))
@@ -248,6 +239,22 @@ def _variant_name(stack_dtype: str, kernel: str) -> str:
     short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(stack_dtype,
                                                                            stack_dtype)
     return f"ours_{short}" + ("" if kernel == "auto" else f"_{kernel}")
+
+
+def interleaved_times(steps: dict[str, Callable[[], float]], rounds: int,
+                      say: Callable[[str], None]) -> dict[str, list[float]]:
+    """Seconds of each step in each of `rounds`, after two warm-up calls each; the steps run
+    interleaved within a round, so drift on the machine hits every configuration alike."""
+    say("warm-up ...")
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(rounds):
+        say(f"round {i + 1}/{rounds}")
+        for key, step in steps.items():
+            times[key].append(step())
+    return times
 
 
 def _say(msg: str) -> None:

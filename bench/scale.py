@@ -247,7 +247,8 @@ def serve(base_dir: Path, reg, versions, picks: list[int], args) -> dict:
 
 
 def run(args) -> dict:
-    from bench.lora_ops import DEFAULT_BASE_DIR, _cpu_name, _load_avg, bench_base
+    from bench.lora_ops import DEFAULT_BASE_DIR, _load_avg, bench_base
+    from loraplex.compute import cpu_model
 
     base_dir = bench_base(DEFAULT_BASE_DIR)
     root = ROOT / "results" / f"scale-registry-{args.adapters}"
@@ -284,7 +285,7 @@ def run(args) -> dict:
                    "prompt": args.prompt, "output": args.output, "slots": args.slots,
                    "host_mib": args.host_mib, "loader_threads": args.loader_threads,
                    "zipf_alpha": args.alpha, "quick": args.quick},
-        "machine": {"platform": platform.platform(), "cpu": _cpu_name(),
+        "machine": {"platform": platform.platform(), "cpu": cpu_model(),
                     "capability": torch.backends.cpu.get_cpu_capability(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_avg": _load_avg()},
