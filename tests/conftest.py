@@ -11,6 +11,10 @@ import pytest
 import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The suite computes in fp32 unless a test says otherwise: its token-exact comparisons
+# against fp32 references (peft, plain forwards) must hold on every CPU, and `auto` picks
+# bf16 where a CPU multiplies it faster. tests/core/test_compute.py covers `auto` itself.
+os.environ.setdefault("LORAPLEX_COMPUTE_DTYPE", "float32")
 
 PG_URL = os.environ.get("LORAPLEX_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

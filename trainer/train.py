@@ -49,6 +49,7 @@ from loraplex.trainer.data import (
     pad_batch,
     stop_ids,
 )
+from loraplex.trainer.loss import completion_loss_sum, completion_trainer
 from loraplex.trainer.recipe import (
     EVALS_PER_RUN,
     MIN_STEPS_TO_PROBE,
@@ -177,6 +178,7 @@ def _training_args(cfg: TrainConfig, has_val: bool, cuda: bool):
         dataloader_num_workers=0,
         dataloader_pin_memory=cuda,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # validation is scored by loss (exact-match runs apart)
         optim="adamw_torch",
         log_level="warning",
     )
@@ -221,7 +223,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     """Choose the recipe, train, keep the best weights by validation loss, save them under
     `run_dir/adapter` with the curve beside them. No publishing."""
     import torch
-    from transformers import EarlyStoppingCallback, Trainer, set_seed
+    from transformers import EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import PrinterCallback
 
     from loraplex.trainer.model import choose_compute, load_base, wrap_lora
@@ -294,8 +296,9 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
         callbacks.append(budget_cb)
     callbacks += extra_callbacks or []
     pad_id = tokenizer.pad_token_id
-    trainer = Trainer(model=model, args=args, train_dataset=train_rows, eval_dataset=val_rows,
-                      data_collator=lambda rows: pad_batch(rows, pad_id), callbacks=callbacks)
+    trainer = completion_trainer(model=model, args=args, train_dataset=train_rows,
+                                 eval_dataset=val_rows, callbacks=callbacks,
+                                 data_collator=lambda rows: pad_batch(rows, pad_id))
     trainer.remove_callback(PrinterCallback)
 
     t0 = time.perf_counter()
@@ -395,13 +398,10 @@ def _rows_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int,
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             b = {k: v.to(dev) for k, v in pad_batch(rows[i:i + batch_size], pad_id).items()}
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            labels = b["labels"][:, 1:]  # [B, T-1]
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
+            loss, n = completion_loss_sum(model, b["input_ids"], b["attention_mask"],
+                                          b["labels"])
             total += float(loss)
-            count += int((labels != -100).sum())
+            count += int(n)
     return total / count if count else math.nan
 
 
@@ -436,15 +436,22 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
                 group["lr"] = lr * min(1.0, (s + 1) / max(1, steps // 4))
             if seconds is not None and len(step_s) == 2:  # timed: fit the rest
                 per = max(step_s) + 1e-9
-                steps = max(3, min(steps, int(seconds / len(candidates) / per)))
+                affordable = int(seconds / len(candidates) / per)
+                if affordable < PROBE_MIN_STEPS:
+                    return _probe_skipped(params, init, prior, candidates, per, t0, (
+                        f"no learning-rate probe: its share of the budget ({seconds:.0f}s) "
+                        f"buys {affordable} of the {PROBE_MIN_STEPS} steps per rate it needs "
+                        f"at {per:.1f}s/step; the rule's {prior:.1e} is kept"))
+                steps = min(steps, affordable)
             if s >= steps:
                 break
             ts = time.perf_counter()
             idx = [order[(s * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
             b = pad_batch([train_rows.rows[i] for i in idx], pad_id)
             dev = next(iter(params.values())).device
-            loss = model(**{k: v.to(dev) for k, v in b.items()}).loss
-            loss.backward()
+            b = {k: v.to(dev) for k, v in b.items()}
+            loss, n = completion_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
+            (loss / n.clamp(min=1)).backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -467,7 +474,23 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
             "seconds_per_step": per_step, "reason": reason}
 
 
+def _probe_skipped(params: dict[str, Any], init: dict[str, Any], prior: float,
+                   candidates: list[float], per_step: float, t0: float, reason: str
+                   ) -> dict[str, Any]:
+    """The probe's answer when the budget cannot pay for it: the adapter as it was, the
+    rule's rate, and the step time measured on the way (the budget still needs it)."""
+    import torch
+
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(init[n])
+    return {"candidates": candidates, "steps": 0, "val_loss": {}, "prior": prior,
+            "chosen": prior, "seconds": round(time.perf_counter() - t0, 3),
+            "seconds_per_step": per_step, "reason": reason, "skipped": True}
+
+
 PROBE_VAL_ROWS = 64
+PROBE_MIN_STEPS = 3  # fewer steps per rate do not separate the candidates' losses
 PROBE_SHARE = 0.25  # of --budget, at most, for the learning-rate probe
 
 

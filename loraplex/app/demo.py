@@ -453,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes' CPU backend looks for an optional kernel on a model hub at import (the
     # compute probe imports it) and warns when it cannot; nothing is downloaded at run time
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # the demo stamps its own phases; transformers' per-tensor bars would bury them
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo-out"))
     ap.add_argument("--quantization", default=os.environ.get("LORAPLEX_DEMO_QUANT", "nf4"),

@@ -102,3 +102,21 @@ def test_explicit_flags_win_and_skip_the_probe(micro_base, acme_data, tmp_path, 
         v = reg.resolve(Identity.system(), out["ref"])
     assert v.rank == 4 and v.lineage["hyperparameters"]["lr"] == 2e-3
     assert v.lineage["recipe"]["reasons"]["lr"] == "given"
+
+
+def test_a_budget_too_small_for_the_probe_keeps_the_rules_rate(base_factory, acme_data, tmp_path):
+    """The probe never runs past its share of `--budget`: when two timed steps show that
+    three steps per candidate rate do not fit, it stops, keeps the rule's rate and says so."""
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.train import train
+
+    cfg = TrainConfig(base=str(base_factory("micro", "llama")), data=str(acme_data),
+                      name="acme/budget", output_dir=str(tmp_path / "run"), publish=False,
+                      quantization="none", max_seq_len=64, eval_max_new_tokens=4,
+                      budget="1s")
+    res = train(cfg, progress=False)
+    probe = res.report["probe"]
+    assert probe["skipped"] and probe["steps"] == 0 and probe["chosen"] == probe["prior"]
+    assert "no learning-rate probe: its share of the budget" in probe["reason"]
+    assert res.report["recipe"]["reasons"]["lr"] == probe["reason"]  # what the user is shown
+    assert res.metrics["steps"] >= 1 and (res.adapter_dir / "adapter_model.safetensors").exists()
