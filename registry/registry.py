@@ -47,7 +47,7 @@ from loraplex.registry import (
     changefeed,
     db,
     deletion,
-    evaluations as evals,
+    evaluations,
     faults,
     lookup,
     pull,
@@ -57,6 +57,7 @@ from loraplex.registry import (
 from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore, open_blob_store
 from loraplex.registry.db import adapters
+from loraplex.registry.evaluations import Evaluation
 from loraplex.registry.records import (
     UNSET,
     AdapterVersion,
@@ -234,20 +235,20 @@ class Registry:
     @faults.writes
     def record_evaluation(self, identity: Identity, ref: str | AdapterRef, name: str,
                           metrics: dict[str, float], *, data_digest: str | None = None,
-                          detail: dict[str, Any] | None = None) -> evals.Evaluation:
+                          detail: dict[str, Any] | None = None) -> Evaluation:
         """Keep the scores `name` (e.g. "eval", "gate") that the version `ref` got
         (evaluations.py): append-only, audited, scope `publish`."""
-        metrics, detail = evals.check(name, metrics, data_digest, detail)
+        metrics, detail = evaluations.check(name, metrics, data_digest, detail)
         identity.require("publish", "record evaluations")
         target = self.resolve(identity, ref)
-        return evals.record(self.store, identity, target, name, metrics, data_digest,
+        return evaluations.record(self.store, identity, target, name, metrics, data_digest,
                                   detail)
 
     @faults.reads
     def evaluations(self, identity: Identity, key: str, *,
-                    version: int | None = None) -> list[evals.Evaluation]:
+                    version: int | None = None) -> list[Evaluation]:
         """The evaluation records of `tenant/name` (or one version), oldest first."""
-        return evals.of_adapter(self.store, identity, key, version)
+        return evaluations.of_adapter(self.store, identity, key, version)
 
     # ---------------------------------------------------------------- retiring
     @faults.writes

@@ -107,13 +107,13 @@ def _add_parents(g: Graph, v: Any, lookup: Callable[[str], Any], queue: list[Any
         path = str(ds.get("path") or "").rsplit("/", 1)[-1]
         count = f", {ds['examples']} ex." if ds.get("examples") is not None else ""
         g.add(Node(did, "data", f"data {_short(ds['digest'])}", f"{path}{count}"))
-        g.edges.append(Edge(did, v.digest, "trained"))
+        g.edges.append(Edge(did, v.digest))  # the node's colour says "data": no label
     hp = lin.get("hyperparameters")
     if isinstance(hp, dict) and hp:
         cid = "config:" + hashlib.sha256(json.dumps(hp, sort_keys=True, default=str)
                                          .encode()).hexdigest()[:16]
         g.add(Node(cid, "config", "config", config_summary(hp)))
-        g.edges.append(Edge(cid, v.digest, "config"))
+        g.edges.append(Edge(cid, v.digest))
 
 
 def lineage_graph(versions: list[Any], lookup: Callable[[str], Any], *,
@@ -136,20 +136,6 @@ def lineage_graph(versions: list[Any], lookup: Callable[[str], Any], *,
         seen.add(v.digest)
         _add_parents(g, v, lookup, queue)
     return g
-
-
-def ancestry(g: Graph, node_id: str) -> Graph:
-    """The part of `g` that leads to `node_id` (the node and everything upstream of it)."""
-    keep, stack = set(), [node_id]
-    while stack:
-        n = stack.pop()
-        if n not in keep:
-            keep.add(n)
-            stack += g.parents(n)
-    out = Graph(cut=g.cut)
-    out.nodes = {k: v for k, v in g.nodes.items() if k in keep}
-    out.edges = [e for e in g.edges if e.src in keep and e.dst in keep]
-    return out
 
 
 @dataclass(frozen=True)
@@ -195,22 +181,53 @@ def layers(g: Graph) -> dict[str, int]:
     return col
 
 
+def _children(g: Graph) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {n: [] for n in g.nodes}
+    for e in g.edges:
+        if e.src in out and e.dst in g.nodes:
+            out[e.src].append(e.dst)
+    return out
+
+
+def _place(order: list[str], want: dict[str, float]) -> dict[str, float]:
+    """Rows for one column in `order`: each as near its wanted row as the ones above
+    it allow (never two on one row)."""
+    rows, last = {}, -1.0
+    for n in order:
+        rows[n] = max(last + 1, round(want.get(n, last + 1)))
+        last = rows[n]
+    return rows
+
+
+def _sweep(g: Graph, columns: dict[int, list[str]], row: dict[str, float]) -> dict[str, float]:
+    """Rows of every column after the first, each node wanting its parents' mean row."""
+    for c in sorted(columns)[1:]:
+        want = {}
+        for n in columns[c]:
+            ps = [row[p] for p in g.parents(n) if p in row]
+            want[n] = sum(ps) / len(ps) if ps else float(len(columns[c]))
+        columns[c].sort(key=lambda n: want[n])
+        row.update(_place(columns[c], want))
+    return row
+
+
 def layout(g: Graph) -> Drawing:
-    """Boxes in columns by `layers`, rows ordered by their parents' mean row."""
+    """Boxes in columns by `layers`. Rows: the first column in the order nodes came, every
+    later one by its parents' mean row; then the first column again by its children's mean
+    row (data and config beside the version they made) and the later ones once more."""
     col = layers(g)
     columns: dict[int, list[str]] = {}
     for n in g.nodes:  # insertion order: the adapter's versions oldest first, then ancestors
         columns.setdefault(col[n], []).append(n)
-    row: dict[str, float] = {}
-    for c in sorted(columns):
-        ids = columns[c]
-        if c > 0:
-            def centre(n: str) -> float:
-                ps = [row[p] for p in g.parents(n) if p in row]
-                return sum(ps) / len(ps) if ps else float(len(row))
-            ids.sort(key=centre)
-        for i, n in enumerate(ids):
-            row[n] = float(i)
+    if not columns:
+        return Drawing([], [], 0, 0, g.cut)
+    row = _sweep(g, columns, {n: float(i) for i, n in enumerate(columns[min(columns)])})
+    kids = _children(g)
+    first = columns[min(columns)]
+    want = {n: (sum(row[k] for k in kids[n]) / len(kids[n]) if kids[n] else row[n])
+            for n in first}
+    first.sort(key=lambda n: want[n])
+    row = _sweep(g, columns, {n: float(i) for i, n in enumerate(first)})
     boxes = {n: Box(g.nodes[n], PAD + col[n] * (NODE_W + GAP_X),
                     PAD + int(row[n]) * (NODE_H + GAP_Y)) for n in g.nodes}
     curves = []

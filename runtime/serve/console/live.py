@@ -45,13 +45,14 @@ class _Bucket:
     """One `BUCKET_S` interval of one adapter (or of the whole engine)."""
 
     __slots__ = ("index", "tokens", "finished", "cold", "ttft", "itl", "running", "waiting",
-                 "loads", "start")
+                 "loads")
 
     def __init__(self, index: int, running: int, waiting: int) -> None:
         self.index = index
         self.tokens = self.finished = self.cold = self.loads = 0
-        self.running, self.waiting = running, waiting  # the most seen at once in it
-        self.start = (running, waiting)  # in flight when it began (and in the idle gap before)
+        # in flight at the interval's end (so far, for the current one): summed over
+        # adapters these are the totals at one instant, as a gauge scraped then would be
+        self.running, self.waiting = running, waiting
         self.ttft: list[int] | None = None  # counts per EDGES bin (+1 overflow)
         self.itl: list[int] | None = None
 
@@ -71,9 +72,10 @@ class _Track:
             self.buckets.append(_Bucket(index, self.running, self.waiting))
         return self.buckets[-1]
 
-    def peak(self, index: int) -> None:
+    def mark(self, index: int) -> None:
+        """Record the in-flight counts just changed (every change goes through here)."""
         b = self.bucket(index)
-        b.running, b.waiting = max(b.running, self.running), max(b.waiting, self.waiting)
+        b.running, b.waiting = self.running, self.waiting
 
 
 def _observe(hist: list[int] | None, seconds: float) -> list[int]:
@@ -124,9 +126,8 @@ class LiveRecorder(EngineObserver):
             if len(self._inflight) >= MAX_INFLIGHT:
                 self._end(self._inflight.pop(next(iter(self._inflight))))
             self._inflight[request.request_id] = [track, "waiting"]
-            track.bucket(self._index())  # before the change: it starts with the old counts
             track.waiting += 1
-            track.peak(self._index())
+            track.mark(self._index())
 
     def on_request_progress(self, request_id: str, event: str, seconds: float) -> None:
         with self._lock:
@@ -135,11 +136,10 @@ class LiveRecorder(EngineObserver):
                 return
             track, index = item[0], self._index()
             if event == "admitted":
-                track.bucket(index)
                 item[1] = "running"
                 track.waiting -= 1
                 track.running += 1
-                track.peak(index)
+                track.mark(index)
                 return
             b = track.bucket(index)
             b.tokens += 1
@@ -154,8 +154,8 @@ class LiveRecorder(EngineObserver):
             item = self._inflight.pop(result.request_id, None)
             if item is None:
                 return
-            b = item[0].bucket(self._index())
             self._end(item)
+            b = item[0].bucket(self._index())
             b.finished += 1
             if result.timings.adapter_load_s > 0:
                 b.cold += 1
@@ -164,14 +164,12 @@ class LiveRecorder(EngineObserver):
         with self._lock:
             item = self._inflight.pop(request_id, None)
             if item is not None:
-                item[0].bucket(self._index())
                 self._end(item)
 
     def on_occupancy(self, running: int, waiting: int) -> None:
         with self._lock:
-            self._engine.bucket(self._index())
             self._engine.running, self._engine.waiting = running, waiting
-            self._engine.peak(self._index())
+            self._engine.mark(self._index())
 
     def on_step(self, batch_size: int, running: int, waiting: int) -> None:
         self.on_occupancy(running, waiting)
@@ -187,6 +185,7 @@ class LiveRecorder(EngineObserver):
             track.running -= 1
         else:
             track.waiting -= 1
+        track.mark(self._index())
 
     def _make_room(self) -> None:
         """Forget the least recently active adapter with nothing in flight (or, when all
@@ -232,24 +231,24 @@ class LiveRecorder(EngineObserver):
 
 
 def _series(track: _Track, first: int, now: int) -> dict[str, list[int]]:
-    """Per-bucket counts of `track` from bucket `first` to `now` (zeros where idle)."""
+    """Per-bucket counts of `track` from bucket `first` to `now` (zeros where idle), and
+    the requests in flight at the end of each."""
     out = {k: [0] * BUCKETS for k in ("tokens", "running", "waiting", "loads", "cold",
                                       "finished")}
-    # in-flight counts change only in a bucket, so an idle interval holds what the next
-    # bucket started with (after the last bucket: what is in flight now)
-    gap = (track.running, track.waiting)
-    filled = BUCKETS
-    for b in reversed(track.buckets):
-        i = b.index - first
-        for j in range(max(0, i + 1), filled):
-            out["running"][j], out["waiting"][j] = gap
-        if i < 0:
-            return out
-        out["tokens"][i], out["running"][i], out["waiting"][i] = b.tokens, b.running, b.waiting
-        out["loads"][i], out["cold"][i], out["finished"][i] = b.loads, b.cold, b.finished
-        gap, filled = b.start, i
-    for j in range(filled):
-        out["running"][j], out["waiting"][j] = gap
+    # in-flight counts change only inside a bucket, so an idle interval holds what the
+    # bucket before it ended with (before the first one: nothing was in flight)
+    at = {b.index - first: b for b in track.buckets if b.index >= first}
+    state = (0, 0)
+    for b in track.buckets:
+        if b.index < first:
+            state = (b.running, b.waiting)
+    for i in range(BUCKETS):
+        b = at.get(i)
+        if b is not None:
+            out["tokens"][i], out["loads"][i] = b.tokens, b.loads
+            out["cold"][i], out["finished"][i] = b.cold, b.finished
+            state = (b.running, b.waiting)
+        out["running"][i], out["waiting"][i] = state
     return out
 
 
