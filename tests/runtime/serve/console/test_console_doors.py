@@ -121,3 +121,19 @@ def test_signing_out_ends_the_session(console):
     assert status == 303 and "loraplex_console" not in http.cookies
     http.cookies["loraplex_console"] = sid  # the old cookie, replayed
     assert http.request("GET", "/console/adapters")[0] == 303
+
+
+def test_no_console_leaves_the_port_to_the_openai_routes(micro_base, tmp_path):
+    from loraplex.registry import Registry
+    from loraplex.runtime.serve.server import BackgroundServer
+    from tests.runtime.serve.test_grpc_inference import settings_for
+
+    settings = settings_for(micro_base, tmp_path, http_port=0, http_host="127.0.0.1",
+                            console=False)
+    with Registry.open(tmp_path / "reg") as reg, BackgroundServer(settings, registry=reg) as bg:
+        http = Http(bg.http_port)
+        assert http.request("GET", "/console/signin")[0] == 404
+        assert http.request("GET", "/")[0] == 404
+        assert bg.server.live is None  # and the engine feeds no recorder
+        assert http.request("GET", "/v1/models", headers={
+            "authorization": "Bearer " + reg.create_token(Identity.system(), "acme")})[0] == 200
