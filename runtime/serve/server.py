@@ -158,11 +158,11 @@ class LoraplexServer:
                                 base_name=name)
         app = create_app(backend, max_body_bytes=self.settings.http_max_body_bytes,
                          timeout_s=self.settings.http_timeout_s,
-                         extra_routes=self._console_routes(name))
+                         extra_routes=self._console_routes())
         return HttpThread(app, host=self.settings.http_host, port=self.settings.http_port,
                           **tls_files(self.settings)).__enter__()
 
-    def _console_routes(self, base_name: str) -> list[Any]:
+    def _console_routes(self) -> list[Any]:
         """The web console's routes on the HTTP door (none with `console: false`)."""
         if not self.settings.console:
             return []
@@ -175,8 +175,7 @@ class LoraplexServer:
         return console_routes(ConsoleContext(
             registry=self.registry, engine=self.engine, live=self.live,
             authenticate=everyone_admin if self.settings.no_auth else self.registry.authenticate,
-            secure_cookies=self.settings.tls, no_auth=self.settings.no_auth,
-            base_name=base_name))
+            secure_cookies=self.settings.tls, no_auth=self.settings.no_auth))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the base is loaded (raises what the engine raised, if it failed)."""

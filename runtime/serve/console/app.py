@@ -57,7 +57,6 @@ class ConsoleContext:
     authenticate: Callable[..., Any]
     secure_cookies: bool
     no_auth: bool = False
-    base_name: str = "base"
 
 
 @dataclass
@@ -179,8 +178,11 @@ def create_console(ctx: ConsoleContext):
             raw = await read_body(request, MAX_FORM_BYTES)
         except BodyTooLarge:
             raise Refused(413, "form too large") from None
-        form = dict(urllib.parse.parse_qsl(raw.decode("utf-8", "replace"),
-                                           keep_blank_values=True, max_num_fields=32))
+        try:
+            form = dict(urllib.parse.parse_qsl(raw.decode("utf-8", "replace"),
+                                               keep_blank_values=True, max_num_fields=32))
+        except ValueError:
+            raise Refused(400, "malformed form") from None
         expected = caller.session.csrf if caller is not None else nonce
         if not sessions.same(form.get("csrf"), expected):
             raise Refused(403, "this form has expired or did not come from this console: "
@@ -189,7 +191,7 @@ def create_console(ctx: ConsoleContext):
 
     # -- sign in and out -----------------------------------------------------------------
     def signin_form(why: str = "", status: int = 200, error: str = "") -> Response:
-        nonce = views_nonce()
+        nonce = _nonce()
         messages = {"revoked": "Your token is no longer valid (revoked or expired): sign "
                                "in again.", "expired": "Your session ended: sign in again.",
                     "out": "Signed out."}
@@ -436,7 +438,7 @@ async def _quiet(coro: Awaitable[Any]) -> Any:
         return None
 
 
-def views_nonce() -> str:
+def _nonce() -> str:
     import secrets
 
     return secrets.token_urlsafe(24)

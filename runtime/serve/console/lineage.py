@@ -6,7 +6,8 @@ trained version, versions into the versions compressed or merged from them.
 
 The graph is read from each version's `lineage` as the trainer and `registry/derive.py`
 write it: `dataset` (digest, path, examples) and `hyperparameters` for a trained version,
-`inputs` (ref, digest, weight) with `operation` for a derived one. A version with neither
+`inputs` (ref, digest, weight) with `operation` for a derived one. A config reads the
+values the trainer's automatic recipe chose (`recipe.values`) over the ones it was given. A version with neither
 was uploaded as it is and stands alone. Nodes are keyed by content (a version's digest, the
 data's digest, a hash of the config), so two versions trained on the same data share one
 data node.
@@ -70,12 +71,14 @@ def _short(digest: str | None) -> str:
 
 def config_summary(hp: dict[str, Any]) -> str:
     """A one-line reading of training hyper-parameters (the keys most runs set)."""
-    parts = []
+    parts: list[str] = []
     for key, label in (("r", "r"), ("rank", "r"), ("lora_alpha", "α"), ("alpha", "α"),
                        ("learning_rate", "lr"), ("lr", "lr"), ("epochs", "epochs"),
                        ("max_steps", "steps")):
         value = hp.get(key)
-        if value is not None and not any(p.startswith(f"{label}=") for p in parts):
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            continue  # unset (None: chosen by the recipe) or off (max_steps -1)
+        if not any(p.startswith(f"{label}=") for p in parts):
             parts.append(f"{label}={value:g}" if isinstance(value, float) else f"{label}={value}")
     return " ".join(parts[:4])
 
@@ -109,6 +112,10 @@ def _add_parents(g: Graph, v: Any, lookup: Callable[[str], Any], queue: list[Any
         g.add(Node(did, "data", f"data {_short(ds['digest'])}", f"{path}{count}"))
         g.edges.append(Edge(did, v.digest))  # the node's colour says "data": no label
     hp = lin.get("hyperparameters")
+    chosen = (lin.get("recipe") or {}).get("values") if isinstance(lin.get("recipe"), dict) \
+        else None
+    if isinstance(hp, dict) and isinstance(chosen, dict):  # what `auto` settled on
+        hp = {**hp, **{k: v for k, v in chosen.items() if v is not None}}
     if isinstance(hp, dict) and hp:
         cid = "config:" + hashlib.sha256(json.dumps(hp, sort_keys=True, default=str)
                                          .encode()).hexdigest()[:16]

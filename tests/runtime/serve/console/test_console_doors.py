@@ -30,6 +30,7 @@ def test_pages_carry_a_strict_content_security_policy_and_are_not_cached(console
         assert headers["cache-control"] == ["no-store"], path
     _, headers, js = http.request("GET", "/console/static/console.js")
     assert headers["content-type"][0].startswith("text/javascript")
+    assert headers["cache-control"] == ["no-cache"]  # revalidated, so an upgrade shows
     assert headers["x-content-type-options"] == ["nosniff"] and "fetch(" in js
     _, _, page = http.request("GET", "/console/adapters/acme/support")
     assert "<script>" not in page and " style=" not in page and "onclick" not in page
@@ -137,3 +138,25 @@ def test_no_console_leaves_the_port_to_the_openai_routes(micro_base, tmp_path):
         assert bg.server.live is None  # and the engine feeds no recorder
         assert http.request("GET", "/v1/models", headers={
             "authorization": "Bearer " + reg.create_token(Identity.system(), "acme")})[0] == 200
+
+
+def test_sessions_end_when_idle_or_old_and_are_bounded():
+    from loraplex.runtime.serve.console import sessions
+
+    now = [0.0]
+    store = sessions.SessionStore(clock=lambda: now[0], limit=3)
+    sid, s = store.create("lpx_secret", None)
+    assert store.get(sid) is s and s.csrf and s.csrf != sid
+    now[0] += sessions.IDLE_S - 1
+    assert store.get(sid) is s  # used in time: its idle clock restarts
+    now[0] += sessions.IDLE_S + 1
+    assert store.get(sid) is None  # idle too long
+    sid, _ = store.create("lpx_secret", None)
+    for _ in range(int(sessions.LIFETIME_S // (sessions.IDLE_S / 2)) + 1):
+        now[0] += sessions.IDLE_S / 2
+        store.get(sid)
+    assert store.get(sid) is None  # busy, but past its lifetime
+    ids = [store.create("t", None)[0] for _ in range(5)]
+    assert len(store) == 3 and store.get(ids[0]) is None and store.get(ids[-1]) is not None
+    assert "Secure" in sessions.cookie("c", "v", secure=True)
+    assert "Secure" not in sessions.cookie("c", "v", secure=False)
