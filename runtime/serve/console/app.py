@@ -354,8 +354,8 @@ def create_console(ctx: ConsoleContext):
                             if identity.can_access(r.ref.split("/", 1)[0])]
             except LoraplexError as e:
                 note = e.public_message
-            if identity.is_admin:
-                st = ctx.engine.stats()
+            st = _quiet_call(ctx.engine.stats) if identity.is_admin else None
+            if st is not None:
                 out["engine"] = {"slots_used": st.slots_used, "slots_total": st.slots_total,
                                  "host_bytes": st.host_bytes, "loading": st.loading,
                                  "kv_rows_used": st.kv_rows_used,
@@ -434,6 +434,14 @@ async def _quiet(coro: Awaitable[Any]) -> Any:
     """`coro`'s result, or None if it raised a LoraplexError (the sign-in page's check)."""
     try:
         return await coro
+    except LoraplexError:
+        return None
+
+
+def _quiet_call(fn: Callable[[], Any]) -> Any:
+    """`fn()`, or None where this engine cannot answer (Ray replicas: FailedPrecondition)."""
+    try:
+        return fn()
     except LoraplexError:
         return None
 

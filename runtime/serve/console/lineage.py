@@ -97,7 +97,9 @@ def _add_parents(g: Graph, v: Any, lookup: Callable[[str], Any], queue: list[Any
                 found = lookup(ref)
                 if found is not None:
                     queue.append(found)
-                    g.add(Node(digest, "input", found.ref, _short(found.digest),
+                    same = (found.tenant, found.name) == (v.tenant, v.name)
+                    g.add(Node(digest, "version" if same else "input", found.ref,
+                               _short(found.digest),
                                version_href(found.tenant, found.name, found.version)))
                 else:
                     g.add(Node(digest, "input", ref, "no longer in the registry"))

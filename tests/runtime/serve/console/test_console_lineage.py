@@ -69,3 +69,4 @@ def test_a_version_page_draws_its_ancestry_only():
                       current=3)
     assert {n.title for n in g.nodes.values() if n.kind != "config"} == {
         "acme/support:v3", "acme/support:v2", "data dddddddddddd"}
+    assert g.nodes["sha256:support2"].kind == "version"  # the same adapter's, not an input
