@@ -6,6 +6,7 @@ door's port under `/console/` (docs/console.md).
 | module | job |
 |---|---|
 | `app.py` | the routes: pages, forms (promote, roll back), JSON for the charts |
+| `reads.py` | what each page reads from the registry and the engine (blocking) |
 | `sessions.py` | sign-in sessions, CSRF tokens, the Origin check, security headers |
 | `views.py` | registry records as pages show them (pure functions) |
 | `lineage.py` | lineage as a graph, and its layered drawing |

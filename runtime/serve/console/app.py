@@ -29,10 +29,9 @@ from loraplex.errors import (
     AuthThrottled,
     InvalidArgument,
     LoraplexError,
-    NotFound,
     Unauthenticated,
 )
-from loraplex.runtime.serve.console import lineage, sessions, views
+from loraplex.runtime.serve.console import reads, sessions, views
 from loraplex.runtime.serve.console.live import LiveRecorder
 from loraplex.runtime.serve.openai.http import STATUS, BodyTooLarge, read_body
 
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 MAX_FORM_BYTES = 16 * 1024
-MAX_VERSIONS_SHOWN = 200
 PACKAGE = "loraplex.runtime.serve.console"
 
 
@@ -249,40 +247,10 @@ def create_console(ctx: ConsoleContext):
         return render("adapters.html", caller, rows=rows, q=q, next_url=next_url,
                       paged=bool(after))
 
-    def adapter_data(identity: Any, key: str, current: int | None = None) -> dict[str, Any]:
-        """Everything the adapter and version pages show (blocking: run in a thread)."""
-        versions = reg.list_versions(identity, key)
-        aliases = reg.aliases(identity, key)
-        history = reg.alias_history(identity, key)
-        evals = reg.evaluations(identity, key)
-
-        def lookup(ref: str) -> Any:
-            try:
-                return reg.resolve(identity, ref)
-            except (NotFound, InvalidArgument):
-                return None
-
-        shown = versions if current is None else [v for v in versions if v.version == current]
-        if not shown:
-            raise NotFound(f"version {key}:v{current} not found", field="ref")
-        graph = lineage.lineage_graph(shown, lookup, current=current)
-        rows = [views.version_dict(v, aliases) for v in versions]
-        _inherit_formats(rows, versions)
-        return {"key": key, "versions": rows[::-1][:MAX_VERSIONS_SHOWN],
-                "hidden": max(0, len(rows) - MAX_VERSIONS_SHOWN),
-                "aliases": [{"alias": a, "version": n} for a, n in sorted(aliases.items())],
-                "rollback": views.previous_targets(history),
-                "history": [{"alias": m.alias, "from": m.from_version, "to": m.to_version,
-                             "at": views.when(m.at), "by": m.by} for m in history[::-1]],
-                "evaluations": [views.evaluation_dict(e) for e in evals[::-1]],
-                "card": views.scorecard(versions, evals),
-                "drawing": lineage.layout(graph),
-                "version_objs": versions}
-
     async def adapter_view(request: Any, caller: Caller, *, status: int = 200,
                            notice: str = "", problem: str = "") -> Response:
         key = _key(request)
-        data = await asyncio.to_thread(adapter_data, caller.identity, key)
+        data = await asyncio.to_thread(reads.adapter_page, reg, caller.identity, key)
         numbers = [r["version"] for r in data["versions"]]
         a, b = _pair(request, numbers)
         compare = views.compare(data["card"], a, b) if a and b else []
@@ -300,7 +268,7 @@ def create_console(ctx: ConsoleContext):
     @guarded()
     async def version_page(request: Any, caller: Caller) -> Response:
         key, n = _key(request), request.path_params["version"]
-        data = await asyncio.to_thread(adapter_data, caller.identity, key, n)
+        data = await asyncio.to_thread(reads.adapter_page, reg, caller.identity, key, n)
         obj = next(o for o in data["version_objs"] if o.version == n)
         row = next((r for r in data["versions"] if r["version"] == n), None)
         return render("version.html", caller, key=key,
@@ -343,30 +311,10 @@ def create_console(ctx: ConsoleContext):
         return render("serving.html", caller, live=ctx.live is not None,
                       engine=ctx.engine is not None)
 
-    def serving_data(identity: Any) -> dict[str, Any]:
-        out: dict[str, Any] = {"live": ctx.live is not None}
-        if ctx.live is not None:
-            out.update(ctx.live.snapshot(identity.can_access, everything=identity.is_admin))
-        resident, note = [], ""
-        if ctx.engine is not None:
-            try:
-                resident = [views.resident_dict(r) for r in ctx.engine.resident()
-                            if identity.can_access(r.ref.split("/", 1)[0])]
-            except LoraplexError as e:
-                note = e.public_message
-            st = _quiet_call(ctx.engine.stats) if identity.is_admin else None
-            if st is not None:
-                out["engine"] = {"slots_used": st.slots_used, "slots_total": st.slots_total,
-                                 "host_bytes": st.host_bytes, "loading": st.loading,
-                                 "kv_rows_used": st.kv_rows_used,
-                                 "kv_rows_total": st.kv_rows_total,
-                                 "compute_dtype": st.compute_dtype}
-        out["resident"], out["resident_note"] = resident, note
-        return out
-
     @guarded(api=True)
     async def serving_api(request: Any, caller: Caller) -> Response:
-        return JSONResponse(await asyncio.to_thread(serving_data, caller.identity))
+        return JSONResponse(await asyncio.to_thread(reads.serving, ctx.engine, ctx.live,
+                                                       caller.identity))
 
     # -- JSON ----------------------------------------------------------------------------
     @guarded(api=True)
@@ -438,14 +386,6 @@ async def _quiet(coro: Awaitable[Any]) -> Any:
         return None
 
 
-def _quiet_call(fn: Callable[[], Any]) -> Any:
-    """`fn()`, or None where this engine cannot answer (Ray replicas: FailedPrecondition)."""
-    try:
-        return fn()
-    except LoraplexError:
-        return None
-
-
 def _nonce() -> str:
     import secrets
 
@@ -484,20 +424,6 @@ def _moved_notice(request: Any) -> str:
         return ""
     was = "nothing" if a == "0" else f"v{a}"
     return f"Moved {alias}: {was} → v{b}."
-
-
-def _inherit_formats(rows: list[dict[str, Any]], versions: list[Any]) -> None:
-    """A derived version has no data of its own: show the format of its inputs when they
-    are versions of this adapter and agree."""
-    by_digest = {v.digest: r for v, r in zip(versions, rows, strict=True)}
-    for v, r in zip(versions, rows, strict=True):  # oldest first: inputs come before
-        if r["format"] or not (v.lineage or {}).get("inputs"):
-            continue
-        found = {by_digest[i.get("digest")]["format"] for i in v.lineage["inputs"]
-                 if isinstance(i, dict) and i.get("digest") in by_digest}
-        found.discard("")
-        if len(found) == 1:
-            r["format"] = found.pop()
 
 
 def _pretty(lineage: dict[str, Any]) -> str:
