@@ -6,7 +6,7 @@ STAMP := $(VENV)/.stamp
 TORCH_VERSION ?= 2.13.0
 export PYTHONHASHSEED := 0
 
-.PHONY: demo test lint venv clean bench proto prometheus
+.PHONY: demo test lint venv clean bench proto prometheus chromium
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -25,7 +25,12 @@ venv: $(STAMP)
 prometheus:
 	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq prometheus >/dev/null) || echo "warning: could not install prometheus; its test will say so"
 
-test: $(STAMP) prometheus
+# Debian's chromium: the console's browser tests drive it with Playwright (never a browser
+# build downloaded by `playwright install`).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "warning: could not install chromium; the console's browser tests will say so"
+
+test: $(STAMP) prometheus chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -x --durations=15
 

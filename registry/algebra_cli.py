@@ -8,7 +8,8 @@
 
 With `--alias`, the alias moves to the new version only after the gate (if given) passed; a
 failed gate leaves the version registered but unpromoted, prints one line saying why on
-stderr and exits 1. The gate is the trainer's evaluation: the registry does not import the
+stderr and exits 1. Passed or failed, the gate's scores and verdict are recorded beside the
+new version (`Registry.record_evaluation`, name "gate"), where the console shows them. The gate is the trainer's evaluation: the registry does not import the
 trainer, so the `loraplex` command hands one in (`use_gate_runner`, from `trainer/cli.py`).
 """
 
@@ -171,6 +172,9 @@ def _finish_derived(s: Session, v: AdapterVersion, alias: str | None, gate: str 
                                 base_dir_for(s.reg, v.base, base), max_examples)
         data["gate"] = {"passed": outcome.passed, "reason": outcome.reason,
                         "new": outcome.new, "sources": outcome.sources}
+        s.reg.record_evaluation(s.me, v.ref, "gate", outcome.new,
+                                data_digest=_file_digest(gate_data),
+                                detail={"gate": gate, "data": str(gate_data), **data["gate"]})
     promoted = False
     if alias is not None and (outcome is None or outcome.passed):
         move = s.reg.set_alias(s.me, v.ref, alias)
@@ -184,6 +188,13 @@ def _finish_derived(s: Session, v: AdapterVersion, alias: str | None, gate: str 
         where = f"; {alias} not moved" if alias else ""
         typer.echo(f"gate failed: {outcome.reason}{where}", err=True)
         raise typer.Exit(1)
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of the scored file, as the trainer names data (`trainer.data`)."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _vname(n: int | None) -> str:

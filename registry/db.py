@@ -106,6 +106,22 @@ alias_moves = sa.Table(
     sa.Index("ix_lpx_alias_moves_adapter", "adapter_id", "id"),  # alias_history
 )
 
+# Evaluation scores recorded against a version (`loraplex eval --record`, derivation gates):
+# append-only, each row says who recorded it and when (registry/evaluations.py).
+evaluations = sa.Table(
+    "lpx_evaluations", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("adapter_id", sa.Integer, sa.ForeignKey("lpx_adapters.id"), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),  # what was measured: eval, gate, ...
+    sa.Column("data_digest", sa.String(128), nullable=True),  # the scored data, when known
+    sa.Column("metrics", sa.JSON, nullable=False),  # {"loss": 0.41, "exact_match": 0.9}
+    sa.Column("detail", sa.JSON, nullable=False),  # passed/reason of a gate, data path, n
+    sa.Column("created_at", _TS, nullable=False),
+    sa.Column("created_by", sa.String(256), nullable=False),
+    sa.Index("ix_lpx_evaluations_adapter", "adapter_id", "version", "id"),
+)
+
 # The time a push last used each blob, written in the push's own transaction: gc re-checks
 # it (and the versions) under this row's lock before deleting a blob (registry.gc).
 blobs = sa.Table(

@@ -17,6 +17,8 @@ only opens the store, checks what every call shares and delegates:
 | `deletion.py` | delete a version (and, forced, the aliases on it) |
 | `pull.py` | a version's tensors or peft files, digest-checked |
 | `changefeed.py` | the change feed: events, the head, waiting (LISTEN/NOTIFY or polling) |
+| `search.py` | adapters whose name contains a text, keyset-paged (the console's search) |
+| `evaluations.py` | the scores each version got (`loraplex eval`, gates), append-only |
 
 Environment failures (disk full, read-only or forbidden storage, a dropped database) come
 out as typed errors naming the path or database (`registry/faults.py`): public reads retry
@@ -40,10 +42,22 @@ from sqlalchemy.engine import Engine
 
 from loraplex.errors import DataCorruption, InvalidArgument, PermissionDenied
 from loraplex.fingerprint import BaseFingerprint
-from loraplex.registry import aliases, changefeed, db, deletion, faults, lookup, pull, versions
+from loraplex.registry import (
+    aliases,
+    changefeed,
+    db,
+    deletion,
+    evaluations,
+    faults,
+    lookup,
+    pull,
+    search,
+    versions,
+)
 from loraplex.registry.bases import BaseArg, BaseCatalog
 from loraplex.registry.blobstore import BlobStore, LocalBlobStore, open_blob_store
 from loraplex.registry.db import adapters
+from loraplex.registry.evaluations import Evaluation
 from loraplex.registry.records import (
     UNSET,
     AdapterVersion,
@@ -180,6 +194,14 @@ class Registry:
                                     page_size=page_size, page_token=page_token)
 
     @faults.reads
+    def search_adapters(self, identity: Identity, query: str, *, page_size: int = 50,
+                        page_token: str | None = None
+                        ) -> tuple[list[AdapterVersion], str | None]:
+        """`list_adapters` of the adapters whose name contains `query` (search.py)."""
+        return search.search_adapters(self.store, identity, query, page_size=page_size,
+                                      page_token=page_token)
+
+    @faults.reads
     def list_versions(self, identity: Identity, key: str) -> list[AdapterVersion]:
         """Every live version of `tenant/name`, oldest first."""
         return lookup.list_versions(self.store, identity, key)
@@ -208,6 +230,25 @@ class Registry:
                       alias: str | None = None) -> list[AliasMove]:
         """The audit log of `tenant/name`'s aliases (one alias, or all), oldest first."""
         return aliases.history(self.store, identity, key, alias)
+
+    # ---------------------------------------------------------------- evaluations
+    @faults.writes
+    def record_evaluation(self, identity: Identity, ref: str | AdapterRef, name: str,
+                          metrics: dict[str, float], *, data_digest: str | None = None,
+                          detail: dict[str, Any] | None = None) -> Evaluation:
+        """Keep the scores `name` (e.g. "eval", "gate") that the version `ref` got
+        (evaluations.py): append-only, audited, scope `publish`."""
+        metrics, detail = evaluations.check(name, metrics, data_digest, detail)
+        identity.require("publish", "record evaluations")
+        target = self.resolve(identity, ref)
+        return evaluations.record(self.store, identity, target, name, metrics, data_digest,
+                                  detail)
+
+    @faults.reads
+    def evaluations(self, identity: Identity, key: str, *,
+                    version: int | None = None) -> list[Evaluation]:
+        """The evaluation records of `tenant/name` (or one version), oldest first."""
+        return evaluations.of_adapter(self.store, identity, key, version)
 
     # ---------------------------------------------------------------- retiring
     @faults.writes

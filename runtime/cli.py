@@ -47,6 +47,9 @@ def serve(
                                        "signed (mutual TLS)."),
     metrics_host: str = typer.Option(None, help="/metrics listen address (default 127.0.0.1)."),
     http_host: str = typer.Option(None, help="OpenAI HTTP listen address (default 0.0.0.0)."),
+    console: bool = typer.Option(None, "--console/--no-console",
+                                 help="The web console under /console/ on the HTTP port "
+                                 "(on by default)."),
     no_auth_on_public_interfaces_i_understand: bool = typer.Option(
         None, "--no-auth-on-public-interfaces-i-understand",
         help="Allow --no-auth with a listener on a non-loopback address (anyone who reaches "
@@ -61,6 +64,7 @@ def serve(
                  quantization=quantization, device=device, grace_s=grace_s, ray=ray,
                  replicas=replicas, tls_cert=tls_cert, tls_key=tls_key,
                  tls_client_ca=tls_client_ca, metrics_host=metrics_host, http_host=http_host,
+                 console=console,
                  no_auth_on_public_interfaces_i_understand=no_auth_on_public_interfaces_i_understand)
     settings = load_settings(flags, config)  # a typed error: one line (loraplex/cli_errors.py)
     if settings.base is None:

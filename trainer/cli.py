@@ -167,12 +167,17 @@ def eval_command(
     max_examples: int = typer.Option(0, help="Score only the first N examples (0: all)."),
     max_new_tokens: int = typer.Option(64, help="Cap on generated tokens."),
     batch_size: int = typer.Option(16),
+    record: bool = typer.Option(None, "--record/--no-record",
+                                help="Keep the scores in the registry beside the version "
+                                "(the console compares them); default: when the adapter is "
+                                "a registry ref and the token may publish."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object for scripts."),
 ) -> None:
     """Score the base alone and with the adapter on the same data."""
     report = run_eval(base, adapter, data, registry=registry, quantization=quantization,
                       max_examples=max_examples, max_new_tokens=max_new_tokens,
                       batch_size=batch_size)
+    report["recorded"] = record_eval(report, registry, record)
     if as_json:
         typer.echo(json.dumps(report, sort_keys=True))
         return
@@ -240,6 +245,36 @@ def run_eval(base: Path, adapter: str, data: Path, *, registry: str | None = Non
             "base": alone.as_dict(), "with_adapter": with_adapter.as_dict()}
 
 
+def record_eval(report: dict[str, Any], registry: str | None, record: bool | None) -> bool:
+    """Keep the adapter's scores as an evaluation record of its version
+    (`Registry.record_evaluation`, name "eval"). `record` None: only for a registry ref,
+    and quietly not when the token's scope cannot publish; True: or fail saying why."""
+    from loraplex.errors import InvalidArgument, PermissionDenied
+    from loraplex.trainer.publish import caller_identity, open_registry
+
+    if record is False or (record is None and "ref" not in report):
+        return False
+    if "ref" not in report:
+        raise InvalidArgument("--record keeps scores beside a registry version: pass a "
+                              "registry ref as --adapter, not a directory", field="record")
+    scores = report["with_adapter"]
+    reg = open_registry(registry)
+    try:
+        reg.record_evaluation(
+            caller_identity(reg), report["ref"], "eval",
+            {"loss": scores["loss"], "exact_match": scores["exact_match"]},
+            data_digest=report["data_digest"],
+            detail={"data": report["data"], "n": scores["n"], "format": report["data_format"],
+                    "base_alone": {k: report["base"][k] for k in ("loss", "exact_match")}})
+    except PermissionDenied:
+        if record:
+            raise
+        return False
+    finally:
+        reg.close()
+    return True
+
+
 def _print_eval(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -252,6 +287,8 @@ def _print_eval(report: dict[str, Any]) -> None:
         r = report[key]
         t.add_row(label, f"{r['loss']:.4f}", f"{r['exact_match']:.1%}", str(r["n"]))
     Console(file=sys.stdout).print(t)
+    if report.get("recorded"):
+        typer.echo(f"recorded in the registry beside {report['ref']}")
 
 
 class GateRunner:

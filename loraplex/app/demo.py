@@ -9,8 +9,8 @@
 2. trains three tenants' adapters on chat rows with the trainer (on smollm2: acme routes a
    support ticket to a desk, globex pulls an email's fields into JSON, initech rewrites a
    release note as a changelog line; `trainer/chat_tasks.py`),
-3. starts `loraplex serve` (nf4 base, gRPC + OpenAI HTTP) and registers the adapters over
-   gRPC with each tenant's token,
+3. starts `loraplex serve` (nf4 base, gRPC + OpenAI HTTP + the web console, whose URL it
+   prints once it answers) and registers the adapters over gRPC with each tenant's token,
 4. sends one `BatchGenerate` per tenant, all at once, mixing every adapter and the base
    over the held-out chat prompts, plus concurrent streams, then prints the held-out
    exact-match matrix (base and every adapter on every task) and one call through the
@@ -153,6 +153,21 @@ def start_server(base: Path, registry: Path, quantization: str, compute_dtype: s
     return proc, f"127.0.0.1:{port}", mport, hport
 
 
+def open_console(http_port: int, admin_token: str, out: Path) -> str:
+    """The console's URL once it answers, and where to find a token to sign in with (the
+    operator's, written to a file only its owner reads: never printed)."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{http_port}/console/"
+    with urllib.request.urlopen(url + "signin", timeout=30) as resp:  # noqa: S310 - ours
+        if resp.status != 200:
+            raise RuntimeError(f"the console at {url} answered {resp.status}")
+    token_file = out / "console-token.txt"
+    with os.fdopen(os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(admin_token + "\n")
+    return f"{url} (sign in with the operator token in {token_file})"
+
+
 def exact_match(outputs: list[str], tests: list[dict]) -> float:
     hits = sum(o.strip() == t["completion"].strip() for o, t in zip(outputs, tests, strict=True))
     return hits / len(tests)
@@ -220,6 +235,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
         say(f"[3] server up in {time.perf_counter() - t0:.0f}s: gRPC {target}, OpenAI HTTP "
             f":{hport}, metrics :{mport}, {quantization} base computing in "
             f"{stats.compute_dtype} ({stats.compute_reason})")
+        say(f"[3] web console: {open_console(hport, admin_token, out)}")
         for tenant, name in TENANTS.items():
             with Client(target, token=tokens[tenant]) as c:
                 resp = c.register_adapter(name, adapters[tenant][0],

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CacheEvent = Literal["hit", "miss", "evict"]
+Progress = Literal["admitted", "first_token", "token"]
 Tier = Literal["device", "host", "registry"]
 
 
@@ -41,6 +42,11 @@ class EngineObserver:
 
     def on_token(self, inter_token_s: float) -> None:
         """A request produced a further token, `inter_token_s` after its previous one."""
+
+    def on_request_progress(self, request_id: str, event: Progress, seconds: float) -> None:
+        """The moments of `on_admitted`, `on_first_token` and `on_token` again, naming the
+        request, for views kept per adapter (the console's live recorder); called right
+        after each of them, with the same `seconds`."""
 
     def on_finished(self, result: GenerationResult) -> None:
         """A request ended (any finish reason); `result` carries usage and timings."""
@@ -73,6 +79,27 @@ class EngineObserver:
     def on_grammar_cache(self, hit: bool) -> None:
         """A constrained request looked up its compiled grammar: `hit` or a miss (caller's
         thread)."""
+
+
+class Fanout(EngineObserver):
+    """Several observers where the engine takes one: each hook calls every observer in
+    turn, each through `notify` (one failing observer never hides an event from the
+    others)."""
+
+    def __init__(self, *observers: EngineObserver) -> None:
+        self.observers = observers
+
+
+def _fan(hook: str):
+    def call(self: Fanout, *args: Any) -> None:
+        for observer in self.observers:
+            notify(observer, hook, *args)
+    call.__name__ = hook
+    return call
+
+
+for _hook in [n for n in vars(EngineObserver) if n.startswith("on_")]:
+    setattr(Fanout, _hook, _fan(_hook))
 
 
 def notify(observer: EngineObserver, hook: str, *args: Any) -> None:

@@ -200,6 +200,7 @@ class EngineCore:
                 s.t_adapter = now
             self.running.append(s)
             self._notify("on_admitted", now - s.t_submit)
+            self._notify("on_request_progress", s.id, "admitted", now - s.t_submit)
             s.prefilled = self.runner.reuse_prefix(s.row, s.tenant, s.digest, s.prompt)
             if s.prefilled:
                 plan = plan.skip_cached(s.row, s.prompt, s.prefilled)
@@ -262,8 +263,10 @@ class EngineCore:
         if not s.t_first:
             s.t_first = now
             self._notify("on_first_token", now - s.t_submit)
+            self._notify("on_request_progress", s.id, "first_token", now - s.t_submit)
         else:
             self._notify("on_token", now - s.t_last)
+            self._notify("on_request_progress", s.id, "token", now - s.t_last)
         s.t_last = now
         out = take_token(s, token, self.runner.eos, self.runner.max_seq_len)
         if out.token_ids:

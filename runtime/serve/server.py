@@ -89,6 +89,7 @@ class LoraplexServer:
         self.startup_error: BaseException | None = None
         self.follower = None  # RegistryFollower, once the engine is ready
         self.http = None  # the OpenAI HTTP door (openai_binding.HttpThread), with http_port
+        self.live = None  # the console's LiveRecorder, fed by the engine it built
 
     @property
     def engine(self):
@@ -156,9 +157,25 @@ class LoraplexServer:
         backend = EngineBackend(self.engine, None if self.settings.no_auth else self.registry,
                                 base_name=name)
         app = create_app(backend, max_body_bytes=self.settings.http_max_body_bytes,
-                         timeout_s=self.settings.http_timeout_s)
+                         timeout_s=self.settings.http_timeout_s,
+                         extra_routes=self._console_routes())
         return HttpThread(app, host=self.settings.http_host, port=self.settings.http_port,
                           **tls_files(self.settings)).__enter__()
+
+    def _console_routes(self) -> list[Any]:
+        """The web console's routes on the HTTP door (none with `console: false`)."""
+        if not self.settings.console:
+            return []
+        from loraplex.registry import Identity
+        from loraplex.runtime.serve.console.app import ConsoleContext, console_routes
+
+        def everyone_admin(token: str, peer: str | None = None) -> Any:
+            return Identity.system()
+
+        return console_routes(ConsoleContext(
+            registry=self.registry, engine=self.engine, live=self.live,
+            authenticate=everyone_admin if self.settings.no_auth else self.registry.authenticate,
+            secure_cookies=self.settings.tls, no_auth=self.settings.no_auth))
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the base is loaded (raises what the engine raised, if it failed)."""
@@ -268,9 +285,18 @@ def create_server(settings: ServerSettings, *, registry: Any = None, engine: Any
     metrics = metrics or ServerMetrics(top_k=settings.metrics_top_k)
     if registry is None:
         registry = open_registry(settings)
+    live = None
     if engine is None and with_engine:
-        engine = build_engine(settings, registry, metrics)
+        observer: Any = metrics
+        if settings.console and settings.http_port is not None:
+            from loraplex.runtime.api.observer import Fanout
+            from loraplex.runtime.serve.console.live import LiveRecorder
+
+            live = LiveRecorder()
+            observer = Fanout(metrics, live)
+        engine = build_engine(settings, registry, observer)
     server = LoraplexServer(settings, registry, engine, metrics)
+    server.live = live
     server.state.base_fingerprint = register_served_base(settings, registry)
     return server, server.bind()
 
@@ -281,10 +307,10 @@ def open_registry(settings: ServerSettings):
     return Registry.open(settings.registry, blob_dir=settings.blob_dir)
 
 
-def build_engine(settings: ServerSettings, registry: Any, metrics: ServerMetrics):
+def build_engine(settings: ServerSettings, registry: Any, observer: Any):
     from loraplex.runtime.engine.engine import Engine
 
-    return Engine(settings.engine_config(), registry, metrics)
+    return Engine(settings.engine_config(), registry, observer)
 
 
 def register_served_base(settings: ServerSettings, registry: Any):
@@ -308,6 +334,9 @@ async def run(settings: ServerSettings) -> int:
              settings.host, port,
              server.metrics_port if server.metrics_port is not None else "(off)",
              server.http_port if server.http_port is not None else "(off)")
+    if server.http_port is not None and settings.console:
+        log.info("console on %s://%s:%d/console/", "https" if settings.tls else "http",
+                 settings.http_host, server.http_port)
     ready = asyncio.ensure_future(server.wait_ready())
     stopped = asyncio.ensure_future(stop.wait())
     done, _ = await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)

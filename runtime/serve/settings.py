@@ -43,6 +43,8 @@ class ServerSettings(BaseSettings):
     http_port: int | None = Field(None, ge=0, le=65535, description="OpenAI-compatible HTTP "
                                   "routes (/v1/...) beside gRPC; 0 picks one, None (default) "
                                   "disables.")
+    console: bool = Field(True, description="The web console under /console/ on the HTTP "
+                          "port (docs/console.md); needs `http_port`.")
     model_name: str | None = Field(None, description="The base's `model` name in the OpenAI "
                                    "routes (default: the base directory's name).")
     no_auth: bool = Field(False, description="Treat every caller as an admin (local use only: "

@@ -87,6 +87,11 @@ def test_every_source_module_is_in_the_wheel(wheel):
     missing = sorted(expected - names)
     assert not missing, f"modules left out of the wheel: {missing}"
     assert "loraplex/runtime/serve/servicers/inference.py" in names
+    # the console's pages, stylesheet and script are package data, not modules
+    console = ROOT / "runtime" / "serve" / "console"
+    data = {f"loraplex/runtime/serve/console/{p.relative_to(console).as_posix()}"
+            for folder in ("templates", "static") for p in (console / folder).iterdir()}
+    assert data and not data - names, f"console files left out: {sorted(data - names)}"
 
 
 @pytest.fixture(scope="module")

@@ -145,6 +145,10 @@ def test_gate_pass_moves_the_alias(cli, world, gate_data):
     assert got["gate"]["sources"]["acme/a:v1"]["loss"] == pytest.approx(
         got["gate"]["new"]["loss"], rel=1e-4)
     assert reg.resolve(ACME, "acme/a@prod").version == 2
+    (kept,) = reg.evaluations(ACME, "acme/a")  # the verdict, kept beside v2
+    assert (kept.version, kept.kind, kept.detail["passed"]) == (2, "gate", True)
+    assert kept.metrics == pytest.approx(got["gate"]["new"])
+    assert kept.detail["reason"] == got["gate"]["reason"]
 
 
 def test_gate_failure_leaves_the_version_unpromoted_and_says_why(cli, world, gate_data):
@@ -156,6 +160,7 @@ def test_gate_failure_leaves_the_version_unpromoted_and_says_why(cli, world, gat
     assert len(lines) == 1 and lines[0].startswith("gate failed: acme/a:v2: exact_match=0")
     assert "prod not moved" in lines[0]
     assert reg.resolve(ACME, "acme/a:v2").lineage["parameters"] == {"rank": 1}
+    assert [e.detail["passed"] for e in reg.evaluations(ACME, "acme/a")] == [False]
     with pytest.raises(NotFound):
         reg.resolve(ACME, "acme/a@prod")
     # a relative gate against an impossible factor fails too, on the same numbers

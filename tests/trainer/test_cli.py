@@ -43,6 +43,11 @@ def test_train_then_eval_from_the_command_line(micro_base, acme_data, tmp_path, 
     for side in ("base", "with_adapter"):
         assert report[side]["n"] == 4 and 0 <= report[side]["exact_match"] <= 1
     assert report["base"]["loss"] != report["with_adapter"]["loss"]
+    with Registry.open(tmp_path / "registry") as reg:  # kept beside v1 for the console
+        (kept,) = reg.evaluations(Identity.system(), "acme/upper")
+    assert report["recorded"] and (kept.version, kept.kind) == (1, "eval")
+    assert kept.metrics == {k: report["with_adapter"][k] for k in ("loss", "exact_match")}
+    assert kept.data_digest.startswith("sha256:") and kept.detail["n"] == 4
 
     other = tmp_path / "other-base"
     from loraplex.basemodel import build_base

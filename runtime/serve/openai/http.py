@@ -320,8 +320,10 @@ def _choice(chat: bool, text: str, finish: str | None, *, delta: bool = False) -
 
 # -- the app ------------------------------------------------------------------------------------
 def create_app(backend: Backend, *, default_max_tokens: int = 256,
-               max_body_bytes: int = MAX_BODY_BYTES, timeout_s: float = TIMEOUT_S):
-    """A Starlette app serving the three routes over `backend`."""
+               max_body_bytes: int = MAX_BODY_BYTES, timeout_s: float = TIMEOUT_S,
+               extra_routes: list[Any] | tuple[Any, ...] = ()):
+    """A Starlette app serving the three routes over `backend`, plus `extra_routes` (the
+    console's, `runtime/serve/console/`, when the server has it on)."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -396,6 +398,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = 256,
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        *extra_routes,
     ])
 
 
