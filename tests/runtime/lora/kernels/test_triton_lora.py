@@ -155,18 +155,24 @@ def test_static_decode_plan_matches_semantics_loop(triton_lora, kernel_device, c
     torch.testing.assert_close(got[untouched], y0[untouched].float().double(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rank_slots", [None, ((2, 1), (8, 2))], ids=["one", "buckets"])
 def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_lora,
                                                                          kernel_device,
-                                                                         micro_base):
+                                                                         micro_base,
+                                                                         rank_slots):
     """The forward a CUDA graph captures, run as is without capture: padded rows, the input
-    buffer and the static segment table read by the kernels (under the interpreter on CPU),
-    inside the micro base, against the eager engine step while rows join (on CPU the torch
-    strategies; on a GPU the per-step Triton plan)."""
+    buffer and the static segment table(s) read by the kernels (under the interpreter on
+    CPU), inside the micro base, against the eager engine step while rows join (on CPU the
+    torch strategies; on a GPU the per-step Triton plan). With rank buckets (slot 1 of rank 2
+    in the first, slots 2-3 of ranks 8 and 4 in the second) every bucket has its table."""
+    from loraplex.runtime.lora.batched import stack_names
     from tests.runtime.model.test_decode_graphs import _drive, _pair
 
-    eager, static = _pair(micro_base, device=kernel_device.type)
+    eager, static = _pair(micro_base, device=kernel_device.type, rank_slots=rank_slots)
     for layer in static.injection.layers.values():  # CPU B stacks are transposed views;
-        layer.lora_b = layer.lora_b.contiguous()  # the kernels read CUDA's layout
+        for k in range(len(layer.layout.buckets)):  # the kernels read CUDA's layout
+            name = stack_names(k)[1]
+            setattr(layer, name, getattr(layer, name).contiguous())
     static.injection.batch.kernel = "triton"
     static.static = static.static_decode(capture=False)
     static.injection.batch.kernel = "auto"  # prefill stays on the usual strategy
