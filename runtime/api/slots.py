@@ -4,15 +4,17 @@ A slot's stacks are allocated once at its bucket's rank (`[slots, R, in]`), so o
 every slot makes every slot as large as the largest rank served: at rank 256, eight slots of
 a 135M base hold ~2.8 GB of fp32 stacks, and a padded batched matmul over them computes 256
 columns for a rank-8 row. The slots are therefore cut into buckets of increasing rank, each
-its own stacks, sized in bytes: the smallest bucket has `max_slots` slots, a bucket of 4× the
-rank a quarter of them (at least one). With the defaults (8 slots, ranks up to 256):
+with its own stacks, sized in bytes: of `max_slots` slots, a bucket of 4× the rank gets about
+a quarter as many as the one below (at least one; the largest bucket always has one). With
+the defaults (8 slots, ranks up to 256):
 
-    bucket ≤16: slots 1..8    bucket ≤64: slots 9..10    bucket ≤256: slot 11
+    bucket ≤16: slots 1..5    bucket ≤64: slots 6..7    bucket ≤256: slot 8
 
-which is the stack memory of 8 slots at rank 64. An adapter takes a slot of the smallest
-bucket that holds its largest rank, or of a larger bucket when that one is full; the LoRA
-ops compute each bucket's rows at that bucket's ranks (runtime/lora/ops.py), so a rank-8 row
-costs what it costs without a rank-256 row in the batch.
+which is less stack memory than 8 slots of rank 64. An adapter takes a slot of the smallest
+bucket that holds its largest rank, or of a larger bucket when that one is full (so eight
+rank-8 adapters still fit eight slots); the LoRA ops compute each bucket's rows at that
+bucket's ranks (runtime/lora/ops.py), so a rank-8 row costs what it costs without a
+rank-256 row in the batch.
 
 Slot ids are global (0 = no adapter, then bucket after bucket); slot 0 is row 0 of the first
 bucket's stacks. Pure bookkeeping, no tensors: the config validates with it, the layers, the
@@ -102,13 +104,24 @@ class SlotLayout:
 
 
 def default_rank_slots(max_slots: int, max_rank: int) -> tuple[tuple[int, int], ...]:
-    """`(rank, slots)` per bucket: ranks `max_rank`, `max_rank/4`, … down to 16 (one bucket
-    when `max_rank` < 64), the smallest with `max_slots` slots and each one above with a
-    `BUCKET_RANK_STEP`-th as many (at least 1), so every bucket's stacks weigh about the same."""
+    """`(rank, slots)` per bucket, `max_slots` slots in all: ranks `max_rank`, `max_rank/4`, …
+    down to 16 (one bucket when `max_rank` < 64); from the largest down, a bucket of rank r
+    gets `max_slots * 16 / r` slots (at least 1) while slots are left, and the smallest the
+    rest, so each larger bucket's stacks weigh about what the smallest one's do. Too few
+    slots for every bucket: the smallest go (`max_slots` 1: one slot of rank `max_rank`)."""
     ranks = [max_rank]
     while ranks[0] // BUCKET_RANK_STEP >= SMALLEST_BUCKET_RANK:
         ranks.insert(0, ranks[0] // BUCKET_RANK_STEP)
-    return tuple((r, max(1, max_slots * ranks[0] // r)) for r in ranks)
+    pairs: list[tuple[int, int]] = []
+    left = max_slots
+    for r in reversed(ranks[1:]):
+        n = min(left, max(1, max_slots * ranks[0] // r))
+        if n:
+            pairs.insert(0, (r, n))
+            left -= n
+    if left:
+        pairs.insert(0, (ranks[0], left))
+    return tuple(pairs)
 
 
 def check_rank_slots(value: Mapping[int, int] | Sequence[Sequence[int]],

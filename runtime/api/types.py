@@ -167,8 +167,8 @@ class EngineConfig:
     quantization: Quantization = "nf4"
     compute_dtype: str = "auto"  # "auto": chosen for the machine (loraplex.compute)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    # adapter slots of the smallest rank bucket (ranks up to 16); larger buckets get fewer
-    # (runtime/api/slots.py: 8 → 8 slots ≤16, 2 ≤64, 1 ≤256), unless `rank_slots` is set
+    # adapters resident on the device at once, in rank buckets (runtime/api/slots.py:
+    # 8 → 5 slots of ranks ≤16, 2 ≤64, 1 ≤256), unless `rank_slots` is set
     max_slots: int = 8
     max_rank: int = MAX_RANK  # at most loraplex.limits.MAX_RANK, what the registry accepts
     # the rank buckets as (rank, slots) pairs or {rank: slots}, e.g. {16: 8, 64: 4, 256: 2};

@@ -172,12 +172,12 @@ class BatchedLoraLayer(nn.Module):
     @property
     def a_stacks(self) -> tuple[Tensor, ...]:
         """A stack per rank bucket, `[S_k, R_k, in]` (read each call: `.to()` replaces them)."""
-        return tuple(getattr(self, a) for a, _ in self._stack_names)
+        return tuple(self._buffers[a] for a, _ in self._stack_names)
 
     @property
     def b_stacks(self) -> tuple[Tensor, ...]:
         """B stack per rank bucket, `[S_k, out, R_k]`."""
-        return tuple(getattr(self, b) for _, b in self._stack_names)
+        return tuple(self._buffers[b] for _, b in self._stack_names)
 
     # the base layer's tensors stay reachable as HF code sometimes reads `proj.weight`
     @property

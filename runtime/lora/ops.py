@@ -64,6 +64,9 @@ _NO_RANK = 1 << 30  # seg_table rank of a slot whose true rank is unknown: the s
 # the 2-core CPU (bench base shapes, 4-32 rows, rank 16): one padded bmm beat U small mms up
 # to ~3x waste on either axis (e.g. 32 decode rows on 16 of 32 slots: 235 vs 394 us per
 # projection), broke even at ~3.5x and lost at 7-16x row waste (long prefill segments).
+# With the true ranks known, the padded work is K * L rows at the largest rank against the
+# sum of rows x own rank: a rank-8 row grouped with a rank-64 one pads to 64 columns, so
+# mixed ranks far apart go to "segments" (each slot at its own rank) under the same factor.
 _GROUPED_MAX_ROW_WASTE = 3.0
 _GROUPED_MAX_SLOT_WASTE = 3.0
 
@@ -233,7 +236,7 @@ def _plan_run(n: int, dev_slots: Tensor, perm: Tensor, sorted_slots: Tensor,
         return _triton_plan(n, dev_slots, perm, identity, seg_slots, seg_lens, seg_ranks,
                             top_rank, device, **where)
     if strategy is None:
-        strategy = _choose(seg_slots, seg_lens, t_lora)
+        strategy = _choose(seg_slots, seg_lens, t_lora, seg_ranks)
 
     if strategy == "single" and len(seg_slots) != 1:
         strategy = "segments"  # "single" is only defined for one adapter
@@ -387,12 +390,17 @@ def static_decode_plan(table: Tensor, slots: Tensor, rows: int, *, dora: bool = 
                          static_rows=rows, dora=dora)
 
 
-def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int) -> Strategy:
+def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int,
+            seg_ranks: tuple[int | None, ...] = ()) -> Strategy:
     if len(seg_slots) == 1:
         return "single"
     k = seg_slots[-1] - seg_slots[0] + 1
-    padded_rows = k * max(seg_lens)
-    if (padded_rows <= _GROUPED_MAX_ROW_WASTE * t_lora
+    padded = k * max(seg_lens)  # rows the padded bmm computes
+    work = t_lora  # rows there are
+    if seg_ranks and None not in seg_ranks:  # in rank columns: padded to the largest rank
+        padded *= max(seg_ranks)
+        work = sum(n * r for n, r in zip(seg_lens, seg_ranks, strict=True))
+    if (padded <= _GROUPED_MAX_ROW_WASTE * work
             and k <= _GROUPED_MAX_SLOT_WASTE * len(seg_slots)):
         return "grouped"
     return "segments"

@@ -121,6 +121,7 @@ class AdapterPool:
         self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
         self._slot_of: dict[str, int] = {}  # digest -> slot
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._host_need: dict[str, int] = {}  # digest -> smallest rank bucket that holds it
         self._wanted: dict[str, int] = {}  # digest -> waiting requests that need it
         self._pin_wanted: set[str] = set()  # pinned before it reached a slot
         self._drop_when_idle: set[str] = set()  # unloaded while in use
@@ -159,7 +160,7 @@ class AdapterPool:
         spare = [sum(1 for i in b.slots if self._spare(i)) for b in self.layout.buckets]
         bucket_of: dict[str, int] = {}
         if len(spare) > 1:
-            bucket_of = {d: self._need(h) or 0 for d, h in self._host.items()}
+            bucket_of = dict(self._host_need)
             bucket_of.update((d, self.layout.bucket_of_slot(i))
                              for d, i in self._slot_of.items())
         return Residency(in_slot=frozenset(self._slot_of), busy=frozenset(busy),
@@ -236,6 +237,7 @@ class AdapterPool:
                     fut.set_exception(e)
                 continue
             self._host[d] = host
+            self._host_need[d] = self._need(host) or 0  # (None: refused at activation)
             self._host_bytes += host.nbytes
             waiters = self._landing.pop(d, [])
             if d in self._pin_wanted or waiters:
@@ -447,6 +449,7 @@ class AdapterPool:
             self._slots[slot] = _Slot()
         else:
             self._host_bytes -= self._host.pop(digest).nbytes
+            self._host_need.pop(digest, None)
         self._observer_cache("evict", tier)
 
     def _observer_cache(self, event: str, tier: str) -> None:

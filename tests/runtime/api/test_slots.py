@@ -8,31 +8,36 @@ from loraplex.errors import InvalidArgument
 from loraplex.runtime.api.slots import SlotLayout, default_rank_slots
 from loraplex.runtime.api.types import EngineConfig
 
-# (max_slots, max_rank, buckets): 4× the rank, a quarter of the slots (at least one)
+# (max_slots, max_rank, buckets): `max_slots` in all; 4× the rank, about a quarter of the
+# slots (at least one, the largest bucket first)
 DEFAULTS = [
-    (8, 256, ((16, 8), (64, 2), (256, 1))),  # the engine's defaults
-    (32, 256, ((16, 32), (64, 8), (256, 2))),
-    (8, 64, ((16, 8), (64, 2))),
-    (8, 32, ((32, 8),)),  # below 64: one bucket, as many slots as asked
+    (8, 256, ((16, 5), (64, 2), (256, 1))),  # the engine's defaults
+    (32, 256, ((16, 22), (64, 8), (256, 2))),
+    (3, 256, ((16, 1), (64, 1), (256, 1))),
+    (2, 256, ((64, 1), (256, 1))),  # too few slots: the smallest bucket goes
+    (1, 256, ((256, 1),)),
+    (8, 64, ((16, 6), (64, 2))),
+    (8, 32, ((32, 8),)),  # below 64: one bucket
     (3, 16, ((16, 3),)),
     (4, 8, ((8, 4),)),
 ]
 
 
 @pytest.mark.parametrize(("max_slots", "max_rank", "buckets"), DEFAULTS)
-def test_default_buckets_weigh_about_the_same(max_slots, max_rank, buckets):
+def test_default_buckets_share_max_slots_by_bytes(max_slots, max_rank, buckets):
     assert default_rank_slots(max_slots, max_rank) == buckets
+    assert sum(n for _, n in buckets) == max_slots and buckets[-1][0] == max_rank
 
 
 def test_slots_are_numbered_bucket_after_bucket():
     layout = EngineConfig(base_dir="x").slot_layout
-    assert layout.max_slots == 11 and layout.max_rank == 256
-    assert [list(b.slots) for b in layout.buckets] == [list(range(1, 9)), [9, 10], [11]]
-    assert [layout.bucket_of_slot(s) for s in (0, 1, 8, 9, 11)] == [0, 0, 0, 1, 2]
+    assert layout.max_slots == 8 and layout.max_rank == 256
+    assert [list(b.slots) for b in layout.buckets] == [[1, 2, 3, 4, 5], [6, 7], [8]]
+    assert [layout.bucket_of_slot(s) for s in (0, 1, 5, 6, 8)] == [0, 0, 0, 1, 2]
     assert [layout.bucket_for_rank(r) for r in (1, 16, 17, 64, 256, 257)] == [0, 0, 1, 1, 2,
                                                                               None]
     # stack rows: the first bucket's row 0 is slot 0, the others start at their first slot
-    assert [(b.base, b.rows) for b in layout.buckets] == [(0, 9), (9, 2), (11, 1)]
+    assert [(b.base, b.rows) for b in layout.buckets] == [(0, 6), (6, 2), (8, 1)]
     assert SlotLayout.single(3, 8).rank_slots == ((8, 3),)
 
 

@@ -97,6 +97,15 @@ def test_plan_picks_the_strategy_for_the_batch_shape(slots, strategy):
     assert make_plan(slots).strategy == strategy
 
 
+@pytest.mark.parametrize(("ranks", "strategy"), [
+    ([0, 16, 16, 16, 16], "grouped"),
+    ([0, 8, 16, 16, 8], "grouped"),  # 64 padded rank columns for 48 of work
+    ([0, 2, 2, 2, 64], "segments"),  # one bmm would pad three rank-2 rows to rank 64
+])
+def test_grouping_counts_the_padding_up_to_the_largest_rank(ranks, strategy):
+    assert make_plan([1, 2, 3, 4], slot_ranks=ranks).strategy == strategy
+
+
 def test_plan_is_reused_for_layers_of_different_widths():
     """One plan per step serves every projection (q: 12->12, up: 12->20, down: 20->12)."""
     plan = make_plan([2, 0, 1, 2])
