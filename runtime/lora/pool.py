@@ -392,7 +392,7 @@ class AdapterPool:
         return self.layout.bucket_for_rank(host.max_rank)
 
     def _spare(self, i: int) -> bool:
-        """Slot i could take a new adapter now: empty, or evictable."""
+        """Slot i could take another adapter at once: empty, or evictable."""
         s = self._slots[i]
         return s.digest is None or (s.refs == 0 and not s.pinned)
 
