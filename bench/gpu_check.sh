@@ -50,7 +50,7 @@ step engine_cuda 180 "$PY" -m pytest -q -p no:cacheprovider -m cuda -s \
 step kernels 90 "$PY" -m pytest -q -p no:cacheprovider tests/runtime/lora/kernels \
     --junitxml="$WORK/kernels.xml"
 step lora_ops 120 "$PY" -m bench.lora_ops --device cuda --quantization nf4 \
-    --stacks bfloat16 --kernels torch,triton --quick --out "$WORK/lora_ops.json"
+    --stacks bfloat16 --kernels torch,triton --quick --part adapters --out "$WORK/lora_ops.json"
 step decode_graphs 90 "$PY" -m bench.decode_graphs --device cuda --quick \
     --out "$WORK/decode_graphs.json"
 step serve 120 "$PY" -m bench.serve --quick --device cuda --json

@@ -8,9 +8,11 @@ raise it past what the other side serves.
 
 from __future__ import annotations
 
-MAX_RANK = 64
+MAX_RANK = 256
 """Largest LoRA rank `r` (also per module through `rank_pattern`) that the registry accepts
-and the engine's slot stacks hold by default (`EngineConfig.max_rank`)."""
+(`RegistrySettings.max_rank`) and the engine serves (`EngineConfig.max_rank`, whose slots
+hold large ranks in rank buckets of their own so that small-rank rows do not pay for them:
+runtime/api/slots.py)."""
 
 MAX_PATTERN_CHARS = 1024
 """Longest regular expression an adapter config may carry (`target_modules`,

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from loraplex import peft_format
 from loraplex.errors import InvalidArgument
 from loraplex.limits import MAX_RANK
+from loraplex.runtime.api.slots import SlotLayout, check_rank_slots, default_rank_slots
 
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
@@ -166,8 +167,13 @@ class EngineConfig:
     quantization: Quantization = "nf4"
     compute_dtype: str = "auto"  # "auto": chosen for the machine (loraplex.compute)
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    # adapters resident on the device at once, in rank buckets (runtime/api/slots.py:
+    # 8 → 5 slots of ranks ≤16, 2 ≤64, 1 ≤256), unless `rank_slots` is set
     max_slots: int = 8
-    max_rank: int = MAX_RANK  # the registry accepts no higher rank (loraplex.limits)
+    max_rank: int = MAX_RANK  # at most loraplex.limits.MAX_RANK, what the registry accepts
+    # the rank buckets as (rank, slots) pairs or {rank: slots}, e.g. {16: 8, 64: 4, 256: 2};
+    # the largest rank must be `max_rank`; None: `default_rank_slots(max_slots, max_rank)`
+    rank_slots: tuple[tuple[int, int], ...] | None = None
     max_batch: int = 32
     max_waiting: int = 256
     # Per-tenant back-pressure (None: only the global `max_waiting`): one tenant may not
@@ -220,6 +226,20 @@ class EngineConfig:
                      "prefill_token_budget", "loader_threads", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 problems.append((name, f"`{name}` must be > 0"))
+        if int(self.max_rank) > MAX_RANK:
+            problems.append(("max_rank", f"`max_rank` must be at most {MAX_RANK}, the largest "
+                                         "rank the registry accepts (loraplex.limits.MAX_RANK)"))
+        if self.rank_slots is not None:
+            try:
+                pairs = check_rank_slots(self.rank_slots)
+            except InvalidArgument as e:
+                problems.append(("rank_slots", e.message))
+            else:
+                object.__setattr__(self, "rank_slots", pairs)
+                if pairs[-1][0] != self.max_rank:
+                    problems.append(("rank_slots", f"`rank_slots` holds ranks up to "
+                                     f"{pairs[-1][0]} and `max_rank` is {self.max_rank}: set "
+                                     f"max_rank to {pairs[-1][0]} too"))
         if not 0 < self.tenant_waiting_share <= 1:
             problems.append(("tenant_waiting_share", "`tenant_waiting_share` must be in (0, 1]"))
         for name in ("max_waiting_per_tenant", "max_waiting_tokens_per_tenant",
@@ -244,6 +264,12 @@ class EngineConfig:
             object.__setattr__(self, "target_modules", tuple(self.target_modules))
         if problems:
             raise InvalidArgument("; ".join(m for _, m in problems), field=problems[0][0])
+
+    @property
+    def slot_layout(self) -> SlotLayout:
+        """The adapter slots' rank buckets (runtime/api/slots.py)."""
+        return SlotLayout.of(self.rank_slots or default_rank_slots(self.max_slots,
+                                                                   self.max_rank))
 
     @property
     def waiting_per_tenant(self) -> int:

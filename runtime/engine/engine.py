@@ -220,7 +220,8 @@ class Engine:
             ready=self.ready, draining=self._draining,
             running=len(core.running) if core else 0, waiting=len(self.scheduler),
             loading=pool.loading if pool else 0,
-            slots_used=pool.slots_used if pool else 0, slots_total=cfg.max_slots,
+            slots_used=pool.slots_used if pool else 0,
+            slots_total=cfg.slot_layout.max_slots,
             host_bytes=pool.host_bytes if pool else 0,
             kv_rows_used=cfg.max_batch - (core.runner.rows.free if core else cfg.max_batch),
             kv_rows_total=cfg.max_batch, steps=core.steps if core else 0,
@@ -318,7 +319,7 @@ class Engine:
         self.loader = HostLoader(self.registry, runner.injection, limits, runner.lora_dtype,
                                  pin_memory=runner.device.type == "cuda")
         pool = AdapterPool(
-            max_slots=cfg.max_slots, host_cache_bytes=cfg.host_cache_bytes,
+            layout=runner.injection.layout, host_cache_bytes=cfg.host_cache_bytes,
             load_fn=self.loader, write_slot=write_slot(runner.injection),
             clear_slot=runner.injection.clear_slot, loader_threads=cfg.loader_threads,
             loader_nice=cfg.loader_nice, observer=self.observer, on_loaded=self._wake.set,

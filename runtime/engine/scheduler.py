@@ -16,7 +16,9 @@ blocking the ones behind it. Aging bounds every wait: a request queued for longe
 lack of capacity nothing else is admitted, so finishing sequences free room for it.
 
 The distinct-adapters-per-step cap is the pool's: a request whose adapter would need a
-device slot is not admitted when no slot is empty or evictable (`Residency.spare_slots`).
+device slot is not admitted when no slot is empty or evictable (`Residency.spare_slots`),
+counted per rank bucket (`Residency.bucket_spare`): an adapter takes a spare slot of the
+smallest bucket that holds its rank or of a larger one, as the pool will.
 
 `schedule` decides a whole step from plain data — the pool's `Residency`, the free KV rows,
 the running sequences' `RunView`s — and returns a `StepPlan` (see `plan.py`). It calls
@@ -68,7 +70,8 @@ class _Placer:
     def __init__(self, rows: Sequence[int], residency: Residency) -> None:
         self.rows = list(rows)
         self.res = residency
-        self.spare = residency.spare_slots
+        # spare slots per rank bucket, smallest rank first
+        self.spare = list(residency.bucket_spare) or [residency.spare_slots]
         self.claimed: set[str] = set()  # digests this plan keeps in / brings into a slot
         self.activate: list[str] = []
         self.load: list[str] = []
@@ -79,17 +82,19 @@ class _Placer:
         d = t.digest
         if d is None or d in self.claimed:
             return Placement.ADMITTED
+        bucket = self.res.bucket_of.get(d, 0)
         if d in self.res.in_slot:
             if d not in self.res.busy:  # its slot was counted as evictable
-                if self.spare <= 0:
+                if self.spare[bucket] <= 0:
                     return Placement.NO_CAPACITY
-                self.spare -= 1
+                self.spare[bucket] -= 1
             self.claimed.add(d)
             return Placement.ADMITTED
         if d in self.res.on_host:
-            if self.spare <= 0:
+            room = next((k for k in range(bucket, len(self.spare)) if self.spare[k] > 0), None)
+            if room is None:
                 return Placement.NO_CAPACITY
-            self.spare -= 1
+            self.spare[room] -= 1
             self.claimed.add(d)
             self.activate.append(d)
             return Placement.ADMITTED

@@ -1,9 +1,12 @@
 """The batched LoRA layer: one forward of a base layer serves many adapters, per token.
 
-Each `BatchedLoraLayer` owns pre-allocated stacks `a # [max_slots+1, max_rank, in]`,
-`b # [max_slots+1, out, max_rank]`, `scale # [max_slots+1]` and, for DoRA adapters,
-`dora # [max_slots+1, out]` (magnitude / ‖W + s·B·A‖ − 1, 0 for a LoRA slot); slot 0 is zeros
-and never written. Activating an adapter is a `copy_` into its slot. All layers of one injection share
+Each `BatchedLoraLayer` owns pre-allocated stacks, one pair per rank bucket of its
+`SlotLayout` (runtime/api/slots.py): `a # [S_k, R_k, in]` and `b # [S_k, out, R_k]` for the
+S_k slots of bucket k, which hold ranks up to R_k (buffers `lora_a`/`lora_b` for the first
+bucket, `lora_a1`/`lora_b1`, … for the next); and over every slot `scale # [max_slots+1]` and,
+for DoRA adapters, `dora # [max_slots+1, out]` (magnitude / ‖W + s·B·A‖ − 1, 0 for a LoRA
+slot); slot 0 is zeros and never written. Activating an adapter is a `copy_` into its slot,
+in its bucket's stacks. All layers of one injection share
 one `LoraBatch`: `set_rows`/`set_tokens` store the slots of the step, the first layer of a
 forward builds the `LoraBatchPlan` (`lora_ops.make_plan`) and every other layer reuses it.
 `layers.inject_lora` puts these layers into a model; `layer_dispatch` says which base layers
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from loraplex.errors import FailedPrecondition, InvalidArgument
+from loraplex.runtime.api.slots import SlotLayout
 from loraplex.runtime.lora.dispatch import WrapSpec, base_weight
 from loraplex.runtime.lora.dora import add_dora, dora_gain
 from loraplex.runtime.lora.ops import (
@@ -38,8 +42,10 @@ class LoraBatch:
     """
 
     def __init__(self, slot_ranks: list[int], device: torch.device,
-                 kernel: Kernel = "auto", slot_dora: list[bool] | None = None) -> None:
+                 kernel: Kernel = "auto", slot_dora: list[bool] | None = None,
+                 layout: SlotLayout | None = None) -> None:
         self._slot_ranks = slot_ranks  # [max_slots+1], owned by the injection, read live
+        self.layout = layout  # the stacks' rank buckets (None: one stack)
         # [max_slots+1]: the slot holds a DoRA adapter; owned by the injection, read live
         self.slot_dora = slot_dora if slot_dora is not None else [False] * len(slot_ranks)
         self._device = device
@@ -91,7 +97,7 @@ class LoraBatch:
         plan = None
         if slots is not None and bool(slots.any()):
             plan = make_plan(slots, slot_ranks=self._slot_ranks, device=self._device,
-                             kernel=self.kernel, slot_dora=self.slot_dora)
+                             kernel=self.kernel, slot_dora=self.slot_dora, layout=self.layout)
         self._plans[key] = plan
         return plan
 
@@ -131,20 +137,24 @@ class BatchedLoraLayer(nn.Module):
     """`base(x) + scale[s] * B[s] @ (A[s] @ x)` per token, `s` from the shared LoraBatch; for
     a DoRA slot, each output feature (bias aside) then times magnitude / ‖W + s·B·A‖."""
 
-    def __init__(self, base_layer: nn.Module, spec: WrapSpec, *, max_slots: int, max_rank: int,
+    def __init__(self, base_layer: nn.Module, spec: WrapSpec, *, layout: SlotLayout,
                  batch: LoraBatch, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         self.kind = spec.kind
         self.in_features = spec.in_features
         self.out_features = spec.out_features
-        self.max_slots = max_slots
-        self.max_rank = max_rank
+        self.layout = layout
+        self.max_slots = max_slots = layout.max_slots
+        self.max_rank = layout.max_rank
         dt, dev = dtype or spec.dtype, spec.device
-        self.register_buffer("lora_a", torch.zeros(max_slots + 1, max_rank, spec.in_features,
-                                                   dtype=dt, device=dev), persistent=False)
-        self.register_buffer("lora_b", b_stack(max_slots + 1, spec.out_features, max_rank,
-                                               dt, torch.device(dev)), persistent=False)
+        self._stack_names = [stack_names(k) for k in range(len(layout.buckets))]
+        for (a_name, b_name), bucket in zip(self._stack_names, layout.buckets, strict=True):
+            self.register_buffer(a_name, torch.zeros(bucket.rows, bucket.rank,
+                                                     spec.in_features, dtype=dt, device=dev),
+                                 persistent=False)
+            self.register_buffer(b_name, b_stack(bucket.rows, spec.out_features, bucket.rank,
+                                                 dt, torch.device(dev)), persistent=False)
         # fp32 whatever the stacks: alpha/sqrt(r) is not rounded to a half's 8-11 bits
         self.register_buffer("lora_scale", torch.zeros(max_slots + 1, dtype=torch.float32,
                                                        device=dev), persistent=False)
@@ -152,12 +162,22 @@ class BatchedLoraLayer(nn.Module):
         self.register_buffer("lora_dora", torch.zeros(max_slots + 1, spec.out_features,
                                                       dtype=torch.float32, device=dev),
                              persistent=False)
-        self.lora_a: Tensor  # [max_slots+1, max_rank, in]
-        self.lora_b: Tensor  # [max_slots+1, out, max_rank]
+        self.lora_a: Tensor  # [S_0, R_0, in] the first bucket's A stack (slot 0 is its row 0)
+        self.lora_b: Tensor  # [S_0, out, R_0]
         self.lora_scale: Tensor  # [max_slots+1]
         self.lora_dora: Tensor  # [max_slots+1, out]
         self.ranks = [0] * (max_slots + 1)  # true rank loaded in each slot (0 = empty)
         self._batch = batch
+
+    @property
+    def a_stacks(self) -> tuple[Tensor, ...]:
+        """A stack per rank bucket, `[S_k, R_k, in]` (read each call: `.to()` replaces them)."""
+        return tuple(self._buffers[a] for a, _ in self._stack_names)
+
+    @property
+    def b_stacks(self) -> tuple[Tensor, ...]:
+        """B stack per rank bucket, `[S_k, out, R_k]`."""
+        return tuple(self._buffers[b] for _, b in self._stack_names)
 
     # the base layer's tensors stay reachable as HF code sometimes reads `proj.weight`
     @property
@@ -176,20 +196,23 @@ class BatchedLoraLayer(nn.Module):
     @torch.no_grad()
     def set_slot(self, slot: int, a: Tensor, b: Tensor, scale: float,
                  dora: Tensor | None = None) -> None:
-        """Copy one adapter's `a # [r, in]`, `b # [out, r]` into `slot`, zero-padded to R.
+        """Copy one adapter's `a # [r, in]`, `b # [out, r]` into `slot`, zero-padded to the
+        rank of the slot's bucket (RankTooLarge if r is above it).
         `dora # [out]`: a DoRA adapter's `dora_gain` row (`self.dora_gain`); None = LoRA."""
         self._check_slot(slot)
         r = self.check_shapes(a, b)
+        k, row = self._stack_row(slot, r)
+        stack_a, stack_b = self.a_stacks[k], self.b_stacks[k]
         if dora is not None and tuple(dora.shape) != (self.out_features,):
             raise IncompatibleShapes(f"DoRA factor of shape {tuple(dora.shape)} does not fit "
                                      f"a layer with {self.out_features} outputs",
                                      field="lora_magnitude_vector")
         # non_blocking: from pinned host memory (the engine pins on CUDA) the copies queue on
         # the current stream (the pool's copy stream) without stalling the host
-        self.lora_a[slot, :r].copy_(a, non_blocking=True)
-        self.lora_a[slot, r:].zero_()
-        self.lora_b[slot, :, :r].copy_(b, non_blocking=True)
-        self.lora_b[slot, :, r:].zero_()
+        stack_a[row, :r].copy_(a, non_blocking=True)
+        stack_a[row, r:].zero_()
+        stack_b[row, :, :r].copy_(b, non_blocking=True)
+        stack_b[row, :, r:].zero_()
         self.lora_scale[slot].fill_(float(scale))
         if dora is None:
             self.lora_dora[slot].zero_()
@@ -228,14 +251,26 @@ class BatchedLoraLayer(nn.Module):
         if r < 1:
             raise InvalidArgument("adapter rank must be >= 1 (lora_A has no rows)", field="r")
         if r > self.max_rank:
-            raise RankTooLarge(f"adapter rank {r} exceeds max_rank {self.max_rank}", field="r")
+            raise RankTooLarge(f"adapter rank {r} exceeds this engine's max_rank "
+                               f"{self.max_rank}", field="r")
         return r
+
+    def _stack_row(self, slot: int, rank: int = 0) -> tuple[int, int]:
+        """(bucket, row of its stacks) of `slot`; RankTooLarge if `rank` is above the
+        bucket's (the pool puts an adapter only where it fits: this is the last check)."""
+        k = self.layout.bucket_of_slot(slot)
+        bucket = self.layout.buckets[k]
+        if rank > bucket.rank:
+            raise RankTooLarge(f"adapter rank {rank} does not fit slot {slot}, whose stacks "
+                               f"hold ranks up to {bucket.rank}", field="r")
+        return k, slot - bucket.base
 
     @torch.no_grad()
     def clear_slot(self, slot: int) -> None:
         self._check_slot(slot)
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        k, row = self._stack_row(slot)
+        self.a_stacks[k][row].zero_()
+        self.b_stacks[k][row].zero_()
         self.lora_scale[slot].zero_()
         self.lora_dora[slot].zero_()
         self.ranks[slot] = 0
@@ -250,28 +285,34 @@ class BatchedLoraLayer(nn.Module):
             y = y.clone(memory_format=torch.contiguous_format)  # never edit autograd outputs
         x2 = x.reshape(-1, self.in_features)  # [T, in]
         y2 = y.view(-1, self.out_features)  # [T, out]
-        if plan.strategy == "triton":  # casts on load/store, accumulates in fp32
-            add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_scale, plan)
+        a, b = self.a_stacks, self.b_stacks
+        if plan.triton:  # casts on load/store, accumulates in fp32
+            add_lora(y2, x2, a, b, self.lora_scale, plan)
         else:
             if x2.dtype != self.lora_a.dtype:
                 x2 = x2.to(self.lora_a.dtype)
             if y2.dtype == self.lora_a.dtype:
-                add_lora(y2, x2, self.lora_a, self.lora_b, self.lora_scale, plan)
+                add_lora(y2, x2, a, b, self.lora_scale, plan)
             else:
                 d = x2.new_zeros(x2.shape[0], self.out_features)  # [T, out] in the LoRA dtype
-                y2.add_(add_lora(d, x2, self.lora_a, self.lora_b, self.lora_scale,
-                                 plan).to(y2.dtype))
+                y2.add_(add_lora(d, x2, a, b, self.lora_scale, plan).to(y2.dtype))
         if plan.dora:
             add_dora(y2, self.base_layer.bias, self.lora_dora, plan)
         return y
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind}, in={self.in_features}, out={self.out_features}, "
-                f"slots={self.max_slots}, max_rank={self.max_rank}")
+                f"rank_slots={self.layout.rank_slots}")
+
+
+def stack_names(bucket: int) -> tuple[str, str]:
+    """Buffer names of a rank bucket's A and B stacks: `lora_a`/`lora_b` for the first."""
+    suffix = str(bucket) if bucket else ""
+    return f"lora_a{suffix}", f"lora_b{suffix}"
 
 
 class RankTooLarge(FailedPrecondition):
-    """An adapter's rank exceeds the runtime's configured max_rank."""
+    """An adapter's rank exceeds the runtime's configured max_rank (or its slot's bucket)."""
 
 
 class IncompatibleShapes(FailedPrecondition):

@@ -33,7 +33,13 @@ from torch import Tensor, nn
 
 from loraplex import peft_format
 from loraplex.errors import InvalidArgument, quote
-from loraplex.runtime.lora.batched import BatchedLoraLayer, IncompatibleShapes, LoraBatch
+from loraplex.runtime.api.slots import SlotLayout, check_rank_slots, default_rank_slots
+from loraplex.runtime.lora.batched import (
+    BatchedLoraLayer,
+    IncompatibleShapes,
+    LoraBatch,
+    RankTooLarge,
+)
 from loraplex.runtime.lora.dispatch import dispatch
 from loraplex.runtime.lora.ops import KERNELS, Kernel
 
@@ -57,14 +63,15 @@ class LoraInjection:
     """The BatchedLoraLayers put into one model, and the shared per-step batch state."""
 
     def __init__(self, model: nn.Module, layers: dict[str, BatchedLoraLayer], batch: LoraBatch,
-                 slot_ranks: list[int], max_slots: int, max_rank: int) -> None:
+                 slot_ranks: list[int], layout: SlotLayout) -> None:
         self.model = model
         self.layers = layers  # module path -> layer, e.g. "model.layers.0.self_attn.q_proj"
         self.batch = batch
         self.slot_ranks = slot_ranks  # [max_slots+1] max true rank over layers, 0 = empty
         self.slot_dora = batch.slot_dora  # [max_slots+1] the slot holds a DoRA adapter
-        self.max_slots = max_slots
-        self.max_rank = max_rank
+        self.layout = layout  # the rank buckets every layer's stacks are cut into
+        self.max_slots = layout.max_slots  # in all buckets
+        self.max_rank = layout.max_rank
 
     # ---- per step
     def set_batch(self, row_slots: Tensor | Sequence[int]) -> None:
@@ -123,6 +130,10 @@ class LoraInjection:
                                      field="tensors")
         ranks = {p: self.layers[p].check_shapes(a, b)
                  for p, (a, b) in pairs.items()}  # raises RankTooLarge / IncompatibleShapes
+        fits = self.layout.buckets[self.layout.bucket_of_slot(slot)].rank
+        if max(ranks.values()) > fits:
+            raise RankTooLarge(f"adapter rank {max(ranks.values())} does not fit slot {slot}, "
+                               f"whose stacks hold ranks up to {fits}", field="r")
         gains: Mapping[str, Tensor] = {}
         if grouped.dora:
             gains = dora_gains if dora_gains is not None else self.dora_gains(
@@ -203,10 +214,14 @@ def resolve_stack_dtype(stack_dtype: torch.dtype | str | None,
 
 def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, max_slots: int,
                 max_rank: int, stack_dtype: torch.dtype | str | None = None, *,
-                kernel: Kernel = "auto") -> LoraInjection:
+                kernel: Kernel = "auto",
+                rank_slots: Sequence[tuple[int, int]] | None = None) -> LoraInjection:
     """Replace every module matching `target_modules` (peft's rules, `peft_format`: a list of
     names, a full-match regex, or "all-linear"; None = "all-linear") with a BatchedLoraLayer
-    holding `max_slots` adapter slots (plus slot 0) of rank up to `max_rank`.
+    holding adapter slots (plus slot 0) of rank up to `max_rank`, in rank buckets
+    (runtime/api/slots.py): `rank_slots` `(rank, slots)` pairs, whose largest rank must be
+    `max_rank`, or None = `default_rank_slots(max_slots, max_rank)` (`max_slots` slots up to
+    rank 16, fewer of larger ranks; one bucket of `max_slots` when `max_rank` < 64).
 
     `stack_dtype`: of the A/B stacks (`resolve_stack_dtype`: "auto" = bf16 on CUDA, fp32 on
     CPU; the scales stay fp32). Against fp32 stacks, bf16 stacks moved the micro base's
@@ -226,15 +241,29 @@ def inject_lora(model: nn.Module, target_modules: str | Sequence[str] | None, ma
                               f"{quote(target_modules)}", field="target_modules")
     if kernel not in KERNELS:
         raise InvalidArgument(f"kernel must be one of {KERNELS}", field="kernel")
-    slot_ranks = [0] * (max_slots + 1)
+    layout = slot_layout(max_slots, max_rank, rank_slots)
+    slot_ranks = [0] * (layout.max_slots + 1)
     device = dispatch(found[0][1]).device
     dtype = resolve_stack_dtype(stack_dtype, device)
-    batch = LoraBatch(slot_ranks, device, kernel)
+    batch = LoraBatch(slot_ranks, device, kernel, layout=layout)
     layers: dict[str, BatchedLoraLayer] = {}
     for name, mod in found:
-        layer = BatchedLoraLayer(mod, dispatch(mod), max_slots=max_slots, max_rank=max_rank,
-                                 batch=batch, dtype=dtype)
+        layer = BatchedLoraLayer(mod, dispatch(mod), layout=layout, batch=batch, dtype=dtype)
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, layer)
         layers[name] = layer
-    return LoraInjection(model, layers, batch, slot_ranks, max_slots, max_rank)
+    return LoraInjection(model, layers, batch, slot_ranks, layout)
+
+
+def slot_layout(max_slots: int, max_rank: int,
+                rank_slots: Sequence[tuple[int, int]] | None = None) -> SlotLayout:
+    """The rank buckets `inject_lora` cuts the slots into (InvalidArgument naming
+    `rank_slots` if its largest rank is not `max_rank`)."""
+    if rank_slots is None:
+        return SlotLayout.of(default_rank_slots(max_slots, max_rank))
+    pairs = check_rank_slots(rank_slots)
+    if pairs[-1][0] != max_rank:
+        raise InvalidArgument(f"`rank_slots` holds ranks up to {pairs[-1][0]} and `max_rank` is "
+                              f"{max_rank}: set max_rank to {pairs[-1][0]} too",
+                              field="rank_slots")
+    return SlotLayout.of(pairs)

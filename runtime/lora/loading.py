@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loraplex import peft_format
+
 if TYPE_CHECKING:
     from loraplex.registry import AdapterVersion
 
@@ -44,11 +46,19 @@ class HostAdapter:
     # DoRA: module -> magnitude / ‖W + s·B·A‖ − 1 # [out] fp32, computed on the loader
     # thread so that activating the adapter into a slot is only copies; None: plain LoRA
     dora_gains: dict[str, torch.Tensor] | None = None
+    # the largest rank of any module (a `rank_pattern` may exceed `rank`): the rank bucket
+    # whose slots can hold it (runtime/api/slots.py); 0 = read from the lora_A tensors
+    max_rank: int = 0
 
     def __post_init__(self) -> None:
         if not self.nbytes:
             held = [*self.tensors.values(), *(self.dora_gains or {}).values()]
             self.nbytes = sum(t.numel() * t.element_size() for t in held)
+        if not self.max_rank:
+            keys = {k: peft_format.parse_key(k) for k in self.tensors}
+            self.max_rank = max((int(t.shape[0]) for k, t in self.tensors.items()
+                                 if keys[k] is not None and keys[k].half == "A"),
+                                default=self.rank)
 
 
 @dataclass

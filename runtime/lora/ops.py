@@ -22,6 +22,19 @@ Strategies (picked by `make_plan`, measured on a 2-core Xeon, see bench/README.m
 A "gathered bmm" (copy `a[slot[t]]` for every token, then `bmm`) was measured too: it copies
 `T * R * (in + out)` weights per layer and lost to "grouped" in every case, so it is not here.
 
+Rank buckets (runtime/api/slots.py): the slots are cut into buckets of increasing rank, each
+with its own stacks (`a`, `b` are then one tensor per bucket). A batch whose adapters sit in
+several buckets gets a "buckets" plan: one plan per bucket present, over that bucket's
+tokens and stacks, each picking its own strategy above at that bucket's ranks. Rank-8 rows
+next to a rank-256 row are grouped with the other small ranks and never padded to 256 (a
+single "grouped" bmm over all of them would compute 256 columns for every row: 32× the
+shrink and expand work of a rank-8 row), and each bucket's Triton launches size their rank
+tile for that bucket. A batch within one bucket (the usual case) is planned as with one stack.
+Measured (`bench.lora_ops --part ranks`, a loaded 2-core CPU): the LoRA work of 32 rank-8/16
+decode rows beside rank-64 and rank-256 rows is 0.96x their work alone with buckets, 12.3x
+padded in one stack of rank 256; one stack looped slot by slot ("segments") keeps their
+arithmetic but costs 1.42x what they cost on a rank-16 server, and holds every slot at 256.
+
 DoRA rows (`plan.dora`): after the LoRA delta, `dora.add_dora` rescales each output feature of a
 DoRA adapter's rows by its magnitude over the norm of `W + s·B·A` (`dora_gain`, computed once
 per adapter, never per step); LoRA and base rows in the same batch are left bit for bit as
@@ -42,8 +55,9 @@ import torch
 from torch import Tensor
 
 from loraplex.errors import InvalidArgument, quote
+from loraplex.runtime.api.slots import SlotLayout
 
-Strategy = Literal["base_only", "single", "grouped", "segments", "triton"]
+Strategy = Literal["base_only", "single", "grouped", "segments", "triton", "buckets"]
 STRATEGIES: tuple[str, ...] = ("single", "grouped", "segments")  # torch ones a caller may force
 Kernel = Literal["auto", "torch", "triton"]
 KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
@@ -54,6 +68,9 @@ _NO_RANK = 1 << 30  # seg_table rank of a slot whose true rank is unknown: the s
 # the 2-core CPU (bench base shapes, 4-32 rows, rank 16): one padded bmm beat U small mms up
 # to ~3x waste on either axis (e.g. 32 decode rows on 16 of 32 slots: 235 vs 394 us per
 # projection), broke even at ~3.5x and lost at 7-16x row waste (long prefill segments).
+# With the true ranks known, the padded work is K * L rows at the largest rank against the
+# sum of rows x own rank: a rank-8 row grouped with a rank-64 one pads to 64 columns, so
+# mixed ranks far apart go to "segments" (each slot at its own rank) under the same factor.
 _GROUPED_MAX_ROW_WASTE = 3.0
 _GROUPED_MAX_SLOT_WASTE = 3.0
 
@@ -92,6 +109,13 @@ class LoraBatchPlan:
     static_rows: int = 0
     # some token's slot holds a DoRA adapter: layers run `add_dora` after `add_lora`
     dora: bool = False
+    # the stacks read: rank bucket `bucket` of a SlotLayout, whose stack row i is global slot
+    # `base + i`; every slot number above (slot, lo, seg_slots, sorted_slots, seg_table) is
+    # such a row. `slots` alone stays global (add_dora reads it).
+    bucket: int = 0
+    base: int = 0
+    # "buckets": one plan per rank bucket holding some token, smallest rank first
+    parts: tuple[LoraBatchPlan, ...] = ()
 
     @property
     def num_adapters(self) -> int:
@@ -101,7 +125,14 @@ class LoraBatchPlan:
             return 0
         if self.strategy == "single":
             return 1
+        if self.parts:
+            return sum(p.num_adapters for p in self.parts)
         return len(self.seg_slots)
+
+    @property
+    def triton(self) -> bool:
+        """The plan runs the Triton kernels (which cast x and y on load and store)."""
+        return self.strategy == "triton" or any(p.strategy == "triton" for p in self.parts)
 
 
 def make_plan(
@@ -112,6 +143,7 @@ def make_plan(
     strategy: Strategy | None = None,
     kernel: Kernel = "auto",
     slot_dora: Sequence[bool] | None = None,
+    layout: SlotLayout | None = None,
 ) -> LoraBatchPlan:
     """Plan one step. `slots # [T]`: slot per token (0 = no adapter).
     `slot_dora[s]`: slot s holds a DoRA adapter (the plan's `dora`; None = no DoRA slot).
@@ -123,6 +155,8 @@ def make_plan(
     without adapter tokens is always "base_only". `kernel`: "auto" = "triton" on CUDA when
     triton imports, else a torch strategy; "torch" never "triton"; "triton" always (on CPU
     only under TRITON_INTERPRET=1). A forced `strategy` wins over `kernel`.
+    `layout`: the rank buckets of the stacks (None: one stack, slot s is its row s); tokens
+    in several buckets make a "buckets" plan of one plan per bucket, each planned alone.
     """
     if strategy is not None and strategy not in (*STRATEGIES, "triton"):
         raise InvalidArgument(f"unknown strategy {quote(strategy)}; choose one of "
@@ -152,35 +186,73 @@ def make_plan(
     seg_lens = tuple(int(c) for c in counts.tolist())
     seg_ranks = tuple((int(slot_ranks[s]) if slot_ranks is not None else None)
                       for s in seg_slots)
-    shared_rank = seg_ranks[0] if len(set(seg_ranks)) == 1 else None
-    # Every slot's stack is zero past its true rank, so a batch of mixed ranks can stop at
-    # the largest rank present instead of the stacks' R (a rank-8 + rank-16 batch on
-    # max_rank 64 computes 16 columns, not 64).
-    top_rank = None if None in seg_ranks else max(seg_ranks)
     dora = slot_dora is not None and any(slot_dora[s] for s in seg_slots)
-    t_lora = int(perm.numel())
-    all_tokens = t_lora == n
-    identity = all_tokens and bool(torch.equal(perm, torch.arange(n)))
-
     if strategy is None and (kernel == "triton"
                              or (kernel == "auto" and device.type == "cuda" and triton_ready())):
         strategy = "triton"
+
+    parts = []
+    for bucket, base, lo, hi in _bucket_runs(seg_slots, layout):
+        start, end = sum(seg_lens[:lo]), sum(seg_lens[:hi])
+        parts.append(_plan_run(
+            n, dev_slots, perm[start:end], sorted_slots[start:end] - base,
+            tuple(s - base for s in seg_slots[lo:hi]), seg_lens[lo:hi], seg_ranks[lo:hi],
+            strategy, device, dora, bucket, base))
+    if len(parts) == 1:
+        return parts[0]
+    return LoraBatchPlan(num_tokens=n, strategy="buckets", slots=dev_slots, parts=tuple(parts),
+                         seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora)
+
+
+def _bucket_runs(seg_slots: tuple[int, ...],
+                 layout: SlotLayout | None) -> list[tuple[int, int, int, int]]:
+    """(bucket, its stacks' base slot, first segment, end segment) for each rank bucket that
+    holds some of the ascending `seg_slots`."""
+    if layout is None or len(layout.buckets) == 1:
+        return [(0, 0, 0, len(seg_slots))]
+    runs: list[tuple[int, int, int, int]] = []
+    for i, s in enumerate(seg_slots):
+        k = layout.bucket_of_slot(s)
+        if runs and runs[-1][0] == k:
+            runs[-1] = (*runs[-1][:3], i + 1)
+        else:
+            runs.append((k, layout.buckets[k].base, i, i + 1))
+    return runs
+
+
+def _plan_run(n: int, dev_slots: Tensor, perm: Tensor, sorted_slots: Tensor,
+              seg_slots: tuple[int, ...], seg_lens: tuple[int, ...],
+              seg_ranks: tuple[int | None, ...], strategy: Strategy | None,
+              device: torch.device, dora: bool, bucket: int, base: int) -> LoraBatchPlan:
+    """The plan of the tokens of one stack: `perm # [T_k]` sorted by slot, `sorted_slots #
+    [T_k]` and `seg_slots` as rows of that stack (all >= 0 and in use: slot-0 tokens are
+    in no run)."""
+    where = dict(dora=dora, bucket=bucket, base=base)
+    shared_rank = seg_ranks[0] if len(set(seg_ranks)) == 1 else None
+    # Every slot's stack is zero past its true rank, so a batch of mixed ranks can stop at
+    # the largest rank present instead of the stacks' R (a rank-8 + rank-16 batch on
+    # stacks of rank 64 computes 16 columns, not 64).
+    top_rank = None if None in seg_ranks else max(seg_ranks)
+    t_lora = int(perm.numel())
+    all_tokens = t_lora == n
+    identity = all_tokens and bool(torch.equal(perm, torch.arange(n)))
     if strategy == "triton":
         return _triton_plan(n, dev_slots, perm, identity, seg_slots, seg_lens, seg_ranks,
-                            top_rank, device, dora)
+                            top_rank, device, **where)
     if strategy is None:
-        strategy = _choose(seg_slots, seg_lens, t_lora)
+        strategy = _choose(seg_slots, seg_lens, t_lora, seg_ranks)
 
     if strategy == "single" and len(seg_slots) != 1:
         strategy = "segments"  # "single" is only defined for one adapter
     if strategy == "single":
         return LoraBatchPlan(
             num_tokens=n, strategy="single", slots=dev_slots, rank=shared_rank,
-            slot=seg_slots[0], tokens=None if all_tokens else lora_tok.to(device),
-            seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
+            slot=seg_slots[0], tokens=None if all_tokens else perm.to(device),
+            seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, **where,
         )
 
     if strategy == "grouped":
+        counts = torch.tensor(seg_lens)  # [U]
         lo, hi = seg_slots[0], seg_slots[-1]
         k, length = hi - lo + 1, max(seg_lens)
         starts = torch.cumsum(counts, 0) - counts  # [U] first sorted index of each slot
@@ -194,19 +266,19 @@ def make_plan(
                 num_tokens=n, strategy="grouped", slots=dev_slots, rank=top_rank,
                 lo=lo, num_groups=k, group_len=length,
                 gather_src=None if gather_src is None else gather_src.to(device),
-                seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
+                seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, **where,
             )
         return LoraBatchPlan(
             num_tokens=n, strategy="grouped", slots=dev_slots, rank=top_rank,
             lo=lo, num_groups=k, group_len=length, pad_pos=pos.to(device),
             perm=perm.to(device), seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks,
-            dora=dora,
+            **where,
         )
 
     return LoraBatchPlan(
         num_tokens=n, strategy="segments", slots=dev_slots,
         perm=None if identity else perm.to(device), sorted_slots=sorted_slots.to(device),
-        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
+        seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, **where,
     )
 
 
@@ -228,7 +300,8 @@ _TRITON_READY: bool | None = None
 def _triton_plan(n: int, dev_slots: Tensor, perm: Tensor, identity: bool,
                  seg_slots: tuple[int, ...], seg_lens: tuple[int, ...],
                  seg_ranks: tuple[int | None, ...], top_rank: int | None,
-                 device: torch.device, dora: bool = False) -> LoraBatchPlan:
+                 device: torch.device, dora: bool = False, bucket: int = 0,
+                 base: int = 0) -> LoraBatchPlan:
     """The segments layout as one int32 host buffer `[U*4 + T_lora]` (seg table, then perm),
     moved to the device in one copy: the kernels find each segment's rows, slot and rank."""
     u = len(seg_slots)
@@ -245,11 +318,13 @@ def _triton_plan(n: int, dev_slots: Tensor, perm: Tensor, identity: bool,
         num_tokens=n, strategy="triton", slots=dev_slots, rank=top_rank,
         perm=None if identity else dev[4 * u:], seg_table=dev[: 4 * u].view(u, 4),
         seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora,
+        bucket=bucket, base=base,
     )
 
 
 def static_decode_table(slots: Sequence[int], rows: int,
-                        slot_ranks: Sequence[int] | None = None) -> list[int]:
+                        slot_ranks: Sequence[int] | None = None,
+                        layout: SlotLayout | None = None) -> list[int]:
     """The "triton" layout of a decode step in a fixed size: `rows` segments and `rows` perm
     entries whatever the batch, so the kernels launch the same grid for any batch of up to
     `rows` rows (what a CUDA graph captured for that row bucket replays). Host ints only.
@@ -260,11 +335,26 @@ def static_decode_table(slots: Sequence[int], rows: int,
         segment u < U (U distinct non-zero slots, ascending): (start in perm, length, slot,
                rank = slot_ranks[slot], or the stacks' R when None)
         segment u >= U: (0, 0, 0, 0) -- a program that returns at once
+    With a `layout` of several rank buckets: one such table per bucket, bucket after bucket
+    (`5 * rows` ints each), over the rows whose slot is in that bucket, each slot written
+    as its row in the bucket's stacks (slot - base).
     """
     if len(slots) > rows:
         raise InvalidArgument(f"{len(slots)} rows do not fit a static plan for {rows}",
                               field="slots")
-    order = sorted((i for i, s in enumerate(slots) if s), key=lambda i: slots[i])
+    if layout is None or len(layout.buckets) == 1:
+        return _static_table(slots, [i for i, s in enumerate(slots) if s], rows, slot_ranks, 0)
+    out: list[int] = []
+    for b in layout.buckets:
+        members = [i for i, s in enumerate(slots) if s and b.first <= s < b.first + b.count]
+        out += _static_table(slots, members, rows, slot_ranks, b.base)
+    return out
+
+
+def _static_table(slots: Sequence[int], members: list[int], rows: int,
+                  slot_ranks: Sequence[int] | None, base: int) -> list[int]:
+    """`static_decode_table` over the rows `members` of one stack whose row 0 is `base`."""
+    order = sorted(members, key=lambda i: slots[i])
     table: list[int] = []
     start = 0
     while start < len(order):
@@ -273,38 +363,55 @@ def static_decode_table(slots: Sequence[int], rows: int,
         while end < len(order) and slots[order[end]] == slot:
             end += 1
         rank = _NO_RANK if slot_ranks is None else int(slot_ranks[slot])
-        table += (start, end - start, slot, rank)
+        table += (start, end - start, slot - base, rank)
         start = end
     table += [0] * (4 * rows - len(table))
     taken = set(order)
     return table + order + [i for i in range(rows) if i not in taken]
 
 
-def static_decode_plan(table: Tensor, slots: Tensor, rows: int, *,
-                       dora: bool = False) -> LoraBatchPlan:
+def static_decode_plan(table: Tensor, slots: Tensor, rows: int, *, dora: bool = False,
+                       layout: SlotLayout | None = None) -> LoraBatchPlan:
     """The plan over `static_decode_table`'s layout on the device: `table # [rows*5]` int32
-    (seg_table then perm, e.g. a view of a static input buffer), `slots # [rows]`. Building
-    it reads nothing back, so it can run inside a CUDA graph capture. `dora`: run `add_dora`
-    for every row (a gain of 0 leaves LoRA and base rows as they are), since the graph
-    cannot look at which slots the batch holds."""
-    return LoraBatchPlan(num_tokens=rows, strategy="triton", slots=slots,
-                         seg_table=table[:4 * rows].view(rows, 4), perm=table[4 * rows:],
+    (seg_table then perm, e.g. a view of a static input buffer; `[K*rows*5]` for K rank
+    buckets), `slots # [rows]`. Building it reads nothing back, so it can run inside a CUDA
+    graph capture. `dora`: run `add_dora` for every row (a gain of 0 leaves LoRA and base
+    rows as they are), since the graph cannot look at which slots the batch holds. With
+    several buckets every bucket launches, whatever the batch holds (an empty one's
+    programs return at once)."""
+    buckets = layout.buckets if layout is not None else ()
+    if len(buckets) <= 1:
+        return LoraBatchPlan(num_tokens=rows, strategy="triton", slots=slots,
+                             seg_table=table[:4 * rows].view(rows, 4),
+                             perm=table[4 * rows:5 * rows], static_rows=rows, dora=dora)
+    parts = []
+    for k, b in enumerate(buckets):
+        t = table[5 * rows * k:5 * rows * (k + 1)]  # [rows*5] this bucket's table
+        parts.append(LoraBatchPlan(num_tokens=rows, strategy="triton", slots=slots,
+                                   seg_table=t[:4 * rows].view(rows, 4), perm=t[4 * rows:],
+                                   static_rows=rows, dora=dora, bucket=k, base=b.base))
+    return LoraBatchPlan(num_tokens=rows, strategy="buckets", slots=slots, parts=tuple(parts),
                          static_rows=rows, dora=dora)
 
 
-def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int) -> Strategy:
+def _choose(seg_slots: tuple[int, ...], seg_lens: tuple[int, ...], t_lora: int,
+            seg_ranks: tuple[int | None, ...] = ()) -> Strategy:
     if len(seg_slots) == 1:
         return "single"
     k = seg_slots[-1] - seg_slots[0] + 1
-    padded_rows = k * max(seg_lens)
-    if (padded_rows <= _GROUPED_MAX_ROW_WASTE * t_lora
+    padded = k * max(seg_lens)  # rows the padded bmm computes
+    work = t_lora  # rows there are
+    if seg_ranks and None not in seg_ranks:  # in rank columns: padded to the largest rank
+        padded *= max(seg_ranks)
+        work = sum(n * r for n, r in zip(seg_lens, seg_ranks, strict=True))
+    if (padded <= _GROUPED_MAX_ROW_WASTE * work
             and k <= _GROUPED_MAX_SLOT_WASTE * len(seg_slots)):
         return "grouped"
     return "segments"
 
 
-def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
-             plan: LoraBatchPlan) -> Tensor:
+def add_lora(y: Tensor, x: Tensor, a: Tensor | Sequence[Tensor],
+             b: Tensor | Sequence[Tensor], scale: Tensor, plan: LoraBatchPlan) -> Tensor:
     """Add every token's own adapter delta to `y`, in place; returns `y`.
 
     Semantics:
@@ -317,6 +424,9 @@ def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
     a     # [S, R, in]   stacked A matrices, zero-padded to rank R; a[0] == 0
     b     # [S, out, R]  stacked B matrices, zero-padded to rank R; b[0] == 0
     scale # [S]          alpha / r (or alpha / sqrt(r) for rslora); scale[0] == 0
+    With rank buckets (`make_plan(layout=)`), `a` and `b` are one stack per bucket,
+    `a[k] # [S_k, R_k, in]`, `b[k] # [S_k, out, R_k]`, and `a[s]` above means
+    `a[k][s - base_k]` for the bucket k holding slot s; `scale` stays one `[S]` tensor.
     All tensors share one device. Torch strategies need x, y, a, b in one dtype (scale may
     be fp32); "triton" takes any float x and y with fp32 accumulation. Slot 0 tokens are
     skipped, never computed.
@@ -326,6 +436,22 @@ def add_lora(y: Tensor, x: Tensor, a: Tensor, b: Tensor, scale: Tensor,
                               field="plan")
     if plan.strategy == "base_only":
         return y
+    for run in plan.parts or (plan,):
+        _add_run(y, x, a, b, scale, run)
+    return y
+
+
+def _add_run(y: Tensor, x: Tensor, a: Tensor | Sequence[Tensor], b: Tensor | Sequence[Tensor],
+             scale: Tensor, plan: LoraBatchPlan) -> Tensor:
+    """One stack's share of `add_lora`: the stack of `plan.bucket`, its slots' scales."""
+    if isinstance(a, Tensor):
+        if plan.bucket:
+            raise InvalidArgument(f"the plan reads rank bucket {plan.bucket}: pass one stack "
+                                  "per bucket", field="plan")
+    else:
+        a, b = a[plan.bucket], b[plan.bucket]
+    if plan.base:
+        scale = scale[plan.base:plan.base + a.shape[0]]  # [S_k]
     if plan.strategy == "single":
         return _add_single(y, x, a, b, scale, plan)
     if plan.strategy == "grouped":

@@ -1,10 +1,12 @@
 """The adapter pool: device slots over a host LRU over the registry, keyed by digest.
 
 Tiers, fastest first:
-- device: `max_slots` slots of pre-allocated stacked tensors in every LoRA layer; bringing
-  an adapter in is a `copy_` into a free slot (`write_slot`), nothing is allocated. A slot
-  used by a running sequence (`refs > 0`) or pinned is never evicted; otherwise the least
-  recently used slot makes room.
+- device: slots of pre-allocated stacked tensors in every LoRA layer, in rank buckets
+  (`SlotLayout`, runtime/api/slots.py); bringing an adapter in is a `copy_` into a free slot
+  (`write_slot`), nothing is allocated. An adapter goes into the smallest bucket that holds
+  its largest rank and has room, else the next larger one (`_free_slot`). A slot used by a
+  running sequence (`refs > 0`) or pinned is never evicted; otherwise the least recently
+  used slot of that bucket makes room.
 - host: recently used adapters' tensors in memory, LRU under `host_cache_bytes`. An
   adapter that requests are waiting for is never dropped before it reaches a slot.
 - registry: `load_fn(version)` (read, digest check, prepare) on loader threads, so a cold
@@ -20,15 +22,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from loraplex.errors import LoraplexError, ResourceExhausted, Unavailable
+from loraplex.errors import FailedPrecondition, LoraplexError, ResourceExhausted, Unavailable
+from loraplex.limits import MAX_RANK
 from loraplex.runtime.api.observer import EngineObserver, notify
+from loraplex.runtime.api.slots import SlotLayout
 from loraplex.runtime.lora.loading import HostAdapter, LoaderThreads, copy_stream
 
 if TYPE_CHECKING:
@@ -56,6 +60,11 @@ class Residency:
     on_host: frozenset[str] = frozenset()  # in host memory, ready to copy into a slot
     loading: frozenset[str] = frozenset()  # being read from the registry
     spare_slots: int = 0  # slots a new adapter could take now: empty + evictable
+    # the same per rank bucket, smallest rank first (empty: one bucket, `spare_slots`)
+    bucket_spare: tuple[int, ...] = ()
+    # digest -> rank bucket: of its slot (in a slot), else the smallest that holds it (on
+    # host); absent = 0. An adapter takes a spare slot of its bucket or of a larger one.
+    bucket_of: Mapping[str, int] = field(default_factory=dict)
 
 
 class SlotRequest(Protocol):
@@ -81,7 +90,7 @@ class Activation:
 
 
 class AdapterPool:
-    def __init__(self, *, max_slots: int, host_cache_bytes: int,
+    def __init__(self, *, max_slots: int | None = None, host_cache_bytes: int,
                  load_fn: Callable[[AdapterVersion], HostAdapter],
                  write_slot: Callable[[int, HostAdapter], None],
                  clear_slot: Callable[[int], None],
@@ -89,8 +98,18 @@ class AdapterPool:
                  loader_nice: int = 0,
                  observer: EngineObserver | None = None,
                  on_loaded: Callable[[], None] | None = None,
-                 device: torch.device | None = None) -> None:
-        self.max_slots = max_slots
+                 device: torch.device | None = None,
+                 layout: SlotLayout | None = None) -> None:
+        """`layout`: the layers' rank buckets; None = one bucket of `max_slots` slots."""
+        if layout is None:
+            if max_slots is None:
+                raise ValueError("AdapterPool needs max_slots or a layout")
+            layout = SlotLayout.single(max_slots, MAX_RANK)
+        elif max_slots is not None and max_slots != layout.max_slots:
+            raise ValueError(f"max_slots {max_slots} differs from the layout's "
+                             f"{layout.max_slots}")
+        self.layout = layout
+        self.max_slots = max_slots = layout.max_slots
         self.host_cache_bytes = host_cache_bytes
         self._write_slot = write_slot
         self._clear_slot = clear_slot
@@ -102,6 +121,7 @@ class AdapterPool:
         self._slots = [_Slot() for _ in range(max_slots + 1)]  # index 0 = no adapter, unused
         self._slot_of: dict[str, int] = {}  # digest -> slot
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # LRU, oldest first
+        self._host_need: dict[str, int] = {}  # digest -> smallest rank bucket that holds it
         self._wanted: dict[str, int] = {}  # digest -> waiting requests that need it
         self._pin_wanted: set[str] = set()  # pinned before it reached a slot
         self._drop_when_idle: set[str] = set()  # unloaded while in use
@@ -137,10 +157,16 @@ class AdapterPool:
         """A snapshot for the scheduler (see `Residency`)."""
         busy = {d for d, i in self._slot_of.items()
                 if self._slots[i].refs > 0 or self._slots[i].pinned}
-        empty = sum(1 for s in self._slots[1:] if s.digest is None)
+        spare = [sum(1 for i in b.slots if self._spare(i)) for b in self.layout.buckets]
+        bucket_of: dict[str, int] = {}
+        if len(spare) > 1:
+            bucket_of = dict(self._host_need)
+            bucket_of.update((d, self.layout.bucket_of_slot(i))
+                             for d, i in self._slot_of.items())
         return Residency(in_slot=frozenset(self._slot_of), busy=frozenset(busy),
                          on_host=frozenset(self._host), loading=self._loading.digests(),
-                         spare_slots=empty + len(self._slot_of) - len(busy))
+                         spare_slots=sum(spare), bucket_spare=tuple(spare),
+                         bucket_of=bucket_of)
 
     def resident(self) -> list[dict]:
         """One dict per adapter held in a slot or in host memory (see ResidentAdapter)."""
@@ -211,6 +237,7 @@ class AdapterPool:
                     fut.set_exception(e)
                 continue
             self._host[d] = host
+            self._host_need[d] = self._need(host) or 0  # (None: refused at activation)
             self._host_bytes += host.nbytes
             waiters = self._landing.pop(d, [])
             if d in self._pin_wanted or waiters:
@@ -232,7 +259,12 @@ class AdapterPool:
         host = self._host.get(digest)
         if host is None:
             return None
-        slot = self._free_slot()
+        need = self._need(host)
+        if need is None:  # the host loader checks every rank: only a bug gets here
+            raise FailedPrecondition(f"adapter {host.ref} has rank {host.max_rank}; this "
+                                     f"engine serves up to max_rank {self.layout.max_rank}",
+                                     field="adapter")
+        slot = self._free_slot(need)
         if slot is None:
             return None
         t0 = time.monotonic()
@@ -302,8 +334,8 @@ class AdapterPool:
     def pin(self, digest: str) -> bool:
         """Keep the adapter in a slot until `unpin`. False if already pinned.
 
-        Raises ResourceExhausted when it would pin the last unpinned slot (something must be
-        left for every other adapter)."""
+        Raises ResourceExhausted when it would pin the last unpinned slot that the adapters
+        of some rank could take (something must be left for every other adapter)."""
         slot = self._slot_of.get(digest)
         if (slot is not None and self._slots[slot].pinned) or digest in self._pin_wanted:
             return False
@@ -311,6 +343,7 @@ class AdapterPool:
         if pinned + 1 >= self.max_slots:
             raise ResourceExhausted(f"pinning would leave no free adapter slot "
                                     f"({pinned} of {self.max_slots} pinned)", field="ref")
+        self._check_pin_room(digest, slot)
         if slot is None:
             self._pin_wanted.add(digest)
             slot = self.activate(digest)  # may still be None: activated when it lands
@@ -354,17 +387,51 @@ class AdapterPool:
         self._landing.clear()
 
     # -- internals -------------------------------------------------------------------------
-    def _free_slot(self) -> int | None:
-        for i in range(1, self.max_slots + 1):
-            if self._slots[i].digest is None:
-                return i
-        victims = [i for i in range(1, self.max_slots + 1)
-                   if self._slots[i].refs == 0 and not self._slots[i].pinned]
-        if not victims:
-            return None
-        victim = min(victims, key=lambda i: self._slots[i].last_used)
-        self._evict(self._slots[victim].digest, "device")
-        return victim
+    def _need(self, host: HostAdapter) -> int | None:
+        """The smallest rank bucket whose slots hold the adapter (None: none does)."""
+        return self.layout.bucket_for_rank(host.max_rank)
+
+    def _spare(self, i: int) -> bool:
+        """Slot i could take another adapter at once: empty, or evictable."""
+        s = self._slots[i]
+        return s.digest is None or (s.refs == 0 and not s.pinned)
+
+    def _free_slot(self, need: int = 0) -> int | None:
+        """A slot for an adapter of rank bucket `need`: in the smallest bucket from `need` up
+        that has room, an empty slot, else its least recently used evictable one (evicted).
+        The scheduler counts spare slots per bucket the same way (`Residency`)."""
+        for bucket in self.layout.buckets[need:]:
+            for i in bucket.slots:
+                if self._slots[i].digest is None:
+                    return i
+            victims = [i for i in bucket.slots
+                       if self._slots[i].refs == 0 and not self._slots[i].pinned]
+            if victims:
+                victim = min(victims, key=lambda i: self._slots[i].last_used)
+                self._evict(self._slots[victim].digest, "device")
+                return victim
+        return None
+
+    def _check_pin_room(self, digest: str, slot: int | None) -> None:
+        """With rank buckets: refuse a pin that would leave the adapters of some rank no
+        unpinned slot to go to (each bucket's adapters can use it and every larger one)."""
+        buckets = self.layout.buckets
+        if len(buckets) == 1:
+            return
+        if slot is not None:
+            k = self.layout.bucket_of_slot(slot)
+        else:
+            host = self._host.get(digest)
+            k = (self._need(host) or 0) if host is not None else 0
+        unpinned = [sum(1 for i in b.slots if not self._slots[i].pinned) for b in buckets]
+        unpinned[k] -= 1  # this pin (one not in a slot yet lands in bucket k or above)
+        for j in range(k + 1):
+            if sum(unpinned[j:]) < 1:
+                raise ResourceExhausted(
+                    f"pinning would leave adapters of rank up to {buckets[j].rank} no "
+                    f"unpinned slot ({buckets[j].count} slots hold ranks up to "
+                    f"{buckets[j].rank}, {sum(b.count for b in buckets[j + 1:])} larger)",
+                    field="ref")
 
     def _trim_host(self) -> None:
         for d in list(self._host):
@@ -382,6 +449,7 @@ class AdapterPool:
             self._slots[slot] = _Slot()
         else:
             self._host_bytes -= self._host.pop(digest).nbytes
+            self._host_need.pop(digest, None)
         self._observer_cache("evict", tier)
 
     def _observer_cache(self, event: str, tier: str) -> None:

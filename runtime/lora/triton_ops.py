@@ -21,8 +21,10 @@ S-LoRA's kernels (segments of rows sharing an adapter; the adapter's weights rea
 segment block); the code is ours.
 
 Mixed ranks: each segment masks its slot's true rank (`seg_table[:, 3]`) inside one
-BLOCK_R-wide tile (the batch's largest rank, rounded up to a power of two, at least 16), so
-a rank-8 adapter next to a rank-64 one costs the masked lanes only. Slot 0 tokens are not in
+BLOCK_R-wide tile (the largest rank of the launch, rounded up to a power of two, at least
+16), so a rank-8 adapter next to a rank-64 one costs the masked lanes only. Slots in rank
+buckets (runtime/api/slots.py) get one launch pair per bucket present, over that bucket's
+stacks: a rank-8 segment never runs in a rank-256 tile. Slot 0 tokens are not in
 any segment: never read, never written. Stacks may be fp32, fp16 or bf16; `x` and `y` may
 be any float dtype (cast on load/store); products accumulate in fp32, `h` stays fp32.
 

@@ -9,7 +9,8 @@ them all in one launch, but only for fixed shapes and fixed addresses. So a deco
 padded to a bucket — `B` rows up to the next of 1, 2, 4, … (and `max_batch`), `L` keys up
 to the next power-of-two number of KV blocks — and its inputs go, in one host→device copy,
 into one persistent buffer (token ids, positions, valid flags, adapter slots, KV rows, the
-LoRA segment table of `lora_ops.static_decode_table`, the block table). The forward reads
+LoRA segment tables of `lora_ops.static_decode_table`, one per rank bucket of the adapter
+stacks, the block table). The forward reads
 only that buffer, the KV pools, the adapter stacks and the weights; with `capture=True` it is
 captured once per (batch bucket, KV bucket), after a warm-up on the capture stream (triton
 compiles, cuBLAS handles), and replayed. With `capture=False` the same buffers and the same
@@ -81,9 +82,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 LoraMode = Literal["static", "rows"]  # static segment table (triton) | padded row slots (torch)
 WARMUP = 2  # eager forwards on the capture stream before a capture (PyTorch's advice)
-_STACKS = ("lora_a", "lora_b", "lora_scale", "lora_dora")
-
-
 def buckets_up_to(limit: int) -> tuple[int, ...]:
     """1, 2, 4, … below `limit`, then `limit`: each size is padded to the next of these."""
     out, n = [], 1
@@ -117,25 +115,28 @@ class Views:
     valid: torch.Tensor  # [Bp, 1] 1 for a real row, 0 for a pad
     slots: torch.Tensor  # [Bp] adapter slot (0 for pads)
     rows: torch.Tensor  # [Bp] KV row (-1 for pads)
-    lora: torch.Tensor  # [Bp*5] static_decode_table: seg_table [Bp, 4] then perm [Bp]
+    lora: torch.Tensor  # [Bp*5*K] static_decode_table: per rank bucket (K), seg_table
+    #                     [Bp, 4] then perm [Bp]
     table: torch.Tensor  # [Bp, Wp] KV block ids (0 = scratch)
 
 
-def buffer_size(rows: int, blocks: int) -> int:
-    """int64 elements of one bucket's inputs (`host_inputs`)."""
-    return 10 * rows + rows * blocks
+def buffer_size(rows: int, blocks: int, rank_buckets: int = 1) -> int:
+    """int64 elements of one bucket's inputs (`host_inputs`), for adapter stacks in
+    `rank_buckets` rank buckets (one LoRA segment table each)."""
+    return (5 + 5 * rank_buckets) * rows + rows * blocks
 
 
-def views(buf: torch.Tensor, bucket: Bucket) -> Views:
+def views(buf: torch.Tensor, bucket: Bucket, rank_buckets: int = 1) -> Views:
     bp, wp = bucket.rows, bucket.blocks
+    end = (5 + 5 * rank_buckets) * bp  # after the LoRA tables
     return Views(ids=buf[0:bp].view(bp, 1), pos=buf[bp:2 * bp].view(bp, 1),
                  valid=buf[2 * bp:3 * bp].view(bp, 1), slots=buf[3 * bp:4 * bp],
-                 rows=buf[4 * bp:5 * bp], lora=buf[5 * bp:10 * bp],
-                 table=buf[10 * bp:10 * bp + bp * wp].view(bp, wp))
+                 rows=buf[4 * bp:5 * bp], lora=buf[5 * bp:end],
+                 table=buf[end:end + bp * wp].view(bp, wp))
 
 
 def host_inputs(feeds: Sequence[RowFeed], slots: Sequence[int], bucket: Bucket,
-                kv: BlockKVCache, lora: list[int] | None) -> list[int]:
+                kv: BlockKVCache, lora: list[int] | None, rank_buckets: int = 1) -> list[int]:
     """The bucket's buffer contents as one host list (`Views` order), pads included."""
     pad = bucket.rows - len(feeds)
     rows = [f.row for f in feeds] + [-1] * pad
@@ -144,7 +145,7 @@ def host_inputs(feeds: Sequence[RowFeed], slots: Sequence[int], bucket: Bucket,
             + [1] * len(feeds) + [0] * pad
             + list(slots) + [0] * pad
             + rows
-            + (lora if lora is not None else [0] * (5 * bucket.rows))
+            + (lora if lora is not None else [0] * (5 * rank_buckets * bucket.rows))
             + kv.block_ids(rows, bucket.blocks))
 
 
@@ -179,10 +180,12 @@ class StaticDecode:
         self.model, self.kv, self.injection, self.mask = model, kv, injection, mask
         self.device, self.capture, self.lora = device, capture, lora
         self.batch_buckets = buckets_up_to(max_batch)
+        self.rank_buckets = len(injection.layout.buckets)  # one LoRA segment table each
         self.kv_buckets = buckets_up_to(-(-kv.max_len // kv.block_size))  # in blocks
         self.stats = DecodeGraphStats()
         with torch.inference_mode():  # written and read only under inference mode
-            self._buf = torch.zeros(buffer_size(max_batch, self.kv_buckets[-1]),
+            self._buf = torch.zeros(buffer_size(max_batch, self.kv_buckets[-1],
+                                                self.rank_buckets),
                                     dtype=torch.long, device=device)
         self._graphs: dict[Bucket, _Captured] = {}
         # what the graphs were captured against: the KV pools' generation, the stacks
@@ -210,10 +213,11 @@ class StaticDecode:
         self._drop_if_moved()
         lora = None
         if self.lora == "static":
-            lora = static_decode_table(slots, bucket.rows, self.injection.slot_ranks)
+            lora = static_decode_table(slots, bucket.rows, self.injection.slot_ranks,
+                                       self.injection.layout)
         else:  # the torch strategies, planned per step on the host (never captured)
             self.injection.set_batch(list(slots) + [0] * (bucket.rows - len(feeds)))
-        host = host_inputs(feeds, slots, bucket, self.kv, lora)
+        host = host_inputs(feeds, slots, bucket, self.kv, lora, self.rank_buckets)
         with torch.inference_mode():
             self._buf[:len(host)].copy_(torch.tensor(host, dtype=torch.long),
                                         non_blocking=True)
@@ -276,7 +280,7 @@ class StaticDecode:
         step for 210 layers on the 2-core host here, cheaper than one stale replay), or the
         first DoRA adapter came into a slot or the last one left (the graphs then gain or
         lose the per-feature DoRA rescale, which LoRA-only batches do not pay for)."""
-        stacks = [bufs[k] for bufs in self._stack_owners for k in _STACKS]
+        stacks = [t for bufs in self._stack_owners for t in bufs.values()]  # every stack
         dora = any(self.injection.slot_dora)
         if (self.kv.generation == self._kv_generation and len(stacks) == len(self._stacks)
                 and all(map(operator.is_, stacks, self._stacks)) and dora == self._dora):
@@ -294,14 +298,14 @@ class StaticDecode:
     def _body(self, bucket: Bucket) -> torch.Tensor:
         """The decode forward over the input buffer: device ops only, so it can be captured
         as is. Returns the last-position logits `[Bp, V]`."""
-        v = views(self._buf, bucket)
+        v = views(self._buf, bucket, self.rank_buckets)
         valid = v.valid != 0  # [Bp, 1]
         kv_len = bucket.blocks * self.kv.block_size  # Lp
         self.kv.bind(v.table, v.pos, valid, kv_len)
         if self.lora == "static":
             self.injection.batch.set_plan(
                 static_decode_plan(v.lora.to(torch.int32), v.slots, bucket.rows,
-                                   dora=self._dora))
+                                   dora=self._dora, layout=self.injection.layout))
         layout = StepLayout(rows=v.rows, input_ids=v.ids, position_ids=v.pos, valid=valid,
                             kv_len=kv_len)
         out = self.model(input_ids=v.ids, position_ids=v.pos,

@@ -128,7 +128,7 @@ class Runner:
         limit = int(getattr(mcfg, "max_position_embeddings", 0) or MAX_CONTEXT)
         max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
-                                cfg.lora_stack_dtype)
+                                cfg.lora_stack_dtype, rank_slots=cfg.slot_layout.rank_slots)
         kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
                           cfg.kv_block_size, cfg.prefix_cache_blocks,
                           stable=cfg.cuda_graphs)  # a graph holds the pools' addresses

@@ -88,10 +88,14 @@ def test_registry_caps_come_from_settings(open_registry, make_adapter):
 def test_registry_and_engine_share_one_rank_limit():
     from loraplex.runtime.api.types import EngineConfig
 
-    assert RegistrySettings().max_rank == MAX_RANK
+    assert RegistrySettings().max_rank == MAX_RANK == 256
     assert EngineConfig(base_dir="x").max_rank == MAX_RANK
+    assert EngineConfig(base_dir="x").slot_layout.max_rank == MAX_RANK  # the slots hold it
     with pytest.raises(ValueError, match="max_rank"):
         RegistrySettings(max_rank=MAX_RANK + 1)
+    with pytest.raises(InvalidArgument) as e:  # settings may lower the limit, never raise it
+        EngineConfig(base_dir="x", max_rank=MAX_RANK + 1)
+    assert e.value.field == "max_rank"
 
 
 def test_rank_above_the_engine_limit_is_refused_at_registration(sqlite_reg, make_adapter):

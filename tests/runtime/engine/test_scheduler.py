@@ -119,6 +119,29 @@ def test_distinct_adapters_are_capped_by_spare_slots_and_shared_slots_are_free()
     assert [f.row for f in plan.prefill] == [0, 1, 2]  # newcomers are prefilled at once
 
 
+# (order of waiting adapters, admitted): one spare slot up to rank 16 (bucket 0), one up to
+# rank 256 (bucket 1); "s*" need bucket 0, "big" bucket 1, "idle" sits in bucket 0's slot
+BUCKET_CASES = [
+    (["s1", "s2", "big"], ["s1", "s2"]),  # s2 takes the large slot: nothing left for big
+    (["big", "s1", "s2"], ["big", "s1"]),  # big first: s2 waits
+    (["s1", "idle"], ["s1"]),  # s1 was counted on idle's slot, which it will evict
+    (["idle", "s1"], ["idle", "s1"]),  # idle keeps its slot, s1 spills upward
+]
+
+
+@pytest.mark.parametrize(("order", "admitted"), BUCKET_CASES)
+def test_spare_slots_are_counted_per_rank_bucket(order, admitted):
+    """As the pool places them: the smallest bucket that holds the adapter and has a spare
+    slot, else a larger one; an adapter in a slot uses that slot."""
+    s = Scheduler(max_waiting=10, aging_s=100)
+    for i, d in enumerate(order):
+        s.push(_ticket(d, "x", t=i, digest=d))
+    res = Residency(in_slot=frozenset({"idle"}), on_host=frozenset({"s1", "s2", "big"}),
+                    spare_slots=2, bucket_spare=(1, 1),
+                    bucket_of={"s1": 0, "s2": 0, "big": 1, "idle": 0})
+    assert pick(s, 4, now=5, residency=res) == admitted
+
+
 def test_requests_past_their_deadline_leave_the_queue():
     s = Scheduler(max_waiting=10, aging_s=100)
     s.push(_ticket("gone", "x", deadline=1.0))

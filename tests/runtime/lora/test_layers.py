@@ -280,3 +280,26 @@ def test_one_plan_per_step_shared_by_every_layer(micro_base, monkeypatch):
     inj.set_batch([2, 2, 1])
     model(torch.randint(0, 256, (3, 1)))
     assert len(calls) == 2
+
+
+def test_rank_buckets_have_stacks_of_their_own_and_refuse_ranks_above_theirs(micro_base):
+    """max_rank 64 over 3 slots: slots 1-2 hold ranks up to 16, slot 3 up to 64, each bucket
+    in stacks of its own rank (what a rank-64 slot costs is paid once, not three times)."""
+    model = _load(micro_base)
+    inj = inject_lora(model, ["q_proj"], max_slots=3, max_rank=64)
+    layer = inj.layers["model.layers.0.self_attn.q_proj"]
+    assert inj.layout.rank_slots == ((16, 2), (64, 1))
+    assert [tuple(a.shape) for a in layer.a_stacks] == [(3, 16, 64), (1, 64, 64)]
+    assert [tuple(b.shape) for b in layer.b_stacks] == [(3, 64, 16), (1, 64, 64)]
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    wide = {f"{prefix}.lora_A.weight": torch.randn(40, 64),
+            f"{prefix}.lora_B.weight": torch.randn(64, 40)}
+    with pytest.raises(RankTooLarge) as e:
+        inj.load_adapter(1, wide, r=40, alpha=40)
+    assert "ranks up to 16" in str(e.value) and e.value.field == "r"
+    assert not layer.a_stacks[0].any() and inj.slot_ranks[1] == 0  # nothing copied
+    inj.load_adapter(3, wide, r=40, alpha=40)
+    torch.testing.assert_close(layer.a_stacks[1][0, :40], wide[f"{prefix}.lora_A.weight"])
+    assert inj.slot_ranks[3] == 40 and layer.lora_scale[3] == 1.0
+    inj.clear_slot(3)
+    assert not layer.a_stacks[1].any() and inj.slot_ranks[3] == 0

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from loraplex.errors import InvalidArgument
+from loraplex.runtime.api.slots import SlotLayout
 from loraplex.runtime.lora.ops import (
     STRATEGIES,
     add_lora,
@@ -96,6 +97,15 @@ def test_plan_picks_the_strategy_for_the_batch_shape(slots, strategy):
     assert make_plan(slots).strategy == strategy
 
 
+@pytest.mark.parametrize(("ranks", "strategy"), [
+    ([0, 16, 16, 16, 16], "grouped"),
+    ([0, 8, 16, 16, 8], "grouped"),  # 64 padded rank columns for 48 of work
+    ([0, 2, 2, 2, 64], "segments"),  # one bmm would pad three rank-2 rows to rank 64
+])
+def test_grouping_counts_the_padding_up_to_the_largest_rank(ranks, strategy):
+    assert make_plan([1, 2, 3, 4], slot_ranks=ranks).strategy == strategy
+
+
 def test_plan_is_reused_for_layers_of_different_widths():
     """One plan per step serves every projection (q: 12->12, up: 12->20, down: 20->12)."""
     plan = make_plan([2, 0, 1, 2])
@@ -164,3 +174,85 @@ def test_static_decode_table_without_ranks_uses_the_stacks_and_refuses_too_many_
     assert static_decode_table([1], 1, None)[:4] == [0, 1, 1, _NO_RANK]
     with pytest.raises(InvalidArgument):
         static_decode_table([1, 2, 3], 2, RANKS)
+
+
+# ------------------------------------------------------------------------------ rank buckets
+# slots 1-2 hold ranks <= 2, slot 3 ranks <= 3, slots 4-5 ranks <= 4 (each bucket its own
+# stacks); slot 5 holds a rank-2 adapter that did not fit the first bucket
+LAYOUT = SlotLayout.of(((2, 2), (3, 1), (4, 2)))
+BUCKET_RANKS = [0, 2, 1, 3, 4, 2]
+
+
+def _bucket_stacks(seed: int = 5):
+    """The one-stack tensors of `_stacks` for BUCKET_RANKS, and the same values cut into
+    LAYOUT's stacks: `a[k] # [S_k, R_k, in]` whose row i is slot `base_k + i`."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(S, R, IN, dtype=torch.float64)
+    b = torch.zeros(S, OUT, R, dtype=torch.float64)
+    scale = torch.zeros(S, dtype=torch.float64)
+    for s in range(1, S):
+        r = BUCKET_RANKS[s]
+        a[s, :r] = torch.randn(r, IN, generator=g, dtype=torch.float64)
+        b[s, :, :r] = torch.randn(OUT, r, generator=g, dtype=torch.float64)
+        scale[s] = 0.25 + s
+    cut_a = [a[k.base:k.base + k.rows, :k.rank].clone() for k in LAYOUT.buckets]
+    cut_b = [b[k.base:k.base + k.rows, :, :k.rank].clone() for k in LAYOUT.buckets]
+    return (a, b, scale), (cut_a, cut_b)
+
+
+@pytest.mark.parametrize("strategy", [None, *STRATEGIES])
+@pytest.mark.parametrize(("case", "slots"), CASES, ids=[c for c, _ in CASES])
+def test_rank_buckets_match_the_semantics_loop_over_one_stack(case, slots, strategy):
+    (a, b, scale), (cut_a, cut_b) = _bucket_stacks()
+    g = torch.Generator().manual_seed(len(slots) + 7)
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)  # [T, in]
+    y0 = torch.randn(len(slots), OUT, generator=g, dtype=torch.float64)  # [T, out]
+    slot_t = torch.tensor(slots, dtype=torch.int64)
+    want = reference_add_lora(y0.clone(), x, a, b, scale, slot_t)
+    plan = make_plan(slot_t, slot_ranks=BUCKET_RANKS, strategy=strategy, layout=LAYOUT)
+    got = add_lora(y0.clone(), x, cut_a, cut_b, scale, plan)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# (slots, strategy, [(bucket, strategy, rank it computes at)] per bucket present)
+BUCKET_PLANS = [
+    ([1, 2, 1, 2], "grouped", [(0, "grouped", 2)]),  # one bucket: planned as without buckets
+    ([1, 2, 4, 0], "buckets", [(0, "grouped", 2), (2, "single", 4)]),
+    ([2, 1, 5, 4, 3], "buckets", [(0, "grouped", 2), (1, "single", 3), (2, "grouped", 4)]),
+    ([5, 5], "single", [(2, "single", 2)]),  # a small rank in a large bucket: its own rank
+]
+
+
+@pytest.mark.parametrize(("slots", "strategy", "runs"), BUCKET_PLANS)
+def test_each_bucket_computes_at_its_own_ranks(slots, strategy, runs):
+    """Small-rank rows are never padded to a large rank sharing the batch: each bucket is
+    planned alone, at the largest rank present in it (one stack would pad all to 4)."""
+    plan = make_plan(slots, slot_ranks=BUCKET_RANKS, layout=LAYOUT)
+    assert plan.strategy == strategy
+    parts = plan.parts or (plan,)
+    assert [(p.bucket, p.strategy, p.rank) for p in parts] == runs
+    assert plan.num_adapters == len(set(slots) - {0})
+    assert make_plan([1, 2, 4, 0], slot_ranks=BUCKET_RANKS).rank == 4  # one stack: padded
+
+
+def test_a_bucket_plan_needs_one_stack_per_bucket():
+    _, (cut_a, cut_b) = _bucket_stacks()
+    plan = make_plan([4, 4], slot_ranks=BUCKET_RANKS, layout=LAYOUT)
+    with pytest.raises(InvalidArgument) as e:
+        add_lora(torch.zeros(2, OUT, dtype=torch.float64),
+                 torch.zeros(2, IN, dtype=torch.float64), cut_a[2], cut_b[2],
+                 torch.zeros(S, dtype=torch.float64), plan)
+    assert e.value.field == "plan"
+
+
+def test_static_decode_table_has_one_fixed_table_per_rank_bucket():
+    """Rows of slot 1 (bucket 0), slot 3 (bucket 1: its stack row 0) and slot 5 (bucket 2:
+    its stack row 1), padded to 4 rows: three tables of 4 segments and 4 perm entries."""
+    flat = static_decode_table([3, 0, 1, 5], 4, BUCKET_RANKS, LAYOUT)
+    tables = [flat[i:i + 20] for i in range(0, 60, 20)]
+    assert len(flat) == 60
+    assert [t[:4] for t in tables] == [[0, 1, 1, 2], [0, 1, 0, 3], [0, 1, 1, 2]]
+    assert all(t[4:16] == [0] * 12 for t in tables)  # empty segments: nothing runs
+    assert [t[16:] for t in tables] == [[2, 0, 1, 3], [0, 1, 2, 3], [3, 0, 1, 2]]
+    assert static_decode_table([3, 0, 1, 5], 4, BUCKET_RANKS) == static_decode_table(
+        [3, 0, 1, 5], 4, BUCKET_RANKS, SlotLayout.single(5, 4))  # one bucket: as before

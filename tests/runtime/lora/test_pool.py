@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from loraplex.errors import DataCorruption, ResourceExhausted
+from loraplex.runtime.api.slots import SlotLayout
 from loraplex.runtime.lora.loading import HostAdapter
 from loraplex.runtime.lora.pool import AdapterPool
 
@@ -199,3 +200,80 @@ def test_a_slot_write_that_fails_leaves_no_half_written_slot_or_host_copy():
         rig.pool.acquire(a.digest)
     assert rig.slots == {} and not rig.pool.on_host(a.digest)
     assert rig.pool.slot_of(a.digest) is None and rig.pool.slots_used == 0
+
+
+# ------------------------------------------------------------------------------ rank buckets
+# slots 1-2 hold ranks <= 4, slot 3 ranks <= 16 (runtime/api/slots.py)
+LAYOUT = SlotLayout.of(((4, 2), (16, 1)))
+
+
+class BucketRig(Rig):
+    """A pool over LAYOUT whose adapters' ranks are `ranks[digest]` (read from lora_A)."""
+
+    def __init__(self, ranks: dict[str, int]):
+        self.ranks = ranks
+        super().__init__()
+        self.pool = AdapterPool(layout=LAYOUT, host_cache_bytes=10**7, load_fn=self.load,
+                                write_slot=self.write, clear_slot=self.slots.pop)
+
+    def load(self, v):
+        r = self.ranks[v.digest]
+        return HostAdapter(digest=v.digest, ref=v.ref, rank=1, alpha=1.0,
+                           tensors={"m.lora_A.weight": torch.zeros(r, 8),
+                                    "m.lora_B.weight": torch.zeros(8, r)})
+
+
+def _landed(rig, *digests):
+    vs = [V(d) for d in digests]
+    for v in vs:
+        rig.pool.ensure_loading(v)
+    rig.land(*vs)
+
+
+def test_adapters_take_the_smallest_bucket_that_holds_them_and_spill_upward():
+    rig = BucketRig({"a": 2, "b": 4, "c": 1, "big": 16})
+    _landed(rig, "a", "b", "c", "big")
+    res = rig.pool.residency()
+    assert (res.bucket_spare, dict(res.bucket_of)) == ((2, 1), {"a": 0, "b": 0, "c": 0,
+                                                               "big": 1})
+    assert [rig.pool.acquire(d) for d in ("a", "b", "c")] == [1, 2, 3]  # c: into the big slot
+    assert rig.pool.acquire("big") is None  # its only slot is in use, small ones do not fit
+    rig.pool.release(3)
+    assert rig.pool.acquire("big") == 3  # c (idle) made room
+    assert rig.pool.slot_of("c") is None
+    assert rig.pool.residency().bucket_spare == (0, 0)
+
+
+def test_a_small_adapter_evicts_in_its_own_bucket_before_taking_a_larger_one():
+    rig = BucketRig({"a": 2, "b": 2, "c": 3, "big": 16})
+    _landed(rig, "a", "b", "c", "big")
+    rig.pool.release(rig.pool.acquire("a"))
+    rig.pool.release(rig.pool.acquire("b"))
+    assert rig.pool.acquire("c") == 1  # a (least recently used, idle) went; slot 3 kept free
+    assert rig.pool.acquire("big") == 3
+
+
+def test_pinning_keeps_a_slot_for_every_rank():
+    rig = BucketRig({"a": 2, "b": 2, "big": 16, "big2": 9})
+    _landed(rig, "a", "b", "big", "big2")
+    rig.pool.acquire("big")
+    with pytest.raises(ResourceExhausted) as e:
+        rig.pool.pin("big")  # the only slot for ranks above 4
+    assert "rank up to 16" in str(e.value)
+    assert rig.pool.pin("a") is True  # slot 2 and slot 3 remain for small ranks
+
+
+def test_an_adapter_above_every_bucket_fails_only_its_requests():
+    from loraplex.errors import FailedPrecondition
+
+    @dataclass(frozen=True)
+    class Req:  # the fields of a SlotRequest
+        request_id: str
+        digest: str
+
+    rig = BucketRig({"wide": 32, "a": 2})
+    _landed(rig, "wide", "a")
+    act = rig.pool.activate_for([Req("r1", "wide"), Req("r2", "a")])
+    assert act.slots == {"r2": 1}
+    assert isinstance(act.failed["r1"], FailedPrecondition)
+    assert "max_rank 16" in str(act.failed["r1"])

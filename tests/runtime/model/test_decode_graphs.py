@@ -79,11 +79,14 @@ def _swap_stack_and_reload(runner: Runner) -> None:
     runner.injection.load_adapter(2, tensors, 4, 8)
 
 
-def _pair(base, block_size: int = 4, device: str = "cpu") -> tuple[Runner, Runner]:
-    """An eager runner and a `static_decode` one, fp32, the same adapters loaded."""
+def _pair(base, block_size: int = 4, device: str = "cpu",
+          rank_slots=None) -> tuple[Runner, Runner]:
+    """An eager runner and a `static_decode` one, fp32, the same adapters loaded
+    (`rank_slots`: the slots' rank buckets, e.g. ((2, 1), (8, 2)); None: one bucket)."""
     cfg = EngineConfig(base_dir=base, quantization="none", compute_dtype="float32",
                        lora_stack_dtype="float32", device=device, max_slots=3, max_rank=8,
-                       max_batch=9, kv_block_size=block_size, max_seq_len=64)
+                       max_batch=9, kv_block_size=block_size, max_seq_len=64,
+                       rank_slots=rank_slots)
     eager, static = Runner.boot(cfg), Runner.boot(cfg.replace(static_decode=True))
     for r in (eager, static):
         _load_adapters(r)

@@ -22,7 +22,17 @@ from loraplex.runtime.lora.ops import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.runtime.lora.test_ops import CASES, IN, OUT, RANKS, S, _stacks  # noqa: E402 - the same named cases
+from tests.runtime.lora.test_ops import (  # noqa: E402 - the same named cases
+    BUCKET_RANKS,
+    CASES,
+    IN,
+    LAYOUT,
+    OUT,
+    RANKS,
+    S,
+    _bucket_stacks,
+    _stacks,
+)
 
 # (y dtype, stack dtype = x dtype, rtol, atol) against the loop in float64 on the same values
 DTYPES = [
@@ -145,18 +155,24 @@ def test_static_decode_plan_matches_semantics_loop(triton_lora, kernel_device, c
     torch.testing.assert_close(got[untouched], y0[untouched].float().double(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rank_slots", [None, ((2, 1), (8, 2))], ids=["one", "buckets"])
 def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_lora,
                                                                          kernel_device,
-                                                                         micro_base):
+                                                                         micro_base,
+                                                                         rank_slots):
     """The forward a CUDA graph captures, run as is without capture: padded rows, the input
-    buffer and the static segment table read by the kernels (under the interpreter on CPU),
-    inside the micro base, against the eager engine step while rows join (on CPU the torch
-    strategies; on a GPU the per-step Triton plan)."""
+    buffer and the static segment table(s) read by the kernels (under the interpreter on
+    CPU), inside the micro base, against the eager engine step while rows join (on CPU the
+    torch strategies; on a GPU the per-step Triton plan). With rank buckets (slot 1 of rank 2
+    in the first, slots 2-3 of ranks 8 and 4 in the second) every bucket has its table."""
+    from loraplex.runtime.lora.batched import stack_names
     from tests.runtime.model.test_decode_graphs import _drive, _pair
 
-    eager, static = _pair(micro_base, device=kernel_device.type)
+    eager, static = _pair(micro_base, device=kernel_device.type, rank_slots=rank_slots)
     for layer in static.injection.layers.values():  # CPU B stacks are transposed views;
-        layer.lora_b = layer.lora_b.contiguous()  # the kernels read CUDA's layout
+        for k in range(len(layer.layout.buckets)):  # the kernels read CUDA's layout
+            name = stack_names(k)[1]
+            setattr(layer, name, getattr(layer, name).contiguous())
     static.injection.batch.kernel = "triton"
     static.static = static.static_decode(capture=False)
     static.injection.batch.kernel = "auto"  # prefill stays on the usual strategy
@@ -169,3 +185,50 @@ def test_static_decode_path_with_the_triton_plan_gives_the_eager_tokens(triton_l
 
     used = _drive(eager, static, check, steps=10, exact_prefill=False)  # B layouts differ
     assert {b.rows for b in used} == {4, 8, 9}
+
+
+# rank buckets (runtime/api/slots.py): one pair of launches per bucket in the batch, each
+# over its own stacks at its own rank tile
+BUCKETED = [(case, slots) for case, slots in CASES if len(set(slots) - {0}) > 1]
+
+
+@pytest.mark.parametrize(("case", "slots"), BUCKETED, ids=[c for c, _ in BUCKETED])
+def test_kernels_over_rank_buckets_match_semantics_loop(triton_lora, kernel_device, case,
+                                                        slots):
+    (a, b, scale), (cut_a, cut_b) = _bucket_stacks()
+    g = torch.Generator().manual_seed(len(slots))
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)  # [T, in]
+    y0 = torch.randn(len(slots), OUT, generator=g, dtype=torch.float64)  # [T, out]
+    want = reference_add_lora(y0.clone(), x, a, b, scale, torch.tensor(slots))
+    plan = make_plan(slots, slot_ranks=BUCKET_RANKS, device=kernel_device, kernel="triton",
+                     layout=LAYOUT)
+    assert plan.triton and all(p.strategy == "triton" for p in plan.parts or (plan,))
+    dev = [t.float().to(kernel_device) for t in (y0, x)]
+    got = add_lora(*dev, [t.float().to(kernel_device) for t in cut_a],
+                   [t.float().to(kernel_device) for t in cut_b],
+                   scale.float().to(kernel_device), plan).cpu().double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [[3, 0, 1, 5], [4, 4, 2], [0, 0]])
+def test_static_decode_plan_over_rank_buckets_matches_semantics_loop(triton_lora,
+                                                                     kernel_device, slots):
+    """Every bucket launches on its fixed table, whatever the batch holds (an empty one's
+    programs return at once)."""
+    (a, b, scale), (cut_a, cut_b) = _bucket_stacks()
+    rows = 4
+    padded = slots + [0] * (rows - len(slots))
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, IN, generator=g, dtype=torch.float64)  # [Bp, in]
+    y0 = torch.randn(rows, OUT, generator=g, dtype=torch.float64)  # [Bp, out]
+    want = reference_add_lora(y0.clone(), x, a, b, scale, torch.tensor(padded))
+    table = torch.tensor(static_decode_table(slots, rows, BUCKET_RANKS, LAYOUT),
+                         dtype=torch.int32)
+    plan = static_decode_plan(table.to(kernel_device), torch.tensor(padded).to(kernel_device),
+                              rows, layout=LAYOUT)
+    assert [p.bucket for p in plan.parts] == [0, 1, 2]
+    got = add_lora(y0.float().to(kernel_device), x.float().to(kernel_device),
+                   [t.float().to(kernel_device) for t in cut_a],
+                   [t.float().to(kernel_device) for t in cut_b],
+                   scale.float().to(kernel_device), plan).cpu().double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
