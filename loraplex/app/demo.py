@@ -15,7 +15,8 @@
    over the held-out chat prompts, plus concurrent streams, then prints the held-out
    exact-match matrix (base and every adapter on every task) and one call through the
    official `openai` client,
-5. trains a second acme version and moves `acme/router@prod` to it in the middle of
+5. publishes acme v2 as an SVD compression of v1 (the registry's adapter algebra) and
+   moves `acme/router@prod` to it in the middle of
    traffic (no restart, no failed request),
 6. prints TTFT and inter-token p50/p99 read back from the server's own `/metrics`,
 7. stops the server with SIGTERM (it drains and exits 0).
@@ -82,15 +83,14 @@ class DemoPlan:
 
 # -- steps ------------------------------------------------------------------------------------
 def train_adapter(base: Path, data: Path, tenant: str, run_dir: Path, plan: DemoPlan,
-                  quantization: str | None, seed: int = 0, max_steps: int | None = None
-                  ) -> tuple[Path, dict, dict]:
+                  quantization: str | None, seed: int = 0) -> tuple[Path, dict, dict]:
     """(adapter dir, metrics, compute record) of one training run."""
     from loraplex.trainer.config import TrainConfig
     from loraplex.trainer.train import train
 
     recipe = {**PROFILE.recipe, "seed": seed}
-    if plan.max_steps or max_steps:
-        recipe["max_steps"] = plan.max_steps or max_steps
+    if plan.max_steps:
+        recipe["max_steps"] = plan.max_steps
     if quantization:
         recipe["quantization"] = quantization
     if plan.compute_dtype != "auto":
@@ -305,8 +305,7 @@ def run(out: Path, quantization: str, plan: DemoPlan, train_quantization: str | 
             console.print(f"    stream  {s}")
         cross_matrix(target, admin_token, prompts, tests, results, max_new)
 
-        hot_swap(target, tokens["acme"], base, data, out, plan, train_quantization,
-                 prompts["acme"])
+        hot_swap(target, tokens["acme"], prompts["acme"])
         print_latency(mport)
     finally:
         say("[7] stopping the server (SIGTERM) ...")
@@ -388,16 +387,16 @@ def openai_call(http_port: int, token: str, example: dict, max_new: int) -> None
                   f" the expected answer)")
 
 
-def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: DemoPlan,
-             quantization: str | None, prompts: list[dict]) -> None:
-    """Train acme v2, then move @prod to it while acme traffic is running."""
+def hot_swap(target: str, token: str, prompts: list[dict]) -> None:
+    """Publish acme v2 as an SVD compression of v1 (`CompressAdapter`: the registry's adapter
+    algebra, recorded in v2's lineage), then move @prod to it while acme traffic runs."""
     from loraplex.client import Client
 
     t0 = time.perf_counter()
-    say(f"[5] training {TENANTS['acme']} v2 (seed 1) for the hot swap ...")
-    adapter_dir, _, _ = train_adapter(base, data["acme"]["train"], "acme",
-                                   out / "runs" / "acme-v2", plan, quantization, seed=1,
-                                   max_steps=PROFILE.v2_max_steps)
+    say(f"[5] compressing {TENANTS['acme']}@prod into v2 over gRPC (CompressAdapter, SVD "
+        f"keeping {HOT_SWAP_ENERGY:.0%} of each layer's energy) for the hot swap ...")
+    with Client(target, token=token) as c:
+        new = c.compress_adapter(TENANTS["acme"] + "@prod", energy=HOT_SWAP_ENERGY).adapter
     stop = threading.Event()
     seen: dict[str, int] = {}
     failures: list[str] = []
@@ -414,14 +413,13 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
                     failures.append(repr(e))
                 i += 1
 
-    say(f"[5] trained v2 in {time.perf_counter() - t0:.0f}s; moving {TENANTS['acme']}@prod "
-        "to it under 3 streams of acme traffic ...")
+    say(f"[5] compressed into {new.ref} (rank {new.rank}) in {time.perf_counter() - t0:.0f}s; "
+        f"moving {TENANTS['acme']}@prod to it under 3 streams of acme traffic ...")
     workers = [threading.Thread(target=traffic) for _ in range(3)]
     for w in workers:
         w.start()
     time.sleep(3)
     with Client(target, token=token) as c:
-        new = c.register_adapter(TENANTS["acme"], adapter_dir).adapter
         moved = c.set_alias(new.ref, "prod", expected=1)
     time.sleep(3)
     stop.set()
@@ -432,6 +430,9 @@ def hot_swap(target: str, token: str, base: Path, data: dict, out: Path, plan: D
         f"failed: {len(failures)}")
     if failures:
         raise RuntimeError(f"requests failed during the alias move: {failures[:3]}")
+
+
+HOT_SWAP_ENERGY = 0.99  # v2 keeps the singular directions holding 99% of each layer's energy
 
 
 def quantile_ms(buckets: list[tuple[float, float]], q: float) -> str:

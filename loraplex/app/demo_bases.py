@@ -40,7 +40,6 @@ class DemoBase:
     n_train: int
     n_test: int
     max_new_tokens: int
-    v2_max_steps: int | None  # the hot-swap v2's training length (None: the full recipe)
     # the served base's compute dtype; "auto": `loraplex.compute` picks it for the machine
     # and the served quantization (docs/compute.md)
     serve_compute_dtype: str = "auto"
@@ -61,14 +60,12 @@ def profile(kind: str) -> DemoBase:
         from loraplex.trainer import chat_tasks
 
         return DemoBase(kind, dict(chat_tasks.TENANT_ADAPTERS), dict(chat_tasks.REAL_TRAIN_CONFIG),
-                        chat_tasks.write_tasks, n_train=160, n_test=30, max_new_tokens=32,
-                        v2_max_steps=10)
+                        chat_tasks.write_tasks, n_train=160, n_test=30, max_new_tokens=32)
     from loraplex.trainer import tasks
 
     return DemoBase(kind, {"acme": "acme/router", "globex": "globex/sentiment",
                            "initech": "initech/numwords"}, dict(tasks.DEMO_TRAIN_CONFIG),
-                    tasks.write_tasks, n_train=400, n_test=40, max_new_tokens=48,
-                    v2_max_steps=None)
+                    tasks.write_tasks, n_train=400, n_test=40, max_new_tokens=48)
 
 
 def prepare(kind: str, out: Path, say: Callable[[str], None]) -> Path:

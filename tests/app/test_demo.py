@@ -40,7 +40,8 @@ PHASES = ["[1] base: building the micro embedded base ...", "[1] base: built",
           "[3] web console: http://127.0.0.1:",
           "[4] BatchGenerate: sending 24 items", "[4] BatchGenerate: 24 items",
           "[4] cross matrix: every adapter", "[4] cross matrix done in ",
-          "[5] training acme/router v2", "[5] trained v2 in ", "[5] hot swap:",
+          "[5] compressing acme/router@prod into v2", "[5] compressed into acme/router:v2",
+          "[5] hot swap:",
           "[6] latency", "[7] stopping the server", "[7] server drained"]
 
 
