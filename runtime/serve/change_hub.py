@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 QUEUE_SIZE = 10_000  # changes a watcher may fall behind the hub before it reads for itself
 PAGE = 1000  # changes per catch-up read
 WAIT_S = 1.0  # one wait of the hub's; a change ends it at once, so this only bounds how
-# long the hub lingers after its last watcher has gone
+# long a read abandoned by a stopped hub keeps its worker thread
 
 
 @dataclass(eq=False)
@@ -74,7 +74,7 @@ class ChangeHub:
                         after = change.id
                         yield change
             finally:
-                self._watchers.discard(w)
+                self._leave(w)
 
     async def _join(self) -> _Watcher:
         async with self._starting:
@@ -84,6 +84,14 @@ class ChangeHub:
             w = _Watcher(start=self.position)  # no await between reading and joining
             self._watchers.add(w)
             return w
+
+    def _leave(self, w: _Watcher) -> None:
+        """The last watcher gone, the hub stops at once (its read in flight, at most
+        `WAIT_S`, finishes in its thread and is dropped), so no task outlives the server."""
+        self._watchers.discard(w)
+        if not self._watchers and self._task is not None:
+            self._task.cancel()
+            self._task = None
 
     async def _run(self) -> None:
         """Read the feed while anyone watches; hand each change to every watcher."""
