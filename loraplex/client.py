@@ -239,6 +239,14 @@ class Client(_Base):
         finally:
             stream.cancel()  # no-op when finished; frees the server's slot when abandoned
 
+    def iter_models(self, page_size: int = 0, **kw: Any) -> Iterator[Any]:
+        """Every adapter `list_models` lists, page after page (`AdapterVersion` messages)."""
+        return _walk(lambda token: self.list_models(page_size, token, **kw))
+
+    def iter_adapters(self, tenant: str = "", page_size: int = 0, **kw: Any) -> Iterator[Any]:
+        """Every adapter `list_adapters` lists, page after page."""
+        return _walk(lambda token: self.list_adapters(tenant, page_size, token, **kw))
+
     def wait_ready(self, timeout: float = 60.0, service: str = "") -> None:
         """Block until the server (or one service) answers SERVING (the base is loaded)."""
         last = "no answer"
@@ -306,6 +314,27 @@ class AsyncClient(_Base):
         finally:
             stream.cancel()
 
+    async def iter_models(self, page_size: int = 0, **kw: Any) -> AsyncIterator[Any]:
+        """Every adapter `list_models` lists, page after page (`AdapterVersion` messages)."""
+        token = ""
+        while True:
+            page = await self.list_models(page_size, token, **kw)
+            for a in page.adapters:
+                yield a
+            if not (token := page.next_page_token):
+                return
+
+    async def iter_adapters(self, tenant: str = "", page_size: int = 0,
+                            **kw: Any) -> AsyncIterator[Any]:
+        """Every adapter `list_adapters` lists, page after page."""
+        token = ""
+        while True:
+            page = await self.list_adapters(tenant, page_size, token, **kw)
+            for a in page.adapters:
+                yield a
+            if not (token := page.next_page_token):
+                return
+
     async def wait_ready(self, timeout: float = 60.0, service: str = "") -> None:
         """Wait until the server (or one service) answers SERVING (the base is loaded)."""
         last = "no answer"
@@ -318,6 +347,16 @@ class AsyncClient(_Base):
                 last = f"{e.code}: {e.message}"
             await asyncio.sleep(READY_POLL_S)
         raise self._not_ready(self.target, timeout, last)
+
+
+def _walk(page: Any) -> Iterator[Any]:
+    """The `adapters` of `page(token)` for each page, following `next_page_token`."""
+    token = ""
+    while True:
+        resp = page(token)
+        yield from resp.adapters
+        if not (token := resp.next_page_token):
+            return
 
 
 async def _read_in_thread(messages: Iterator[Any]) -> AsyncIterator[Any]:

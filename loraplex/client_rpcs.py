@@ -291,8 +291,13 @@ RPCS: dict[str, Rpc] = {
     "batch_generate": Rpc("inference", "BatchGenerate", batch_request, _batch_outcomes,
                           doc="Many requests in one call; each result is a `Generation` or "
                               "the typed error that item failed with."),
-    "list_models": Rpc("inference", "ListModels", inference_pb2.ListModelsRequest,
-                       idempotent=True),
+    "list_models": Rpc("inference", "ListModels",
+                       lambda page_size=0, page_token="": inference_pb2.ListModelsRequest(
+                           page_size=page_size, page_token=page_token),
+                       idempotent=True,
+                       doc="One page of the base and the adapters the caller may use on it "
+                           "(`page_size`, 0: 100; `page_token`: the previous page's "
+                           "`next_page_token`). `iter_models()` walks every page."),
     "register_adapter": Rpc("registry", "RegisterAdapter", register_messages,
                             shape=CLIENT_STREAM,
                             doc="Upload a peft adapter directory, streamed in chunks."),
@@ -302,7 +307,10 @@ RPCS: dict[str, Rpc] = {
                          lambda tenant="", page_size=0, page_token="":
                          registry_pb2.ListAdaptersRequest(tenant=tenant, page_size=page_size,
                                                           page_token=page_token),
-                         idempotent=True),
+                         idempotent=True,
+                         doc="One page of the newest version of each adapter (`tenant`, "
+                             "`page_size`, `page_token`). `iter_adapters()` walks every "
+                             "page."),
     "list_versions": Rpc("registry", "ListVersions",
                          lambda adapter: registry_pb2.ListVersionsRequest(adapter=adapter),
                          lambda resp: resp.versions, idempotent=True),
@@ -329,7 +337,10 @@ RPCS: dict[str, Rpc] = {
     "unload": Rpc("admin", "Unload", _admin, idempotent=True),
     "pin": Rpc("admin", "Pin", _admin, idempotent=True),
     "unpin": Rpc("admin", "Unpin", _admin, idempotent=True),
-    "resident": Rpc("admin", "Resident", admin_pb2.ResidentRequest, idempotent=True),
+    "resident": Rpc("admin", "Resident",
+                    lambda limit=0: admin_pb2.ResidentRequest(limit=limit), idempotent=True,
+                    doc="What the adapter tiers hold (slots first, at most `limit`; 0: "
+                        "100) and each tier's bytes."),
     "stats": Rpc("admin", "Stats", admin_pb2.StatsRequest, idempotent=True),
     "create_token": Rpc("admin", "CreateToken", _create_token_request,
                         doc="A new API token (`tenant`, `scope=` inference|publish|admin, "

@@ -160,21 +160,36 @@ def _read_lineage(path: Path | None) -> dict[str, Any] | None:
 def list_(
     key: Annotated[str | None, typer.Argument(help="tenant/name: list its versions.")] = None,
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's adapters.")] = None,
+    page_size: Annotated[int | None, typer.Option(
+        help="One page of at most this many adapters (1-1000), and the token of the next "
+             "page; default: every adapter.")] = None,
+    page_token: Annotated[str | None, typer.Option(
+        help="Start where the previous page's `next page` token says.")] = None,
     registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
     token: TokenOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """List adapters (newest version of each), or every version of KEY."""
+    """List adapters (newest version of each), or every version of KEY.
+
+    With --page-size (or --page-token) one page: --json prints {"adapters": [...],
+    "next_page_token": "..."} (null on the last page); the table's caption names the token."""
     with session(registry, blob_dir, token, as_json) as s:
         if key is not None:
             vs = s.reg.list_versions(s.me, key)
-            title = f"versions of {key}"
-        else:
-            vs, page = s.reg.list_adapters(s.me, tenant=tenant)
-            while page:
-                more, page = s.reg.list_adapters(s.me, tenant=tenant, page_token=page)
-                vs += more
-            title = "adapters"
-        s.emit([version_dict(v) for v in vs], _versions_table(title, vs))
+            s.emit([version_dict(v) for v in vs], _versions_table(f"versions of {key}", vs))
+            return
+        if page_size is not None or page_token is not None:
+            size = 100 if page_size is None else page_size
+            vs, nxt = s.reg.list_adapters(s.me, tenant=tenant, page_size=size,
+                                          page_token=page_token)
+            table = _versions_table("adapters", vs)
+            table.caption = f"next page: --page-token {nxt}" if nxt else "last page"
+            s.emit({"adapters": [version_dict(v) for v in vs], "next_page_token": nxt}, table)
+            return
+        vs, page = s.reg.list_adapters(s.me, tenant=tenant)
+        while page:
+            more, page = s.reg.list_adapters(s.me, tenant=tenant, page_token=page)
+            vs += more
+        s.emit([version_dict(v) for v in vs], _versions_table("adapters", vs))
 
 
 @app.command()

@@ -91,13 +91,19 @@ def list_versions(store: Store, identity: Identity, key: str) -> list[AdapterVer
 
 
 def list_adapters(store: Store, identity: Identity, *, tenant: str | None = None,
-                  page_size: int = 100, page_token: str | None = None
-                  ) -> tuple[list[AdapterVersion], str | None]:
+                  page_size: int = 100, page_token: str | None = None,
+                  after: str | None = None) -> tuple[list[AdapterVersion], str | None]:
     """The newest version of every visible adapter, ordered by `tenant/name`; the token
-    names the last adapter of the page, and the next page starts after it."""
+    names the last adapter of the page, and the next page starts after it. `after` (a
+    `tenant/name`, which need not exist) starts the page after that key instead of a
+    token: the cursor of OpenAI's `after=<model id>`."""
     if not 1 <= page_size <= MAX_PAGE_SIZE:
         raise InvalidArgument(f"page_size must be between 1 and {MAX_PAGE_SIZE}",
                               field="page_size")
+    if after is not None and page_token is not None:
+        raise InvalidArgument("give `page_token` or `after`, not both", field="after")
+    if after is not None:
+        page_token = _encode_page_token("/".join(parse_key(after, field="after")))
     if tenant is not None:
         check_name(tenant, "tenant", field="tenant")
         if not identity.can_access(tenant):

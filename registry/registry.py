@@ -187,11 +187,12 @@ class Registry:
 
     @faults.reads
     def list_adapters(self, identity: Identity, *, tenant: str | None = None,
-                      page_size: int = 100, page_token: str | None = None
-                      ) -> tuple[list[AdapterVersion], str | None]:
-        """The newest version of every visible adapter, ordered by `tenant/name`."""
+                      page_size: int = 100, page_token: str | None = None,
+                      after: str | None = None) -> tuple[list[AdapterVersion], str | None]:
+        """The newest version of every visible adapter, ordered by `tenant/name`; a page
+        starts after `page_token`'s adapter, or after the key `after` (`t/n`)."""
         return lookup.list_adapters(self.store, identity, tenant=tenant,
-                                    page_size=page_size, page_token=page_token)
+                                    page_size=page_size, page_token=page_token, after=after)
 
     @faults.reads
     def search_adapters(self, identity: Identity, query: str, *, page_size: int = 50,

@@ -160,27 +160,41 @@ class ResidentAdapter(_message.Message):
     def __init__(self, ref: _Optional[str] = ..., digest: _Optional[str] = ..., size_bytes: _Optional[int] = ..., slot: _Optional[int] = ..., on_host: _Optional[bool] = ..., pinned: _Optional[bool] = ..., active_sequences: _Optional[int] = ...) -> None: ...
 
 class ResidentRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
 
 class ResidentResponse(_message.Message):
-    __slots__ = ("adapters", "slots_used", "slots_total", "host_bytes")
+    __slots__ = ("adapters", "slots_used", "slots_total", "host_bytes", "truncated", "host_adapters", "device_bytes", "host_loading_bytes", "host_limit_bytes", "loads_queued")
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
     SLOTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     HOST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LOADING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADS_QUEUED_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[ResidentAdapter]
     slots_used: int
     slots_total: int
     host_bytes: int
-    def __init__(self, adapters: _Optional[_Iterable[_Union[ResidentAdapter, _Mapping]]] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ...) -> None: ...
+    truncated: bool
+    host_adapters: int
+    device_bytes: int
+    host_loading_bytes: int
+    host_limit_bytes: int
+    loads_queued: int
+    def __init__(self, adapters: _Optional[_Iterable[_Union[ResidentAdapter, _Mapping]]] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., truncated: _Optional[bool] = ..., host_adapters: _Optional[int] = ..., device_bytes: _Optional[int] = ..., host_loading_bytes: _Optional[int] = ..., host_limit_bytes: _Optional[int] = ..., loads_queued: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished", "kv_reserved_bytes", "kv_used_bytes", "kv_limit_bytes", "prefix_hit_tokens", "prefix_lookups", "prefix_hits", "compute_dtype", "compute_reason")
+    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished", "kv_reserved_bytes", "kv_used_bytes", "kv_limit_bytes", "prefix_hit_tokens", "prefix_lookups", "prefix_hits", "compute_dtype", "compute_reason", "device_bytes", "host_loading_bytes", "host_limit_bytes", "host_peak_bytes", "host_adapters", "loads_queued")
     READY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +216,12 @@ class StatsResponse(_message.Message):
     PREFIX_HITS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_REASON_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LOADING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    LOADS_QUEUED_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     draining: bool
     running: int
@@ -223,4 +243,10 @@ class StatsResponse(_message.Message):
     prefix_hits: int
     compute_dtype: str
     compute_reason: str
-    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., compute_reason: _Optional[str] = ...) -> None: ...
+    device_bytes: int
+    host_loading_bytes: int
+    host_limit_bytes: int
+    host_peak_bytes: int
+    host_adapters: int
+    loads_queued: int
+    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., compute_reason: _Optional[str] = ..., device_bytes: _Optional[int] = ..., host_loading_bytes: _Optional[int] = ..., host_limit_bytes: _Optional[int] = ..., host_peak_bytes: _Optional[int] = ..., host_adapters: _Optional[int] = ..., loads_queued: _Optional[int] = ...) -> None: ...

@@ -122,7 +122,9 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Resident(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What the adapter tiers hold: device slots first, then host copies most recently used
+        first, at most `limit` of them, with each tier's bytes.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -160,13 +160,19 @@ class BatchGenerateResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[BatchItemResult, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("base", "adapters")
+    __slots__ = ("base", "adapters", "next_page_token")
     BASE_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     base: _common_pb2.BaseModel
     adapters: _containers.RepeatedCompositeFieldContainer[_common_pb2.AdapterVersion]
-    def __init__(self, base: _Optional[_Union[_common_pb2.BaseModel, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterVersion, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, base: _Optional[_Union[_common_pb2.BaseModel, _Mapping]] = ..., adapters: _Optional[_Iterable[_Union[_common_pb2.AdapterVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

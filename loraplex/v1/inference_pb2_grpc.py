@@ -82,7 +82,8 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListModels(self, request, context):
-        """The base and the adapters the caller may use.
+        """The base and the adapters the caller may use on it, a page at a time (by tenant/name,
+        keyset pagination: a page costs the same at any position and any registry size).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

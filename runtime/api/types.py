@@ -153,6 +153,13 @@ class EngineStats:
     prefix_hits: int = 0  # ... that reused at least one block
     compute_dtype: str = ""  # the base's compute dtype ("" before the base is loaded)
     compute_reason: str = ""  # why that dtype (loraplex.compute.ComputeChoice.reason)
+    # adapter bytes by tier (AdapterPool.tier_bytes): host + host_loading <= host_limit
+    device_bytes: int = 0  # tensors of the adapters in device slots
+    host_loading_bytes: int = 0  # host bytes reserved for registry loads in flight
+    host_limit_bytes: int = 0  # the host tier's bound (`host_cache_bytes`)
+    host_peak_bytes: int = 0  # the highest host + host_loading reached since start
+    host_adapters: int = 0  # adapters with a copy in host memory
+    loads_queued: int = 0  # registry loads waiting for room in the host tier
 
 
 @dataclass(frozen=True)
@@ -198,6 +205,7 @@ class EngineConfig:
     # prefix cache: idle KV blocks of prompt prefixes kept for later requests with the same
     # adapter digest (or the base) and the same leading tokens; 0 turns it off
     prefix_cache_blocks: int = 0
+    # the host tier's bound: adapters held in host memory + loads in flight (pool.py)
     host_cache_bytes: int = 1 << 30
     loader_threads: int = 2
     loader_nice: int = 0  # Linux nice value of loader threads (0 = normal, up to 19)

@@ -58,6 +58,7 @@ class AdminCommands:
         """Keep an adapter in a device slot until `unpin` (loads it if needed)."""
 
         def do(pool: AdapterPool) -> bool:
+            pool.check_fits(version)
             pool.ensure_loading(version)
             return pool.pin(version.digest)
 
@@ -66,10 +67,12 @@ class AdminCommands:
     def unpin(self, version: AdapterVersion) -> bool:
         return self._call(lambda pool: pool.unpin(version.digest))
 
-    def resident(self) -> list[ResidentAdapter]:
-        """Adapters in a device slot or host memory (empty once the engine has stopped)."""
+    def resident(self, limit: int | None = None) -> list[ResidentAdapter]:
+        """Adapters in a device slot or host memory, slots first, then host copies most
+        recently used first; at most `limit` (None: all). Empty once the engine stopped."""
         try:
-            return [ResidentAdapter(**d) for d in self._call(lambda pool: pool.resident())]
+            return [ResidentAdapter(**d)
+                    for d in self._call(lambda pool: pool.resident(limit))]
         except Unavailable:
             return []
 

@@ -216,6 +216,7 @@ class Engine:
         pool = core.pool if core else None
         kv = core.runner.kv_usage() if core else None
         choice = core.runner.compute if core else None
+        tiers = pool.tier_bytes() if pool else None
         return EngineStats(
             ready=self.ready, draining=self._draining,
             running=len(core.running) if core else 0, waiting=len(self.scheduler),
@@ -234,7 +235,13 @@ class Engine:
             prefix_lookups=kv.prefix_lookups if kv else 0,
             prefix_hits=kv.prefix_hits if kv else 0,
             compute_dtype=choice.dtype if choice else "",
-            compute_reason=choice.reason if choice else "")
+            compute_reason=choice.reason if choice else "",
+            device_bytes=tiers.device if tiers else 0,
+            host_loading_bytes=tiers.loading if tiers else 0,
+            host_limit_bytes=tiers.limit if tiers else cfg.host_cache_bytes,
+            host_peak_bytes=tiers.peak if tiers else 0,
+            host_adapters=tiers.host_adapters if tiers else 0,
+            loads_queued=tiers.queued if tiers else 0)
 
     @property
     def fingerprint(self) -> BaseFingerprint | None:
@@ -263,8 +270,8 @@ class Engine:
     def unpin(self, identity: Identity, ref: str) -> bool:
         return self.admin.unpin(self._resolve(identity, ref))
 
-    def resident(self) -> list[ResidentAdapter]:
-        return self.admin.resident()
+    def resident(self, limit: int | None = None) -> list[ResidentAdapter]:
+        return self.admin.resident(limit)
 
     def _resolve(self, identity: Identity, ref: str) -> Any:
         if not self.ready:
@@ -320,7 +327,8 @@ class Engine:
                                  pin_memory=runner.device.type == "cuda")
         pool = AdapterPool(
             layout=runner.injection.layout, host_cache_bytes=cfg.host_cache_bytes,
-            load_fn=self.loader, write_slot=write_slot(runner.injection),
+            load_fn=self.loader, host_bytes_of=self.loader.host_bytes,
+            write_slot=write_slot(runner.injection),
             clear_slot=runner.injection.clear_slot, loader_threads=cfg.loader_threads,
             loader_nice=cfg.loader_nice, observer=self.observer, on_loaded=self._wake.set,
             device=runner.device)

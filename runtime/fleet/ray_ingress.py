@@ -65,8 +65,8 @@ class RayAdmin:
         raise FailedPrecondition("each replica follows the registry and evicts by itself",
                                  field="ref")
 
-    def resident(self) -> list:
-        return self._engine.resident()
+    def resident(self, limit: int | None = None) -> list:
+        return self._engine.resident(limit)
 
 
 class RayEngine:
@@ -178,8 +178,8 @@ class RayEngine:
         """One replica's view (Ray picks which); per-replica numbers are on each replica."""
         return self.handle.stats.remote().result(timeout_s=30)
 
-    def resident(self) -> list:
-        return self.handle.resident.remote().result(timeout_s=30)
+    def resident(self, limit: int | None = None) -> list:
+        return self.handle.resident.remote(limit).result(timeout_s=30)
 
     def evict(self, digest: str) -> bool:
         return self.admin.evict(digest)

@@ -102,8 +102,8 @@ class EngineReplica:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def resident(self) -> list:
-        return self.engine.resident()
+    def resident(self, limit: int | None = None) -> list:
+        return self.engine.resident(limit)
 
     def __del__(self) -> None:
         follower = getattr(self, "follower", None)

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from loraplex.runtime.lora.layers import LoraInjection
 
 
+# the float dtypes the registry stores (`AdapterVersion.dtype`); an unknown one counts as 1 byte
+_ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+
+
 class HostLoader:
     """`load(version) -> HostAdapter`: raises DataCorruption, IncompatibleAdapter,
     FailedPrecondition (does not fit the layers)."""
@@ -35,6 +39,14 @@ class HostLoader:
         self.dtype = dtype
         self.pin_memory = pin_memory
         self.hook: Callable[[AdapterVersion], None] | None = None  # tests: slow or failing loads
+
+    def host_bytes(self, version: AdapterVersion) -> int:
+        """An upper bound of the bytes `load(version)` holds, from the version's record
+        alone (the pool reserves it before the load starts): every stored byte counted as
+        a tensor element, converted to the serving dtype. A DoRA adapter's factors come on
+        top (the pool takes them when it lands)."""
+        stored = _ELEMENT_BYTES.get(version.dtype, 1)
+        return -(-version.size_bytes // stored) * self.dtype.itemsize
 
     def __call__(self, version: AdapterVersion) -> HostAdapter:
         if self.hook is not None:

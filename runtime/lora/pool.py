@@ -7,11 +7,23 @@ Tiers, fastest first:
   its largest rank and has room, else the next larger one (`_free_slot`). A slot used by a
   running sequence (`refs > 0`) or pinned is never evicted; otherwise the least recently
   used slot of that bucket makes room.
-- host: recently used adapters' tensors in memory, LRU under `host_cache_bytes`. An
-  adapter that requests are waiting for is never dropped before it reaches a slot.
+- host: recently used adapters' tensors in memory, LRU, bounded by `host_cache_bytes` (see
+  "The host bound" below). An adapter that requests are waiting for is never dropped
+  before it reaches a slot.
 - registry: `load_fn(version)` (read, digest check, prepare) on loader threads, so a cold
   load never runs on the engine thread; `poll()` collects what finished. The loader threads
-  and the CUDA copy stream are in `pool_loading.py`; this module keeps the tiers.
+  and the CUDA copy stream are in `loading.py`; this module keeps the tiers.
+
+The host bound is strict: host bytes held plus bytes reserved for loads in flight never
+exceed `host_cache_bytes`. A load reserves `host_bytes_of(version)` (an upper bound of what
+it will hold) before it starts, evicting least recently used host copies that nothing waits
+for to make room; when there is no room yet, the load waits in a FIFO queue (back-pressure:
+its requests stay queued) and starts as soon as room frees up. An adapter larger than the
+whole bound can never be held and is refused (FailedPrecondition). A load that lands
+bigger than its reservation (a DoRA adapter's factors) takes the difference from the tier
+or goes back to the queue with its real size. `host_peak_bytes` records the highest
+held + reserved total ever reached, so that tests and benchmarks check the bound from the
+pool's own accounting.
 
 Everything but `load_fn` runs on the engine thread: no locks. `add/activate/remove`-style
 calls return a bool and are safe to repeat. All evictions go through `_evict`.
@@ -48,6 +60,7 @@ class _Slot:
     refs: int = 0  # running sequences using it
     pinned: bool = False
     last_used: float = 0.0
+    nbytes: int = 0  # the adapter's tensors (what its host copy holds)
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,7 @@ class Residency:
     in_slot: frozenset[str] = frozenset()  # in a device slot
     busy: frozenset[str] = frozenset()  # in a slot that cannot be evicted (in use or pinned)
     on_host: frozenset[str] = frozenset()  # in host memory, ready to copy into a slot
-    loading: frozenset[str] = frozenset()  # being read from the registry
+    loading: frozenset[str] = frozenset()  # being read from the registry, or queued for room
     spare_slots: int = 0  # slots a new adapter could take now: empty + evictable
     # the same per rank bucket, smallest rank first (empty: one bucket, `spare_slots`)
     bucket_spare: tuple[int, ...] = ()
@@ -81,6 +94,19 @@ class LoadFailure:
 
 
 @dataclass(frozen=True)
+class TierBytes:
+    """The pool's byte accounting at one moment (engine thread; read by `stats()`)."""
+
+    device: int  # tensors of the adapters in device slots
+    host: int  # host copies held
+    loading: int  # reserved for loads in flight
+    limit: int  # host + loading never exceed it
+    peak: int  # the highest host + loading ever reached
+    host_adapters: int  # adapters with a host copy
+    queued: int  # loads waiting for host room
+
+
+@dataclass(frozen=True)
 class Activation:
     """What `activate_for` did: the slot of every admitted request's adapter, and the
     adapters that could not be put into a slot (their requests fail with that error)."""
@@ -93,6 +119,7 @@ class AdapterPool:
     def __init__(self, *, max_slots: int | None = None, host_cache_bytes: int,
                  load_fn: Callable[[AdapterVersion], HostAdapter],
                  write_slot: Callable[[int, HostAdapter], None],
+                 host_bytes_of: Callable[[AdapterVersion], int] = lambda v: v.size_bytes,
                  clear_slot: Callable[[int], None],
                  loader_threads: int = 2,
                  loader_nice: int = 0,
@@ -127,6 +154,13 @@ class AdapterPool:
         self._drop_when_idle: set[str] = set()  # unloaded while in use
         self._landing: dict[str, list[Future]] = {}  # prefetch waiters, by digest
         self._host_bytes = 0
+        self._device_bytes = 0
+        self._host_bytes_of = host_bytes_of
+        self._reserved: dict[str, int] = {}  # digest -> bytes reserved for its load in flight
+        self._reserved_bytes = 0
+        self._queued: OrderedDict[str, tuple[AdapterVersion, int]] = OrderedDict()  # FIFO
+        self._refused: list[LoadFailure] = []  # too big for the tier: reported by `poll`
+        self.host_peak_bytes = 0
         # CUDA: host->slot copies (from the pinned host tier) on their own stream
         self._copy_stream = (torch.cuda.Stream(device) if device is not None
                              and device.type == "cuda" else None)
@@ -136,14 +170,15 @@ class AdapterPool:
         return self._slot_of.get(digest)
 
     def is_loading(self, digest: str) -> bool:
-        return digest in self._loading
+        """Being read from the registry, or queued until the host tier has room for it."""
+        return digest in self._loading or digest in self._queued
 
     def on_host(self, digest: str) -> bool:
         return digest in self._host
 
     @property
     def loading(self) -> int:
-        return len(self._loading)
+        return len(self._loading) + len(self._queued)
 
     @property
     def slots_used(self) -> int:
@@ -152,6 +187,13 @@ class AdapterPool:
     @property
     def host_bytes(self) -> int:
         return self._host_bytes
+
+    def tier_bytes(self) -> TierBytes:
+        """Counters only (no iteration): any thread may read them while the engine runs."""
+        return TierBytes(device=self._device_bytes, host=self._host_bytes,
+                         loading=self._reserved_bytes,
+                         limit=self.host_cache_bytes, peak=self.host_peak_bytes,
+                         host_adapters=len(self._host), queued=len(self._queued))
 
     def residency(self) -> Residency:
         """A snapshot for the scheduler (see `Residency`)."""
@@ -164,14 +206,19 @@ class AdapterPool:
             bucket_of.update((d, self.layout.bucket_of_slot(i))
                              for d, i in self._slot_of.items())
         return Residency(in_slot=frozenset(self._slot_of), busy=frozenset(busy),
-                         on_host=frozenset(self._host), loading=self._loading.digests(),
+                         on_host=frozenset(self._host),
+                         loading=self._loading.digests() | frozenset(self._queued),
                          spare_slots=sum(spare), bucket_spare=tuple(spare),
                          bucket_of=bucket_of)
 
-    def resident(self) -> list[dict]:
-        """One dict per adapter held in a slot or in host memory (see ResidentAdapter)."""
+    def resident(self, limit: int | None = None) -> list[dict]:
+        """One dict per adapter held in a slot or in host memory (see ResidentAdapter):
+        device slots first (by slot), then host copies, most recently used first; at most
+        `limit` of them (None: all)."""
+        order = [*sorted(self._slot_of, key=self._slot_of.__getitem__),
+                 *(d for d in reversed(self._host) if d not in self._slot_of)]
         out = []
-        for digest in dict.fromkeys([*self._slot_of, *self._host]):
+        for digest in order[:limit]:
             slot = self._slot_of.get(digest)
             s = self._slots[slot] if slot else None
             host = self._host.get(digest)
@@ -179,7 +226,7 @@ class AdapterPool:
                             on_host=host is not None,
                             pinned=bool(s and s.pinned) or digest in self._pin_wanted,
                             active_sequences=s.refs if s else 0,
-                            size_bytes=host.nbytes if host else 0))
+                            size_bytes=host.nbytes if host else s.nbytes))
         return out
 
     # -- loading ---------------------------------------------------------------------------
@@ -197,35 +244,54 @@ class AdapterPool:
             self._wanted.pop(digest, None)
 
     def ensure_loading(self, version: AdapterVersion) -> bool:
-        """Start a registry load unless the adapter is in a slot, on host or loading."""
+        """Start a registry load unless the adapter is in a slot, on host, loading or
+        queued; the load waits in the queue while the host tier has no room for it. An
+        adapter larger than the whole tier is refused: its waiters fail at the next `poll`."""
         d = version.digest
-        if d in self._slot_of or d in self._host or d in self._loading:
+        if d in self._slot_of or d in self._host or self.is_loading(d):
             if d in self._slot_of:
                 self._observer_cache("hit", "device")
             elif d in self._host:
                 self._observer_cache("hit", "host")
             return False
         self._observer_cache("miss", "host")
-        self._loading.start(version)
+        need = self._host_bytes_of(version)
+        if need > self.host_cache_bytes:
+            self._refuse(d, too_big(version, need, self.host_cache_bytes))
+            return False
+        self._queued[d] = (version, need)
+        self._start_queued()
         return True
+
+    def check_fits(self, version: AdapterVersion) -> None:
+        """Raise the FailedPrecondition `ensure_loading` would report for an adapter the
+        host tier can never hold (admin calls say so at once)."""
+        need = self._host_bytes_of(version)
+        if need > self.host_cache_bytes:
+            raise too_big(version, need, self.host_cache_bytes)
 
     def when_resident(self, version: AdapterVersion) -> Future:
         """Load if needed; the future completes (True) once the adapter is on host, having
         been put into a slot if one is free or evictable, or fails with the load error."""
         fut: Future = Future()
-        self.ensure_loading(version)
-        if version.digest in self._loading:
-            self._landing.setdefault(version.digest, []).append(fut)
-        else:
-            self.activate(version.digest)
+        self.check_fits(version)
+        d = version.digest
+        if d in self._slot_of or d in self._host:
+            self.ensure_loading(version)  # counts the hit
+            self.activate(d)
             fut.set_result(True)
+        else:
+            self._landing.setdefault(d, []).append(fut)
+            self.ensure_loading(version)
         return fut
 
     def poll(self) -> list[LoadFailure]:
-        """Collect finished loads into the host tier; return the loads that failed."""
-        failures: list[LoadFailure] = []
+        """Collect finished loads into the host tier, start queued loads the tier has room
+        for now; return the loads that failed or were refused."""
+        failures, self._refused = self._refused, []
         for job in self._loading.finished():
             d = job.version.digest
+            reserved = self._unreserve(d)
             try:
                 host = job.future.result()
             except Exception as e:  # noqa: BLE001 - a failed load fails only its requests
@@ -233,20 +299,34 @@ class AdapterPool:
                     log.error("loading adapter %s failed", job.version.ref, exc_info=e)
                     e = _internal(e)
                 failures.append(LoadFailure(d, e))
-                for fut in self._landing.pop(d, []):
-                    fut.set_exception(e)
+                self._fail_landing(d, e)
                 continue
-            self._host[d] = host
+            if not self._admit_host(job.version, host, reserved):
+                continue
             self._host_need[d] = self._need(host) or 0  # (None: refused at activation)
-            self._host_bytes += host.nbytes
             waiters = self._landing.pop(d, [])
             if d in self._pin_wanted or waiters:
                 self.activate(d)
             for fut in waiters:
                 fut.set_result(True)
-        if self._host_bytes > self.host_cache_bytes:
-            self._trim_host()
+        self._start_queued()
         return failures
+
+    def _admit_host(self, version: AdapterVersion, host: HostAdapter, reserved: int) -> bool:
+        """Put a landed load into the host tier within the bound. One bigger than its
+        reservation takes the difference from evictable host copies; failing that, it
+        is dropped and queued again with its real size (False)."""
+        d = version.digest
+        if host.nbytes > reserved and not self._make_room(host.nbytes):
+            if host.nbytes > self.host_cache_bytes:
+                self._refuse(d, too_big(version, host.nbytes, self.host_cache_bytes))
+            else:
+                self._queued[d] = (version, host.nbytes)
+            return False
+        self._host[d] = host
+        self._host_bytes += host.nbytes
+        self._note_peak()
+        return True
 
     # -- device slots ----------------------------------------------------------------------
     def activate(self, digest: str) -> int | None:
@@ -278,6 +358,8 @@ class AdapterPool:
         self._notify("on_adapter_load", "host", time.monotonic() - t0)
         s = self._slots[slot]
         s.digest, s.ref, s.refs, s.last_used = digest, host.ref, 0, time.monotonic()
+        s.nbytes = host.nbytes
+        self._device_bytes += host.nbytes
         s.pinned = digest in self._pin_wanted
         self._pin_wanted.discard(digest)
         self._slot_of[digest] = slot
@@ -376,10 +458,12 @@ class AdapterPool:
             self._evict(digest, "device")
         if digest in self._host:
             self._evict(digest, "host")
+            self._start_queued()
         return held
 
     def shutdown(self) -> None:
         self._loading.shutdown()
+        self._queued.clear()
         for waiters in self._landing.values():
             for fut in waiters:
                 if not fut.done():
@@ -433,19 +517,60 @@ class AdapterPool:
                     f"{buckets[j].rank}, {sum(b.count for b in buckets[j + 1:])} larger)",
                     field="ref")
 
-    def _trim_host(self) -> None:
-        for d in list(self._host):
-            if self._host_bytes <= self.host_cache_bytes:
-                break
-            if self._wanted.get(d, 0) > 0 and d not in self._slot_of:
+    def _start_queued(self) -> None:
+        """Start queued loads in arrival order while the tier has room for the next one."""
+        while self._queued:
+            d, (version, need) = next(iter(self._queued.items()))
+            if not self._make_room(need):
+                return  # back-pressure: it waits for a landing, an eviction or a release
+            del self._queued[d]
+            self._reserved[d] = need
+            self._reserved_bytes += need
+            self._note_peak()
+            self._loading.start(version)
+
+    def _make_room(self, need: int) -> bool:
+        """Evict least recently used host copies until `need` more bytes fit the bound;
+        False (nothing evicted) if they cannot. A copy that requests wait for and that is
+        not in a slot yet, or that is pinned before reaching one, is never evicted."""
+        free = self.host_cache_bytes - self._host_bytes - self._reserved_bytes
+        if need <= free:
+            return True
+        victims, gain = [], 0
+        for d, host in self._host.items():  # oldest first
+            if d not in self._slot_of and (self._wanted.get(d, 0) > 0 or d in self._pin_wanted):
                 continue  # requests wait for it: keep it until it reaches a slot
-            self._evict(d, "host")
+            victims.append(d)
+            gain += host.nbytes
+            if need <= free + gain:
+                for v in victims:
+                    self._evict(v, "host")
+                return True
+        return False
+
+    def _unreserve(self, digest: str) -> int:
+        n = self._reserved.pop(digest, 0)
+        self._reserved_bytes -= n
+        return n
+
+    def _note_peak(self) -> None:
+        self.host_peak_bytes = max(self.host_peak_bytes,
+                                   self._host_bytes + self._reserved_bytes)
+
+    def _refuse(self, digest: str, error: LoraplexError) -> None:
+        self._refused.append(LoadFailure(digest, error))
+        self._fail_landing(digest, error)
+
+    def _fail_landing(self, digest: str, error: LoraplexError) -> None:
+        for fut in self._landing.pop(digest, []):
+            fut.set_exception(error)
 
     def _evict(self, digest: str, tier: str) -> None:
         """The one eviction hook: clear a device slot, or forget host tensors."""
         if tier == "device":
             slot = self._slot_of.pop(digest)
             self._clear_slot(slot)
+            self._device_bytes -= self._slots[slot].nbytes
             self._slots[slot] = _Slot()
         else:
             self._host_bytes -= self._host.pop(digest).nbytes
@@ -457,6 +582,12 @@ class AdapterPool:
 
     def _notify(self, hook: str, *args: Any) -> None:
         notify(self._observer, hook, *args)
+
+
+def too_big(version: AdapterVersion, need: int, limit: int) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"adapter {version.ref} needs {need / 2**20:.1f} MiB of host memory, more than the "
+        f"whole host tier holds (host_cache_bytes = {limit / 2**20:.1f} MiB)", field="adapter")
 
 
 def _internal(e: Exception) -> LoraplexError:

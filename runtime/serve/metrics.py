@@ -124,6 +124,14 @@ class ServerMetrics(EngineObserver):
                               ("tier",), registry=r)
         self.host_bytes = Gauge(f"{PREFIX}_adapter_host_bytes",
                                 "Bytes of adapters held in host memory.", registry=r)
+        self.tier_bytes = Gauge(f"{PREFIX}_adapter_bytes", "Adapter bytes by tier: device "
+                                "(in slots), host (held), loading (reserved for loads in "
+                                "flight), host_limit (host + loading never exceed it), "
+                                "host_peak (the highest host + loading since start).",
+                                ("tier",), registry=r)
+        self.loads_queued = Gauge(f"{PREFIX}_adapter_loads_queued",
+                                  "Registry loads waiting for room in the host tier.",
+                                  registry=r)
         self.kv_reserved = Gauge(f"{PREFIX}_kv_reserved_bytes",
                                  "KV cache bytes held (block pools, all layers).", registry=r)
         self.kv_used = Gauge(f"{PREFIX}_kv_used_bytes",
@@ -141,9 +149,17 @@ class ServerMetrics(EngineObserver):
     # -- wiring ---------------------------------------------------------------------------
     def bind_engine(self, stats: Callable[[], object],
                     resident: Callable[[], list] | None = None) -> None:
-        """Read the resident-adapter gauges from the engine at scrape time."""
+        """Read the resident-adapter gauges from the engine at scrape time: counters of
+        `stats()` only, whatever the number of adapters held. `resident()` (for the router
+        gauges) needs to list only the adapters in device slots, which come first."""
         self.resident.labels("device").set_function(lambda: getattr(stats(), "slots_used", 0))
+        self.resident.labels("host").set_function(lambda: getattr(stats(), "host_adapters", 0))
         self.host_bytes.set_function(lambda: getattr(stats(), "host_bytes", 0))
+        for tier, field in (("device", "device_bytes"), ("host", "host_bytes"),
+                            ("loading", "host_loading_bytes"),
+                            ("host_limit", "host_limit_bytes"), ("host_peak", "host_peak_bytes")):
+            self.tier_bytes.labels(tier).set_function(lambda f=field: getattr(stats(), f, 0))
+        self.loads_queued.set_function(lambda: getattr(stats(), "loads_queued", 0))
         self.kv_reserved.set_function(lambda: getattr(stats(), "kv_reserved_bytes", 0))
         self.kv_used.set_function(lambda: getattr(stats(), "kv_used_bytes", 0))
         for what, field in (("lookups", "prefix_lookups"), ("hits", "prefix_hits"),
@@ -152,8 +168,6 @@ class ServerMetrics(EngineObserver):
                 lambda f=field: getattr(stats(), f, 0))
         if resident is not None:
             self.router.bind(stats, resident)
-            self.resident.labels("host").set_function(
-                lambda: sum(1 for a in resident() if getattr(a, "on_host", False)))
 
     def serve_http(self, port: int, host: str = "127.0.0.1", *, certfile: str | None = None,
                    keyfile: str | None = None, client_cafile: str | None = None) -> int:

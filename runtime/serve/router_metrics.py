@@ -106,7 +106,10 @@ class RouterMetrics(Collector):
             return
         with self._lock:
             refs = list(self._refs.values())
-        snap = snapshot(self._stats(), self._resident(), refs, self.max_listed)
+        # the resident list first (a command the engine thread answers between steps), then
+        # the counters: an admission that the list shows is in the counters too
+        resident = self._resident()
+        snap = snapshot(self._stats(), resident, refs, self.max_listed)
         yield from families(snap, time.time())
 
 

@@ -194,7 +194,8 @@ class LoraplexServer:
             log.exception("the engine failed to start; inference stays NOT_SERVING")
             self.startup_error = e
             return
-        self.metrics.bind_engine(engine.stats, engine.resident)
+        slots = self.settings.max_slots  # the router gauges read the adapters in slots only
+        self.metrics.bind_engine(engine.stats, lambda: engine.resident(slots))
         self._follow()
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.SERVING)
         log.info("base loaded: serving inference")

@@ -4,7 +4,7 @@ variables over a YAML/TOML file over defaults.
     loraplex serve --base ./base --config server.yaml --port 50051
     LORAPLEX_METRICS_PORT=9100 loraplex serve --base ./base
 
-Engine capacity knobs the server does not name (`max_rank`, `host_cache_bytes`, …) go in the
+Engine capacity knobs the server does not name (`max_rank`, `loader_threads`, …) go in the
 file's `engine:` table and are passed to `EngineConfig` whole, which validates them.
 """
 
@@ -60,6 +60,9 @@ class ServerSettings(BaseSettings):
     quantization: Literal[QUANTIZATIONS] = Field("nf4", description="Base weights.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_slots: int = Field(8, gt=0, description="Adapters resident on the device at once.")
+    host_cache_bytes: int = Field(
+        1 << 30, ge=0, description="Bound of the host tier of adapters, in bytes: adapters "
+        "held in host memory plus loads in flight never exceed it (runtime/lora/pool.py).")
     max_batch: int = Field(32, gt=0, description="Sequences in the running batch.")
     max_waiting: int = Field(256, gt=0, description="Queued requests before RESOURCE_EXHAUSTED.")
     engine: dict[str, Any] = Field(default_factory=dict,
@@ -71,7 +74,10 @@ class ServerSettings(BaseSettings):
     max_register_bytes: int = Field(
         1 << 30, gt=0, description="Cap on one RegisterAdapter stream (config + weights).")
     max_batch_items: int = Field(256, gt=0, description="Items in one BatchGenerate call.")
-    watch_poll_s: float = Field(0.5, gt=0, description="WatchAdapters polls the registry this often.")
+    watch_poll_s: float = Field(0.5, gt=0, description="How often a WatchAdapters stream "
+                                "checks for a drain. Changes reach it as they happen: the "
+                                "server's one change-feed reader is woken by NOTIFY on "
+                                "PostgreSQL and re-reads SQLite every `change_poll_s`.")
     metrics_top_k: int = Field(20, gt=0, description="Distinct tenant/adapter label values.")
     follow_registry: bool = Field(True, description="Follow the registry's change feed: evict "
                                   "deleted versions, prefetch promoted ones (follower.py).")
@@ -118,7 +124,8 @@ class ServerSettings(BaseSettings):
     @field_validator("engine")
     @classmethod
     def _no_shadowing(cls, v: dict[str, Any]) -> dict[str, Any]:
-        named = {"base_dir", "quantization", "device", "max_slots", "max_batch", "max_waiting"}
+        named = {"base_dir", "quantization", "device", "max_slots", "max_batch", "max_waiting",
+                 "host_cache_bytes"}
         clash = sorted(named & set(v))
         if clash:
             raise ValueError(f"set {clash} as top-level settings, not under `engine`")
@@ -166,6 +173,7 @@ class ServerSettings(BaseSettings):
         return EngineConfig(base_dir=self.base, quantization=self.quantization,
                             device=self.device, max_slots=self.max_slots,
                             max_batch=self.max_batch, max_waiting=self.max_waiting,
+                            host_cache_bytes=self.host_cache_bytes,
                             **self.engine)
 
 

@@ -100,3 +100,17 @@ def test_rejections_list_every_violation(cli, make_adapter, micro_base: Path) ->
     assert _json(out)["error"]["field"] == "name"
     code, _, err = cli("alias", "acme/x:v1", "prod", "--expect", "seven", ok=False)
     assert code == 1 and "--expect 'seven'" in err
+
+
+def test_list_pages(cli, make_adapter, micro_base: Path) -> None:
+    cli("base", "add", micro_base)
+    for i, name in enumerate(("acme/a", "acme/b", "acme/c")):
+        cli("push", make_adapter(seed=i), "--name", name)
+    first = _json(cli("list", "--page-size", "2", "--json")[1])
+    assert [v["ref"] for v in first["adapters"]] == ["acme/a:v1", "acme/b:v1"]
+    rest = _json(cli("list", "--page-token", first["next_page_token"], "--json")[1])
+    assert [v["ref"] for v in rest["adapters"]] == ["acme/c:v1"]
+    assert rest["next_page_token"] is None
+    assert f"--page-token {first['next_page_token']}" in cli("list", "--page-size", "2")[1]
+    code, out, _ = cli("list", "--page-size", "0", "--json", ok=False)
+    assert code == 1 and _json(out)["error"]["field"] == "page_size"

@@ -7,8 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
+from loraplex.errors import InvalidArgument
 from loraplex.registry import Identity, Registry, db
 from loraplex.registry.lookup import page_query
 
@@ -121,3 +123,22 @@ def test_a_page_reads_a_page_of_rows_not_every_version(registry, make_adapter,
                 read = _version_rows_read(conn, q)
                 assert read <= 3 * (size + 1), \
                     f"{read} version rows read for a page of {size}"
+
+
+def test_a_page_can_start_after_a_key(registry, make_adapter, micro_base: Path) -> None:
+    """`after="t/n"` (OpenAI's cursor: the last id a client saw) starts the page where a
+    token naming that adapter would, whether or not the key exists."""
+    for i, name in enumerate(("acme/a", "acme/b", "acme/c", "beta/d")):
+        registry.push(ADMIN, make_adapter(seed=i), name, base=micro_base)
+    page, token = registry.list_adapters(ADMIN, page_size=1, after="acme/a")
+    assert [v.key for v in page] == ["acme/b"] and token is not None
+    page, token = registry.list_adapters(ADMIN, page_size=5, after="acme/bb")
+    assert [v.key for v in page] == ["acme/c", "beta/d"] and token is None
+    page, _ = registry.list_adapters(Identity("acme"), after="acme/b")
+    assert [v.key for v in page] == ["acme/c"]  # a tenant's own adapters only
+    for bad in ("no-slash", "acme/a@prod"):
+        with pytest.raises(InvalidArgument) as e:
+            registry.list_adapters(ADMIN, after=bad)
+        assert e.value.field == "after"
+    with pytest.raises(InvalidArgument):
+        registry.list_adapters(ADMIN, after="acme/a", page_token=token or "x")

@@ -24,6 +24,8 @@ from loraplex.errors import Cancelled, DeadlineExceeded
 from loraplex.runtime.api.surface import EngineClient, GenerationStream
 from loraplex.runtime.serve.openai.http import Outcome, Sampling
 
+MODEL_PAGE = 1000  # adapters per registry read when listing models
+
 
 class _EngineText:
     """A `RequestStream` seen as text: chunks, then an Outcome (the engine's finish reason,
@@ -65,16 +67,25 @@ class EngineBackend:
             return Identity.system()
         return self.registry.authenticate(token or "")
 
-    def models(self, identity: Any) -> list[str]:
-        names = [self.base_name]
+    def models(self, identity: Any, *, limit: int | None = None,
+               after: str | None = None) -> list[str]:
+        """The base, then the caller's adapters by `tenant/name`, read by the registry's
+        keyset pages from `after` on: a page costs the same wherever it starts."""
+        names = [self.base_name] if after is None else []
+        if after == self.base_name:
+            after = None
         if self.registry is None:
-            return names
+            return names[:limit]
         token = None
-        while True:
-            page, token = self.registry.list_adapters(identity, page_token=token)
+        while limit is None or len(names) < limit:
+            size = MODEL_PAGE if limit is None else min(MODEL_PAGE, limit - len(names))
+            page, token = self.registry.list_adapters(identity, page_size=size,
+                                                      page_token=token,
+                                                      after=None if token else after)
             names += [v.key for v in page]
             if not token:
-                return names
+                break
+        return names
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The text the intake renders for `messages` (shown for debugging and tests)."""

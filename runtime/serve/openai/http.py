@@ -116,13 +116,30 @@ class Backend(Protocol):
 
     def authenticate(self, token: str | None) -> Any: ...
 
-    def models(self, identity: Any) -> list[str]: ...
+    def models(self, identity: Any, *, limit: int | None = None,
+               after: str | None = None) -> list[str]:
+        """Model ids in order: the base first, then adapters by `tenant/name`; at most
+        `limit` (None: all) of those after the id `after` (None: from the start)."""
+        ...
 
     def submit(self, identity: Any, model: str, *, prompt: str | None,
                messages: list[dict[str, str]] | None, sampling: Sampling) -> TextStream: ...
 
 
 # -- request parsing ----------------------------------------------------------------------------
+MODELS_PAGE_MAX = 1000
+
+
+def _page_limit(text: str | None) -> int | None:
+    """`/v1/models?limit=`: None when absent; an integer 1..MODELS_PAGE_MAX or 400."""
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= MODELS_PAGE_MAX:
+        raise InvalidArgument(f"`limit` must be an integer from 1 to {MODELS_PAGE_MAX}",
+                              field="limit")
+    return int(text)
+
+
 class BodyTooLarge(Exception):
     """The body passed the cap (413)."""
 
@@ -336,14 +353,24 @@ def create_app(backend: Backend, *, default_max_tokens: int = 256,
         return await asyncio.to_thread(backend.authenticate, token)
 
     async def models(request: Request) -> JSONResponse:
+        """Every model, or one page of them with `?limit=N` (1..MODELS_PAGE_MAX) and
+        `after=<id>` (OpenAI's cursor: the `last_id` of the previous page); the page says
+        `has_more`. A plain GET lists all, as `openai`'s `models.list()` reads one page."""
         try:
             ident = await identity_of(request)
-            names = await asyncio.to_thread(backend.models, ident)
+            query = request.query_params
+            limit = _page_limit(query.get("limit"))
+            names = await asyncio.to_thread(backend.models, ident,
+                                            limit=None if limit is None else limit + 1,
+                                            after=query.get("after") or None)
         except LoraplexError as e:
             return JSONResponse(error_body(e)[1], status_code=error_body(e)[0])
+        more = limit is not None and len(names) > limit
+        names = names[:limit] if more else names
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": 0, "owned_by": n.split("/")[0]}
-            for n in names]})
+            for n in names], "has_more": more, "first_id": names[0] if names else None,
+            "last_id": names[-1] if names else None})
 
     def failed(e: LoraplexError, rid: str) -> JSONResponse:
         status, err = error_body(e)

@@ -15,6 +15,9 @@ from loraplex.runtime.serve.servicers import convert
 from loraplex.runtime.serve.servicers.state import ServingState
 from loraplex.v1 import admin_pb2, admin_pb2_grpc
 
+DEFAULT_RESIDENT_LIMIT = 100
+MAX_RESIDENT_LIMIT = 1000
+
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, state: ServingState) -> None:
@@ -33,9 +36,15 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return await self._adapter_call("unpin", request.ref)
 
     async def Resident(self, request, context):
+        """At most `limit` adapters (slots first): a server holding a thousand adapters
+        answers with a bounded message, and says when it left some out."""
+        limit = request.limit or DEFAULT_RESIDENT_LIMIT
+        if limit > MAX_RESIDENT_LIMIT:
+            raise InvalidArgument(f"limit must be <= {MAX_RESIDENT_LIMIT}", field="limit")
         engine = self.state.require_engine()
-        adapters, stats = await asyncio.to_thread(lambda: (engine.resident(), engine.stats()))
-        return convert.resident_pb(adapters, stats)
+        adapters, stats = await asyncio.to_thread(
+            lambda: (engine.resident(limit + 1), engine.stats()))
+        return convert.resident_pb(adapters[:limit], stats, truncated=len(adapters) > limit)
 
     async def Stats(self, request, context):
         engine = self.state.require_engine()

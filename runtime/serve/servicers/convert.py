@@ -24,11 +24,22 @@ FINISH_REASONS = {
     "deadline": inference_pb2.FINISH_REASON_DEADLINE,
     "grammar": inference_pb2.FINISH_REASON_GRAMMAR,
 }
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000  # the registry's own cap on one keyset page
+
 CHANGE_KINDS = {
     "version_created": registry_pb2.CHANGE_KIND_VERSION_CREATED,
     "alias_moved": registry_pb2.CHANGE_KIND_ALIAS_MOVED,
     "version_deleted": registry_pb2.CHANGE_KIND_VERSION_DELETED,
 }
+
+
+def page_size(requested: int) -> int:
+    """A request's `page_size`: 0 means the default; above the cap is refused."""
+    size = requested or DEFAULT_PAGE_SIZE
+    if size > MAX_PAGE_SIZE:
+        raise InvalidArgument(f"page_size must be <= {MAX_PAGE_SIZE}", field="page_size")
+    return size
 
 
 # -- inference ------------------------------------------------------------------------------
@@ -188,13 +199,22 @@ def lineage_from_json(text: str) -> dict[str, Any] | None:
 
 
 # -- admin ----------------------------------------------------------------------------------
-def resident_pb(adapters: list[Any], stats: Any) -> admin_pb2.ResidentResponse:
+def resident_pb(adapters: list[Any], stats: Any, *,
+                truncated: bool = False) -> admin_pb2.ResidentResponse:
     return admin_pb2.ResidentResponse(
         adapters=[admin_pb2.ResidentAdapter(
             ref=a.ref, digest=a.digest, size_bytes=a.size_bytes, slot=a.slot or 0,
             on_host=a.on_host, pinned=a.pinned, active_sequences=a.active_sequences)
             for a in adapters],
-        slots_used=stats.slots_used, slots_total=stats.slots_total, host_bytes=stats.host_bytes)
+        slots_used=stats.slots_used, slots_total=stats.slots_total, host_bytes=stats.host_bytes,
+        truncated=truncated, **_tier_fields(stats, ("host_adapters", "device_bytes",
+                                                    "host_loading_bytes", "host_limit_bytes",
+                                                    "loads_queued")))
+
+
+def _tier_fields(stats: Any, names: tuple[str, ...]) -> dict[str, int]:
+    """The adapter-tier counters of `EngineStats` (0 from an engine that has none)."""
+    return {n: getattr(stats, n, 0) for n in names}
 
 
 def stats_pb(s: Any) -> admin_pb2.StatsResponse:
@@ -211,7 +231,9 @@ def stats_pb(s: Any) -> admin_pb2.StatsResponse:
         prefix_lookups=getattr(s, "prefix_lookups", 0),
         prefix_hits=getattr(s, "prefix_hits", 0),
         compute_dtype=getattr(s, "compute_dtype", ""),
-        compute_reason=getattr(s, "compute_reason", ""))
+        compute_reason=getattr(s, "compute_reason", ""),
+        **_tier_fields(s, ("device_bytes", "host_loading_bytes", "host_limit_bytes",
+                           "host_peak_bytes", "host_adapters", "loads_queued")))
 
 
 def admin_ack_pb(changed: bool, version: Any) -> admin_pb2.AdminAdapterResponse:

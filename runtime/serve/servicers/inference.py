@@ -75,12 +75,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.BatchGenerateResponse(results=results)
 
     async def ListModels(self, request, context):
-        identity = current_identity()
-        adapters = await asyncio.to_thread(self._usable_adapters, identity)
+        size = convert.page_size(request.page_size)
+        adapters, token = await asyncio.to_thread(self._usable_adapters, current_identity(),
+                                                  size, request.page_token or None)
         base = convert.base_model_pb(self.state.base_fingerprint,
                                      self.state.settings.quantization)
         return inference_pb2.ListModelsResponse(
-            base=base, adapters=[convert.adapter_pb(a) for a in adapters])
+            base=base, adapters=[convert.adapter_pb(a) for a in adapters],
+            next_page_token=token or "")
 
     # -- helpers ----------------------------------------------------------------------------
     async def _admit(self, engine, request, context, *, client_id: str | None = None,
@@ -119,15 +121,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 code=mapped.code.value[0], code_name=mapped.code.name, message=mapped.message,
                 field=field or ""))
 
-    def _usable_adapters(self, identity) -> list:
-        """Newest version of every adapter the caller may use on this server's base."""
-        registry, base = self.state.registry, self.state.base_fingerprint
-        out, token = [], None
-        while True:
-            page, token = registry.list_adapters(identity, page_size=500, page_token=token)
-            out += [a for a in page if base is None or a.base.digest == base.digest]
-            if not token:
-                return out
+    def _usable_adapters(self, identity, size: int, token: str | None) -> tuple[list, str | None]:
+        """One registry page (keyset: the same cost at any position) of the newest
+        versions the caller may see, less those for another base; the registry's token."""
+        base = self.state.base_fingerprint
+        page, token = self.state.registry.list_adapters(identity, page_size=size,
+                                                        page_token=token)
+        return [a for a in page if base is None or a.base.digest == base.digest], token
 
     @contextmanager
     def _owned(self, engine, request_id: str, context):

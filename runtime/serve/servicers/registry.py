@@ -22,18 +22,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from loraplex.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from loraplex.runtime.serve.change_hub import ChangeHub
 from loraplex.runtime.serve.interceptors import current_identity
 from loraplex.runtime.serve.servicers import convert
 from loraplex.runtime.serve.servicers.state import ServingState
 from loraplex.v1 import registry_pb2, registry_pb2_grpc
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-
 
 class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     def __init__(self, state: ServingState) -> None:
         self.state = state
+        self.changes = ChangeHub(state.registry, stop_check_s=state.settings.watch_poll_s)
 
     @property
     def registry(self):
@@ -57,9 +56,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return convert.adapter_pb(version)
 
     async def ListAdapters(self, request, context):
-        size = request.page_size or DEFAULT_PAGE_SIZE
-        if size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size must be <= {MAX_PAGE_SIZE}", field="page_size")
+        size = convert.page_size(request.page_size)
         page, token = await asyncio.to_thread(
             self.registry.list_adapters, current_identity(), tenant=request.tenant or None,
             page_size=size, page_token=request.page_token or None)
@@ -89,19 +86,16 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return registry_pb2.DeleteVersionResponse()
 
     async def WatchAdapters(self, request, context) -> AsyncIterator:
-        """Poll `Registry.changes` and forward the ones the caller may see.
+        """Forward the changes after `after_id` that the caller may see, read incrementally
+        by the server's one `ChangeHub` (change_hub.py).
 
         Ends when the server drains, so that watchers never hold a graceful shutdown open.
         """
-        identity, after = current_identity(), request.after_id
-        while not self.state.draining:
-            changes = await asyncio.to_thread(self.registry.changes, after)
-            for change in changes:
-                after = max(after, change.id)
-                if identity.can_access(change.tenant):
-                    yield convert.change_pb(change)
-            if not changes:
-                await asyncio.sleep(self.state.settings.watch_poll_s)
+        identity = current_identity()
+        async for change in self.changes.follow(request.after_id,
+                                                stop=lambda: self.state.draining):
+            if identity.can_access(change.tenant):
+                yield convert.change_pb(change)
 
     async def CompressAdapter(self, request, context):
         from loraplex.registry.derive import compress_version

@@ -14,6 +14,7 @@ from loraplex.basemodel import EOS_ID, build_base
 from loraplex.errors import (
     AlreadyExists,
     DataCorruption,
+    FailedPrecondition,
     IncompatibleAdapter,
     InvalidArgument,
     NotFound,
@@ -76,7 +77,7 @@ def _req(engine, rid, adapter=None, prompt=(65, 66, 67), n=8, identity=ACME, **k
 
 def test_eviction_under_pressure_keeps_every_answer_right(world):
     rec = Recorder()
-    engine = _engine(world, rec, max_slots=2, max_batch=4, host_cache_bytes=60_000)
+    engine = _engine(world, rec, max_slots=2, max_batch=4, host_cache_bytes=200_000)
     g = torch.Generator().manual_seed(5)
     reqs = [(f"e{i}", world.names[i % 6], torch.randint(0, 256, (6,), generator=g).tolist())
             for i in range(12)]
@@ -90,7 +91,7 @@ def test_eviction_under_pressure_keeps_every_answer_right(world):
         assert r.token_ids == reference_greedy(world, a, p, 5, eos=EOS_ID)
     evictions = [e for e in rec.events if e[:2] == ("cache", "evict")]
     assert any(e[2] == "device" for e in evictions) and any(e[2] == "host" for e in evictions)
-    assert stats.slots_used <= 2 and stats.host_bytes <= 60_000 + 50_000
+    assert stats.slots_used <= 2 and 0 < stats.host_peak_bytes <= 200_000
     # "auto" (the default): the dtype loraplex.compute picks here, and why, in the stats
     want = compute.choose("auto", "cpu", quantization="none")
     assert (stats.compute_dtype, stats.compute_reason) == (want.dtype, want.reason)
@@ -130,6 +131,54 @@ def test_prefetch_unload_and_resident(world):
         assert engine.unload(ACME, "acme/a3") is True
         assert engine.unload(ACME, "acme/a3") is False
         assert digest not in {r.digest for r in engine.resident()}
+    finally:
+        engine.shutdown()
+
+
+def test_host_tier_never_passes_its_byte_bound_under_concurrent_cold_loads(world):
+    """Every adapter wanted at once, through a host tier that holds two of the largest:
+    loads wait for room instead of passing the bound (the pool's own peak of held +
+    in-flight bytes), none runs on the engine thread, every answer is right, and the
+    stats and the resident view report each tier's bytes."""
+    versions = {n: world.registry.resolve(ACME, f"acme/{n}") for n in world.names}
+    bound = 2 * max(v.size_bytes for v in versions.values())  # fp32 stored, fp32 on host
+    rec = Recorder()
+    engine = _engine(world, rec, max_slots=2, max_batch=6, loader_threads=4,
+                     host_cache_bytes=bound, compute_dtype="float32")
+    load_threads: set[str] = set()
+    engine.loader.hook = lambda v: load_threads.add(threading.current_thread().name)
+    g = torch.Generator().manual_seed(9)
+    reqs = [(f"b{i}", world.names[i % len(world.names)],
+             torch.randint(0, 256, (5,), generator=g).tolist()) for i in range(len(versions))]
+    try:
+        streams = [engine.submit(_req(engine, rid, f"acme/{a}", p, n=4)) for rid, a, p in reqs]
+        results = [s.wait(120) for s in streams]
+        stats, resident = engine.stats(), engine.resident()
+        listed = engine.resident(limit=1)
+    finally:
+        engine.shutdown()
+    for (_, a, p), r in zip(reqs, results, strict=True):
+        assert r.token_ids == reference_greedy(world, a, p, 4, eos=EOS_ID)
+    assert stats.host_limit_bytes == bound
+    assert max(v.size_bytes for v in versions.values()) <= stats.host_peak_bytes <= bound
+    assert ("cache", "evict", "host") in rec.events  # the bound made room, more than once
+    assert load_threads and all(t.startswith("loraplex-loader") for t in load_threads)
+    assert stats.host_bytes == sum(r.size_bytes for r in resident if r.on_host)
+    assert stats.device_bytes == sum(r.size_bytes for r in resident if r.slot is not None)
+    assert stats.host_adapters == sum(r.on_host for r in resident)
+    assert stats.host_loading_bytes == 0 and stats.loads_queued == 0
+    assert len(listed) == 1 and listed[0].slot is not None  # device slots come first
+
+
+def test_an_adapter_bigger_than_the_host_tier_fails_with_a_clear_error(world):
+    engine = _engine(world, host_cache_bytes=50_000)
+    try:
+        with pytest.raises(FailedPrecondition) as e:  # acme/a5 holds ~143 KB
+            engine.generate(_req(engine, "big", "acme/a5", n=2), timeout=30)
+        assert e.value.field == "adapter" and "host_cache_bytes" in e.value.message
+        with pytest.raises(FailedPrecondition):
+            engine.prefetch(ACME, "acme/a5")
+        assert engine.generate(_req(engine, "small", "acme/a3", n=2), timeout=30).token_ids
     finally:
         engine.shutdown()
 

@@ -1,4 +1,5 @@
-"""Adapter pool bookkeeping: slots, LRU, pinning, host budget, loads off-thread, failures.
+"""Adapter pool bookkeeping: slots, LRU, pinning, the host tier's byte bound, loads
+off-thread, failures.
 
 The pool is driven with its own callbacks (a dict standing in for the layers' slots and a
 loader that builds tensors); the engine tests run it against the real registry and layers.
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from loraplex.errors import DataCorruption, ResourceExhausted
+from loraplex.errors import DataCorruption, FailedPrecondition, ResourceExhausted
 from loraplex.runtime.api.slots import SlotLayout
 from loraplex.runtime.lora.loading import HostAdapter
 from loraplex.runtime.lora.pool import AdapterPool
@@ -23,13 +24,16 @@ from loraplex.runtime.lora.pool import AdapterPool
 class V:  # the fields of AdapterVersion the pool reads
     digest: str
     ref: str = "t/n:v1"
+    size_bytes: int = 4000  # what the pool reserves for its load (host_bytes_of's default)
 
 
 class Rig:
-    def __init__(self, max_slots=2, host_cache_bytes=100_000, fail=(), delay=0.0):
+    """Loads give 4000-byte adapters (or `sizes[digest]` bytes)."""
+
+    def __init__(self, max_slots=2, host_cache_bytes=100_000, fail=(), delay=0.0, sizes=None):
         self.slots: dict[int, str] = {}
         self.loads: list[str] = []
-        self.fail, self.delay = set(fail), delay
+        self.fail, self.delay, self.sizes = set(fail), delay, sizes or {}
         self.gate = threading.Event()
         self.gate.set()
         self.pool = AdapterPool(max_slots=max_slots, host_cache_bytes=host_cache_bytes,
@@ -42,9 +46,21 @@ class Rig:
         self.loads.append(v.digest)
         if v.digest in self.fail:
             raise DataCorruption("bad blob")
+        n = self.sizes.get(v.digest, 4000) // 16  # A [2, n] + B [n, 2], fp32
         return HostAdapter(digest=v.digest, ref=v.ref, rank=2, alpha=4.0,
-                           tensors={"m.lora_A.weight": torch.zeros(2, 250),  # 4000 bytes
-                                    "m.lora_B.weight": torch.zeros(250, 2)})
+                           tensors={"m.lora_A.weight": torch.zeros(2, n),
+                                    "m.lora_B.weight": torch.zeros(n, 2)})
+
+    def pump(self, until, timeout=5.0):
+        """Poll (as the engine thread does every step) until `until()`; the failures."""
+        failures = []
+        end = time.monotonic() + timeout
+        while not until():
+            failures += self.pool.poll()
+            if time.monotonic() > end:
+                raise TimeoutError
+            time.sleep(0.001)
+        return failures
 
     def write(self, slot, host):
         self.slots[slot] = host.digest
@@ -120,20 +136,79 @@ def test_pin_before_load_activates_when_it_lands():
     assert [r["pinned"] for r in rig.pool.resident()] == [True]
 
 
-def test_host_tier_keeps_the_byte_budget_but_never_drops_what_requests_wait_for():
+def test_host_tier_evicts_lru_copies_to_make_room_but_never_what_requests_wait_for():
     rig = Rig(max_slots=1, host_cache_bytes=9_000)  # room for two 4000-byte adapters
-    vs = [V(f"sha256:{i}") for i in range(4)]
-    rig.pool.want(vs[0])  # a request waits for 0
-    for v in vs[1:]:
-        rig.pool.ensure_loading(v)
-    rig.land(*vs)
-    assert rig.pool.on_host(vs[0].digest)  # wanted: kept although oldest
-    assert rig.pool.host_bytes <= 9_000
-    rig.pool.release(rig.pool.acquire(vs[0].digest))
-    rig.pool.unwant(vs[0].digest)
-    rig.pool.ensure_loading(V("sha256:new"))
-    rig.land(V("sha256:new"))
-    assert rig.pool.host_bytes <= 9_000
+    old, waited, new = V("sha256:old"), V("sha256:waited"), V("sha256:new")
+    rig.pool.ensure_loading(old)
+    rig.land(old)
+    rig.pool.want(waited)  # a request waits for it
+    rig.land(waited)
+    rig.pool.ensure_loading(new)  # no room: the oldest copy nothing waits for goes
+    rig.land(new)
+    assert not rig.pool.on_host(old.digest)
+    assert rig.pool.on_host(waited.digest) and rig.pool.on_host(new.digest)
+    assert rig.pool.host_peak_bytes <= 9_000
+
+
+def test_host_bound_counts_loads_in_flight_and_holds_the_rest_back():
+    """Eight adapters wanted at once under a bound of two: held + reserved bytes never pass
+    the bound (the pool's own peak), the others wait in the queue, and every one of them
+    lands once the earlier ones reach a slot."""
+    rig = Rig(max_slots=1, host_cache_bytes=9_000)
+    rig.gate.clear()  # loads block: everything started is in flight
+    vs = [V(f"sha256:{i}") for i in range(8)]
+    for v in vs:
+        rig.pool.want(v)
+    tiers = rig.pool.tier_bytes()
+    assert (tiers.loading, tiers.host, tiers.queued) == (8_000, 0, 6)
+    assert all(rig.pool.is_loading(v.digest) for v in vs)
+    assert rig.pool.residency().loading == {v.digest for v in vs}  # the scheduler waits
+    rig.gate.set()
+    served = []
+    for v in vs:  # the engine's order: a landed adapter reaches the slot, its request ends
+        rig.pump(lambda v=v: rig.pool.on_host(v.digest))
+        assert rig.pool.tier_bytes().host + rig.pool.tier_bytes().loading <= 9_000
+        slot = rig.pool.acquire(v.digest)
+        served.append(rig.slots[slot])
+        rig.pool.unwant(v.digest)
+        rig.pool.release(slot)
+    assert served == [v.digest for v in vs] and sorted(rig.loads) == sorted(served)
+    assert 8_000 <= rig.pool.host_peak_bytes <= 9_000
+
+
+def test_an_adapter_larger_than_the_whole_host_tier_is_refused():
+    rig = Rig(host_cache_bytes=9_000)
+    huge = V("sha256:huge", ref="t/huge:v1", size_bytes=10_000)
+    rig.pool.want(huge)
+    [failure] = rig.pool.poll()
+    assert failure.digest == huge.digest and isinstance(failure.error, FailedPrecondition)
+    assert "t/huge:v1" in failure.error.message and failure.error.field == "adapter"
+    assert rig.loads == [] and not rig.pool.is_loading(huge.digest)
+    with pytest.raises(FailedPrecondition):
+        rig.pool.when_resident(huge)  # prefetch and pin say so at once
+
+
+def test_a_load_bigger_than_its_reservation_waits_for_room_with_its_real_size():
+    """A DoRA adapter's factors make it land bigger than its record says: it takes the
+    difference from the tier, or goes back to the queue with its real size."""
+    rig = Rig(max_slots=1, host_cache_bytes=7_000)  # each lands with 4000 bytes
+    a, b = V("sha256:a", size_bytes=1000), V("sha256:b", size_bytes=1000)
+    rig.gate.clear()
+    rig.pool.want(a)
+    rig.pool.want(b)
+    assert rig.pool.tier_bytes().loading == 2_000  # both fit their reservations
+    rig.gate.set()
+    rig.pump(lambda: len(rig.loads) == 2 and rig.pool.tier_bytes().loading == 0)
+    first = a if rig.pool.on_host(a.digest) else b
+    second = b if first is a else a
+    tiers = rig.pool.tier_bytes()
+    assert (tiers.host, tiers.queued) == (4_000, 1)  # no room for both: one waits again
+    assert rig.pool.is_loading(second.digest)
+    rig.pool.release(rig.pool.acquire(first.digest))  # in a slot: its host copy may go
+    rig.pool.unwant(first.digest)
+    rig.pump(lambda: rig.pool.on_host(second.digest))
+    assert rig.pool.tier_bytes().queued == 0 and len(rig.loads) == 3
+    assert rig.pool.host_peak_bytes <= 7_000
 
 
 def test_failed_load_is_reported_once_and_can_be_retried():
@@ -176,7 +251,7 @@ def test_loader_threads_can_run_at_background_priority():
 
     pool = AdapterPool(max_slots=1, host_cache_bytes=0, load_fn=load, write_slot=print,
                        clear_slot=print, loader_nice=7)
-    pool.ensure_loading(V("sha256:n"))
+    pool.ensure_loading(V("sha256:n", size_bytes=0))
     end = time.monotonic() + 5
     while pool.is_loading("sha256:n") and time.monotonic() < end:
         pool.poll()

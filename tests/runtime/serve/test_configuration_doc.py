@@ -11,7 +11,8 @@ from loraplex.runtime.api.types import EngineConfig
 from loraplex.runtime.serve.settings import ServerSettings
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "configuration.md"
-SET_BY_SERVER = {"base_dir", "quantization", "device", "max_slots", "max_batch", "max_waiting"}
+SET_BY_SERVER = {"base_dir", "quantization", "device", "max_slots", "max_batch", "max_waiting",
+                 "host_cache_bytes"}
 
 
 def _table(heading: str) -> set[str]:

@@ -7,12 +7,14 @@ deadline freeing engine capacity, and an alias move in the middle of a stream.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from loraplex.client import Client, generate_request, typed_error
+from loraplex.client import AsyncClient, Client, generate_request, typed_error
 from loraplex.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -24,6 +26,7 @@ from loraplex.errors import (
     Unauthenticated,
 )
 from loraplex.registry import Identity, Registry
+from loraplex.runtime.serve.metrics import scrape
 from loraplex.runtime.serve.server import BackgroundServer
 from loraplex.runtime.serve.settings import load_settings
 from loraplex.v1 import inference_pb2, inference_pb2_grpc
@@ -138,6 +141,32 @@ def test_tenants_cannot_use_each_others_adapters(world):
     assert "foreign" not in [a.name for a in acme.list_models().adapters]  # other base
 
 
+def test_list_models_pages_by_keyset(world):
+    admin = world["c"]["admin"]
+    first = admin.list_models(page_size=1)  # acme/foreign: another base, left out
+    assert first.base.quantization == "none" and list(first.adapters) == []
+    assert first.next_page_token
+    second = admin.list_models(page_size=1, page_token=first.next_page_token)
+    assert [a.ref for a in second.adapters] == ["acme/support:v1"]
+    assert [a.ref for a in admin.iter_models(page_size=1)] == ["acme/support:v1",
+                                                              "globex/sales:v1"]
+
+    async def walk() -> list[str]:
+        async with AsyncClient(world["bg"].target, token=admin.token, timeout=60) as c:
+            return [a.ref async for a in c.iter_models(page_size=1)]
+
+    assert asyncio.run(walk()) == ["acme/support:v1", "globex/sales:v1"]
+    assert [a.ref for a in admin.list_models().adapters] == ["acme/support:v1",
+                                                            "globex/sales:v1"]
+    assert not admin.list_models().next_page_token
+    with pytest.raises(InvalidArgument) as e:
+        admin.list_models(page_size=5000)
+    assert e.value.field == "page_size"
+    with pytest.raises(InvalidArgument) as e:
+        admin.list_models(page_token="not-a-token")
+    assert e.value.field == "page_token"
+
+
 def test_status_codes(world):
     acme = world["c"]["acme"]
     with pytest.raises(InvalidArgument) as e:
@@ -168,10 +197,26 @@ def test_admin_controls_residency(world):
     admin.unload("globex/sales:v1")
     assert "globex/sales:v1" not in {a.ref for a in admin.resident().adapters}
     admin.prefetch("globex/sales@prod")
-    assert "globex/sales:v1" in {a.ref for a in admin.resident().adapters}
+    admin.prefetch("acme/support@prod")
+    view = admin.resident()
+    assert "globex/sales:v1" in {a.ref for a in view.adapters} and not view.truncated
+    assert view.host_limit_bytes == 1 << 30 and view.host_loading_bytes == 0
+    assert view.host_bytes == sum(a.size_bytes for a in view.adapters if a.on_host) > 0
+    assert view.device_bytes == sum(a.size_bytes for a in view.adapters if a.slot)
+    one = admin.resident(limit=1)  # a bounded answer that says it left some out
+    assert len(one.adapters) == 1 and one.truncated and one.adapters[0].slot >= 1
+    with pytest.raises(InvalidArgument):
+        admin.resident(limit=5000)
     stats = admin.stats()
     assert stats.ready and not stats.draining and stats.requests_finished > 0
     assert (stats.compute_dtype, stats.compute_reason) == ("float32", "set explicitly")
+    assert (stats.host_bytes, stats.device_bytes) == (view.host_bytes, view.device_bytes)
+    assert stats.host_bytes <= stats.host_peak_bytes <= stats.host_limit_bytes
+    text = scrape(f"http://127.0.0.1:{world['bg'].server.metrics_port}/metrics")
+    tiers = {s.labels["tier"]: s.value for f in text_string_to_metric_families(text)
+             if f.name == "loraplex_adapter_bytes" for s in f.samples}
+    assert tiers["host"] == view.host_bytes and tiers["device"] == view.device_bytes
+    assert tiers["host_limit"] == 1 << 30 and tiers["loading"] == 0
 
 
 def test_deadline_is_honoured_and_frees_the_sequence(world):

@@ -7,9 +7,12 @@ adapters are made directly with peft on the micro base and registered by streami
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from loraplex.client import Client
 from loraplex.errors import (
@@ -47,7 +50,10 @@ def world(micro_base, tmp_path_factory):
     reg = Registry.open(root / "reg")
     settings = load_settings({"base": micro_base, "registry": str(root / "reg"), "port": 0,
                               "host": "127.0.0.1", "metrics_port": 0, "metrics_host": "127.0.0.1",
-                              "max_register_bytes": 400_000})
+                              "max_register_bytes": 400_000,
+                              # a poll this slow would miss the watch test's window: changes
+                              # must reach watchers as they happen, not at the next poll
+                              "watch_poll_s": 5.0})
     tokens = {t: reg.create_token(Identity.system(), t) for t in ("acme", "globex")}
     tokens["admin"] = reg.create_token(Identity.system(), "ops", admin=True)
     adapter = make_peft_adapter(micro_base, root / "peft-adapter")
@@ -128,6 +134,48 @@ def test_tenants_are_isolated_both_ways(world):
     assert [v.ref for v in globex.list_versions("globex/mine")] == ["globex/mine:v1"]
     with pytest.raises(NotFound):
         globex.list_versions("acme/private")
+
+
+def test_watchers_read_only_the_changes_after_their_position(world):
+    """Three watchers at the head of a feed of dozens of changes each get the next change as
+    it happens (well within `watch_poll_s`), from the server's one reader of the feed; no
+    read of the feed made for them starts before their position (no re-reading from the
+    start)."""
+    reg, acme = world["reg"], world["c"]["acme"]
+    acme.register_adapter("acme/watched", world["adapter"])
+    for i in range(30):
+        acme.set_alias("acme/watched:v1", f"a{i}")
+    head = reg.latest_change_id()
+    reads: list[int] = []  # the `id >` bound of every read of lpx_changes
+
+    def on_execute(conn, cursor, statement, parameters, context, executemany):
+        if "FROM lpx_changes" in statement and "lpx_changes.id >" in statement:
+            reads.append(parameters[0])
+
+    got: dict[int, list] = {}
+
+    def watch(i: int, who: str) -> None:
+        got[i] = []
+        for change in world["c"][who].watch(after_id=head, timeout=4):
+            got[i].append((change.id, change.alias))
+            return
+
+    sa.event.listen(reg.engine, "before_cursor_execute", on_execute)
+    try:
+        watchers = [threading.Thread(target=watch, args=(i, who)) for i, who in
+                    enumerate(("acme", "admin", "admin"))]
+        for t in watchers:
+            t.start()
+        end = time.monotonic() + 20
+        while len(reads) < 3 and time.monotonic() < end:  # the feed is being read for them
+            time.sleep(0.01)
+        acme.set_alias("acme/watched:v1", "fresh")
+        for t in watchers:
+            t.join(30)
+    finally:
+        sa.event.remove(reg.engine, "before_cursor_execute", on_execute)
+    assert got == {i: [(head + 1, "fresh")] for i in range(3)}
+    assert reads and min(reads) >= head
 
 
 def test_admin_sees_every_tenant_and_pages(world):

@@ -86,6 +86,50 @@ def test_tenant_and_adapter_labels_are_bounded():
     assert adapters == {"t0/support", "t1/support", "t2/support", "other"}
 
 
+def _series_after(n_adapters: int) -> int:
+    """Series on /metrics after traffic over `n_adapters` adapters of 8 tenants, with all
+    of them held on the host and 8 in device slots."""
+    m = ServerMetrics(top_k=20)
+    stats = NS(slots_used=8, slots_total=8, host_bytes=n_adapters << 20,
+               host_adapters=n_adapters, device_bytes=8 << 20, host_loading_bytes=0,
+               host_limit_bytes=1 << 30, host_peak_bytes=n_adapters << 20, loads_queued=3,
+               kv_reserved_bytes=0, kv_used_bytes=0, kv_limit_bytes=1, kv_rows_used=0,
+               kv_rows_total=8, running=8, waiting=n_adapters, prefix_lookups=0,
+               prefix_hits=0, prefix_hit_tokens=0)
+    held = [NS(ref=f"t{i % 8}/a{i}:v1", slot=i + 1 if i < 8 else None, on_host=True,
+               active_sequences=1 if i < 8 else 0) for i in range(n_adapters)]
+    m.bind_engine(lambda: stats, lambda: held[:stats.slots_total])  # as the server binds it
+    for i in range(n_adapters):
+        m.on_request_queued(_request(f"q{i}", f"t{i % 8}", f"t{i % 8}/a{i}@prod"))
+    for i in range(n_adapters):
+        m.on_adapter_load("registry", 0.05)
+        m.on_adapter_load("host", 0.002)
+        m.on_cache("miss", "host")
+        m.on_cache("evict", "host")
+        m.on_finished(NS(request_id=f"r{i}", finish_reason="stop",
+                         adapter=NS(tenant=f"t{i % 8}", key=f"t{i % 8}/a{i}"),
+                         usage=NS(prompt_tokens=3, completion_tokens=5),
+                         timings=NS(total_s=0.2)))
+    text = generate_latest(m.registry).decode()
+    return sum(1 for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def test_a_thousand_adapters_serve_as_many_series_as_a_few():
+    """Residency, bytes and load latency are per tier and the adapter label is capped, so
+    1,000 adapters serve as many series as 30."""
+    assert _series_after(1000) == _series_after(30)
+    assert _value_of_tiers(1000) == {"device": 8 << 20, "host": 1000 << 20, "loading": 0,
+                                     "host_limit": 1 << 30, "host_peak": 1000 << 20}
+
+
+def _value_of_tiers(n: int) -> dict[str, float]:
+    m = ServerMetrics()
+    m.bind_engine(lambda: NS(device_bytes=8 << 20, host_bytes=n << 20, host_loading_bytes=0,
+                             host_limit_bytes=1 << 30, host_peak_bytes=n << 20))
+    return {t: _value(m, "loraplex_adapter_bytes", tier=t)
+            for t in ("device", "host", "loading", "host_limit", "host_peak")}
+
+
 def test_bounded_label_keeps_first_k():
     label = BoundedLabel(2)
     assert [label(v) for v in "abcab"] == ["a", "b", "other", "a", "b"]

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import jsonschema
 import openai
@@ -50,6 +53,37 @@ def _grpc(world, tenant, adapter, prompt, **kw):
 def test_models_lists_the_base_and_only_the_callers_adapters(world):
     ids = [m.id for m in world["oa"]("acme").models.list()]
     assert ids == ["micro", "acme/support"]
+
+
+def _get_models(world, **params) -> tuple[int, dict]:
+    """GET /v1/models?params as acme, by hand: (status, JSON body)."""
+    url = f"{world['oa']('acme').base_url}models?{urllib.parse.urlencode(params)}"
+    req = urllib.request.Request(url, headers={
+        "Authorization": f"Bearer {world['tokens']['acme']}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - a local server
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def test_models_pages_with_limit_and_after(world):
+    pages, after = [], None
+    while True:
+        status, page = _get_models(world, limit=1, **({"after": after} if after else {}))
+        assert status == 200
+        pages.append([m["id"] for m in page["data"]])
+        assert page["first_id"] == page["data"][0]["id"] and page["last_id"] == pages[-1][-1]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert pages == [["micro"], ["acme/support"]]
+    _, whole = _get_models(world)  # what the openai client's models.list() reads
+    assert [m["id"] for m in whole["data"]] == ["micro", "acme/support"]
+    assert whole["has_more"] is False
+    for bad in ({"limit": 0}, {"limit": "many"}, {"limit": 1001}, {"after": "no such id"}):
+        status, body = _get_models(world, **bad)
+        assert status == 400 and body["error"]["param"] in ("limit", "after")
 
 
 def test_completions_match_grpc_unary_and_streaming(world):
