@@ -19,7 +19,14 @@ from loraplex.registry import db
 from loraplex.registry.db import adapters, versions
 from loraplex.registry.records import AdapterVersion, Identity
 from loraplex.registry.refs import LATEST, AdapterRef, check_name, parse_key, parse_ref
-from loraplex.registry.rows import Store, not_found, to_version, version_query, visible_adapter
+from loraplex.registry.rows import (
+    VERSION_COLUMNS,
+    Store,
+    not_found,
+    to_version,
+    version_query,
+    visible_adapter,
+)
 
 MAX_PAGE_SIZE = 1000
 
@@ -118,7 +125,7 @@ def page_query(tenant: str | None, after: tuple[str, str] | None, limit: int) ->
     newest = (sa.select(versions.c.version).where(versions.c.adapter_id == adapters.c.id)
               .order_by(versions.c.version.desc()).limit(1)
               .correlate(adapters).scalar_subquery())
-    q = (sa.select(versions, adapters.c.tenant, adapters.c.name)
+    q = (sa.select(*VERSION_COLUMNS, adapters.c.tenant, adapters.c.name)
          .select_from(adapters.join(versions, sa.and_(versions.c.adapter_id == adapters.c.id,
                                                       versions.c.version == newest))))
     if tenant is not None:

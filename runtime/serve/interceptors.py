@@ -53,7 +53,8 @@ ADMIN_PREFIX = "/loraplex.v1.AdminService/"
 # AdminService methods the registry authorizes itself (token scope `admin`: an admin, or a
 # tenant-admin token for its own tenant), so the interceptor's admin-role check skips them.
 TOKEN_METHODS = frozenset(ADMIN_PREFIX + m for m in (
-    "CreateToken", "ListTokens", "RevokeToken", "RotateToken", "TokenHistory"))
+    "CreateToken", "ListTokens", "RevokeToken", "RotateToken", "TokenHistory",
+    "PurgeTokens"))
 REQUEST_ID_KEY = "x-request-id"
 DEADLINE_SLACK_S = 0.25  # see `ended_by_client`
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -226,13 +227,19 @@ class AuthInterceptor(_ScopeInterceptor):
     """Bearer token → `Identity` via the registry; admin-only services check the role.
 
     `authenticate(token, peer=...)` gets the caller's address (`context.peer()`), by
-    which the registry backs off repeated failures (registry/tokens.py). With
-    `authenticate=None` (the `--no-auth` flag) every caller is `fallback` (an admin).
+    which the registry backs off repeated failures (registry/tokens.py). `cached(token,
+    peer=...)`, when given, answers on the event loop whatever needs no database (a token
+    checked before, a peer backing off, a token known bad): most calls, the hostile ones
+    included, never take a worker thread; None from it sends the call to `authenticate`
+    in one. With `authenticate=None` (the `--no-auth` flag) every caller is `fallback`
+    (an admin).
     """
 
-    def __init__(self, authenticate: Callable[[str], Any] | None, fallback: Any = None) -> None:
+    def __init__(self, authenticate: Callable[..., Any] | None, fallback: Any = None,
+                 cached: Callable[..., Any] | None = None) -> None:
         self.authenticate = authenticate
         self.fallback = fallback
+        self.cached = cached
 
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
@@ -255,7 +262,12 @@ class AuthInterceptor(_ScopeInterceptor):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization metadata must be `Bearer <token>`")
-        return await asyncio.to_thread(self.authenticate, token.strip(), peer=_peer_host(context))
+        token, peer = token.strip(), _peer_host(context)
+        if self.cached is not None:
+            identity = self.cached(token, peer=peer)
+            if identity is not None:
+                return identity
+        return await asyncio.to_thread(self.authenticate, token, peer=peer)
 
 
 def _peer_host(context: grpc.aio.ServicerContext) -> str:

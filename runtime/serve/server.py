@@ -107,7 +107,9 @@ class LoraplexServer:
                         ", ".join(f"{k}={v}" for k, v in self.settings.listeners()))
             auth = AuthInterceptor(None, fallback=Identity.system())
         else:
-            auth = AuthInterceptor(self.state.registry.authenticate)
+            registry = self.state.registry
+            auth = AuthInterceptor(registry.authenticate,
+                                   cached=getattr(registry, "authenticate_cached", None))
         # Outermost first: the request id is bound before anything logs; metrics see the
         # final status code the error interceptor chose.
         return [RequestIdInterceptor(), MetricsInterceptor(self.metrics), ErrorInterceptor(),
