@@ -30,8 +30,8 @@ costs neither a database query each nor a thread for long:
 - a peer (the caller's address, which both doors pass) that fails more than
   `auth_failures_free` times is refused, before any database work, for a backoff that
   doubles up to `auth_backoff_max_s` (`AuthThrottled`, RESOURCE_EXHAUSTED); a token this
-  process already holds as good still passes (callers sharing the address, behind one
-  proxy, keep working). A success does not clear the backoff (a caller holding one valid
+  process already holds as good still passes, and is still looked up again when its
+  cached answer is due (callers sharing the address, behind one proxy, keep working). A success does not clear the backoff (a caller holding one valid
   token could otherwise reset it between guesses): a peer's failures are forgotten once it
   has not failed for `auth_backoff_max_s`;
 - at most `_LOOKUPS` database lookups of uncached tokens run at once per process;
@@ -159,7 +159,8 @@ class Tokens:
         h = self._well_formed(token, peer, mono)
         identity = self._cached(h, mono)  # a known token passes even a backing-off peer
         if identity is None:
-            self._refuse_early(h, peer, mono)
+            if not self._known(h):  # a good token whose check is due is asked again
+                self._refuse_early(h, peer, mono)
             with self._lookups:
                 identity = self._lookup(h, mono)
             if identity is None:
@@ -180,6 +181,13 @@ class Tokens:
                 return identity if fresh and mono - used < _LAST_USED_EVERY_S else None
         self._refuse_early(h, peer, mono)
         return None
+
+    def _known(self, h: str) -> bool:
+        """This process has held the token as good (its cached answer may be due for a
+        recheck): it is looked up even while its peer backs off, so callers sharing an
+        address with an attacker keep working past `token_cache_s`."""
+        with self._lock:
+            return h in self._good
 
     def _well_formed(self, token: Any, peer: str | None, mono: float) -> str:
         """The token's hash; a string that cannot be one of ours fails at once."""
@@ -215,8 +223,7 @@ class Tokens:
                 return None
             identity, token_id, expires, until, used = hit
             if until <= mono or (expires is not None and expires <= _now()):
-                del self._good[h]
-                return None
+                return None  # kept (see `_known`) until the database says otherwise
             if mono - used >= _LAST_USED_EVERY_S:
                 self._good[h] = (identity, token_id, expires, until, mono)
             else:
@@ -247,6 +254,7 @@ class Tokens:
         """Remember the failure (the hash, and the peer's count) and raise."""
         with self._lock:
             if h is not None:
+                self._good.pop(h, None)
                 self._bad.put(h, mono + _NEGATIVE_TTL_S)
             if peer is not None:
                 p = self._peers.get(peer) or _Peer()

@@ -5,7 +5,9 @@
    only when it is at most 128 characters of `[A-Za-z0-9._:-]` (`plain_request_id`): any
    other is replaced by a fresh one before anything logs or echoes it.
 2. `ErrorInterceptor` — turns `LoraplexError`s into their precise status code with details
-   (`grpc_errors.py`); anything else is a bug → INTERNAL, logged.
+   (`grpc_errors.py`); anything else is a bug → INTERNAL, logged. A caller whose calls
+   keep being refused gets its refusals later (`pacing.py`), keyed by its tenant once
+   `AuthInterceptor` knows it, else by its address.
 3. `MetricsInterceptor` — counts finished RPCs by method and status code.
 4. `AuthInterceptor` — `authorization: Bearer <token>` → `Registry.authenticate` → the
    caller's `Identity` in a contextvar; AdminService requires the admin role.
@@ -47,6 +49,10 @@ log = logging.getLogger("loraplex.runtime.grpc")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 identity_var: contextvars.ContextVar[Any] = contextvars.ContextVar("identity", default=None)
+# Who is calling, for pacing refusals: {"peer": …}, plus "tenant" once authenticated. One
+# dict per call, set by the outer ErrorInterceptor and filled in by the inner AuthInterceptor.
+caller_var: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "caller", default=None)
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/loraplex.v1.AdminService/"
@@ -179,10 +185,16 @@ class RequestIdInterceptor(_ScopeInterceptor):
 
 
 class ErrorInterceptor(_ScopeInterceptor):
-    """Domain errors → their status code with details; any other exception → INTERNAL."""
+    """Domain errors → their status code with details; any other exception → INTERNAL.
+    With a `pacer`, a refusal of a caller that keeps being refused waits first."""
+
+    def __init__(self, pacer: Any = None) -> None:
+        self.pacer = pacer  # pacing.RefusalPacer
 
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
+        caller = {"peer": _peer_host(context)}
+        token = caller_var.set(caller)
         try:
             yield
         except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -190,10 +202,16 @@ class ErrorInterceptor(_ScopeInterceptor):
         except Exception as e:  # noqa: BLE001 - the one place every failure is classified
             if not isinstance(e, LoraplexError):
                 log.error("bug in %s", method)
+            elif self.pacer is not None:
+                key = f"tenant:{caller['tenant']}" if "tenant" in caller \
+                    else f"peer:{caller['peer']}"
+                await self.pacer.pace(key, e.code)
             try:
                 await grpc_errors.abort(context, e, current_request_id())
             except ExecuteBatchError as dead:  # the call ended first (see `write`)
                 raise asyncio.CancelledError("the call ended before its status") from dead
+        finally:
+            caller_var.reset(token)
 
 
 class MetricsInterceptor(_ScopeInterceptor):
@@ -244,6 +262,9 @@ class AuthInterceptor(_ScopeInterceptor):
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
         identity = await self._identify(context)
+        caller = caller_var.get()
+        if caller is not None and getattr(identity, "tenant", None):
+            caller["tenant"] = identity.tenant
         if (method.startswith(ADMIN_PREFIX) and method not in TOKEN_METHODS
                 and getattr(identity, "role", "") != "admin"):
             raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")

@@ -263,3 +263,18 @@ def test_the_event_loop_answer_needs_no_database_and_a_success_does_not_reset_ba
     with pytest.raises(Unauthenticated):  # a known bad token is refused without a lookup
         registry.authenticate_cached("lpx_" + "0" * 43, peer="ipv4:10.8.8.8")
     assert tokens.db_lookups == before + free + 1
+
+
+def test_a_good_token_keeps_working_from_a_backing_off_address_past_the_cache_time(
+        open_registry):
+    registry = open_registry(token_cache_s=0.1)
+    good = registry.create_token(ADMIN, "acme")
+    registry.authenticate(good, peer="ipv4:10.6.6.6")
+    for i in range(registry.settings.auth_failures_free + 1):  # an attacker, same address
+        with pytest.raises(Unauthenticated):
+            registry.authenticate(f"lpx_{i:043d}", peer="ipv4:10.6.6.6")
+    time.sleep(0.2)  # the cached answer is due for a recheck: asked again, not throttled
+    assert registry.authenticate(good, peer="ipv4:10.6.6.6").tenant == "acme"
+    registry.revoke_token(ADMIN, registry.list_tokens(ADMIN, "acme")[0].id)
+    with pytest.raises(Unauthenticated):  # and a revoked one stops, from any address
+        registry.authenticate(good, peer="ipv4:10.5.5.5")
