@@ -30,9 +30,9 @@ p99 within 2x), split into the engine's own time (submit to finish, from the rep
 timings) and the rest (the doors: transport, authentication, admission); the server's CPU
 seconds and RSS (start, peak, end, and peak by quarter of the storm windows) and the
 attacker's CPU; the machine's load average; what each kind of hostile call got back. RSS is
-called bounded when the storm's second half peaks within 5% + 32 MiB of its first half and
-the RSS after the storm ends falls back below the storm's peak; otherwise the benchmark
-says UNBOUNDED and exits with status 2.
+called bounded when the storm windows' second half peaks within 5% + 32 MiB of their first
+half; otherwise the benchmark says UNBOUNDED and exits with status 2. "end" is the RSS a
+few seconds after the storm stopped.
 """
 
 from __future__ import annotations
@@ -158,9 +158,9 @@ class Storm:
     """Hostile loops, each recording (kind, status code, seconds) per call."""
 
     def __init__(self, target: str, token: str, adapter: Path, regex_dir: Path | None,
-                 only: set[str] | None = None) -> None:
+                 only: set[str] | None = None, copies: int = 1) -> None:
         self.target, self.token, self.adapter, self.regex_dir = target, token, adapter, regex_dir
-        self.only = only
+        self.only, self.copies = only, copies
         self.stop = threading.Event()
         self.calls: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self._lock = threading.Lock()
@@ -227,7 +227,7 @@ class Storm:
             [("flood", flood)] * 4
         if self.regex_dir is not None:
             loops.append(("regex", regex))
-        for kind, fn in loops:
+        for kind, fn in loops * self.copies:
             if self.only is not None and kind not in self.only:
                 continue
             t = threading.Thread(target=self._loop, args=(kind, fn), daemon=True)
@@ -256,7 +256,7 @@ def storm_worker(spec: str) -> None:
     a = json.loads(spec)
     storm = Storm(a["target"], a["token"], Path(a["adapter"]),
                   Path(a["regex_dir"]) if a["regex_dir"] else None,
-                  set(a["only"]) if a["only"] else None)
+                  set(a["only"]) if a["only"] else None, a["copies"])
     storm.start()
     print("ready", flush=True)
     sys.stdin.readline()
@@ -335,20 +335,14 @@ def quarters(rss: list[int]) -> list[float]:
     return [round(max(rss[i:i + n]) / 2**20, 1) for i in range(0, n * 4, n) if rss[i:i + n]]
 
 
-def rss_verdict(storm: list[int], after: list[int]) -> tuple[bool, str]:
-    """Bounded: the storm's second half peaks within 5% + 32 MiB of its first half, and
-    once the storm ends RSS falls back below the storm's peak."""
+def rss_verdict(storm: list[int]) -> tuple[bool, str]:
+    """Bounded: the storm's second half peaks within 5% + 32 MiB of its first half."""
     half = len(storm) // 2
     first, second = max(storm[:half] or storm), max(storm[half:] or storm)
-    grew = second > first * 1.05 + (32 << 20)
-    held = bool(after) and min(after) >= max(storm)
-    why = []
-    if grew:
-        why.append(f"the storm's second half peaked at {second / 2**20:.0f} MiB against "
-                   f"{first / 2**20:.0f} MiB in its first")
-    if held:
-        why.append(f"after the storm RSS stayed at {min(after) / 2**20:.0f} MiB or more")
-    return not why, "; ".join(why)
+    if second > first * 1.05 + (32 << 20):
+        return False, (f"the storm's second half peaked at {second / 2**20:.0f} MiB against "
+                       f"{first / 2**20:.0f} MiB in its first")
+    return True, ""
 
 
 def summarize(calls: list[tuple[float, float]]) -> dict:
@@ -374,6 +368,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-regex", action="store_true", help="leave the pattern attack out")
     ap.add_argument("--only", default=None, help="comma-separated kinds of hostile call "
                     "(bad_token, huge_prompt, oversized_upload, merge, regex, flood)")
+    ap.add_argument("--attackers", type=int, default=1, help="copies of the hostile loops "
+                    "(each copy: 11 calls in flight)")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment of the server (e.g. LORAPLEX_REFUSAL_PACING_FREE=0)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--storm-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -384,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
     from loraplex.client import Client
     from loraplex.registry import Identity, Registry
 
+    EXTRA_ENV.update(kv.split("=", 1) for kv in args.server_env)
     WORK.mkdir(parents=True, exist_ok=True)
     base, adapter = prepare()
     reg_dir = WORK / f"reg-{int(time.time())}"
@@ -406,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict:
         rss = RssLog(proc.pid)
         attacker = Attacker({"target": target, "token": mallory, "adapter": str(adapter),
                              "regex_dir": str(regex_dir) if regex_dir else None,
-                             "only": args.only.split(",") if args.only else None})
+                             "only": args.only.split(",") if args.only else None,
+                             "copies": args.attackers})
         for _ in range(args.rounds):
             for tag, into in (("quiet", quiet), ("storm", loud)):
                 if tag == "storm":
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         except subprocess.TimeoutExpired:
             proc.kill()
     storm_rss, after_rss = rss.of("storm"), rss.of("after")
-    bounded, why = rss_verdict(storm_rss, after_rss)
+    bounded, why = rss_verdict(storm_rss)
     all_rss = [b for _, b in rss.samples]
     q, s_ = summarize(quiet), summarize(loud)
     result = {
@@ -452,6 +452,7 @@ def main(argv: list[str] | None = None) -> dict:
         "attacker_cpu_s": hostile.get("cpu_s"),
         "hostile": hostile["hostile"], "still_running_at_stop": hostile["still_running_at_stop"],
         "server_alive": alive, "rounds": args.rounds, "window_s": args.duration,
+        "attackers": args.attackers, "server_env": args.server_env,
         "regex_letters": None if args.no_regex else args.regex_as,
     }
     if args.json:
@@ -467,6 +468,8 @@ def report(r: dict) -> None:
     m = r["machine"]
     print(f"# {m['cpu']} · {m['capability']} · {m['cores']} cores · torch {m['torch']}")
     print(f"# {m['command']}")
+    if r["server_env"]:
+        print(f"# server environment: {' '.join(r['server_env'])}")
     print(f"# load average (1 min) at each window: quiet {r['load_avg_1m']['quiet']}, "
           f"storm {r['load_avg_1m']['storm']}")
     for tag in ("quiet", "storm"):
