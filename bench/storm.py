@@ -116,6 +116,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rss_parts(pid: int) -> dict[str, float]:
+    """RssAnon / RssFile / RssShmem of a process, MiB: what kind of memory it holds."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+            key, value = line.split(":", 1)
+            out[key] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -403,6 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
             c.wait_ready(300)
         victim_run(target, victim, 3.0)  # warm-up: grammar compiled, code paths hot
         rss = RssLog(proc.pid)
+        parts = {"start": rss_parts(proc.pid)}
         attacker = Attacker({"target": target, "token": mallory, "adapter": str(adapter),
                              "regex_dir": str(regex_dir) if regex_dir else None,
                              "only": args.only.split(",") if args.only else None,
@@ -424,6 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
         rss.tag = "after"
         time.sleep(max(6.0, 2 * args.settle))
         rss.stop()
+        parts["end"] = rss_parts(proc.pid)
         alive = proc.poll() is None
     finally:
         proc.terminate()
@@ -448,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "quiet_peak": round(max(rss.of("quiet")) / 2**20, 1),
                     "storm_peak": round(max(storm_rss) / 2**20, 1),
                     "storm_quarters": quarters(storm_rss)},
-        "rss_bounded": bounded, "rss_why": why,
+        "rss_parts_mib": parts, "rss_bounded": bounded, "rss_why": why,
         "attacker_cpu_s": hostile.get("cpu_s"),
         "hostile": hostile["hostile"], "still_running_at_stop": hostile["still_running_at_stop"],
         "server_alive": alive, "rounds": args.rounds, "window_s": args.duration,
@@ -486,6 +498,9 @@ def report(r: dict) -> None:
     print(f"server RSS MiB: start {x['start']}, peak {x['peak']}, end {x['end']} (quiet peak "
           f"{x['quiet_peak']}, storm peak {x['storm_peak']}, storm by quarter "
           f"{x['storm_quarters']}): {'bounded' if r['rss_bounded'] else 'UNBOUNDED: ' + r['rss_why']}")
+    print("  kinds of memory, start → end: " + ", ".join(
+        f"{k} {r['rss_parts_mib']['start'].get(k)} → {r['rss_parts_mib']['end'].get(k)}"
+        for k in ("RssAnon", "RssFile", "RssShmem")))
     for kind, s in r["hostile"].items():
         print(f"  {kind:17s} {s['calls']:5d} calls  p50 {s['p50_s']}s  {s['codes']}")
     if r["still_running_at_stop"]:

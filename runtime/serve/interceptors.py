@@ -5,7 +5,9 @@
    only when it is at most 128 characters of `[A-Za-z0-9._:-]` (`plain_request_id`): any
    other is replaced by a fresh one before anything logs or echoes it.
 2. `ErrorInterceptor` — turns `LoraplexError`s into their precise status code with details
-   (`grpc_errors.py`); anything else is a bug → INTERNAL, logged. A caller whose calls
+   (`grpc_errors.py`), set on the call for grpc to send when the handler returns (never
+   raised through grpc: see `grpc_errors.set_status`); anything else is a bug → INTERNAL,
+   logged. A caller whose calls
    keep being refused gets its refusals later (`pacing.py`), keyed by its tenant once
    `AuthInterceptor` knows it, else by its address.
 3. `MetricsInterceptor` — counts finished RPCs by method and status code.
@@ -113,8 +115,8 @@ async def write(context: grpc.aio.ServicerContext, item: Any) -> None:
     the write's batch (`ExecuteBatchError`, the error its own streaming loop swallows for a
     closed call) instead of cancelling the task. The call is over either way: raise what a
     cancel raises, so every scope sees one kind of ending and grpc ends the call quietly.
-    (`ErrorInterceptor` does the same when sending an error status finds the call gone,
-    e.g. the engine retired a request by its deadline just as the client gave up.)
+    (`ErrorInterceptor` does the same for an error raised after the call ended, e.g. the
+    engine retired a request by its deadline just as the client gave up.)
     """
     try:
         await context.write(item)
@@ -206,10 +208,10 @@ class ErrorInterceptor(_ScopeInterceptor):
                 key = f"tenant:{caller['tenant']}" if "tenant" in caller \
                     else f"peer:{caller['peer']}"
                 await self.pacer.pace(key, e.code)
-            try:
-                await grpc_errors.abort(context, e, current_request_id())
-            except ExecuteBatchError as dead:  # the call ended first (see `write`)
-                raise asyncio.CancelledError("the call ended before its status") from dead
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # grpc cancelled the call first
+                raise asyncio.CancelledError("the call ended before its status") from None
+            grpc_errors.set_status(context, e, current_request_id())  # sent on return
         finally:
             caller_var.reset(token)
 
@@ -228,6 +230,7 @@ class MetricsInterceptor(_ScopeInterceptor):
         code = "OK"
         try:
             yield
+            code = _code_name(context.code() or grpc.StatusCode.OK)  # a status set, or OK
         except asyncio.CancelledError:
             code = ended_by_client(context)
             raise
