@@ -9,7 +9,7 @@ its address) has had `free` refusals within `WINDOW_S`, each further refusal is 
 `delay_s` before it is sent: a closed loop then costs one call per `delay_s` per
 connection instead of hundreds a second. A held refusal is an idle task, but it counts
 against the server's `max_concurrent_rpcs`, so at most `max_held` are held at once; past
-that, refusals go out at once (measured in bench.storm: docs/security.md).
+that, refusals go out at once (figures: bench/results/storm.md).
 
 Which outcomes count: UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT and
 RESOURCE_EXHAUSTED — what a well-behaved client does not repeat in a loop. NOT_FOUND
