@@ -94,6 +94,7 @@ def list_versions(store: Store, identity: Identity, key: str) -> list[AdapterVer
                             .order_by(versions.c.version)).all()
         if not rows:
             raise not_found(tenant, name)
+        store.lineages.prefetch(conn, rows)
         return [to_version(store, conn, r) for r in rows]
 
 
@@ -114,6 +115,7 @@ def list_adapters(store: Store, identity: Identity, *, tenant: str | None = None
     after = _decode_page_token(page_token) if page_token else None
     with db.read_tx(store.engine) as conn:
         rows = conn.execute(page_query(tenant, after, page_size + 1)).all()
+        store.lineages.prefetch(conn, rows[:page_size])
         out = [to_version(store, conn, r) for r in rows[:page_size]]
     token = _encode_page_token(out[-1].key) if len(rows) > page_size else None
     return out, token

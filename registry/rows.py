@@ -7,8 +7,8 @@ modules that each do one job (`versions`, `lookup`, `aliases`, `deletion`, `pull
 
 A version's lineage (JSON, up to `max_lineage_bytes` at push; rows written under an older,
 larger cap may hold megabytes) is never part of a version query: `to_version` takes it from
-`LineageCache`, which reads and parses a version's lineage once, in its own point query, and
-keeps it while it fits the cache's byte budget. Version rows never change, so a cached
+`LineageCache`, which reads and parses a version's lineage once, in its own point query (a
+listed page's in one query: `prefetch`), and keeps it while it fits the cache's byte budget. Version rows never change, so a cached
 lineage is never stale, and resolving a ref (every admitted request does) costs no JSON
 parsing.
 """
@@ -62,28 +62,51 @@ class LineageCache:
         self._items: OrderedDict[tuple, tuple[dict[str, Any], int]] = OrderedDict()
         self._bytes = 0
         self.reads = 0  # lineages read and parsed (tests)
+        self.queries = 0  # queries that read them
 
     def get(self, conn: Connection, row: sa.Row) -> dict[str, Any]:
         """`row`'s lineage (a shallow copy: callers may add keys)."""
-        key = (row.id, row.digest, row.created_at)
+        key = _key(row)
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
                 self._items.move_to_end(key)
                 return dict(hit[0])
-        text = conn.execute(sa.select(sa.cast(versions.c.lineage, sa.Text))
-                            .where(versions.c.id == row.id)).scalar()
-        lineage = _parse_lineage(text)
-        size = len(text or "")
+        return dict(self._read(conn, [row])[key])
+
+    def prefetch(self, conn: Connection, rows: list[sa.Row]) -> None:
+        """Read the lineages of `rows` not cached yet in one query (a page of versions)."""
         with self._lock:
-            self.reads += 1
-            if size <= self.budget and key not in self._items:
-                self._items[key] = (lineage, size)
-                self._bytes += size
-                while self._bytes > self.budget:
-                    _, (_, gone) = self._items.popitem(last=False)
-                    self._bytes -= gone
-        return dict(lineage)
+            missing = [r for r in rows if _key(r) not in self._items]
+        if missing:
+            self._read(conn, missing)
+
+    def _read(self, conn: Connection, rows: list[sa.Row]) -> dict[tuple, dict[str, Any]]:
+        """Read, parse and (within the budget) keep the lineages of `rows`."""
+        by_id = {r.id: r for r in rows}
+        texts = conn.execute(sa.select(versions.c.id, sa.cast(versions.c.lineage, sa.Text))
+                             .where(versions.c.id.in_(list(by_id)))).all()
+        out = {}
+        with self._lock:
+            self.queries += 1
+            for vid, text in texts:
+                key, lineage = _key(by_id[vid]), _parse_lineage(text)
+                out[key] = lineage
+                self.reads += 1
+                size = len(text or "")
+                if size <= self.budget and key not in self._items:
+                    self._items[key] = (lineage, size)
+                    self._bytes += size
+            while self._bytes > self.budget:
+                _, (_, gone) = self._items.popitem(last=False)
+                self._bytes -= gone
+        for r in rows:  # a row deleted meanwhile: no lineage to show
+            out.setdefault(_key(r), {})
+        return out
+
+
+def _key(row: sa.Row) -> tuple:
+    return (row.id, row.digest, row.created_at)
 
 
 def _parse_lineage(text: str | None) -> dict[str, Any]:

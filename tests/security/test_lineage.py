@@ -44,3 +44,17 @@ def test_cached_lineages_stay_within_their_budget(registry, make_adapter):
         cache.get(conn, rows[-1])["i"] = -1
         assert cache.get(conn, rows[-1])["i"] == 7
     assert [registry.resolve(ADMIN, v.ref).lineage["i"] for v in versions] == list(range(8))
+
+
+def test_a_page_of_versions_reads_its_lineages_in_one_query(registry, make_adapter):
+    for i in range(6):
+        registry.push(ADMIN, make_adapter(seed=i), f"acme/a{i}", lineage={"i": i})
+        registry.push(ADMIN, make_adapter(seed=10 + i), "acme/many", lineage={"i": 10 + i})
+    cache = registry.store.lineages
+    cache._items.clear()  # as a fresh process would
+    queries = cache.queries
+    page, _ = registry.list_adapters(ADMIN)
+    assert [v.lineage["i"] for v in page] == [0, 1, 2, 3, 4, 5, 15]
+    assert [v.lineage["i"] for v in registry.list_versions(ADMIN, "acme/many")] == \
+        list(range(10, 16))
+    assert cache.queries == queries + 2  # one per page, not one per version
