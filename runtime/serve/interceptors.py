@@ -252,15 +252,17 @@ class AuthInterceptor(_ScopeInterceptor):
     peer=...)`, when given, answers on the event loop whatever needs no database (a token
     checked before, a peer backing off, a token known bad): most calls, the hostile ones
     included, never take a worker thread; None from it sends the call to `authenticate`
-    in one. With `authenticate=None` (the `--no-auth` flag) every caller is `fallback`
+    in one. With a `pacer`, a tenant over its refusal budget waits before its call starts
+    (`pacing.py`). With `authenticate=None` (the `--no-auth` flag) every caller is `fallback`
     (an admin).
     """
 
     def __init__(self, authenticate: Callable[..., Any] | None, fallback: Any = None,
-                 cached: Callable[..., Any] | None = None) -> None:
+                 cached: Callable[..., Any] | None = None, pacer: Any = None) -> None:
         self.authenticate = authenticate
         self.fallback = fallback
         self.cached = cached
+        self.pacer = pacer  # pacing.RefusalPacer: a tenant over its refusal budget waits
 
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
@@ -268,6 +270,8 @@ class AuthInterceptor(_ScopeInterceptor):
         caller = caller_var.get()
         if caller is not None and getattr(identity, "tenant", None):
             caller["tenant"] = identity.tenant
+            if self.pacer is not None:
+                await self.pacer.pace_start(f"tenant:{identity.tenant}")
         if (method.startswith(ADMIN_PREFIX) and method not in TOKEN_METHODS
                 and getattr(identity, "role", "") != "admin"):
             raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")

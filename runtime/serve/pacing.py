@@ -1,20 +1,26 @@
-"""Answer callers whose calls keep being refused more slowly.
+"""Slow down callers whose calls keep being refused.
 
 Why: every call costs the server's event loop (and the GIL the engine thread needs) the
 same receive, interceptors and status send whether it is served or refused, and a client
 that loops on a refused call — a retry storm, or a hostile tenant sending bad tokens,
-oversized prompts or invalid merges — sends the next one as soon as it hears back. Refusing
-faster only makes such a loop spin faster. So once a caller (its tenant when known, else
-its address) has had `free` refusals within `WINDOW_S`, each further refusal is held for
-`delay_s` before it is sent: a closed loop then costs one call per `delay_s` per
-connection instead of hundreds a second. A held refusal is an idle task, but it counts
-against the server's `max_concurrent_rpcs`, so at most `max_held` are held at once; past
-that, refusals go out at once (figures: bench/results/storm.md).
+oversized prompts or uploads, invalid merges — sends the next one as soon as it hears back.
+Refusing faster only makes such a loop spin faster. So once a caller (its tenant when known,
+else its address) has had `free` refusals within `WINDOW_S`, it is over its budget:
+
+- each further refusal is held `delay_s` before it is sent (`pace`), and
+- each of its calls waits `delay_s` before it starts (`pace_start`): an oversized upload's
+  bytes, a flood of generations, are then taken in at that pace too.
+
+A closed loop then costs one call per `delay_s` per connection instead of hundreds a second,
+and the budget frees itself once the caller's refusals fall out of the window. A held call
+is an idle task, but it counts against the server's `max_concurrent_rpcs`, so at most
+`max_held` are held at once; past that, calls go on at once (figures:
+bench/results/storm.md).
 
 Which outcomes count: UNAUTHENTICATED, PERMISSION_DENIED, INVALID_ARGUMENT and
 RESOURCE_EXHAUSTED — what a well-behaved client does not repeat in a loop. NOT_FOUND
 (asking whether something exists) and UNAVAILABLE (the server's state, not the caller's
-doing) never do, and served calls are never delayed.
+doing) never do. A caller within its budget is never delayed.
 """
 
 from __future__ import annotations
@@ -58,9 +64,24 @@ class RefusalPacer:
                 self._seen.popitem(last=False)
             return self.delay_s if len(times) > self.free else 0.0
 
+    def over_budget(self, key: str, now: float | None = None) -> bool:
+        """Whether `key` has had more than `free` refusals within the window."""
+        if self.free <= 0:
+            return False
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            times = self._seen.get(key)
+            return bool(times) and len([t for t in times if t > now - WINDOW_S]) > self.free
+
     async def pace(self, key: str, code: str) -> None:
         """Hold this refusal for its delay (if any, and if fewer than `max_held` are held)."""
-        delay = self.delay_for(key, code)
+        await self._hold(self.delay_for(key, code))
+
+    async def pace_start(self, key: str) -> None:
+        """Hold the start of a call of a caller over its budget."""
+        await self._hold(self.delay_s if self.over_budget(key) else 0.0)
+
+    async def _hold(self, delay: float) -> None:
         if delay <= 0:
             return
         with self._lock:

@@ -114,7 +114,8 @@ class LoraplexServer:
         else:
             registry = self.state.registry
             auth = AuthInterceptor(registry.authenticate,
-                                   cached=getattr(registry, "authenticate_cached", None))
+                                   cached=getattr(registry, "authenticate_cached", None),
+                                   pacer=self.pacer)
         # Outermost first: the request id is bound before anything logs; metrics see the
         # final status code the error interceptor chose.
         return [RequestIdInterceptor(), MetricsInterceptor(self.metrics),

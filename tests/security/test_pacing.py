@@ -1,5 +1,6 @@
-"""A caller whose calls keep being refused gets its refusals later (runtime/serve/pacing.py):
-a loop on a refused call costs the server one call per delay, not hundreds a second."""
+"""A caller whose calls keep being refused is slowed down (runtime/serve/pacing.py): its
+refusals are sent later and its calls start later, so a loop on a refused call costs the
+server one call per delay, not hundreds a second."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def world(micro_base, tmp_path_factory):
     settings = load_settings({"base": micro_base, "registry": str(root / "reg"), "port": 0,
                               "host": "127.0.0.1", "metrics_port": None,
                               "refusal_pacing_free": 3, "refusal_pacing_delay_s": 0.5})
-    tokens = {t: reg.create_token(Identity.system(), t) for t in ("acme", "globex")}
+    tokens = {t: reg.create_token(Identity.system(), t) for t in ("acme", "globex", "initech")}
     with BackgroundServer(settings, registry=reg, with_engine=False) as bg, \
             grpc.insecure_channel(bg.target) as channel:
         yield {"stub": registry_pb2_grpc.RegistryServiceStub(channel), "tokens": tokens,
@@ -59,9 +60,21 @@ def test_a_tenant_looping_on_refused_calls_is_answered_later(world):
         _refused(world, "acme")
     assert pacer.paced == before  # the free ones
     assert min(_refused(world, "acme") for _ in range(2)) >= 0.5
-    assert pacer.paced == before + 2
+    assert pacer.paced == before + 3  # two refusals held, and the second call's start
     _refused(world, "globex")  # another tenant keeps its own count
-    assert pacer.paced == before + 2
+    assert pacer.paced == before + 3
+    paced = pacer.paced
+    world["stub"].ListAdapters(registry_pb2.ListAdaptersRequest(), metadata=[
+        ("authorization", f"Bearer {world['tokens']['initech']}")], timeout=30)
+    assert pacer.paced == paced  # a tenant within its budget is never delayed
+
+
+def test_a_tenant_over_its_refusal_budget_waits_before_each_call(world):
+    pacer = world["pacer"]
+    for _ in range(5):  # over the budget of 3
+        _refused(world, "globex")
+    assert pacer.over_budget("tenant:globex") and not pacer.over_budget("tenant:nobody")
+    start = time.monotonic()
     served = world["stub"].ListAdapters(registry_pb2.ListAdaptersRequest(), metadata=[
-        ("authorization", f"Bearer {world['tokens']['acme']}")], timeout=30)
-    assert list(served.adapters) == [] and pacer.paced == before + 2  # never delayed
+        ("authorization", f"Bearer {world['tokens']['globex']}")], timeout=30)
+    assert list(served.adapters) == [] and time.monotonic() - start >= 0.5
