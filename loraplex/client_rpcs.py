@@ -358,6 +358,12 @@ RPCS: dict[str, Rpc] = {
                             id=token_id, grace_s=grace_s),
                         doc="A new secret for a token's tenant and scope; the old one ends "
                             "after `grace_s`."),
+    "purge_tokens": Rpc("admin", "PurgeTokens",
+                        lambda tenant="", older_than_s=None: admin_pb2.PurgeTokensRequest(
+                            tenant=tenant, older_than_s=older_than_s),
+                        lambda resp: list(resp.ids),
+                        doc="Delete revoked and expired tokens' rows inactive at least "
+                            "`older_than_s` (default: the server's retention); their ids."),
     "token_history": Rpc("admin", "TokenHistory",
                          lambda tenant="": admin_pb2.TokenHistoryRequest(tenant=tenant),
                          lambda resp: resp.events, idempotent=True),

@@ -10,6 +10,7 @@
     loraplex registry verify && loraplex registry gc
     loraplex registry token create acme [--scope inference|publish|admin] [--ttl 30d]
     loraplex registry token list [acme] | revoke tok_… | rotate tok_… [--grace 1h] | history
+    loraplex registry token purge [acme] [--older-than 7d]
     loraplex registry compress acme/support@prod --rank 4 [--alias prod --gate … --gate-data …]
     loraplex registry merge acme/a acme/b --method ties --density 0.5 --name acme/ab
 
@@ -356,6 +357,24 @@ def token_rotate(
     with session(registry, blob_dir, token, as_json) as s:
         new, info = s.reg.rotate_token(s.me, token_id, grace_s=_duration(grace) or 0.0)
         s.emit(info.as_dict() | {"token": new, "replaces": token_id}, new)
+
+
+@token_app.command("purge")
+def token_purge(
+    tenant: Annotated[str | None, typer.Argument(
+        help="Tenant (default: the caller's; an admin's: every tenant's).")] = None,
+    older_than: Annotated[str | None, typer.Option(
+        help="Purge tokens inactive at least this long (seconds, or 90m, 12h, 7d; 0: every "
+        "inactive one). Default: the retention, LORAPLEX_TOKEN_RETENTION_S (30 days).")] = None,
+    registry: RegistryOpt = DEFAULT_REGISTRY, blob_dir: BlobDirOpt = None,
+    token: TokenOpt = None, as_json: JsonOpt = False,
+) -> None:
+    """Delete revoked and expired tokens' rows (each audited as `purged`; active tokens
+    are never touched). Token creation purges those past the retention by itself."""
+    with session(registry, blob_dir, token, as_json) as s:
+        ids = s.reg.purge_tokens(s.me, tenant, older_than_s=_duration(older_than))
+        s.emit({"purged": ids}, f"purged {len(ids)} token(s)" + (
+            f": {', '.join(ids)}" if ids else ""))
 
 
 @token_app.command("history")

@@ -152,7 +152,7 @@ token_events = sa.Table(
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
     sa.Column("token_id", sa.String(32), nullable=False, index=True),
     sa.Column("tenant", sa.String(64), nullable=False, index=True),
-    sa.Column("action", sa.String(16), nullable=False),  # created | rotated | revoked
+    sa.Column("action", sa.String(16), nullable=False),  # created | rotated | revoked | purged
     sa.Column("detail", sa.String(256), nullable=False, server_default=""),
     sa.Column("at", _TS, nullable=False),
     sa.Column("by", sa.String(256), nullable=False),

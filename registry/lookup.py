@@ -19,7 +19,14 @@ from loraplex.registry import db
 from loraplex.registry.db import adapters, versions
 from loraplex.registry.records import AdapterVersion, Identity
 from loraplex.registry.refs import LATEST, AdapterRef, check_name, parse_key, parse_ref
-from loraplex.registry.rows import Store, not_found, to_version, version_query, visible_adapter
+from loraplex.registry.rows import (
+    VERSION_COLUMNS,
+    Store,
+    not_found,
+    to_version,
+    version_query,
+    visible_adapter,
+)
 
 MAX_PAGE_SIZE = 1000
 
@@ -87,6 +94,7 @@ def list_versions(store: Store, identity: Identity, key: str) -> list[AdapterVer
                             .order_by(versions.c.version)).all()
         if not rows:
             raise not_found(tenant, name)
+        store.lineages.prefetch(conn, rows)
         return [to_version(store, conn, r) for r in rows]
 
 
@@ -113,6 +121,7 @@ def list_adapters(store: Store, identity: Identity, *, tenant: str | None = None
     after = _decode_page_token(page_token) if page_token else None
     with db.read_tx(store.engine) as conn:
         rows = conn.execute(page_query(tenant, after, page_size + 1)).all()
+        store.lineages.prefetch(conn, rows[:page_size])
         out = [to_version(store, conn, r) for r in rows[:page_size]]
     token = _encode_page_token(out[-1].key) if len(rows) > page_size else None
     return out, token
@@ -124,7 +133,7 @@ def page_query(tenant: str | None, after: tuple[str, str] | None, limit: int) ->
     newest = (sa.select(versions.c.version).where(versions.c.adapter_id == adapters.c.id)
               .order_by(versions.c.version.desc()).limit(1)
               .correlate(adapters).scalar_subquery())
-    q = (sa.select(versions, adapters.c.tenant, adapters.c.name)
+    q = (sa.select(*VERSION_COLUMNS, adapters.c.tenant, adapters.c.name)
          .select_from(adapters.join(versions, sa.and_(versions.c.adapter_id == adapters.c.id,
                                                       versions.c.version == newest))))
     if tenant is not None:

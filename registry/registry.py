@@ -383,6 +383,11 @@ class Registry:
         expired or revoked, `AuthThrottled` while `peer` backs off (registry/tokens.py)."""
         return self.tokens.authenticate(token, peer=peer)
 
+    def authenticate_cached(self, token: str, *, peer: str | None = None) -> Identity | None:
+        """`authenticate`'s answer when it needs no database (None: it does); never
+        blocks, so an event loop may call it (registry/tokens.py)."""
+        return self.tokens.authenticate_cached(token, peer=peer)
+
     @faults.reads
     def list_tokens(self, identity: Identity, tenant: str | None = None, *,
                     include_inactive: bool = False) -> list[TokenInfo]:
@@ -396,6 +401,12 @@ class Registry:
     def rotate_token(self, identity: Identity, token_id: str, *, grace_s: float = 0.0,
                      ttl_s: float | None = None) -> tuple[str, TokenInfo]:
         return self.tokens.rotate(identity, token_id, grace_s=grace_s, ttl_s=ttl_s)
+
+    @faults.writes
+    def purge_tokens(self, identity: Identity, tenant: str | None = None, *,
+                     older_than_s: float | None = None) -> list[str]:
+        """Drop revoked or expired tokens' rows past retention (audited); their ids."""
+        return self.tokens.purge(identity, tenant, older_than_s=older_than_s)
 
     @faults.reads
     def token_history(self, identity: Identity, tenant: str | None = None) -> list[TokenEvent]:

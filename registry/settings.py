@@ -45,6 +45,9 @@ class RegistrySettings(BaseSettings):
         10.0, ge=0, description="How long a process trusts a token it has checked before "
         "asking the database again: a revocation made by another process takes effect "
         "within this time (at once in the process that revoked).")
+    token_retention_s: float = Field(
+        30 * 86400.0, ge=0, description="How long a revoked or expired token stays listed "
+        "(`token list --all`) before its row is purged (its audit rows stay).")
     auth_failures_free: int = Field(
         5, gt=0, description="Failed authentications a peer may make before backoff.")
     auth_backoff_max_s: float = Field(

@@ -6,6 +6,7 @@
     reg.tokens.list(me_admin, "acme")          # TokenInfo: id, times, scope; never a secret
     new_secret, new = reg.tokens.rotate(me_admin, info.id, grace_s=300)
     reg.tokens.revoke(me_admin, new.id)
+    reg.tokens.purge(me_admin, "acme", older_than_s=0)   # drop inactive rows (audited)
 
 A token is `lpx_` + 256 random bits; the database keeps only its sha256 (a plain hash is
 enough for a key that cannot be guessed) and a public id `tok_<hex>` by which it is listed,
@@ -14,18 +15,29 @@ allowing what the ones before it allow; managing tokens needs `admin` (a tenant-
 manages its own tenant's tokens, an admin's every tenant's). Every change is an audit row
 in `lpx_token_events`, as alias moves are in `lpx_alias_moves`.
 
+Revoked and expired tokens stay listed (`include_inactive`) for `token_retention_s` (30
+days) after they stopped working; then their rows are purged, automatically whenever a token
+is created (one statement over the table, which its own creations bound), or at once by
+`purge` with a shorter `older_than_s`. Every purged token leaves a `purged` audit row; the
+audit log itself is never purged.
+
 Authentication is cheap for a caller that fails over and over, so a flood of bad tokens
 costs neither a database query each nor a thread for long:
 - a positive cache (`token_cache_s`) answers a known token without the database; a
   revocation in this process drops it at once, one in another process within that time;
 - a negative cache remembers hashes the database did not know (or knew as revoked or
   expired) for a minute: the same bad token again costs a dict lookup;
-- a peer (the caller's address, when the edge passes it) that fails more than
-  `auth_failures_free` times in a row is refused, before any database work, for a
-  backoff that doubles up to `auth_backoff_max_s` (`AuthThrottled`, RESOURCE_EXHAUSTED);
-  a token this process already holds as good still passes (callers sharing the address,
-  behind one proxy, keep working), and one success clears the backoff;
-- at most `_LOOKUPS` database lookups of uncached tokens run at once per process.
+- a peer (the caller's address, which both doors pass) that fails more than
+  `auth_failures_free` times is refused, before any database work, for a backoff that
+  doubles up to `auth_backoff_max_s` (`AuthThrottled`, RESOURCE_EXHAUSTED); a token this
+  process already holds as good still passes, and is still looked up again when its
+  cached answer is due (callers sharing the address, behind one proxy, keep working). A success does not clear the backoff (a caller holding one valid
+  token could otherwise reset it between guesses): a peer's failures are forgotten once it
+  has not failed for `auth_backoff_max_s`;
+- at most `_LOOKUPS` database lookups of uncached tokens run at once per process;
+- `authenticate_cached` gives every answer that needs no database (a cached good token, a
+  backing-off peer, a known bad token) without blocking, so the doors call it on their
+  event loop and move to a worker thread only for a real lookup.
 Every table is bounded (LRU), so a flood of distinct tokens or peers holds bounded memory.
 """
 
@@ -63,6 +75,7 @@ _LAST_USED_EVERY_S = 60.0  # last_used_at is written at most this often per toke
 _CACHE_ENTRIES = 65536
 _LOOKUPS = 4
 _BAD = "invalid, expired or revoked API token"
+RETENTION_ACTOR = "system:token-retention"  # `by` of the automatic purge's audit rows
 
 
 @dataclass(frozen=True)
@@ -106,6 +119,7 @@ class TokenEvent:
 class _Peer:
     failures: int = 0
     blocked_until: float = 0.0
+    last_failure: float = 0.0
 
 
 class _Lru(OrderedDict):
@@ -142,26 +156,54 @@ class Tokens:
         """The identity a token stands for. `Unauthenticated` for anything unknown,
         expired or revoked; `AuthThrottled` while `peer` is backing off."""
         mono = time.monotonic()
-        if (not isinstance(token, str) or not token.startswith(TOKEN_PREFIX)
-                or len(token) > _TOKEN_CHARS):
-            self._throttled(peer, mono)
-            self._failed(peer, None, mono)
-        h = token_hash(token)
+        h = self._well_formed(token, peer, mono)
         identity = self._cached(h, mono)  # a known token passes even a backing-off peer
         if identity is None:
-            self._throttled(peer, mono)
-            with self._lock:
-                known_bad = self._bad.get(h, 0.0) > mono
-            if known_bad:
-                self._failed(peer, None, mono)
+            if not self._known(h):  # a good token whose check is due is asked again
+                self._refuse_early(h, peer, mono)
             with self._lookups:
                 identity = self._lookup(h, mono)
             if identity is None:
                 self._failed(peer, h, mono)
-        if peer is not None:
-            with self._lock:
-                self._peers.pop(peer, None)
         return identity
+
+    def authenticate_cached(self, token: Any, *, peer: str | None = None) -> Identity | None:
+        """What `authenticate` answers without the database, or None when it needs it
+        (an uncached token, or a last-use time due). Never blocks on I/O: an event loop
+        may call it."""
+        mono = time.monotonic()
+        h = self._well_formed(token, peer, mono)
+        with self._lock:
+            hit = self._good.get(h)
+            if hit is not None:
+                identity, _, expires, until, used = hit
+                fresh = until > mono and (expires is None or expires > _now())
+                return identity if fresh and mono - used < _LAST_USED_EVERY_S else None
+        self._refuse_early(h, peer, mono)
+        return None
+
+    def _known(self, h: str) -> bool:
+        """This process has held the token as good (its cached answer may be due for a
+        recheck): it is looked up even while its peer backs off, so callers sharing an
+        address with an attacker keep working past `token_cache_s`."""
+        with self._lock:
+            return h in self._good
+
+    def _well_formed(self, token: Any, peer: str | None, mono: float) -> str:
+        """The token's hash; a string that cannot be one of ours fails at once."""
+        if (not isinstance(token, str) or not token.startswith(TOKEN_PREFIX)
+                or len(token) > _TOKEN_CHARS):
+            self._throttled(peer, mono)
+            self._failed(peer, None, mono)
+        return token_hash(token)
+
+    def _refuse_early(self, h: str, peer: str | None, mono: float) -> None:
+        """AuthThrottled for a backing-off peer, Unauthenticated for a hash known bad."""
+        self._throttled(peer, mono)
+        with self._lock:
+            known_bad = self._bad.get(h, 0.0) > mono
+        if known_bad:
+            self._failed(peer, None, mono)
 
     def _throttled(self, peer: str | None, mono: float) -> None:
         """AuthThrottled while `peer` backs off (before any database work)."""
@@ -181,8 +223,7 @@ class Tokens:
                 return None
             identity, token_id, expires, until, used = hit
             if until <= mono or (expires is not None and expires <= _now()):
-                del self._good[h]
-                return None
+                return None  # kept (see `_known`) until the database says otherwise
             if mono - used >= _LAST_USED_EVERY_S:
                 self._good[h] = (identity, token_id, expires, until, mono)
             else:
@@ -213,10 +254,14 @@ class Tokens:
         """Remember the failure (the hash, and the peer's count) and raise."""
         with self._lock:
             if h is not None:
+                self._good.pop(h, None)
                 self._bad.put(h, mono + _NEGATIVE_TTL_S)
             if peer is not None:
                 p = self._peers.get(peer) or _Peer()
+                if mono - p.last_failure >= self.settings.auth_backoff_max_s:
+                    p.failures = 0  # quiet for a whole backoff: forgiven
                 p.failures += 1
+                p.last_failure = mono
                 over = p.failures - self.settings.auth_failures_free
                 if over > 0:
                     p.blocked_until = mono + min(self.settings.auth_backoff_max_s,
@@ -267,6 +312,8 @@ class Tokens:
                 created_at=now, created_by=identity.who, expires_at=expires))
             _audit(conn, token_id, tenant, "created", f"scope={scope}"
                    + (f" expires={expires.isoformat()}" if expires else ""), now, identity)
+            _purge(conn, None, now - timedelta(seconds=self.settings.token_retention_s), now,
+                   RETENTION_ACTOR, "retention")
         return token, self.get(identity, token_id)
 
     def get(self, identity: Identity, token_id: str) -> TokenInfo:
@@ -337,6 +384,28 @@ class Tokens:
                    now, identity)
         self._forget(token_id)
         return secret, new
+
+    def purge(self, identity: Identity, tenant: str | None = None, *,
+              older_than_s: float | None = None) -> list[str]:
+        """Delete the rows of `tenant`'s tokens (default: the caller's; an admin's None =
+        every tenant's) revoked or expired at least `older_than_s` ago (default
+        `token_retention_s`; 0: every inactive one). Returns their ids, each audited as
+        `purged`. Active tokens are never touched."""
+        if tenant is not None:
+            check_name(tenant, "tenant", field="tenant")
+        self._may_manage(identity, tenant or identity.tenant)
+        if older_than_s is None:
+            older_than_s = self.settings.token_retention_s
+        if (isinstance(older_than_s, bool) or not isinstance(older_than_s, int | float)
+                or not 0 <= older_than_s <= 10 * 365 * 86400):
+            raise InvalidArgument(f"older_than_s must be seconds in [0, 10 years], got "
+                                  f"{quote(older_than_s)}", field="older_than_s")
+        scope = tenant or (None if identity.is_admin else identity.tenant)
+        now = _now()
+        with db.write_tx(self.engine) as conn:
+            return _purge(conn, scope, now - timedelta(seconds=older_than_s), now,
+                          identity.who, f"older_than_s={older_than_s:g}",
+                          admins=identity.is_admin)
 
     def history(self, identity: Identity, tenant: str | None = None) -> list[TokenEvent]:
         """The audit log of `tenant`'s tokens (default: the caller's), oldest first."""
@@ -411,6 +480,28 @@ def _info(row: sa.Row) -> TokenInfo:
                      created_by=row.created_by, expires_at=ts(row.expires_at),
                      last_used_at=ts(row.last_used_at), revoked_at=ts(row.revoked_at),
                      revoked_by=row.revoked_by)
+
+
+def _purge(conn: sa.Connection, tenant: str | None, cutoff: datetime, now: datetime,
+           by: str, detail: str, *, admins: bool = True) -> list[str]:
+    """Delete the token rows (of `tenant`; None: all) that stopped working at or before
+    `cutoff` (revoked, or expired), with a `purged` audit row each; their ids."""
+    t = db.tokens
+    q = sa.select(t.c.id, t.c.tenant).where(sa.or_(t.c.revoked_at <= cutoff,
+                                                   t.c.expires_at <= cutoff))
+    if tenant is not None:
+        q = q.where(t.c.tenant == tenant)
+    if not admins:  # a tenant-admin token never sees admin tokens, nor purges them
+        q = q.where(t.c.role != "admin")
+    rows = conn.execute(q.order_by(t.c.id)).all()
+    if not rows:
+        return []
+    ids = [r.id for r in rows]
+    conn.execute(sa.delete(t).where(t.c.id.in_(ids)))
+    conn.execute(sa.insert(db.token_events), [
+        {"token_id": r.id, "tenant": r.tenant, "action": "purged", "detail": detail,
+         "at": now, "by": by} for r in rows])
+    return ids
 
 
 def _audit(conn: sa.Connection, token_id: str, tenant: str, action: str, detail: str,

@@ -125,6 +125,20 @@ class TokenHistoryResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[TokenEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[TokenEvent, _Mapping]]] = ...) -> None: ...
 
+class PurgeTokensRequest(_message.Message):
+    __slots__ = ("tenant", "older_than_s")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    OLDER_THAN_S_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    older_than_s: float
+    def __init__(self, tenant: _Optional[str] = ..., older_than_s: _Optional[float] = ...) -> None: ...
+
+class PurgeTokensResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AdminAdapterRequest(_message.Message):
     __slots__ = ("ref",)
     REF_FIELD_NUMBER: _ClassVar[int]

@@ -89,6 +89,11 @@ class AdminServiceStub:
                 request_serializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryResponse.FromString,
                 _registered_method=True)
+        self.PurgeTokens = channel.unary_unary(
+                '/loraplex.v1.AdminService/PurgeTokens',
+                request_serializer=loraplex_dot_v1_dot_admin__pb2.PurgeTokensRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_admin__pb2.PurgeTokensResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -167,6 +172,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PurgeTokens(self, request, context):
+        """Delete the rows of tokens revoked or expired long enough ago (each audited as
+        `purged`); active tokens are never touched.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +237,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.TokenHistory,
                     request_deserializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_admin__pb2.TokenHistoryResponse.SerializeToString,
+            ),
+            'PurgeTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeTokens,
+                    request_deserializer=loraplex_dot_v1_dot_admin__pb2.PurgeTokensRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_admin__pb2.PurgeTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -523,6 +541,33 @@ class AdminService:
             '/loraplex.v1.AdminService/TokenHistory',
             loraplex_dot_v1_dot_admin__pb2.TokenHistoryRequest.SerializeToString,
             loraplex_dot_v1_dot_admin__pb2.TokenHistoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.AdminService/PurgeTokens',
+            loraplex_dot_v1_dot_admin__pb2.PurgeTokensRequest.SerializeToString,
+            loraplex_dot_v1_dot_admin__pb2.PurgeTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -5,7 +5,11 @@
    only when it is at most 128 characters of `[A-Za-z0-9._:-]` (`plain_request_id`): any
    other is replaced by a fresh one before anything logs or echoes it.
 2. `ErrorInterceptor` — turns `LoraplexError`s into their precise status code with details
-   (`grpc_errors.py`); anything else is a bug → INTERNAL, logged.
+   (`grpc_errors.py`), set on the call for grpc to send when the handler returns (never
+   raised through grpc: see `grpc_errors.set_status`); anything else is a bug → INTERNAL,
+   logged. A caller whose calls
+   keep being refused gets its refusals later (`pacing.py`), keyed by its tenant once
+   `AuthInterceptor` knows it, else by its address.
 3. `MetricsInterceptor` — counts finished RPCs by method and status code.
 4. `AuthInterceptor` — `authorization: Bearer <token>` → `Registry.authenticate` → the
    caller's `Identity` in a contextvar; AdminService requires the admin role.
@@ -47,13 +51,18 @@ log = logging.getLogger("loraplex.runtime.grpc")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 identity_var: contextvars.ContextVar[Any] = contextvars.ContextVar("identity", default=None)
+# Who is calling, for pacing refusals: {"peer": …}, plus "tenant" once authenticated. One
+# dict per call, set by the outer ErrorInterceptor and filled in by the inner AuthInterceptor.
+caller_var: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "caller", default=None)
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 ADMIN_PREFIX = "/loraplex.v1.AdminService/"
 # AdminService methods the registry authorizes itself (token scope `admin`: an admin, or a
 # tenant-admin token for its own tenant), so the interceptor's admin-role check skips them.
 TOKEN_METHODS = frozenset(ADMIN_PREFIX + m for m in (
-    "CreateToken", "ListTokens", "RevokeToken", "RotateToken", "TokenHistory"))
+    "CreateToken", "ListTokens", "RevokeToken", "RotateToken", "TokenHistory",
+    "PurgeTokens"))
 REQUEST_ID_KEY = "x-request-id"
 DEADLINE_SLACK_S = 0.25  # see `ended_by_client`
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -106,8 +115,8 @@ async def write(context: grpc.aio.ServicerContext, item: Any) -> None:
     the write's batch (`ExecuteBatchError`, the error its own streaming loop swallows for a
     closed call) instead of cancelling the task. The call is over either way: raise what a
     cancel raises, so every scope sees one kind of ending and grpc ends the call quietly.
-    (`ErrorInterceptor` does the same when sending an error status finds the call gone,
-    e.g. the engine retired a request by its deadline just as the client gave up.)
+    (`ErrorInterceptor` does the same for an error raised after the call ended, e.g. the
+    engine retired a request by its deadline just as the client gave up.)
     """
     try:
         await context.write(item)
@@ -178,10 +187,16 @@ class RequestIdInterceptor(_ScopeInterceptor):
 
 
 class ErrorInterceptor(_ScopeInterceptor):
-    """Domain errors → their status code with details; any other exception → INTERNAL."""
+    """Domain errors → their status code with details; any other exception → INTERNAL.
+    With a `pacer`, a refusal of a caller that keeps being refused waits first."""
+
+    def __init__(self, pacer: Any = None) -> None:
+        self.pacer = pacer  # pacing.RefusalPacer
 
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
+        caller = {"peer": _peer_host(context)}
+        token = caller_var.set(caller)
         try:
             yield
         except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -189,10 +204,16 @@ class ErrorInterceptor(_ScopeInterceptor):
         except Exception as e:  # noqa: BLE001 - the one place every failure is classified
             if not isinstance(e, LoraplexError):
                 log.error("bug in %s", method)
-            try:
-                await grpc_errors.abort(context, e, current_request_id())
-            except ExecuteBatchError as dead:  # the call ended first (see `write`)
-                raise asyncio.CancelledError("the call ended before its status") from dead
+            elif self.pacer is not None:
+                key = f"tenant:{caller['tenant']}" if "tenant" in caller \
+                    else f"peer:{caller['peer']}"
+                await self.pacer.pace(key, e.code)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # grpc cancelled the call first
+                raise asyncio.CancelledError("the call ended before its status") from None
+            grpc_errors.set_status(context, e, current_request_id())  # sent on return
+        finally:
+            caller_var.reset(token)
 
 
 class MetricsInterceptor(_ScopeInterceptor):
@@ -209,6 +230,7 @@ class MetricsInterceptor(_ScopeInterceptor):
         code = "OK"
         try:
             yield
+            code = _code_name(context.code() or grpc.StatusCode.OK)  # a status set, or OK
         except asyncio.CancelledError:
             code = ended_by_client(context)
             raise
@@ -226,17 +248,30 @@ class AuthInterceptor(_ScopeInterceptor):
     """Bearer token → `Identity` via the registry; admin-only services check the role.
 
     `authenticate(token, peer=...)` gets the caller's address (`context.peer()`), by
-    which the registry backs off repeated failures (registry/tokens.py). With
-    `authenticate=None` (the `--no-auth` flag) every caller is `fallback` (an admin).
+    which the registry backs off repeated failures (registry/tokens.py). `cached(token,
+    peer=...)`, when given, answers on the event loop whatever needs no database (a token
+    checked before, a peer backing off, a token known bad): most calls, the hostile ones
+    included, never take a worker thread; None from it sends the call to `authenticate`
+    in one. With a `pacer`, a tenant over its refusal budget waits before its call starts
+    (`pacing.py`). With `authenticate=None` (the `--no-auth` flag) every caller is `fallback`
+    (an admin).
     """
 
-    def __init__(self, authenticate: Callable[[str], Any] | None, fallback: Any = None) -> None:
+    def __init__(self, authenticate: Callable[..., Any] | None, fallback: Any = None,
+                 cached: Callable[..., Any] | None = None, pacer: Any = None) -> None:
         self.authenticate = authenticate
         self.fallback = fallback
+        self.cached = cached
+        self.pacer = pacer  # pacing.RefusalPacer: a tenant over its refusal budget waits
 
     @asynccontextmanager
     async def scope(self, method, context) -> AsyncIterator[None]:
         identity = await self._identify(context)
+        caller = caller_var.get()
+        if caller is not None and getattr(identity, "tenant", None):
+            caller["tenant"] = identity.tenant
+            if self.pacer is not None:
+                await self.pacer.pace_start(f"tenant:{identity.tenant}")
         if (method.startswith(ADMIN_PREFIX) and method not in TOKEN_METHODS
                 and getattr(identity, "role", "") != "admin"):
             raise PermissionDenied(f"{method.rsplit('/', 1)[-1]} needs the admin role")
@@ -255,7 +290,12 @@ class AuthInterceptor(_ScopeInterceptor):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization metadata must be `Bearer <token>`")
-        return await asyncio.to_thread(self.authenticate, token.strip(), peer=_peer_host(context))
+        token, peer = token.strip(), _peer_host(context)
+        if self.cached is not None:
+            identity = self.cached(token, peer=peer)
+            if identity is not None:
+                return identity
+        return await asyncio.to_thread(self.authenticate, token, peer=peer)
 
 
 def _peer_host(context: grpc.aio.ServicerContext) -> str:

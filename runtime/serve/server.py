@@ -34,7 +34,9 @@ from loraplex.runtime.serve.interceptors import (
     MetricsInterceptor,
     RequestIdInterceptor,
 )
+from loraplex.runtime.serve.memory import MemoryTrimmer, limit_arenas
 from loraplex.runtime.serve.metrics import ServerMetrics
+from loraplex.runtime.serve.pacing import RefusalPacer
 from loraplex.runtime.serve.servicers import (
     AdminServicer,
     InferenceServicer,
@@ -68,9 +70,12 @@ class LoraplexServer:
                  metrics: ServerMetrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.state = ServingState(registry=registry, engine=engine, settings=settings)
+        self.state = ServingState(registry=registry, engine=engine, settings=settings,
+                                  memory=MemoryTrimmer(settings.memory_trim_s))
         self.health = health.aio.HealthServicer()
         self.metrics_port: int | None = None
+        self.pacer = RefusalPacer(settings.refusal_pacing_free, settings.refusal_pacing_delay_s,
+                                  settings.refusal_pacing_max_held)
         self.grpc = grpc.aio.server(
             interceptors=self._interceptors(),
             options=[("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -108,11 +113,14 @@ class LoraplexServer:
                         ", ".join(f"{k}={v}" for k, v in self.settings.listeners()))
             auth = AuthInterceptor(None, fallback=Identity.system())
         else:
-            auth = AuthInterceptor(self.state.registry.authenticate)
+            registry = self.state.registry
+            auth = AuthInterceptor(registry.authenticate,
+                                   cached=getattr(registry, "authenticate_cached", None),
+                                   pacer=self.pacer)
         # Outermost first: the request id is bound before anything logs; metrics see the
         # final status code the error interceptor chose.
-        return [RequestIdInterceptor(), MetricsInterceptor(self.metrics), ErrorInterceptor(),
-                auth]
+        return [RequestIdInterceptor(), MetricsInterceptor(self.metrics),
+                ErrorInterceptor(self.pacer), auth]
 
     def bind(self) -> int:
         """Bind the configured address; returns the port (the chosen one for port 0)."""
@@ -127,6 +135,7 @@ class LoraplexServer:
 
     async def start(self) -> None:
         """Start serving: the registry answers at once; inference once the base is loaded."""
+        self.state.memory.start()
         await self._set_health((REGISTRY,), health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(ENGINE_SERVICES, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.settings.metrics_port is not None:
@@ -283,6 +292,7 @@ def create_server(settings: ServerSettings, *, registry: Any = None, engine: Any
     `registry`/`engine` may be passed in (tests, the demo); otherwise they are opened from
     the settings. `with_engine=False` makes a registry-only server (no base needed).
     """
+    limit_arenas(settings.malloc_arena_max)  # before the engine and pools start threads
     metrics = metrics or ServerMetrics(top_k=settings.metrics_top_k)
     if registry is None:
         registry = open_registry(settings)

@@ -109,6 +109,22 @@ class ServerSettings(BaseSettings):
                                         "progress at once for one tenant.")
     upload_spool_dir: Path | None = Field(None, description="Where uploads are spooled while "
                                           "they stream in (default: the system temp dir).")
+    refusal_pacing_free: int = Field(20, ge=0, description="Refusals (UNAUTHENTICATED, "
+                                     "PERMISSION_DENIED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) "
+                                     "one tenant, or one address before authentication, gets "
+                                     "within 10 s before each further one is held for "
+                                     "`refusal_pacing_delay_s` (0: never held).")
+    refusal_pacing_delay_s: float = Field(1.0, ge=0, description="How long such a refusal is "
+                                          "held before it is sent.")
+    refusal_pacing_max_held: int = Field(64, ge=0, description="Refusals held at once, all "
+                                         "callers together; past it they are sent at once.")
+    memory_trim_s: float = Field(5.0, ge=0, description="Every this many seconds, give freed "
+                                 "heap memory back to the OS (glibc `malloc_trim`) when RSS "
+                                 "grew by 32 MiB since the last time; also right after each "
+                                 "upload, merge and compression (0: never).")
+    malloc_arena_max: int = Field(4, ge=0, description="Cap on glibc's malloc arenas, each of "
+                                  "which keeps its own freed memory (0: glibc's default, up "
+                                  "to 8 per core).")
     http_max_body_bytes: int = Field(8 << 20, gt=0, description="Largest HTTP request body; "
                                      "a larger one gets 413 before it is read.")
     http_timeout_s: float = Field(600.0, gt=0, description="Deadline of one non-streaming "

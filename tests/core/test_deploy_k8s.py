@@ -65,6 +65,11 @@ RAY_SERVICE = {
                      "rayClusterConfig": {
                          "type": "object", "required": ["headGroupSpec"], "properties": {
                              "rayVersion": {"type": "string"},
+                             "authOptions": {
+                                 "type": "object", "additionalProperties": False,
+                                 "properties": {"mode": {"enum": ["disabled", "token"]},
+                                                "secretName": {"type": "string"},
+                                                "enableK8sTokenAuth": {"type": "boolean"}}},
                              "headGroupSpec": _GROUP,
                              "workerGroupSpecs": {"type": "array", "items": {
                                  "allOf": [_GROUP, {"required": ["groupName"], "properties": {
@@ -162,3 +167,29 @@ def test_loraplex_settings_in_the_manifests_are_real_settings(monkeypatch, tmp_p
     assert callable(getattr(importlib.import_module(module), attr))
     ray_settings = load_settings(application["args"])
     assert ray_settings.replicas == 4 and json.dumps(ray_settings.prefetch_aliases) == '["prod"]'
+
+
+def test_rays_ports_are_locked_by_token_and_network_policy() -> None:
+    """Ray runs whatever code reaches its ports: token authentication is on (with a Ray
+    that has it), and a NetworkPolicy lets only the Ray pods themselves reach them (the
+    operator only the dashboard port), while loraplex's gRPC port stays open."""
+    docs = {d["kind"]: d for name, d in _docs() if name == "rayservice.yaml"}
+    cluster = docs["RayService"]["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"]["mode"] == "token"
+    assert tuple(map(int, cluster["rayVersion"].split("."))) >= (2, 52, 0)
+    policy = docs["NetworkPolicy"]["spec"]
+    labels = policy["podSelector"]["matchLabels"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert labels.items() <= group["template"]["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    open_ports = set()
+    for rule in policy["ingress"]:
+        peers = rule.get("from")
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if peers is None:  # from anywhere: only loraplex's own API
+            open_ports |= ports
+        elif any(p.get("podSelector", {}).get("matchLabels") == labels for p in peers):
+            assert "namespaceSelector" not in peers[0]  # the cluster's own pods
+        else:
+            assert ports == {8265}, rule  # the operator: the dashboard (Serve config) only
+    assert open_ports == {50051}

@@ -205,3 +205,29 @@ def test_request_id_is_echoed_only_when_plain(world):
         r = _post(world, "/completions", body, headers={"x-request-id": hostile})
         assert r.status_code == 200 and r.headers["x-request-id"] != hostile
         assert len(r.headers["x-request-id"]) == 32
+
+
+def test_failed_authentications_back_off_per_address_across_both_doors(world):
+    """The HTTP door names the caller's address to the registry as gRPC does: repeated bad
+    tokens over HTTP get 429 with Retry-After, and the same address is then refused on
+    the gRPC door too; a token the server already holds as good still passes."""
+    tokens = world["bg"].server.state.registry.tokens
+    tokens._peers.clear()
+    free = tokens.settings.auth_failures_free
+    try:
+        codes = []
+        for i in range(free + 2):
+            reply = _post(world, "/completions", {"model": "micro", "prompt": "hi"},
+                          headers={"authorization": f"Bearer lpx_{i:043d}"})
+            codes.append(reply.status_code)
+        assert codes[:free] == [401] * free and codes[-1] == 429
+        assert float(reply.headers["retry-after"]) > 0
+        from loraplex.errors import ResourceExhausted
+
+        with Client(world["bg"].target, token="lpx_" + "9" * 43, timeout=30) as c, \
+                pytest.raises(ResourceExhausted, match="failed authentications"):
+            c.list_models()
+        assert _post(world, "/completions", {"model": "micro", "prompt": "hi",
+                                             "max_tokens": 1}).status_code == 200
+    finally:
+        tokens._peers.clear()  # leave the other tests' address clean

@@ -107,3 +107,21 @@ def test_failed_authentications_are_throttled_with_retry_info(world):
     retry = [d for d in status.details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
     assert retry
     world["reg"].tokens._peers.clear()  # leave the other tests' peer (127.0.0.1) clean
+
+
+def test_purge_tokens_over_admin_service(world):
+    from loraplex.client import Client
+
+    with Client(world["target"], token=world["tokens"]["admin"], timeout=20) as ops:
+        made = ops.create_token("initech", "publish")
+        ops.revoke_token(made.info.id)
+        assert ops.purge_tokens("initech") == []  # revoked just now: within the retention
+        assert ops.purge_tokens("initech", older_than_s=0) == [made.info.id]
+        assert made.info.id not in [t.id for t in ops.list_tokens("initech",
+                                                                  include_inactive=True)]
+        assert [e.action for e in ops.token_history("initech")] == ["created", "revoked",
+                                                                    "purged"]
+    with pytest.raises(grpc.RpcError) as e:  # a publish token may not purge
+        world["admin"].PurgeTokens(admin_pb2.PurgeTokensRequest(older_than_s=0),
+                                   metadata=_md(world["tokens"]["pub"]))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED

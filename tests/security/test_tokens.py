@@ -176,3 +176,105 @@ def test_a_tenant_admin_cannot_see_or_revoke_an_admin_token_of_its_tenant(regist
         registry.revoke_token(boss, admin_info.id)
     with pytest.raises(NotFound):
         registry.rotate_token(boss, admin_info.id)
+
+
+def _age(registry, token_id: str, column: str, days: float) -> None:
+    """Move a token's revocation or expiry `days` into the past (time passing)."""
+    with registry.engine.begin() as conn:
+        conn.execute(sa.update(db.tokens).where(db.tokens.c.id == token_id).values(
+            {column: datetime.now(UTC) - timedelta(days=days)}))
+
+
+def _ids(registry, tenant: str) -> set[str]:
+    return {t.id for t in registry.list_tokens(ADMIN, tenant, include_inactive=True)}
+
+
+def test_inactive_tokens_are_purged_after_the_retention_and_audited(registry):
+    keep = registry.issue_token(ADMIN, "acme")[1]
+    old_revoked = registry.issue_token(ADMIN, "acme")[1]
+    old_expired = registry.issue_token(ADMIN, "acme", ttl_s=60)[1]
+    new_revoked = registry.issue_token(ADMIN, "acme")[1]
+    registry.revoke_token(ADMIN, old_revoked.id)
+    registry.revoke_token(ADMIN, new_revoked.id)
+    _age(registry, old_revoked.id, "revoked_at", 31)
+    _age(registry, old_expired.id, "expires_at", 31)
+    _age(registry, new_revoked.id, "revoked_at", 29)
+    assert _ids(registry, "acme") == {keep.id, old_revoked.id, old_expired.id, new_revoked.id}
+    registry.create_token(ADMIN, "globex")  # any creation purges past the 30-day retention
+    assert _ids(registry, "acme") == {keep.id, new_revoked.id}
+    purged = [e for e in registry.token_history(ADMIN, "acme") if e.action == "purged"]
+    assert {e.token_id for e in purged} == {old_revoked.id, old_expired.id}
+    assert all(e.by == "system:token-retention" for e in purged)
+    # on demand, with a shorter age: the recently revoked one goes, the active one stays
+    assert registry.purge_tokens(ADMIN, "acme", older_than_s=0) == [new_revoked.id]
+    assert _ids(registry, "acme") == {keep.id}
+    assert registry.list_tokens(ADMIN, "acme")[0].id == keep.id
+
+
+def test_purge_is_scoped_like_the_other_token_verbs(registry):
+    boss = registry.authenticate(registry.create_token(ADMIN, "acme", scope="admin"))
+    pub = registry.authenticate(registry.create_token(ADMIN, "acme", scope="publish"))
+    theirs = registry.issue_token(ADMIN, "globex")[1]
+    admin_tok = registry.issue_token(ADMIN, "acme", admin=True)[1]
+    mine = registry.issue_token(ADMIN, "acme")[1]
+    for info in (theirs, admin_tok, mine):
+        registry.revoke_token(ADMIN, info.id)
+    with pytest.raises(PermissionDenied):
+        registry.purge_tokens(pub, older_than_s=0)
+    with pytest.raises(PermissionDenied):
+        registry.purge_tokens(boss, "globex", older_than_s=0)
+    # a tenant-admin purges its own tenant's tenant tokens, never an admin token
+    assert registry.purge_tokens(boss, older_than_s=0) == [mine.id]
+    assert admin_tok.id in _ids(registry, "acme") and theirs.id in _ids(registry, "globex")
+    assert sorted(registry.purge_tokens(ADMIN, older_than_s=0)) == sorted([theirs.id,
+                                                                           admin_tok.id])
+
+
+def test_cli_token_purge(tmp_path):
+    reg = str(tmp_path / "reg")
+    run = CliRunner().invoke
+    made = json.loads(run(app, ["token", "create", "acme", "--registry", reg,
+                                "--json"]).output)
+    run(app, ["token", "revoke", made["id"], "--registry", reg])
+    kept = run(app, ["token", "purge", "acme", "--registry", reg, "--json"])
+    assert kept.exit_code == 0 and json.loads(kept.output) == {"purged": []}  # within retention
+    out = run(app, ["token", "purge", "acme", "--older-than", "0", "--registry", reg])
+    assert out.exit_code == 0 and made["id"] in out.output
+    hist = json.loads(run(app, ["token", "history", "acme", "--registry", reg, "--json"]).output)
+    assert [h["action"] for h in hist] == ["created", "revoked", "purged"]
+
+
+def test_the_event_loop_answer_needs_no_database_and_a_success_does_not_reset_backoff(
+        registry):
+    tokens = registry.tokens
+    good = registry.create_token(ADMIN, "acme")
+    assert registry.authenticate_cached(good, peer="ipv4:10.7.7.7") is None  # not yet seen
+    registry.authenticate(good, peer="ipv4:10.7.7.7")
+    before = tokens.db_lookups
+    assert registry.authenticate_cached(good, peer="ipv4:10.7.7.7").tenant == "acme"
+    assert registry.authenticate_cached("lpx_" + "u" * 43) is None  # unknown: a lookup
+    free = registry.settings.auth_failures_free
+    for i in range(free + 1):  # an attacker holding `good` interleaves it with guesses ...
+        with pytest.raises(Unauthenticated):
+            registry.authenticate(f"lpx_{i:043d}", peer="ipv4:10.7.7.7")
+        assert registry.authenticate(good, peer="ipv4:10.7.7.7").tenant == "acme"
+    with pytest.raises(AuthThrottled):  # ... and is backed off all the same
+        registry.authenticate_cached(f"lpx_{free + 1:043d}", peer="ipv4:10.7.7.7")
+    with pytest.raises(Unauthenticated):  # a known bad token is refused without a lookup
+        registry.authenticate_cached("lpx_" + "0" * 43, peer="ipv4:10.8.8.8")
+    assert tokens.db_lookups == before + free + 1
+
+
+def test_a_good_token_keeps_working_from_a_backing_off_address_past_the_cache_time(
+        open_registry):
+    registry = open_registry(token_cache_s=0.1)
+    good = registry.create_token(ADMIN, "acme")
+    registry.authenticate(good, peer="ipv4:10.6.6.6")
+    for i in range(registry.settings.auth_failures_free + 1):  # an attacker, same address
+        with pytest.raises(Unauthenticated):
+            registry.authenticate(f"lpx_{i:043d}", peer="ipv4:10.6.6.6")
+    time.sleep(0.2)  # the cached answer is due for a recheck: asked again, not throttled
+    assert registry.authenticate(good, peer="ipv4:10.6.6.6").tenant == "acme"
+    registry.revoke_token(ADMIN, registry.list_tokens(ADMIN, "acme")[0].id)
+    with pytest.raises(Unauthenticated):  # and a revoked one stops, from any address
+        registry.authenticate(good, peer="ipv4:10.5.5.5")

@@ -60,12 +60,13 @@ class EngineBackend:
     def __init__(self, engine: EngineClient, registry: Any, *, base_name: str) -> None:
         self.engine, self.registry, self.base_name = engine, registry, base_name
 
-    def authenticate(self, token: str | None) -> Any:
+    def authenticate(self, token: str | None, peer: str | None = None) -> Any:
+        """The caller's identity; `peer` (its address) backs off repeated failures."""
         from loraplex.registry import Identity
 
         if self.registry is None:
             return Identity.system()
-        return self.registry.authenticate(token or "")
+        return self.registry.authenticate(token or "", peer=peer)
 
     def models(self, identity: Any, *, limit: int | None = None,
                after: str | None = None) -> list[str]:

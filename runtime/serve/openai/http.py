@@ -114,7 +114,7 @@ class Backend(Protocol):
     """All the HTTP layer needs from a serving process. Blocking methods are called off the
     event loop (`asyncio.to_thread`); typed `LoraplexError`s become OpenAI error bodies."""
 
-    def authenticate(self, token: str | None) -> Any: ...
+    def authenticate(self, token: str | None, peer: str | None = None) -> Any: ...
 
     def models(self, identity: Any, *, limit: int | None = None,
                after: str | None = None) -> list[str]:
@@ -335,6 +335,17 @@ def _choice(chat: bool, text: str, finish: str | None, *, delta: bool = False) -
     return choice
 
 
+def peer_of(request: Any) -> str | None:
+    """The caller's address as the gRPC door names it (`ipv4:10.0.0.7`, `ipv6:[::1]`), so
+    failed authentications from one address back off together on both doors. The TCP
+    peer, never a forwarded-for header a client could write."""
+    client = request.client
+    if client is None or not client.host:
+        return None
+    host = client.host
+    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
+
+
 # -- the app ------------------------------------------------------------------------------------
 def create_app(backend: Backend, *, default_max_tokens: int = 256,
                max_body_bytes: int = MAX_BODY_BYTES, timeout_s: float = TIMEOUT_S,
@@ -350,7 +361,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = 256,
         token = _bearer(request.headers)
         if token is None:
             raise Unauthenticated("missing `Authorization: Bearer <token>` header")
-        return await asyncio.to_thread(backend.authenticate, token)
+        return await asyncio.to_thread(backend.authenticate, token, peer_of(request))
 
     async def models(request: Request) -> JSONResponse:
         """Every model, or one page of them with `?limit=N` (1..MODELS_PAGE_MAX) and

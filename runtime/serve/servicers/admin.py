@@ -86,6 +86,12 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.TokenHistoryResponse(events=[convert.token_event_pb(e)
                                                       for e in events])
 
+    async def PurgeTokens(self, request, context):
+        ids = await asyncio.to_thread(
+            self.state.registry.purge_tokens, current_identity(), request.tenant or None,
+            older_than_s=request.older_than_s if request.HasField("older_than_s") else None)
+        return admin_pb2.PurgeTokensResponse(ids=ids)
+
     async def _adapter_call(self, method: str, ref: str):
         """Resolve the ref once (a registry read) and run the command, both off the event
         loop: the command waits for the engine thread (and a prefetch for the load)."""

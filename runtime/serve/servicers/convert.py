@@ -63,17 +63,20 @@ def admit_args_from_pb(pb: inference_pb2.GenerateRequest, *,
                        field_prefix: str = "") -> dict[str, Any]:
     """One `GenerateRequest` → keyword arguments of `Intake.admit` (adapter ref, prompt,
     prompt ids or chat messages, sampling); exactly one of prompt/prompt_ids/messages."""
-    given = [n for n in ("prompt", "prompt_ids", "messages") if getattr(pb, n)]
+    # Each field is read once: reading a string field decodes it anew (a 4 MiB prompt
+    # costs milliseconds on the event loop per read).
+    prompt, ids = pb.prompt, list(pb.prompt_ids)
+    messages = [{"role": m.role, "content": m.content} for m in pb.messages]
+    given = [n for n, v in (("prompt", prompt), ("prompt_ids", ids), ("messages", messages))
+             if v]
     if len(given) > 1:
         raise InvalidArgument(f"give exactly one of `prompt`, `prompt_ids` and `messages`, not "
                               f"{' and '.join(given)}", field=f"{field_prefix}{given[-1]}")
     if not given:
         raise InvalidArgument("`prompt` (text), `prompt_ids` or `messages` is required",
                               field=f"{field_prefix}prompt")
-    messages = [{"role": m.role, "content": m.content} for m in pb.messages]
-    return dict(adapter=pb.adapter or None, prompt=pb.prompt or None,
-                prompt_ids=list(pb.prompt_ids) or None, messages=messages or None,
-                sampling=sampling_from_pb(pb.sampling))
+    return dict(adapter=pb.adapter or None, prompt=prompt or None, prompt_ids=ids or None,
+                messages=messages or None, sampling=sampling_from_pb(pb.sampling))
 
 
 def deadline_from_remaining(remaining: float | None, margin_s: float = 0.0) -> float | None:

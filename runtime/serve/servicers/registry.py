@@ -18,7 +18,8 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from loraplex.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
@@ -41,12 +42,15 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
     async def RegisterAdapter(self, request_iterator, context):
         identity = current_identity()
         spool = self.state.settings.upload_spool_dir
-        with self.state.uploads.hold(identity.tenant), _spool_dir(spool) as folder:
-            header = await self._receive(request_iterator, folder)
-            version = await self.state.run_heavy(
-                self.registry.push, identity, folder, header.name,
-                base=self._base_for(header.base_digest),
-                lineage=convert.lineage_from_json(header.lineage_json))
+        try:
+            with self.state.uploads.hold(identity.tenant), _spool_dir(spool) as folder:
+                header = await self._receive(request_iterator, folder)
+                version = await self.state.run_heavy(
+                    self.registry.push, identity, folder, header.name,
+                    base=self._base_for(header.base_digest),
+                    lineage=convert.lineage_from_json(header.lineage_json))
+        finally:
+            self.state.released()
         return registry_pb2.RegisterAdapterResponse(adapter=convert.adapter_pb(version),
                                                     created=getattr(version, "created", True))
 
@@ -105,7 +109,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
             raise InvalidArgument("give `rank` or `energy`", field="rank")
         scope = "global" if request.scope == registry_pb2.ENERGY_SCOPE_GLOBAL else "module"
         identity = current_identity()
-        with self.state.derivations.hold(identity.tenant):
+        with self.state.derivations.hold(identity.tenant), self._releasing():
             version = await self.state.run_heavy(
                 compress_version, self.registry, identity, _required(request.ref, "ref"),
                 rank=request.rank if which == "rank" else None,
@@ -119,7 +123,7 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if not request.refs:
             raise InvalidArgument("`refs` must name at least one version", field="refs")
         identity = current_identity()
-        with self.state.derivations.hold(identity.tenant):
+        with self.state.derivations.hold(identity.tenant), self._releasing():
             version = await self.state.run_heavy(
                 merge_versions, self.registry, identity, list(request.refs),
                 name=_required(request.name, "name"), method=request.method or "linear",
@@ -129,6 +133,14 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         return _derived_pb(version)
 
     # -- helpers ----------------------------------------------------------------------------
+    @contextmanager
+    def _releasing(self) -> Iterator[None]:
+        """Ask for freed memory to be given back once the work inside ends, however."""
+        try:
+            yield
+        finally:
+            self.state.released()
+
     async def _receive(self, request_iterator,
                        folder: Path) -> registry_pb2.RegisterAdapterHeader:
         """Header first, then weight chunks, refusing as soon as the size cap is passed. The
@@ -154,11 +166,12 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
                     continue
                 if part != "chunk":
                     raise InvalidArgument("only one header per stream", field="header")
-                size += len(message.chunk)
+                chunk = message.chunk  # each read of the field copies it
+                size += len(chunk)
                 if size > cap:
                     raise _too_big(cap)
                 chunks += 1
-                await self.state.run_heavy(weights.write, message.chunk)
+                await self.state.run_heavy(weights.write, chunk)
         finally:
             weights.close()
         if header is None:

@@ -93,6 +93,7 @@ class ServingState:
     base_fingerprint: Any | None = None  # BaseFingerprint of the served base, once known
     _registry_only_draining: bool = False
     _heavy: ThreadPoolExecutor | None = None
+    memory: Any | None = None  # memory.MemoryTrimmer: asked to trim after heavy work
     uploads: WorkGate = field(default_factory=lambda: WorkGate(4, 2, "uploads"))
     derivations: WorkGate = field(default_factory=lambda: WorkGate(2, 1, "derivations"))
 
@@ -115,7 +116,14 @@ class ServingState:
         call = functools.partial(contextvars.copy_context().run, fn, *args, **kw)
         return await asyncio.get_running_loop().run_in_executor(self._heavy, call)
 
+    def released(self) -> None:
+        """Heavy work ended (an upload, a merge): its buffers are free, give them back."""
+        if self.memory is not None:
+            self.memory.request()
+
     def close(self) -> None:
+        if self.memory is not None:
+            self.memory.stop()
         if self._heavy is not None:
             self._heavy.shutdown(wait=False, cancel_futures=True)
             self._heavy = None
