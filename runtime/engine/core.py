@@ -252,7 +252,10 @@ class EngineCore:
             if not idx:
                 return
         done = [seqs[i] for i in idx]
-        logits = mask_logits(fwd.logits[idx], [s.grammar for s in done])  # [B, V]
+        # the forward's logits are this step's own: masked in place when every row samples
+        # (a decode step), copied only for the rows that do (32 x 49152 fp32: ~1 ms)
+        own = fwd.logits if len(idx) == len(seqs) else fwd.logits[idx]  # [B, V]
+        logits = mask_logits(own, [s.grammar for s in done])  # [B, V]
         tokens = sample_next(logits, [s.params for s in done],
                              [s.generator for s in done])  # logits [B, V]
         now = time.monotonic()

@@ -89,6 +89,41 @@ def test_mixed_batch_equals_peft_on_the_same_nf4_base(micro_base, tmp_path):
         assert results[rid].token_ids == reference_greedy(world, adapter, prompt, 6, eos=EOS_ID)
 
 
+def test_rows_run_grouped_by_adapter_and_each_stream_gets_its_own_tokens(micro_base,
+                                                                          tmp_path):
+    """The decode forward takes its rows grouped by adapter slot, not in KV-row order
+    (runner.group_by_slot); every request still gets exactly peft's tokens alone."""
+    world = make_world(micro_base, tmp_path, specs=SPECS[:3])
+    engine = Engine(EngineConfig(base_dir=micro_base, quantization="none",
+                                 compute_dtype="float32", device="cpu", max_slots=3,
+                                 max_rank=16, max_batch=8),
+                    world.registry).start()
+    runner = engine._core.runner
+    seen: list[tuple[list[int], list[int]]] = []  # (KV rows, slots) of each decode forward
+    real_decode = runner.decode
+
+    def decode(feeds, slots):
+        seen.append(([f.row for f in feeds], list(slots)))
+        return real_decode(feeds, slots)
+
+    runner.decode = decode
+    g = torch.Generator().manual_seed(5)
+    # adapters interleaved over the KV rows: a1 a2 a3 a1 a2 a3 base
+    reqs = [(f"o{i}", world.names[i % 3] if i < 6 else None,
+             torch.randint(0, 256, (3 + i,), generator=g).tolist()) for i in range(7)]
+    try:
+        streams = {rid: engine.submit(engine.admit(
+            rid, ACME, f"acme/{adapter}" if adapter else None, prompt_ids=prompt,
+            sampling=SamplingParams(max_new_tokens=6))) for rid, adapter, prompt in reqs}
+        results = {rid: s.wait(120) for rid, s in streams.items()}
+    finally:
+        engine.shutdown()
+    assert seen and all(slots == sorted(slots) for _, slots in seen)
+    assert any(rows != sorted(rows) for rows, _ in seen)  # the order really changed
+    for rid, adapter, prompt in reqs:
+        assert results[rid].token_ids == reference_greedy(world, adapter, prompt, 6, eos=EOS_ID)
+
+
 def test_rank_and_alpha_patterns_are_served_with_peft_scales(micro_base, tmp_path):
     """An adapter whose config overrides r/alpha per module (peft's rank_pattern and
     alpha_pattern) is served with each module's own scale, as peft computes it."""
