@@ -112,12 +112,12 @@ class ServerSettings(BaseSettings):
     refusal_pacing_free: int = Field(20, ge=0, description="Refusals (UNAUTHENTICATED, "
                                      "PERMISSION_DENIED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED) "
                                      "one tenant, or one address before authentication, gets "
-                                     "within 10 s before each further one is held for "
-                                     "`refusal_pacing_delay_s` (0: never held).")
-    refusal_pacing_delay_s: float = Field(1.0, ge=0, description="How long such a refusal is "
-                                          "held before it is sent.")
-    refusal_pacing_max_held: int = Field(64, ge=0, description="Refusals held at once, all "
-                                         "callers together; past it they are sent at once.")
+                                     "within 10 s before its further refusals, and its calls' "
+                                     "starts, are held for `refusal_pacing_delay_s` (0: never).")
+    refusal_pacing_delay_s: float = Field(1.0, ge=0, description="How long such a refusal, "
+                                          "or call start, is held.")
+    refusal_pacing_max_held: int = Field(64, ge=0, description="Calls held at once, all "
+                                         "callers together; past it they go on at once.")
     memory_trim_s: float = Field(5.0, ge=0, description="Every this many seconds, give freed "
                                  "heap memory back to the OS (glibc `malloc_trim`) when RSS "
                                  "grew by 32 MiB since the last time; also right after each "
