@@ -171,9 +171,12 @@ def _chromium_missing() -> str | None:
     return None if done.returncode == 0 else f"{CHROMIUM} does not run: {done.stderr[:200]}"
 
 
-@pytest.fixture(scope="package")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Debian's Chromium under Playwright (never a downloaded browser build)."""
+    """Debian's Chromium under Playwright (never a downloaded browser build).
+
+    Module scope: Playwright's sync API keeps an event loop running on the main thread
+    while it is open, so later tests that call `asyncio.run` need it closed first."""
     why = _chromium_missing()
     if why:
         pytest.skip(why)
