@@ -47,7 +47,8 @@ def test_resume_after_a_kill_ends_at_the_uninterrupted_digest(micro_base, acme_d
 
 
 def test_lineage_metrics_file_and_best_weights(micro_base, acme_data, tmp_path, quick_flags,
-                                               read_metrics):
+                                               read_metrics, monkeypatch):
+    monkeypatch.delenv(compute.ENV, raising=False)  # the suite's fp32 default off: `auto`
     out = run_train(quick_flags(micro_base, acme_data, tmp_path), None, progress=False)
     with Registry.open(tmp_path / "registry") as reg:
         v = reg.resolve(Identity.system(), out["ref"])
