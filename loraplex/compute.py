@@ -12,7 +12,8 @@ Precedence: an explicit setting (a config field or flag naming a dtype) wins; th
 - CPU that reports one: a short measured probe of the workload decides, since what the CPU
   reports and what a bf16 matmul costs can disagree (a hypervisor may hide AMX while the
   AVX-512 BF16 flag stays; a plain bf16 GEMM is then slower than fp32, yet bitsandbytes'
-  packed nf4 kernel, which needs only AVX-512 BF16, is faster in bf16). bfloat16 is chosen
+  packed nf4 kernel, which needs only AVX-512 BF16, is faster in bf16 at decode sizes; and
+  on an AMX CPU that kernel is faster in bf16 at 32 rows and slower at 256). bfloat16 is chosen
   only when it is at least `BF16_MIN_SPEEDUP` times faster than float32 there: a tie goes
   to float32, the more exact of the two.
 
@@ -48,6 +49,11 @@ BF16_MIN_SPEEDUP = 1.25
 """bfloat16 is chosen on a CPU only when its probe runs at least this much faster."""
 CACHE_FILE = "compute-probe.json"
 WORKLOADS = ("matmul", "nf4")
+# Rows per probed forward, per workload: a decode batch and a prefill chunk or training
+# micro-batch. Both matter: bitsandbytes' CPU nf4 kernel is faster in bf16 at decode sizes
+# and slower at prefill sizes on some CPUs, so a decode-only probe picks the wrong dtype
+# for a server whose requests carry prompts. Part of the cache key.
+PROBE_ROWS = {"matmul": (64, 256), "nf4": (32, 256)}
 """What a probe measures: `matmul` is a plain GEMM at decode- and training-like row counts
 (unquantized and int8 bases, whose non-quantized layers are plain GEMMs); `nf4` is a
 bitsandbytes Linear4bit forward at a decode batch."""
@@ -72,7 +78,8 @@ class CpuFacts:
         return f"{self.capability}{' + ' + ' + '.join(extras) if extras else ''}"
 
     def key(self, workload: str) -> str:
-        return f"{self.model}|{self.describe()}|torch={self.torch_version}|{workload}"
+        rows = "+".join(str(r) for r in PROBE_ROWS.get(workload, ()))
+        return f"{self.model}|{self.describe()}|torch={self.torch_version}|{workload}@{rows}"
 
 
 @dataclass(frozen=True)
@@ -214,9 +221,8 @@ def _best_ms(fns: dict[str, list[Any]], rounds: int) -> dict[str, float]:
 
 def workload_fns(workload: str) -> dict[str, list[Any]]:
     """{"float32": [parts], "bfloat16": [parts]} for `workload` (each part runs once), at SmolLM2-135M's MLP
-    shape (576 -> 1536): a 64-row and a 256-row GEMM (decode batches and training
-    micro-batches), or a 16-row nf4 Linear4bit forward (bitsandbytes' CPU path, packed
-    in bf16 where it can be)."""
+    shape (576 -> 1536), one part per `PROBE_ROWS` entry: GEMMs (`matmul`) or nf4
+    Linear4bit forwards (bitsandbytes' CPU path, packed in bf16 where it can be)."""
     import torch
 
     gen = torch.Generator().manual_seed(0)
@@ -227,17 +233,19 @@ def workload_fns(workload: str) -> dict[str, list[Any]]:
         if workload == "matmul":
             wd = w.to(dt)
             parts = []
-            for rows in (64, 256):
+            for rows in PROBE_ROWS[workload]:
                 x = torch.randn(rows, 576, generator=gen).to(dt)  # [T, in]
                 parts.append(lambda x=x, wd=wd: torch.nn.functional.linear(x, wd))
         elif workload == "nf4":
             lin = _nf4_linear(w, dt)
-            x = torch.randn(16, 576, generator=gen).to(dt)  # [T, in]
+            parts = []
+            for rows in PROBE_ROWS[workload]:
+                x = torch.randn(rows, 576, generator=gen).to(dt)  # [T, in]
 
-            def run(lin=lin, x=x) -> None:
-                with torch.inference_mode():
-                    lin(x)
-            parts = [run]
+                def run(lin=lin, x=x) -> None:
+                    with torch.inference_mode():
+                        lin(x)
+                parts.append(run)
         else:
             raise ValueError(f"unknown probe workload {workload!r}")  # a bug in the caller
         fns[name] = parts

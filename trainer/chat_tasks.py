@@ -137,7 +137,7 @@ TENANT_ADAPTERS = {"acme": "acme/router", "globex": "globex/extract", "initech":
 # tokens) and a time budget per adapter so the demo's three trainings stay bounded.
 REAL_TRAIN_CONFIG: dict[str, object] = {
     "quantization": "none", "max_seq_len": 128, "eval_max_new_tokens": 32,
-    "logging_steps": 5, "budget": "4m",
+    "logging_steps": 5, "budget": "2.5m",
 }
 
 

@@ -26,8 +26,9 @@ What a small task needs is enough optimizer *steps* at a learning rate that suit
 - batch 8 below 2,000 rows (more steps per epoch), 16 above; r 16, alpha 32 (scale 2) on
   every linear layer; no dropout (the run is short and the best checkpoint by validation
   loss is what gets published, which already guards against over-fitting);
-- about 12 validation points per run, and an early stop after 3 of them without a new best:
-  an easy task stops long before the step target, a hard one uses all of it.
+- about 12 validation points per run, and an early stop after 3 of them without a gain of
+  more than 1e-3 in validation loss: an easy task stops long before the step target, a hard
+  one uses all of it.
 
 The learning rate is the uncertain choice (a task can be harder or easier than the rule
 assumes), so `train.py` measures it when the user did not give one: a few candidates around
@@ -58,6 +59,10 @@ MAX_EPOCHS = 40
 VAL_RANGE = (8, 200)  # validation rows carved from --data when none are given
 EVALS_PER_RUN = 12  # validation points on the curve (and checkpoints to choose from)
 PATIENCE = 3  # validation points without improvement before the run stops early
+# A validation point counts as an improvement for the early stop only when it lowers the
+# loss by more than this (nats per labelled token): gains below it change the labelled
+# tokens' probability by under 0.1%, which no exact-match score notices.
+MIN_GAIN = 1e-3
 
 
 @dataclass(frozen=True)
@@ -170,8 +175,9 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
     total = int(values["epochs"] * steps_per_epoch)
     put("eval_steps", max(1, math.ceil(total / EVALS_PER_RUN)),
         f"about {EVALS_PER_RUN} validation points over {total} steps")
-    put("patience", PATIENCE, f"stop after {PATIENCE} validation points without a new best "
-                              "(the published checkpoint is the best one either way)")
+    put("patience", PATIENCE, f"stop after {PATIENCE} validation points without lowering the "
+                              f"loss by more than {MIN_GAIN:g} (the published checkpoint is "
+                              "the best one either way)")
     notes = []
     probe = "lr" not in given and compute.world_size == 1
     if "lr" not in given and compute.world_size > 1:

@@ -52,6 +52,7 @@ from loraplex.trainer.data import (
 from loraplex.trainer.loss import completion_loss_sum, completion_trainer
 from loraplex.trainer.recipe import (
     EVALS_PER_RUN,
+    MIN_GAIN,
     MIN_STEPS_TO_PROBE,
     BaseStats,
     Compute,
@@ -289,7 +290,8 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     callbacks: list[Any] = [MetricsFileCallback(cfg.run_dir / "metrics.jsonl", clock),
                             RichProgressCallback(clock, enabled=progress)]
     if rcfg.patience and val_rows is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=rcfg.patience))
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=rcfg.patience,
+                                               early_stopping_threshold=MIN_GAIN))
     budget_cb = None
     if budget_s is not None:
         budget_cb = BudgetCallback(t_start + budget_s)
