@@ -26,9 +26,9 @@ What a small task needs is enough optimizer *steps* at a learning rate that suit
 - batch 8 below 2,000 rows (more steps per epoch), 16 above; r 16, alpha 32 (scale 2) on
   every linear layer; no dropout (the run is short and the best checkpoint by validation
   loss is what gets published, which already guards against over-fitting);
-- about 12 validation points per run, and an early stop after 3 of them without a gain of
-  more than 1e-3 in validation loss: an easy task stops long before the step target, a hard
-  one uses all of it.
+- about 12 validation points per run, and an early stop after 3 of them without a gain
+  (`min_gain`: a drop of the loss that raises a whole answer's probability by about 1%): an
+  easy task stops long before the step target, a hard one uses all of it.
 
 The learning rate is the uncertain choice (a task can be harder or easier than the rule
 assumes), so `train.py` measures it when the user did not give one: a few candidates around
@@ -59,10 +59,11 @@ MAX_EPOCHS = 40
 VAL_RANGE = (8, 200)  # validation rows carved from --data when none are given
 EVALS_PER_RUN = 12  # validation points on the curve (and checkpoints to choose from)
 PATIENCE = 3  # validation points without improvement before the run stops early
-# A validation point counts as an improvement for the early stop only when it lowers the
-# loss by more than this (nats per labelled token): gains below it change the labelled
-# tokens' probability by under 0.1%, which no exact-match score notices.
-MIN_GAIN = 1e-3
+# A validation point counts as an improvement for the early stop only when it raises the
+# probability of a whole labelled answer by more than about this fraction (`min_gain`):
+# smaller gains move no exact-match score, and a curve that creeps along at 1e-4 would
+# otherwise spend the rest of the budget.
+ANSWER_GAIN = 0.01
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class DataStats:
     rows: int
     mean_tokens: float  # per row, prompt + completion
     max_tokens: int
+    answer_tokens: float = 1.0  # labelled tokens per row, mean (the completion and its end)
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,20 @@ class Recipe:
     probe: bool  # measure the learning rate before the full run
     target_steps: int
     notes: list[str] = field(default_factory=list)
+    min_gain: float = ANSWER_GAIN  # the early stop's threshold on the validation loss
 
     def as_lineage(self) -> dict[str, Any]:
         return {"values": dict(self.values), "reasons": dict(self.reasons),
                 "given": list(self.given), "target_steps": self.target_steps,
-                "notes": list(self.notes)}
+                "notes": list(self.notes), "min_gain": self.min_gain}
+
+
+def min_gain(answer_tokens: float) -> float:
+    """The least drop of the per-token validation loss that the early stop counts as a gain:
+    `ANSWER_GAIN` spread over an answer's labelled tokens. A whole answer's loss is the
+    per-token loss times its length, and exp(-d * L) ~ 1 - d * L, so a one-word label
+    needs a larger per-token drop than a 25-token JSON answer for the same gain."""
+    return ANSWER_GAIN / max(1.0, answer_tokens)
 
 
 def validation_rows(rows: int) -> int:
@@ -175,15 +186,17 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
     total = int(values["epochs"] * steps_per_epoch)
     put("eval_steps", max(1, math.ceil(total / EVALS_PER_RUN)),
         f"about {EVALS_PER_RUN} validation points over {total} steps")
+    gain = min_gain(data.answer_tokens)
     put("patience", PATIENCE, f"stop after {PATIENCE} validation points without lowering the "
-                              f"loss by more than {MIN_GAIN:g} (the published checkpoint is "
-                              "the best one either way)")
+                              f"loss by more than {gain:.1e} ({ANSWER_GAIN:.0%} of a "
+                              f"{data.answer_tokens:.0f}-token answer's probability; the "
+                              "published checkpoint is the best one either way)")
     notes = []
     probe = "lr" not in given and compute.world_size == 1
     if "lr" not in given and compute.world_size > 1:
         notes.append("no learning-rate probe under torchrun: every rank must agree")
     return Recipe(values=values, reasons=reasons, given=tuple(sorted(given)), probe=probe,
-                  target_steps=steps, notes=notes)
+                  target_steps=steps, notes=notes, min_gain=gain)
 
 
 # -- the learning-rate probe ------------------------------------------------------------------

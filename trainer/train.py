@@ -42,6 +42,7 @@ from loraplex.trainer.callbacks import MetricsFileCallback, RichProgressCallback
 from loraplex.trainer.config import TrainConfig
 from loraplex.trainer.curve import write_curve_png
 from loraplex.trainer.data import (
+    IGNORE_INDEX,
     Dataset,
     Example,
     encode_dataset,
@@ -52,7 +53,6 @@ from loraplex.trainer.data import (
 from loraplex.trainer.loss import completion_loss_sum, completion_trainer
 from loraplex.trainer.recipe import (
     EVALS_PER_RUN,
-    MIN_GAIN,
     MIN_STEPS_TO_PROBE,
     BaseStats,
     Compute,
@@ -60,6 +60,7 @@ from loraplex.trainer.recipe import (
     Recipe,
     choose,
     fit_budget,
+    min_gain,
     parse_budget,
     pick_probe,
     probe_candidates,
@@ -291,7 +292,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
                             RichProgressCallback(clock, enabled=progress)]
     if rcfg.patience and val_rows is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=rcfg.patience,
-                                               early_stopping_threshold=MIN_GAIN))
+                                               early_stopping_threshold=recipe.min_gain))
     budget_cb = None
     if budget_s is not None:
         budget_cb = BudgetCallback(t_start + budget_s)
@@ -363,12 +364,15 @@ def _recipe_for(cfg: TrainConfig, model: Any, train_rows: _Rows, resume_from: st
                                       if v is not None and k != "val_fraction"}}
         return Recipe(values=values, reasons=rec["reasons"], given=tuple(rec["given"]),
                       probe=False, target_steps=rec["target_steps"],
-                      notes=[*rec.get("notes", []), "resumed: the recipe of the first start"])
+                      notes=[*rec.get("notes", []), "resumed: the recipe of the first start"],
+                      min_gain=float(rec.get("min_gain", min_gain(1.0))))
     import torch
 
     lengths = [len(r["input_ids"]) for r in train_rows.rows]
+    answers = [sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in train_rows.rows]
     data = DataStats(rows=len(lengths), mean_tokens=sum(lengths) / max(1, len(lengths)),
-                     max_tokens=max(lengths, default=0))
+                     max_tokens=max(lengths, default=0),
+                     answer_tokens=sum(answers) / max(1, len(answers)))
     mc = getattr(model, "config", None)
     base = BaseStats(params=_param_count(model),
                      architecture=str(getattr(mc, "model_type", "unknown")),

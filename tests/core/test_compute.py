@@ -174,15 +174,18 @@ def _train_step(dtype) -> Callable[[], None]:
     return step
 
 
-def _nf4_decode(dtype) -> Callable[[], None]:
-    """SmolLM2's MLP down-projection (1536 -> 576) in nf4 on a 24-row decode batch."""
+def _nf4_serve(dtype) -> Callable[[], None]:
+    """SmolLM2's MLP down-projection (1536 -> 576) in nf4 on a 24-row decode batch and a
+    192-row prefill chunk: a served request costs both, and the kernel's bf16/fp32 ratio
+    differs between them on some CPUs."""
     lin = compute._nf4_linear(torch.randn(576, 1536, generator=torch.Generator().manual_seed(1)),
                               dtype)
-    x = torch.randn(24, 1536).to(dtype)  # [T, in]
+    xs = [torch.randn(rows, 1536).to(dtype) for rows in (24, 192)]  # [T, in] each
 
     def step() -> None:
         with torch.inference_mode():
-            lin(x)
+            for x in xs:
+                lin(x)
     return step
 
 
@@ -196,7 +199,7 @@ def test_the_demo_recipe_never_picks_a_dtype_twice_as_slow_here():
     cases = [("training", str(demo.recipe.get("compute_dtype", "auto")),
               str(demo.recipe["quantization"]),
               _train_step),
-             ("serving", demo.serve_compute_dtype, "nf4", _nf4_decode)]
+             ("serving", demo.serve_compute_dtype, "nf4", _nf4_serve)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -81,6 +81,18 @@ def test_eval_steps_give_about_a_dozen_validation_points():
     assert 10 <= total / v["eval_steps"] <= 13
 
 
+def test_the_early_stop_threshold_shrinks_with_the_answer_length():
+    """A one-word label needs a larger per-token drop of the validation loss to count as a
+    gain than a 25-token JSON answer: the same ~1% of a whole answer's probability."""
+    short = choose(DataStats(rows=144, mean_tokens=60.0, max_tokens=90, answer_tokens=3.0),
+                   SMOLLM2, CPU)
+    long = choose(DataStats(rows=144, mean_tokens=90.0, max_tokens=120, answer_tokens=25.0),
+                  SMOLLM2, CPU)
+    assert short.min_gain == pytest.approx(0.01 / 3) and long.min_gain == pytest.approx(4e-4)
+    assert "3-token answer" in short.reasons["patience"]
+    assert short.as_lineage()["min_gain"] == short.min_gain
+
+
 def test_no_rows_is_a_clear_error():
     with pytest.raises(InvalidArgument):
         choose(rows(0), SMOLLM2, CPU)
