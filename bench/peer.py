@@ -282,7 +282,8 @@ def loraplex_server(name: str, plan: Plan, base: Path, registry: Path,
                                   "model_name": "base"}))
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),
            "--registry", str(registry), "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "0", "--http-port", str(port), "--no-auth",
+           "--metrics-port", "0", "--http-host", "127.0.0.1", "--http-port", str(port),
+           "--no-auth",
            "--quantization", quant, "--config", str(config)]
     return Server(name, cmd, threads_env(threads), port,
                   {k: f"{TENANT}/{k}" for k in adapters}, WORK / f"{name}.log")
