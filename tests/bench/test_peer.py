@@ -1,7 +1,8 @@
-"""bench.peer's set-up and bookkeeping without starting a server: the vLLM environment's
-requirement list and dist-info shim, the shared request schedule, the ratios against the
-issue's targets, and the decode FLOP count bench.roofline divides by. A live run needs the
-SmolLM2 import and vLLM's virtualenv (minutes); docs/benchmarks-peer.md says how to run it."""
+"""bench.peer's set-up and bookkeeping: the vLLM environment's requirement list and
+dist-info shim, the shared request schedule, the ratios against the issue's targets, the
+decode FLOP count bench.roofline divides by, and its loraplex server started as a run
+starts it (on the micro base). A live run needs the SmolLM2 import and vLLM's virtualenv
+(minutes); docs/benchmarks-peer.md says how to run it."""
 
 from __future__ import annotations
 
@@ -110,3 +111,17 @@ def test_smollm2_decode_token_costs_about_a_quarter_gigaflop():
     assert round(f["total"] / 1e9, 3) == 0.269
     g = roofline.flop_per_token(context=100, rank=12)
     assert g["total"] > f["total"] and g["lora"] == 30 * 2 * 12 * 10_176  # r x (in + out), seven projections
+
+
+def test_its_loraplex_server_starts_and_answers_on_the_micro_base(micro_base, tmp_path,
+                                                                   monkeypatch):
+    """bench.peer's own loraplex command line, as a run starts it, passes the server's
+    settings checks (`--no-auth` only on loopback listeners) and answers a completion."""
+    monkeypatch.setattr(peer, "WORK", tmp_path)
+    server = peer.loraplex_server("loraplex-fp32", peer.Plan(max_model_len=128), micro_base,
+                                  tmp_path / "registry", {}, threads=1)
+    try:
+        server.start(timeout=120)
+        assert server.ready_s is not None
+    finally:
+        server.stop()
