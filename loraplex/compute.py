@@ -29,6 +29,7 @@ some bases' activations); name it explicitly to use it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -49,14 +50,14 @@ BF16_MIN_SPEEDUP = 1.25
 """bfloat16 is chosen on a CPU only when its probe runs at least this much faster."""
 CACHE_FILE = "compute-probe.json"
 WORKLOADS = ("matmul", "nf4")
+"""What a probe measures: `matmul` is a plain GEMM (unquantized and int8 bases, whose
+non-quantized layers are plain GEMMs); `nf4` is a bitsandbytes Linear4bit forward; each at
+the row counts of `PROBE_ROWS`."""
 # Rows per probed forward, per workload: a decode batch and a prefill chunk or training
 # micro-batch. Both matter: bitsandbytes' CPU nf4 kernel is faster in bf16 at decode sizes
 # and slower at prefill sizes on some CPUs, so a decode-only probe picks the wrong dtype
 # for a server whose requests carry prompts. Part of the cache key.
 PROBE_ROWS = {"matmul": (64, 256), "nf4": (32, 256)}
-"""What a probe measures: `matmul` is a plain GEMM at decode- and training-like row counts
-(unquantized and int8 bases, whose non-quantized layers are plain GEMMs); `nf4` is a
-bitsandbytes Linear4bit forward at a decode batch."""
 
 
 @dataclass(frozen=True)
@@ -231,24 +232,16 @@ def workload_fns(workload: str) -> dict[str, list[Any]]:
     for name in ("float32", "bfloat16"):
         dt = getattr(torch, name)
         if workload == "matmul":
-            wd = w.to(dt)
-            parts = []
-            for rows in PROBE_ROWS[workload]:
-                x = torch.randn(rows, 576, generator=gen).to(dt)  # [T, in]
-                parts.append(lambda x=x, wd=wd: torch.nn.functional.linear(x, wd))
+            def forward(x: Any, wd: Any = w.to(dt)) -> None:
+                torch.nn.functional.linear(x, wd)
         elif workload == "nf4":
-            lin = _nf4_linear(w, dt)
-            parts = []
-            for rows in PROBE_ROWS[workload]:
-                x = torch.randn(rows, 576, generator=gen).to(dt)  # [T, in]
-
-                def run(lin=lin, x=x) -> None:
-                    with torch.inference_mode():
-                        lin(x)
-                parts.append(run)
+            def forward(x: Any, lin: Any = _nf4_linear(w, dt)) -> None:
+                with torch.inference_mode():
+                    lin(x)
         else:
             raise ValueError(f"unknown probe workload {workload!r}")  # a bug in the caller
-        fns[name] = parts
+        xs = [torch.randn(rows, 576, generator=gen).to(dt) for rows in PROBE_ROWS[workload]]
+        fns[name] = [functools.partial(forward, x) for x in xs]  # x: [T, in]
     return fns
 
 

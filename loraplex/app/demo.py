@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -352,14 +353,6 @@ def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict, resu
         outs["base", t] = [g.text for g in results[t]["base"]]
         outs[t, t] = [g.text for g in results[t]["adapter"]]
 
-    failed: list[BaseException] = []
-
-    def off_diagonal(model: str) -> None:
-        try:
-            ask(model)
-        except BaseException as e:  # re-raised on the demo's thread below
-            failed.append(e)
-
     def ask(model: str) -> None:
         items, index = [], []
         for task in TENANTS:
@@ -374,13 +367,8 @@ def cross_matrix(target: str, admin_token: str, prompts: dict, tests: dict, resu
         for key, r in zip(index, answers, strict=True):
             outs.setdefault(key, []).append(getattr(r, "text", "<error>"))
 
-    threads = [threading.Thread(target=off_diagonal, args=(m,)) for m in TENANTS]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if failed:
-        raise failed[0]
+    with ThreadPoolExecutor(len(TENANTS)) as pool:
+        list(pool.map(ask, TENANTS))  # a failed call raises here
     table = Table(title="held-out exact-match: rows = model, columns = task")
     table.add_column("model")
     for task in TENANTS:
