@@ -50,9 +50,9 @@ def machine(argv: list[str]) -> dict[str, Any]:
 
 def base_dir(kind: str, cache: Path) -> Path:
     """The tiny embedded base (built and pre-trained once) or SmolLM2 (imported once)."""
-    from loraplex.demo_bases import prepare
+    from loraplex.app.demo_bases import prepare
 
-    return prepare("smollm2" if kind == "smollm2" else "tiny", cache, lambda s: print(s))
+    return prepare(kind, cache, lambda s: print(s))
 
 
 def score(base: Path, adapter: Path, test: Path, max_new_tokens: int) -> float:
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", choices=("tiny", "smollm2"), default="tiny")
+    ap.add_argument("--base-dir", default=None,
+                    help="a base directory already built or imported (overrides --base)")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--n-train", type=int, default=200)
     ap.add_argument("--n-test", type=int, default=50)
@@ -121,11 +123,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{head['torch_threads']} torch threads, torch {head['torch']}, "
           f"load avg {head['load_avg']}; {head['date']}")
     print(f"command: {head['command']}")
-    print(f"base: {a.base}; {a.n_train} rows per task ({a.n_test} more held out for "
+    shown = a.base_dir or a.base
+    print(f"base: {shown}; {a.n_train} rows per task ({a.n_test} more held out for "
           f"exact-match); grid: lr {a.grid_lr} x r {a.grid_r} (alpha 2r) x epochs "
           f"{a.grid_epochs}, batch 8, no dropout, best checkpoint by val loss")
-    base = base_dir(a.base, Path(a.cache))
-    results: dict[str, Any] = {"machine": head, "base": a.base, "grid": grid, "tasks": {}}
+    base = Path(a.base_dir) if a.base_dir else base_dir(a.base, Path(a.cache))
+    results: dict[str, Any] = {"machine": head, "base": shown, "grid": grid, "tasks": {}}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
         for task in tasks:
