@@ -72,6 +72,24 @@ def score(base: Path, adapter: Path, test: Path, max_new_tokens: int) -> float:
     return res.exact_match
 
 
+def load_grid(path: Path, head: dict[str, Any], base: str, a: argparse.Namespace,
+              tasks: list[str]) -> dict[str, list[dict[str, Any]]]:
+    """Each task's grid points from an earlier run's JSON; SystemExit unless that run was on
+    the same CPU (model, capability, cores), base and rows, and holds every task asked for."""
+    old = json.loads(path.read_text())
+    same = {k: old["machine"].get(k) == head[k] for k in ("cpu", "capability", "cores")}
+    same["base"] = old.get("base") == base
+    same.update({k: old.get(k, getattr(a, k)) == getattr(a, k) for k in ("n_train", "n_test")})
+    if not all(same.values()):
+        differ = [k for k, v in same.items() if not v]
+        raise SystemExit(f"{path}: not comparable with this run ({', '.join(differ)} differ)")
+    missing = [t for t in tasks if not old["tasks"].get(t, {}).get("grid")]
+    if missing:
+        raise SystemExit(f"{path}: no grid points for {missing}")
+    print(f"grid points from {path} ({old['machine']['date']})")
+    return {t: old["tasks"][t]["grid"] for t in tasks}
+
+
 def run_one(base: Path, paths: dict[str, Path], out: Path, flags: dict[str, Any],
             max_new_tokens: int) -> dict[str, Any]:
     from loraplex.trainer.cli import run_train
@@ -108,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default=None, help="write every run here")
     ap.add_argument("--skip-defaults", action="store_true",
                     help="grid points only (to split one comparison across processes)")
+    ap.add_argument("--grid-json", default=None,
+                    help="take the grid points from this earlier --json of the same machine, "
+                         "base and rows: only the defaults train (to measure a change of "
+                         "the automatic recipe against a grid that does not depend on it)")
     a = ap.parse_args(argv)
     if a.quick:
         a.tasks, a.grid_lr = "classify,chat", "3e-3"
@@ -127,8 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"base: {shown}; {a.n_train} rows per task ({a.n_test} more held out for "
           f"exact-match); grid: lr {a.grid_lr} x r {a.grid_r} (alpha 2r) x epochs "
           f"{a.grid_epochs}, batch 8, no dropout, best checkpoint by val loss")
+    earlier = load_grid(Path(a.grid_json), head, shown, a, tasks) if a.grid_json else None
     base = Path(a.base_dir) if a.base_dir else base_dir(a.base, Path(a.cache))
-    results: dict[str, Any] = {"machine": head, "base": shown, "grid": grid, "tasks": {}}
+    results: dict[str, Any] = {"machine": head, "base": shown, "grid": grid, "tasks": {},
+                               "n_train": a.n_train, "n_test": a.n_test,
+                               "grid_from": a.grid_json}
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
         for task in tasks:
@@ -140,8 +165,8 @@ def main(argv: list[str] | None = None) -> None:
                                   a.max_new_tokens)
                 print(f"{task}: defaults {default['exact_match']:.0%} in "
                       f"{default['seconds']:.0f}s ({default['recipe']})", flush=True)
-            points = []
-            for lr, r, epochs in grid:
+            points = list(earlier[task]) if earlier else []
+            for lr, r, epochs in ([] if earlier else grid):
                 flags = {"lr": lr, "r": r, "alpha": 2.0 * r, "epochs": epochs, "batch_size": 8,
                          "dropout": 0.0}
                 p = run_one(base, paths, Path(tmp) / task / f"g-{lr}-{r}-{epochs}", flags,

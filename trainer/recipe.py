@@ -33,7 +33,8 @@ What a small task needs is enough optimizer *steps* at a learning rate that suit
 The learning rate is the uncertain choice (a task can be harder or easier than the rule
 assumes), so `train.py` measures it when the user did not give one: a few candidates around
 the rule's value, each trained for a few steps from the same initial adapter, scored by
-validation loss (`probe_candidates`, `pick_probe`).
+validation loss (`probe_candidates`, `pick_probe`). When the run's length is the recipe's
+own, the winner's adapter is where the run starts and its probe steps come off the plan.
 """
 
 from __future__ import annotations

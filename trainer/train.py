@@ -16,7 +16,8 @@ Run directory (`TrainConfig.run_dir`):
 
 Hyper-parameters the user did not give are chosen by `recipe.choose` from the data and the
 base; the learning rate is then measured by a short probe (`_probe_lr`) when the user gave
-none. `--budget` bounds probe + training: the planned epochs are cut to what the probe's
+none, and the winning candidate's adapter goes on training (its steps count toward the
+run) unless the user gave the run's length. `--budget` bounds probe + training: the planned epochs are cut to what the probe's
 measured speed affords, and a callback stops a run that still overruns (the best
 checkpoint so far is kept).
 """
@@ -263,11 +264,17 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     elif recipe.probe and val_rows is not None and resume_from is None:
         probe_s = None if budget_s is None else PROBE_SHARE * (
             budget_s - (time.perf_counter() - t_start))
+        # the winner's probe steps count toward the run when the run's length is the
+        # recipe's own; a length the user gave is trained in full from the initial adapter
+        carry = "epochs" not in recipe.given and rcfg.max_steps <= 0
         probe = _probe_lr(model, train_rows, val_rows, rcfg, tokenizer.pad_token_id, say,
-                          planned, probe_s)
+                          planned, probe_s, keep_winner=carry)
         rcfg = rcfg.model_copy(update={"lr": probe["chosen"]})
         recipe.values["lr"] = probe["chosen"]
         recipe.reasons["lr"] = probe["reason"]
+        if probe["continued"]:
+            rcfg, note = _after_probe(rcfg, recipe, steps_per_epoch, planned, probe["continued"])
+            recipe.notes.append(note)
     elif recipe.probe:
         recipe.notes.append("no learning-rate probe: " + (
             "resumed run" if resume_from else "no validation split to score it on"))
@@ -411,13 +418,28 @@ def _rows_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int,
     return total / count if count else math.nan
 
 
+def _after_probe(cfg: TrainConfig, recipe: Recipe, steps_per_epoch: int, planned: int,
+                 done: int) -> tuple[TrainConfig, str]:
+    """`cfg` with the planned run shortened by the `done` steps the probe's winner already
+    trained (at least one step is left), validation points re-spaced; the note that says so."""
+    left = max(1, planned - done)
+    epochs = round(left / steps_per_epoch, 4)
+    eval_steps = max(1, math.ceil(left / EVALS_PER_RUN))
+    recipe.values.update(epochs=epochs, eval_steps=eval_steps)
+    note = (f"the probe's winner continues: its {done} steps count toward the {planned} "
+            f"planned, {left} left ({epochs:g} epochs)")
+    return cfg.model_copy(update={"epochs": epochs, "eval_steps": eval_steps}), note
+
+
 def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, pad_id: int,
-              say: Any, planned: int, seconds: float | None = None) -> dict[str, Any]:
-    """Train a few steps at each candidate learning rate from the same initial adapter,
-    score each by validation loss, restore the initial adapter; the chosen rate and what
-    was tried (also the measured seconds per step, for the budget). `seconds`: the share of
-    the budget the probe may use; the step count shrinks to fit once the first two steps
-    are timed."""
+              say: Any, planned: int, seconds: float | None = None, *,
+              keep_winner: bool = False) -> dict[str, Any]:
+    """Train a few steps at each candidate learning rate from the same initial adapter and
+    score each by validation loss; the chosen rate and what was tried (also the measured
+    seconds per step, for the budget). The adapter is left as the winner's probe trained it
+    when `keep_winner` (its steps then count toward the run: `continued`), else as it was.
+    `seconds`: the share of the budget the probe may use; the step count shrinks to fit once
+    the first two steps are timed."""
     import torch
 
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -429,6 +451,7 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
     order = list(range(len(train_rows)))
     random.Random(cfg.seed).shuffle(order)
     scores: dict[float, float] = {}
+    trained: dict[float, dict[str, Any]] = {}  # rate -> the adapter its probe left
     step_s: list[float] = []
     t0 = time.perf_counter()
     for lr in candidates:
@@ -464,11 +487,16 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
             step_s.append(time.perf_counter() - ts)
         scores[lr] = _rows_loss(model, val, pad_id, cfg.batch_size)
         say(f"  probe lr {lr:.1e}: val loss {scores[lr]:.4f} after {steps} steps")
+        if keep_winner:  # [r, in] / [out, r] per layer: megabytes, not the base
+            trained[lr] = {n: p.detach().clone() for n, p in params.items()}
+    chosen = pick_probe(scores, prior)
+    if not math.isfinite(scores.get(chosen, math.nan)):
+        trained.clear()  # the rule's rate kept without a finite score: start afresh
+    end = trained.get(chosen, init)
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(init[n])
+            p.copy_(end[n])
     model.train()
-    chosen = pick_probe(scores, prior)
     step_s.sort()
     per_step = step_s[len(step_s) // 2]  # the median: the first steps warm caches up
     tried = ", ".join(f"{lr:.1e}: {v:.4f}" for lr, v in sorted(scores.items()))
@@ -477,7 +505,8 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
               + (" held" if chosen == prior else f" lost to {chosen:.1e}"))
     return {"candidates": candidates, "steps": steps, "val_loss": scores, "prior": prior,
             "chosen": chosen, "seconds": round(time.perf_counter() - t0, 3),
-            "seconds_per_step": per_step, "reason": reason}
+            "seconds_per_step": per_step, "reason": reason,
+            "continued": steps if chosen in trained else 0}
 
 
 def _probe_skipped(params: dict[str, Any], init: dict[str, Any], prior: float,
@@ -492,7 +521,7 @@ def _probe_skipped(params: dict[str, Any], init: dict[str, Any], prior: float,
             p.copy_(init[n])
     return {"candidates": candidates, "steps": 0, "val_loss": {}, "prior": prior,
             "chosen": prior, "seconds": round(time.perf_counter() - t0, 3),
-            "seconds_per_step": per_step, "reason": reason, "skipped": True}
+            "seconds_per_step": per_step, "reason": reason, "skipped": True, "continued": 0}
 
 
 PROBE_VAL_ROWS = 64

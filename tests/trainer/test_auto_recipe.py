@@ -120,3 +120,36 @@ def test_a_budget_too_small_for_the_probe_keeps_the_rules_rate(base_factory, acm
     assert "no learning-rate probe: its share of the budget" in probe["reason"]
     assert res.report["recipe"]["reasons"]["lr"] == probe["reason"]  # what the user is shown
     assert res.metrics["steps"] >= 1 and (res.adapter_dir / "adapter_model.safetensors").exists()
+
+
+def test_the_probes_winner_continues_and_its_steps_count_toward_the_run(micro_base, acme_data,
+                                                                        tmp_path):
+    """With the run's length left to the recipe, the probe's winning adapter is where the run
+    starts, and the probe's steps come off the planned ones (not trained again)."""
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.train import train
+
+    cfg = TrainConfig(base=str(micro_base), data=str(acme_data), name="acme/carry",
+                      output_dir=str(tmp_path / "run"), publish=False, quantization="none",
+                      max_seq_len=64, eval_max_new_tokens=4, patience=0)
+    res = train(cfg, progress=False)
+    probe, recipe = res.report["probe"], res.report["recipe"]
+    assert probe["continued"] == probe["steps"] >= 3
+    note = next(n for n in recipe["notes"] if n.startswith("the probe's winner continues"))
+    planned = int(note.split(" planned")[0].rsplit(" ", 1)[1])
+    steps_per_epoch = -(-32 // 8)  # 40 rows, 8 held out for validation; batch 8
+    assert recipe["values"]["epochs"] == pytest.approx((planned - probe["steps"]) / steps_per_epoch)
+    assert res.metrics["steps"] == planned - probe["steps"]  # no early stop (patience 0)
+
+
+def test_a_run_length_the_user_gave_is_trained_in_full_after_the_probe(micro_base, acme_data,
+                                                                       tmp_path):
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.train import train
+
+    cfg = TrainConfig(base=str(micro_base), data=str(acme_data), name="acme/given",
+                      output_dir=str(tmp_path / "run"), publish=False, quantization="none",
+                      max_seq_len=64, eval_max_new_tokens=4, patience=0, epochs=12.0)
+    res = train(cfg, progress=False)
+    assert res.report["probe"]["steps"] >= 3 and res.report["probe"]["continued"] == 0
+    assert res.report["recipe"]["values"]["epochs"] == 12.0 and res.metrics["steps"] == 48
