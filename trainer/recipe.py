@@ -261,7 +261,7 @@ def fit_budget(epochs: float, steps_per_epoch: int, seconds_per_step: float,
     """Epochs that fit in `left_s` at the measured speed (15% kept for validation and
     saving); (epochs, None) when the planned run fits."""
     affordable = int(0.85 * left_s / max(seconds_per_step, 1e-9))
-    planned = int(epochs * steps_per_epoch)
+    planned = math.ceil(epochs * steps_per_epoch - 1e-6)  # as the Trainer counts them
     if planned <= affordable:
         return epochs, None
     new = max(1, affordable) / steps_per_epoch

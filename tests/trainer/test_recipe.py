@@ -143,3 +143,9 @@ def test_the_demo_trains_every_tenant_with_the_automatic_recipe():
         assert not set(recipe) & set(AUTO_FIELDS), recipe
         cfg = TrainConfig(base="b", data="d", name="acme/x", **recipe)
         assert all(v is None for v in cfg.auto_fields().values())
+
+
+def test_fit_budget_counts_a_fractional_plan_as_the_trainer_does():
+    """119 steps left after a probe are 6.6111 epochs of 18: still 119 planned, not 118."""
+    _, why = fit_budget(round(119 / 18, 4), 18, 1.0, 50)
+    assert "119 planned steps cut to 42" in why
