@@ -17,9 +17,9 @@ Run directory (`TrainConfig.run_dir`):
 Hyper-parameters the user did not give are chosen by `recipe.choose` from the data and the
 base; the learning rate is then measured by a short probe (`_probe_lr`) when the user gave
 none, and the winning candidate's adapter goes on training (its steps count toward the
-run) unless the user gave the run's length. `--budget` bounds probe + training: the planned epochs are cut to what the probe's
-measured speed affords, and a callback stops a run that still overruns (the best
-checkpoint so far is kept).
+run) unless the user gave the run's length. `--budget` bounds probe + training: the
+planned epochs are cut to what the probe's measured speed affords, and a callback stops a
+run that still overruns (the best checkpoint so far is kept).
 """
 
 from __future__ import annotations
@@ -487,7 +487,7 @@ def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, 
             step_s.append(time.perf_counter() - ts)
         scores[lr] = _rows_loss(model, val, pad_id, cfg.batch_size)
         say(f"  probe lr {lr:.1e}: val loss {scores[lr]:.4f} after {steps} steps")
-        if keep_winner:  # [r, in] / [out, r] per layer: megabytes, not the base
+        if keep_winner:  # one adapter per rate (the LoRA factors only, never the base)
             trained[lr] = {n: p.detach().clone() for n, p in params.items()}
     chosen = pick_probe(scores, prior)
     if not math.isfinite(scores.get(chosen, math.nan)):
