@@ -3,6 +3,7 @@
     python -m bench.recipes                       # tiny base, all six tasks, the full grid
     python -m bench.recipes --quick               # 2 tasks (one tuning, one held out), 4 grid points
     python -m bench.recipes --base smollm2 --tasks classify,chat --grid-lr 1e-3 --grid-r 16
+    python -m bench.recipes --base smollm2 --grid-json earlier.json   # only the defaults train
 
 Per task (`bench/recipe_tasks.py`: classification, extraction to a fixed format, lookup
 from the prompt, rewriting to a house style, multi-turn chat, long and short answers),
@@ -18,8 +19,10 @@ exact-match and time, and the ratios (target: exact-match >= 0.9x the grid's bes
 <= 2x). Tasks tagged `held_out` were never used to set the recipe's constants and are
 summarised apart. Every run also goes to `--json`.
 
-Both sides train fp32 on the unquantized base (`--quantization none`): quantization is a
-serving choice, not a recipe one, and nf4 on a CPU only slows both sides alike.
+Both sides train on the unquantized base (`--quantization none`) in the compute dtype
+`auto` picks for the machine (`loraplex.compute`: bf16 where the CPU multiplies it
+natively, else fp32): quantization is a serving choice, not a recipe one, and nf4 on a CPU
+only slows both sides alike.
 """
 
 from __future__ import annotations
