@@ -111,6 +111,17 @@ class Recipe:
                 "notes": list(self.notes), "min_gain": self.min_gain}
 
 
+def planned_steps(epochs: float, steps_per_epoch: int) -> int:
+    """The optimizer steps `epochs` make, counted as the Trainer counts them (rounded up; a
+    fraction like 6.6111 x 18 that floating point puts at 118.9998 is 119)."""
+    return math.ceil(epochs * steps_per_epoch - 1e-6)
+
+
+def eval_every(total_steps: int) -> int:
+    """Steps between validation points: about `EVALS_PER_RUN` of them over the run."""
+    return max(1, math.ceil(total_steps / EVALS_PER_RUN))
+
+
 def min_gain(answer_tokens: float) -> float:
     """The least drop of the per-token validation loss that the early stop counts as a gain:
     `ANSWER_GAIN` spread over an answer's labelled tokens. A whole answer's loss is the
@@ -185,7 +196,7 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
     put("dropout", 0.0, "short run; the best checkpoint by validation loss guards against "
                         "over-fitting")
     total = int(values["epochs"] * steps_per_epoch)
-    put("eval_steps", max(1, math.ceil(total / EVALS_PER_RUN)),
+    put("eval_steps", eval_every(total),
         f"about {EVALS_PER_RUN} validation points over {total} steps")
     gain = min_gain(data.answer_tokens)
     put("patience", PATIENCE, f"stop after {PATIENCE} validation points without lowering the "
@@ -261,7 +272,7 @@ def fit_budget(epochs: float, steps_per_epoch: int, seconds_per_step: float,
     """Epochs that fit in `left_s` at the measured speed (15% kept for validation and
     saving); (epochs, None) when the planned run fits."""
     affordable = int(0.85 * left_s / max(seconds_per_step, 1e-9))
-    planned = math.ceil(epochs * steps_per_epoch - 1e-6)  # as the Trainer counts them
+    planned = planned_steps(epochs, steps_per_epoch)
     if planned <= affordable:
         return epochs, None
     new = max(1, affordable) / steps_per_epoch

@@ -53,17 +53,18 @@ from loraplex.trainer.data import (
 )
 from loraplex.trainer.loss import completion_loss_sum, completion_trainer
 from loraplex.trainer.recipe import (
-    EVALS_PER_RUN,
     MIN_STEPS_TO_PROBE,
     BaseStats,
     Compute,
     DataStats,
     Recipe,
     choose,
+    eval_every,
     fit_budget,
     min_gain,
     parse_budget,
     pick_probe,
+    planned_steps,
     probe_candidates,
     probe_steps,
     validation_rows,
@@ -282,10 +283,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
         left = budget_s - (time.perf_counter() - t_start)
         epochs, why = fit_budget(rcfg.epochs, steps_per_epoch, probe["seconds_per_step"], left)
         if why:
-            rcfg = rcfg.model_copy(update={
-                "epochs": epochs, "eval_steps": max(1, math.ceil(
-                    epochs * steps_per_epoch / EVALS_PER_RUN))})
-            recipe.values.update(epochs=epochs, eval_steps=rcfg.eval_steps)
+            rcfg = _replan(rcfg, recipe, epochs, steps_per_epoch)
             recipe.notes.append(why)
     if is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -418,17 +416,24 @@ def _rows_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int,
     return total / count if count else math.nan
 
 
+def _replan(cfg: TrainConfig, recipe: Recipe, epochs: float, steps_per_epoch: int
+            ) -> TrainConfig:
+    """`cfg` (and the recipe's values) with the run's length set to `epochs` and the
+    validation points re-spaced over it."""
+    eval_steps = eval_every(planned_steps(epochs, steps_per_epoch))
+    recipe.values.update(epochs=epochs, eval_steps=eval_steps)
+    return cfg.model_copy(update={"epochs": epochs, "eval_steps": eval_steps})
+
+
 def _after_probe(cfg: TrainConfig, recipe: Recipe, steps_per_epoch: int, planned: int,
                  done: int) -> tuple[TrainConfig, str]:
     """`cfg` with the planned run shortened by the `done` steps the probe's winner already
-    trained (at least one step is left), validation points re-spaced; the note that says so."""
+    trained (at least one step is left); the note that says so."""
     left = max(1, planned - done)
     epochs = round(left / steps_per_epoch, 4)
-    eval_steps = max(1, math.ceil(left / EVALS_PER_RUN))
-    recipe.values.update(epochs=epochs, eval_steps=eval_steps)
     note = (f"the probe's winner continues: its {done} steps count toward the {planned} "
             f"planned, {left} left ({epochs:g} epochs)")
-    return cfg.model_copy(update={"epochs": epochs, "eval_steps": eval_steps}), note
+    return _replan(cfg, recipe, epochs, steps_per_epoch), note
 
 
 def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, pad_id: int,
