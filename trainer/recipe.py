@@ -26,15 +26,18 @@ What a small task needs is enough optimizer *steps* at a learning rate that suit
 - batch 8 below 2,000 rows (more steps per epoch), 16 above; r 16, alpha 32 (scale 2) on
   every linear layer; no dropout (the run is short and the best checkpoint by validation
   loss is what gets published, which already guards against over-fitting);
-- about 12 validation points per run, and an early stop after 3 of them without a gain
-  (`min_gain`: a drop of the loss that raises a whole answer's probability by about 1%): an
-  easy task stops long before the step target, a hard one uses all of it.
+- validation as often as it costs at most 15% of the training time (12 to 30 points per
+  run), and an early stop after 3 points without a gain (`min_gain`: a drop of the loss
+  that raises a whole answer's probability by about 1%), or at once when the loss is below
+  `min_gain` (`converged`: no later point could count as a gain): an easy task stops long
+  before the step target, a hard one uses all of it.
 
 The learning rate is the uncertain choice (a task can be harder or easier than the rule
 assumes), so `train.py` measures it when the user did not give one: a few candidates around
 the rule's value, each trained for a few steps from the same initial adapter, scored by
-validation loss (`probe_candidates`, `pick_probe`). When the run's length is the recipe's
-own, the winner's adapter is where the run starts and its probe steps come off the plan.
+validation loss (`probe.py`: `probe_candidates`, `pick_probe`). When the run's length is the
+recipe's own, the winner's adapter and optimizer state are where the run goes on and its
+probe steps come off the plan; a winner that has converged is the run.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ STEPS_EXPONENT = 0.45
 STEPS_RANGE = (100, 600)
 MAX_EPOCHS = 40
 VAL_RANGE = (8, 200)  # validation rows carved from --data when none are given
-EVALS_PER_RUN = 12  # validation points on the curve (and checkpoints to choose from)
+EVALS_PER_RUN = 12  # validation points on the curve at least (checkpoints to choose from)
+MAX_EVALS_PER_RUN = 30
+EVAL_SHARE = 0.15  # of the training time, at most, spent validating
 PATIENCE = 3  # validation points without improvement before the run stops early
 # A validation point counts as an improvement for the early stop only when it raises the
 # probability of a whole labelled answer by more than about this fraction (`min_gain`):
@@ -75,6 +80,8 @@ class DataStats:
     mean_tokens: float  # per row, prompt + completion
     max_tokens: int
     answer_tokens: float = 1.0  # labelled tokens per row, mean (the completion and its end)
+    val_rows: int = 0  # the validation split's rows (0: unknown; validation is then spaced
+    # by the run's length alone)
 
 
 @dataclass(frozen=True)
@@ -104,11 +111,13 @@ class Recipe:
     target_steps: int
     notes: list[str] = field(default_factory=list)
     min_gain: float = ANSWER_GAIN  # the early stop's threshold on the validation loss
+    val_rows: int = 0  # what `eval_every` weighs the cost of a validation point by
 
     def as_lineage(self) -> dict[str, Any]:
         return {"values": dict(self.values), "reasons": dict(self.reasons),
                 "given": list(self.given), "target_steps": self.target_steps,
-                "notes": list(self.notes), "min_gain": self.min_gain}
+                "notes": list(self.notes), "min_gain": self.min_gain,
+                "val_rows": self.val_rows}
 
 
 def planned_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -117,9 +126,25 @@ def planned_steps(epochs: float, steps_per_epoch: int) -> int:
     return math.ceil(epochs * steps_per_epoch - 1e-6)
 
 
-def eval_every(total_steps: int) -> int:
-    """Steps between validation points: about `EVALS_PER_RUN` of them over the run."""
-    return max(1, math.ceil(total_steps / EVALS_PER_RUN))
+def eval_every(total_steps: int, val_rows: int = 0, batch_size: int = 8) -> int:
+    """Steps between validation points: as often as validating costs at most `EVAL_SHARE`
+    of the training time (a forward pass over `val_rows` costs about a third of a training
+    step over as many rows), so that the early stop reacts within a few steps of the best
+    point; at least `EVALS_PER_RUN` points over the run and at most `MAX_EVALS_PER_RUN`.
+    Without `val_rows`, `EVALS_PER_RUN` points."""
+    sparsest = max(1, math.ceil(total_steps / EVALS_PER_RUN))
+    if val_rows <= 0:
+        return sparsest
+    densest = max(1, math.ceil(total_steps / MAX_EVALS_PER_RUN))
+    cost = val_rows / (3 * max(1, batch_size))  # one validation pass, in training steps
+    return max(densest, min(sparsest, math.ceil(cost / EVAL_SHARE - 1e-9)))
+
+
+def converged(val_loss: float, gain: float) -> bool:
+    """True when no later validation point can count as a gain for the early stop: the
+    loss (never negative) is already below the least drop it counts (`min_gain`). The run
+    stops there instead of spending its patience on points that cannot improve."""
+    return math.isfinite(val_loss) and val_loss < gain
 
 
 def min_gain(answer_tokens: float) -> float:
@@ -196,8 +221,11 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
     put("dropout", 0.0, "short run; the best checkpoint by validation loss guards against "
                         "over-fitting")
     total = int(values["epochs"] * steps_per_epoch)
-    put("eval_steps", eval_every(total),
-        f"about {EVALS_PER_RUN} validation points over {total} steps")
+    every = eval_every(total, data.val_rows, values["batch_size"])
+    put("eval_steps", every,
+        f"{math.ceil(total / every)} validation points over {total} steps"
+        + (f" (a pass over {data.val_rows} validation rows costs under "
+           f"{EVAL_SHARE:.0%} of the training between two)" if data.val_rows else ""))
     gain = min_gain(data.answer_tokens)
     put("patience", PATIENCE, f"stop after {PATIENCE} validation points without lowering the "
                               f"loss by more than {gain:.1e} ({ANSWER_GAIN:.0%} of a "
@@ -208,7 +236,7 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
     if "lr" not in given and compute.world_size > 1:
         notes.append("no learning-rate probe under torchrun: every rank must agree")
     return Recipe(values=values, reasons=reasons, given=tuple(sorted(given)), probe=probe,
-                  target_steps=steps, notes=notes, min_gain=gain)
+                  target_steps=steps, notes=notes, min_gain=gain, val_rows=data.val_rows)
 
 
 # -- the learning-rate probe ------------------------------------------------------------------

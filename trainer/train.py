@@ -15,9 +15,10 @@ Run directory (`TrainConfig.run_dir`):
                            published (the last weights when there is no validation split)
 
 Hyper-parameters the user did not give are chosen by `recipe.choose` from the data and the
-base; the learning rate is then measured by a short probe (`_probe_lr`) when the user gave
-none, and the winning candidate's adapter goes on training (its steps count toward the
-run) unless the user gave the run's length. `--budget` bounds probe + training: the
+base; the learning rate is then measured by a short probe (`probe.py`) when the user gave
+none, and the winning candidate's adapter goes on training with its optimizer state (its
+steps count toward the run) unless the user gave the run's length; a winner whose
+validation loss is already below the early stop's least gain is published as it is. `--budget` bounds probe + training: the
 planned epochs are cut to what the probe's measured speed affords, and a callback stops a
 run that still overruns (the best checkpoint so far is kept).
 """
@@ -51,7 +52,8 @@ from loraplex.trainer.data import (
     pad_batch,
     stop_ids,
 )
-from loraplex.trainer.loss import completion_loss_sum, completion_trainer
+from loraplex.trainer.loss import completion_trainer
+from loraplex.trainer.probe import PROBE_SHARE, ProbeOutcome, probe_lr
 from loraplex.trainer.recipe import (
     MIN_STEPS_TO_PROBE,
     BaseStats,
@@ -59,14 +61,12 @@ from loraplex.trainer.recipe import (
     DataStats,
     Recipe,
     choose,
+    converged,
     eval_every,
     fit_budget,
     min_gain,
     parse_budget,
-    pick_probe,
     planned_steps,
-    probe_candidates,
-    probe_steps,
     validation_rows,
 )
 
@@ -227,8 +227,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     """Choose the recipe, train, keep the best weights by validation loss, save them under
     `run_dir/adapter` with the curve beside them. No publishing."""
     import torch
-    from transformers import EarlyStoppingCallback, set_seed
-    from transformers.trainer_callback import PrinterCallback
+    from transformers import set_seed
 
     from loraplex.trainer.model import choose_compute, load_base, wrap_lora
 
@@ -253,11 +252,12 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
     val_rows = _encode(tokenizer, splits.val, cfg, "validation", stop) if splits.val else None
 
     say = _sayer(progress and is_main)
-    recipe = _recipe_for(cfg, model, train_rows, resume_from, cuda)
+    recipe = _recipe_for(cfg, model, train_rows, len(val_rows) if val_rows else 0,
+                         resume_from, cuda)
     rcfg = cfg.model_copy(update=recipe.values)
     set_seed(cfg.seed)
     model = wrap_lora(model, rcfg)
-    probe: dict[str, Any] | None = None
+    probe: ProbeOutcome | None = None
     steps_per_epoch = max(1, math.ceil(len(train_rows) / (rcfg.batch_size * rcfg.grad_accum)))
     planned = rcfg.max_steps if rcfg.max_steps > 0 else int(rcfg.epochs * steps_per_epoch)
     if recipe.probe and planned < MIN_STEPS_TO_PROBE:
@@ -268,55 +268,124 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
         # the winner's probe steps count toward the run when the run's length is the
         # recipe's own; a length the user gave is trained in full from the initial adapter
         carry = "epochs" not in recipe.given and rcfg.max_steps <= 0
-        probe = _probe_lr(model, train_rows, val_rows, rcfg, tokenizer.pad_token_id, say,
-                          planned, probe_s, keep_winner=carry)
-        rcfg = rcfg.model_copy(update={"lr": probe["chosen"]})
-        recipe.values["lr"] = probe["chosen"]
-        recipe.reasons["lr"] = probe["reason"]
-        if probe["continued"]:
-            rcfg, note = _after_probe(rcfg, recipe, steps_per_epoch, planned, probe["continued"])
+        probe = probe_lr(model, train_rows.rows, val_rows.rows, lr=rcfg.lr,
+                         batch_size=rcfg.batch_size, seed=cfg.seed,
+                         pad_id=tokenizer.pad_token_id, planned=planned,
+                         gain=recipe.min_gain if rcfg.patience else 0.0, say=say,
+                         seconds=probe_s, keep_winner=carry)
+        chosen = probe.record["chosen"]
+        rcfg = rcfg.model_copy(update={"lr": chosen})
+        recipe.values["lr"] = chosen
+        recipe.reasons["lr"] = probe.record["reason"]
+        if probe.record["continued"]:
+            rcfg, note = _after_probe(rcfg, recipe, steps_per_epoch, planned,
+                                      probe.record["continued"])
             recipe.notes.append(note)
     elif recipe.probe:
         recipe.notes.append("no learning-rate probe: " + (
             "resumed run" if resume_from else "no validation split to score it on"))
-    if budget_s is not None and probe is not None and rcfg.max_steps <= 0:
+    record = probe.record if probe is not None else None
+    if budget_s is not None and record is not None and rcfg.max_steps <= 0:
         left = budget_s - (time.perf_counter() - t_start)
-        epochs, why = fit_budget(rcfg.epochs, steps_per_epoch, probe["seconds_per_step"], left)
+        epochs, why = fit_budget(rcfg.epochs, steps_per_epoch, record["seconds_per_step"], left)
         if why:
             rcfg = _replan(rcfg, recipe, epochs, steps_per_epoch)
             recipe.notes.append(why)
+    if record is not None and record["converged"]:
+        recipe.notes.append(f"the probe's winner is the run: its validation loss is below "
+                            f"{recipe.min_gain:.1e}, so no further step could count as a gain")
     if is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / RECIPE_FILE).write_text(json.dumps(
-            {"recipe": recipe.as_lineage(), "probe": probe}, indent=1, default=float))
-    say_recipe(say, recipe, probe)
+            {"recipe": recipe.as_lineage(), "probe": record}, indent=1, default=float))
+    say_recipe(say, recipe, record)
 
-    args = _training_args(rcfg, bool(splits.val), cuda)
+    if record is not None and record["converged"]:
+        run = _probe_run(model, record, steps_per_epoch)
+    else:
+        run = _trainer_run(cfg, rcfg, recipe, model, train_rows, val_rows, pad=tokenizer.pad_token_id,
+                           cuda=cuda, resume_from=resume_from, budget_s=budget_s, t_start=t_start,
+                           optimizer=probe.optimizer if probe is not None else None,
+                           progress=progress, extra_callbacks=extra_callbacks)
+    run.metrics["total_s"] = round(time.perf_counter() - t_start, 3)
+    if run.budget_stop is not None:
+        recipe.notes.append(f"the budget ran out at step {run.budget_stop}")
+
+    adapter_dir = cfg.run_dir / "adapter"
+    kept = _kept_reason(run.curve, run.best_step, run.last_step)
+    curve_png = None
+    if is_main:
+        run.model.save_pretrained(adapter_dir, safe_serialization=True)
+        tokenizer_note = adapter_dir / "README.md"
+        if tokenizer_note.exists():
+            tokenizer_note.unlink()  # peft's generated model card: noise in the registry
+        curve_png = write_curve_png(cfg.run_dir / "curve.png",
+                                    [(c["step"], c["train_loss"]) for c in run.curve
+                                     if "train_loss" in c],
+                                    [(c["step"], c["val_loss"]) for c in run.curve
+                                     if "val_loss" in c], run.best_step)
+    metrics = run.metrics
+    if splits.val and is_main:
+        metrics.update(_val_exact_match(run.model, tokenizer, splits.val, rcfg))
+    report = {"recipe": recipe.as_lineage(), "probe": record, "curve": run.curve,
+              "checkpoint": {"step": run.best_step, "why": kept}}
+    return TrainResult(adapter_dir=adapter_dir, run_dir=cfg.run_dir, is_main=is_main,
+                       metrics=metrics, splits=splits, compute=choice.record(),
+                       config=rcfg, report=report,
+                       curve_png=curve_png)
+
+
+@dataclass
+class _Run:
+    """What a finished run leaves: the model holding the weights to publish, the curve, the
+    step those weights are from, and the run's metrics (exact-match added by the caller)."""
+
+    model: Any
+    curve: list[dict[str, Any]]
+    best_step: int | None
+    last_step: int
+    metrics: dict[str, Any]
+    budget_stop: int | None = None
+
+
+def _trainer_run(cfg: TrainConfig, rcfg: TrainConfig, recipe: Recipe, model: Any,
+                 train_rows: _Rows, val_rows: _Rows | None, *, pad: int, cuda: bool,
+                 resume_from: str | None, budget_s: float | None, t_start: float,
+                 optimizer: Any | None, progress: bool, extra_callbacks: list[Any] | None
+                 ) -> _Run:
+    """The `transformers.Trainer` run: evaluation and checkpoints every `eval_steps`, the
+    early stop, the budget, and the best checkpoint by validation loss loaded at the end.
+    `optimizer`: the probe winner's, state and all; the run then goes on without a second
+    warm-up (the probe warmed the rate up and its moments are estimated already)."""
+    from transformers import EarlyStoppingCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    if optimizer is not None:
+        rcfg = rcfg.model_copy(update={"warmup_ratio": 0.0})
+    args = _training_args(rcfg, val_rows is not None, cuda)
     clock = Throughput()
     callbacks: list[Any] = [MetricsFileCallback(cfg.run_dir / "metrics.jsonl", clock),
                             RichProgressCallback(clock, enabled=progress)]
     if rcfg.patience and val_rows is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=rcfg.patience,
                                                early_stopping_threshold=recipe.min_gain))
+        callbacks.append(ConvergedCallback(recipe.min_gain))
     budget_cb = None
     if budget_s is not None:
         budget_cb = BudgetCallback(t_start + budget_s)
         callbacks.append(budget_cb)
     callbacks += extra_callbacks or []
-    pad_id = tokenizer.pad_token_id
     trainer = completion_trainer(model=model, args=args, train_dataset=train_rows,
                                  eval_dataset=val_rows, callbacks=callbacks,
-                                 data_collator=lambda rows: pad_batch(rows, pad_id))
+                                 data_collator=lambda rows: pad_batch(rows, pad),
+                                 optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)
 
     t0 = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=resume_from)
     wall = time.perf_counter() - t0
-
-    adapter_dir = cfg.run_dir / "adapter"
     history = trainer.state.log_history
     best_step = _best_step(trainer.state.best_model_checkpoint)
-    curve = _curve(history)
     metrics: dict[str, Any] = {
         # last logged loss; the run's mean when it ended before the first logging step
         "train_loss": _last(history, "loss") or float(out.training_loss),
@@ -326,41 +395,41 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
         "steps": trainer.state.global_step,
         "epochs": trainer.state.epoch,
         "wall_s": round(wall, 3),
-        "total_s": round(time.perf_counter() - t_start, 3),
         "tokens": clock.tokens,
         "tokens_per_s": round(clock.tokens / clock.elapsed, 2) if clock.elapsed else None,
         "world_size": args.world_size,
         "resumed_from_step": _best_step(resume_from),
     }
-    if budget_cb is not None and budget_cb.stopped_at is not None:
-        recipe.notes.append(f"the budget ran out at step {budget_cb.stopped_at}")
-    kept = _kept_reason(curve, best_step, trainer.state.global_step)
-    curve_png = None
-    if is_main:
-        trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
-        tokenizer_note = adapter_dir / "README.md"
-        if tokenizer_note.exists():
-            tokenizer_note.unlink()  # peft's generated model card: noise in the registry
-        curve_png = write_curve_png(cfg.run_dir / "curve.png",
-                                    [(c["step"], c["train_loss"]) for c in curve
-                                     if "train_loss" in c],
-                                    [(c["step"], c["val_loss"]) for c in curve
-                                     if "val_loss" in c], best_step)
-    if splits.val and is_main:
-        metrics.update(_val_exact_match(trainer.model, tokenizer, splits.val, rcfg))
-    report = {"recipe": recipe.as_lineage(), "probe": probe, "curve": curve,
-              "checkpoint": {"step": best_step, "why": kept}}
-    return TrainResult(adapter_dir=adapter_dir, run_dir=cfg.run_dir, is_main=is_main,
-                       metrics=metrics, splits=splits, compute=choice.record(),
-                       config=rcfg, report=report,
-                       curve_png=curve_png)
+    return _Run(model=trainer.model, curve=_curve(history), best_step=best_step,
+                last_step=trainer.state.global_step, metrics=metrics,
+                budget_stop=budget_cb.stopped_at if budget_cb is not None else None)
+
+
+def _probe_run(model: Any, record: dict[str, Any], steps_per_epoch: int) -> _Run:
+    """The run when the probe's winner has converged: its adapter as the probe left it, one
+    validation point (the probe's), no Trainer."""
+    steps, rate = int(record["continued"]), record["chosen"]
+    val_loss = float(record["val_loss"][rate])
+    curve = [{"step": steps, "train_loss": round(float(record["train_loss"][rate]), 5),
+              "val_loss": round(val_loss, 5)}]
+    tokens = int(record["tokens"][rate])
+    metrics: dict[str, Any] = {
+        "train_loss": float(record["train_loss"][rate]),
+        "train_loss_mean": float(record["train_loss_mean"][rate]),
+        "val_loss": val_loss, "best_step": steps, "steps": steps,
+        "epochs": round(steps / steps_per_epoch, 4), "wall_s": record["seconds"],
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / record["seconds"], 2) if record["seconds"] else None,
+        "world_size": 1, "resumed_from_step": None,
+    }
+    return _Run(model=model, curve=curve, best_step=steps, last_step=steps, metrics=metrics)
 
 
 RECIPE_FILE = "recipe.json"
 
 
-def _recipe_for(cfg: TrainConfig, model: Any, train_rows: _Rows, resume_from: str | None,
-                cuda: bool) -> Recipe:
+def _recipe_for(cfg: TrainConfig, model: Any, train_rows: _Rows, n_val: int,
+                resume_from: str | None, cuda: bool) -> Recipe:
     """The recipe a resumed run started with (its `recipe.json`), else a fresh choice."""
     stored = cfg.run_dir / RECIPE_FILE
     if resume_from is not None and stored.is_file():
@@ -370,14 +439,15 @@ def _recipe_for(cfg: TrainConfig, model: Any, train_rows: _Rows, resume_from: st
         return Recipe(values=values, reasons=rec["reasons"], given=tuple(rec["given"]),
                       probe=False, target_steps=rec["target_steps"],
                       notes=[*rec.get("notes", []), "resumed: the recipe of the first start"],
-                      min_gain=float(rec.get("min_gain", min_gain(1.0))))
+                      min_gain=float(rec.get("min_gain", min_gain(1.0))),
+                      val_rows=int(rec.get("val_rows", 0)))
     import torch
 
     lengths = [len(r["input_ids"]) for r in train_rows.rows]
     answers = [sum(1 for t in r["labels"] if t != IGNORE_INDEX) for r in train_rows.rows]
     data = DataStats(rows=len(lengths), mean_tokens=sum(lengths) / max(1, len(lengths)),
                      max_tokens=max(lengths, default=0),
-                     answer_tokens=sum(answers) / max(1, len(answers)))
+                     answer_tokens=sum(answers) / max(1, len(answers)), val_rows=n_val)
     mc = getattr(model, "config", None)
     base = BaseStats(params=_param_count(model),
                      architecture=str(getattr(mc, "model_type", "unknown")),
@@ -398,29 +468,12 @@ def _param_count(model: Any) -> int:
     return n
 
 
-def _rows_loss(model: Any, rows: list[dict[str, list[int]]], pad_id: int,
-               batch_size: int) -> float:
-    """Token-weighted mean loss on encoded rows (the labels decide which tokens count)."""
-    import torch
-
-    dev = next(model.parameters()).device
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            b = {k: v.to(dev) for k, v in pad_batch(rows[i:i + batch_size], pad_id).items()}
-            loss, n = completion_loss_sum(model, b["input_ids"], b["attention_mask"],
-                                          b["labels"])
-            total += float(loss)
-            count += int(n)
-    return total / count if count else math.nan
-
-
 def _replan(cfg: TrainConfig, recipe: Recipe, epochs: float, steps_per_epoch: int
             ) -> TrainConfig:
     """`cfg` (and the recipe's values) with the run's length set to `epochs` and the
     validation points re-spaced over it."""
-    eval_steps = eval_every(planned_steps(epochs, steps_per_epoch))
+    eval_steps = eval_every(planned_steps(epochs, steps_per_epoch), recipe.val_rows,
+                            cfg.batch_size)
     recipe.values.update(epochs=epochs, eval_steps=eval_steps)
     return cfg.model_copy(update={"epochs": epochs, "eval_steps": eval_steps})
 
@@ -436,102 +489,17 @@ def _after_probe(cfg: TrainConfig, recipe: Recipe, steps_per_epoch: int, planned
     return _replan(cfg, recipe, epochs, steps_per_epoch), note
 
 
-def _probe_lr(model: Any, train_rows: _Rows, val_rows: _Rows, cfg: TrainConfig, pad_id: int,
-              say: Any, planned: int, seconds: float | None = None, *,
-              keep_winner: bool = False) -> dict[str, Any]:
-    """Train a few steps at each candidate learning rate from the same initial adapter and
-    score each by validation loss; the chosen rate and what was tried (also the measured
-    seconds per step, for the budget). The adapter is left as the winner's probe trained it
-    when `keep_winner` (its steps then count toward the run: `continued`), else as it was.
-    `seconds`: the share of the budget the probe may use; the step count shrinks to fit once
-    the first two steps are timed."""
-    import torch
+class ConvergedCallback(TrainerCallback):
+    """Stops at a validation point whose loss is below the early stop's least gain
+    (`recipe.converged`): the patience points after it could not count as gains."""
 
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    init = {n: p.detach().clone() for n, p in params.items()}
-    prior = float(cfg.lr)
-    candidates = probe_candidates(prior)
-    steps = probe_steps(planned)
-    val = val_rows.rows[:PROBE_VAL_ROWS]
-    order = list(range(len(train_rows)))
-    random.Random(cfg.seed).shuffle(order)
-    scores: dict[float, float] = {}
-    trained: dict[float, dict[str, Any]] = {}  # rate -> the adapter its probe left
-    step_s: list[float] = []
-    t0 = time.perf_counter()
-    for lr in candidates:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(init[n])
-        opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-        model.train()
-        for s in range(steps):
-            for group in opt.param_groups:  # linear warm-up over the first quarter
-                group["lr"] = lr * min(1.0, (s + 1) / max(1, steps // 4))
-            if seconds is not None and len(step_s) == 2:  # timed: fit the rest
-                per = max(step_s) + 1e-9
-                affordable = int(seconds / len(candidates) / per)
-                if affordable < PROBE_MIN_STEPS:
-                    return _probe_skipped(params, init, prior, candidates, per, t0, (
-                        f"no learning-rate probe: its share of the budget ({seconds:.0f}s) "
-                        f"buys {affordable} of the {PROBE_MIN_STEPS} steps per rate it needs "
-                        f"at {per:.1f}s/step; the rule's {prior:.1e} is kept"))
-                steps = min(steps, affordable)
-            if s >= steps:
-                break
-            ts = time.perf_counter()
-            idx = [order[(s * cfg.batch_size + j) % len(order)] for j in range(cfg.batch_size)]
-            b = pad_batch([train_rows.rows[i] for i in idx], pad_id)
-            dev = next(iter(params.values())).device
-            b = {k: v.to(dev) for k, v in b.items()}
-            loss, n = completion_loss_sum(model, b["input_ids"], b["attention_mask"], b["labels"])
-            (loss / n.clamp(min=1)).backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step_s.append(time.perf_counter() - ts)
-        scores[lr] = _rows_loss(model, val, pad_id, cfg.batch_size)
-        say(f"  probe lr {lr:.1e}: val loss {scores[lr]:.4f} after {steps} steps")
-        if keep_winner:  # one adapter per rate (the LoRA factors only, never the base)
-            trained[lr] = {n: p.detach().clone() for n, p in params.items()}
-    chosen = pick_probe(scores, prior)
-    if not math.isfinite(scores.get(chosen, math.nan)):
-        trained.clear()  # the rule's rate kept without a finite score: start afresh
-    end = trained.get(chosen, init)
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(end[n])
-    model.train()
-    step_s.sort()
-    per_step = step_s[len(step_s) // 2]  # the median: the first steps warm caches up
-    tried = ", ".join(f"{lr:.1e}: {v:.4f}" for lr, v in sorted(scores.items()))
-    reason = (f"probe: {len(candidates)} rates x {steps} steps on the training data, val loss "
-              f"{tried}; the rule's {prior:.1e}"
-              + (" held" if chosen == prior else f" lost to {chosen:.1e}"))
-    return {"candidates": candidates, "steps": steps, "val_loss": scores, "prior": prior,
-            "chosen": chosen, "seconds": round(time.perf_counter() - t0, 3),
-            "seconds_per_step": per_step, "reason": reason,
-            "continued": steps if chosen in trained else 0}
+    def __init__(self, gain: float) -> None:
+        self.gain = gain
 
-
-def _probe_skipped(params: dict[str, Any], init: dict[str, Any], prior: float,
-                   candidates: list[float], per_step: float, t0: float, reason: str
-                   ) -> dict[str, Any]:
-    """The probe's answer when the budget cannot pay for it: the adapter as it was, the
-    rule's rate, and the step time measured on the way (the budget still needs it)."""
-    import torch
-
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(init[n])
-    return {"candidates": candidates, "steps": 0, "val_loss": {}, "prior": prior,
-            "chosen": prior, "seconds": round(time.perf_counter() - t0, 3),
-            "seconds_per_step": per_step, "reason": reason, "skipped": True, "continued": 0}
-
-
-PROBE_VAL_ROWS = 64
-PROBE_MIN_STEPS = 3  # fewer steps per rate do not separate the candidates' losses
-PROBE_SHARE = 0.25  # of --budget, at most, for the learning-rate probe
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if converged(float((metrics or {}).get("eval_loss", math.nan)), self.gain):
+            control.should_training_stop = True
+        return control
 
 
 class BudgetCallback(TrainerCallback):

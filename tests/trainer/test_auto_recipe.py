@@ -81,7 +81,7 @@ def test_the_user_sees_the_recipe_curve_kept_checkpoint_and_how_to_serve(auto_ru
     res, v, _, run = auto_run
     out = res.stdout
     assert "recipe: epochs 12" in out and "(auto: batch_size, lr, r, alpha" in out
-    assert "lr probe: probe: 2 rates" in out  # the tiny base: 1e-3 and 3e-3
+    assert "lr probe: probe: 2 of 2 rates" in out  # the tiny base: 1e-3 and 3e-3
     assert f"kept: step {v.lineage['checkpoint']['step']}" in out
     png = run / "curve.png"
     assert f"curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -153,3 +153,77 @@ def test_a_run_length_the_user_gave_is_trained_in_full_after_the_probe(micro_bas
     res = train(cfg, progress=False)
     assert res.report["probe"]["steps"] >= 3 and res.report["probe"]["continued"] == 0
     assert res.report["recipe"]["values"]["epochs"] == 12.0 and res.metrics["steps"] == 48
+
+
+def test_the_run_goes_on_with_the_probe_winners_optimizer_state(micro_base, acme_data, tmp_path):
+    """The run's optimizer is the probe winner's: a checkpoint's Adam state has counted the
+    probe's steps as well as the run's own (a fresh optimizer would count the run's only)."""
+    import torch
+
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.train import train
+
+    cfg = TrainConfig(base=str(micro_base), data=str(acme_data), name="acme/state",
+                      output_dir=str(tmp_path / "run"), publish=False, quantization="none",
+                      max_seq_len=64, eval_max_new_tokens=4, patience=0)
+    res = train(cfg, progress=False)
+    done = res.report["probe"]["continued"]
+    assert done >= 3
+    last = max((tmp_path / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    state = torch.load(last / "optimizer.pt", weights_only=False)["state"]
+    assert {int(s["step"]) for s in state.values()} == {int(last.name.split("-")[1]) + done}
+
+
+def test_a_probe_winner_that_has_converged_is_published_without_more_steps(
+        micro_base, acme_data, tmp_path, monkeypatch):
+    """With a least gain no loss can stay above (the answer-gain constant raised), the first
+    candidate (the highest rate) converges: the probe ends there and its adapter is the run."""
+    from loraplex.trainer import recipe as recipe_mod
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.train import train
+
+    monkeypatch.setattr(recipe_mod, "ANSWER_GAIN", 1e3)
+    cfg = TrainConfig(base=str(micro_base), data=str(acme_data), name="acme/converged",
+                      output_dir=str(tmp_path / "run"), publish=False, quantization="none",
+                      max_seq_len=64, eval_max_new_tokens=4)
+    res = train(cfg, progress=False)
+    probe = res.report["probe"]
+    assert probe["converged"] and list(probe["val_loss"]) == [max(probe["candidates"])]
+    assert probe["chosen"] == max(probe["candidates"]) and "nothing is left" in probe["reason"]
+    assert res.metrics["steps"] == probe["steps"] == res.report["checkpoint"]["step"]
+    assert res.metrics["val_loss"] == pytest.approx(probe["val_loss"][probe["chosen"]])
+    assert not list((tmp_path / "run").glob("checkpoint-*"))  # no Trainer run
+    assert any(n.startswith("the probe's winner is the run") for n in res.report["recipe"]["notes"])
+    assert (res.adapter_dir / "adapter_model.safetensors").exists() and res.curve_png
+
+
+def test_the_probe_tries_the_highest_rate_first_and_stops_once_one_converges(micro_base,
+                                                                            acme_data):
+    """`probe_lr` alone: with a least gain of 0 nothing converges and every rate is scored;
+    with one above any loss, only the first (highest) is. The adapter goes back to its
+    initial values unless the winner is kept."""
+    import torch
+
+    from loraplex.trainer.config import TrainConfig
+    from loraplex.trainer.data import load_jsonl, stop_ids
+    from loraplex.trainer.model import load_base, wrap_lora
+    from loraplex.trainer.probe import probe_lr
+    from loraplex.trainer.train import _encode
+
+    cfg = TrainConfig(base=str(micro_base), data=str(acme_data), name="acme/p",
+                      quantization="none", max_seq_len=64)
+    model, tok = load_base(micro_base, cfg)
+    model = wrap_lora(model, cfg.model_copy(update={"r": 8, "alpha": 16.0, "dropout": 0.0}))
+    rows = _encode(tok, load_jsonl(acme_data).examples, cfg, "training", stop_ids(tok)).rows
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    kw = dict(batch_size=8, seed=0, pad_id=tok.pad_token_id, planned=60, say=lambda s: None)
+    every = probe_lr(model, rows[:32], rows[32:], lr=1e-3, gain=0.0, **kw)
+    assert list(every.record["val_loss"]) == [3e-3, 1e-3, 3.3e-4] and every.optimizer is None
+    assert not every.record["converged"] and every.record["continued"] == 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n
+    first = probe_lr(model, rows[:32], rows[32:], lr=1e-3, gain=1e3, keep_winner=True, **kw)
+    assert list(first.record["val_loss"]) == [3e-3] and first.record["chosen"] == 3e-3
+    assert first.record["converged"] and first.optimizer is not None
+    assert first.optimizer.param_groups[0]["lr"] == 3e-3

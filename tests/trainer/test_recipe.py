@@ -10,6 +10,8 @@ from loraplex.trainer.recipe import (
     Compute,
     DataStats,
     choose,
+    converged,
+    eval_every,
     fit_budget,
     parse_budget,
     pick_probe,
@@ -79,6 +81,24 @@ def test_eval_steps_give_about_a_dozen_validation_points():
     v = choose(rows(243), SMOLLM2, CPU).values
     total = v["epochs"] * -(-243 // 8)
     assert 10 <= total / v["eval_steps"] <= 13
+
+
+def test_validation_is_as_frequent_as_its_cost_allows():
+    """20 validation rows at batch 8 cost under a step: a point every 6 steps whether the run
+    is 69 or 125 steps long, so the early stop's patience is the same 18 steps for both."""
+    assert eval_every(125, val_rows=20, batch_size=8) == 6
+    assert eval_every(69, val_rows=20, batch_size=8) == 6
+    assert eval_every(125) == 11  # rows unknown: 12 points over the run
+    assert eval_every(2000, val_rows=20, batch_size=8) == 67  # never more than 30 points
+    assert eval_every(600, val_rows=200, batch_size=16) == 28  # a large split costs more
+    assert eval_every(48, val_rows=200, batch_size=8) == 4  # yet at least 12 points
+    r = choose(DataStats(rows=180, mean_tokens=60.0, max_tokens=90, val_rows=20), SMOLLM2, CPU)
+    assert r.values["eval_steps"] == 6 and "20 validation rows" in r.reasons["eval_steps"]
+
+
+def test_a_loss_below_the_least_gain_has_converged():
+    assert converged(3e-4, 4e-4) and not converged(5e-4, 4e-4)
+    assert not converged(float("nan"), 4e-4) and not converged(0.0, 0.0)  # gain 0: never
 
 
 def test_the_early_stop_threshold_shrinks_with_the_answer_length():
