@@ -61,7 +61,6 @@ from loraplex.trainer.recipe import (
     DataStats,
     Recipe,
     choose,
-    converged,
     eval_every,
     fit_budget,
     min_gain,
@@ -69,6 +68,7 @@ from loraplex.trainer.recipe import (
     planned_steps,
     validation_rows,
 )
+from loraplex.trainer.stopping import RATE_CUT, EarlyStop
 
 log = logging.getLogger("loraplex.trainer")
 MAX_EM_EXAMPLES = 64  # greedy generation is slow on CPU: exact-match on at most this many
@@ -308,6 +308,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
                            optimizer=probe.optimizer if probe is not None else None,
                            progress=progress, extra_callbacks=extra_callbacks)
     run.metrics["total_s"] = round(time.perf_counter() - t_start, 3)
+    recipe.notes.extend(run.notes)
     if run.budget_stop is not None:
         recipe.notes.append(f"the budget ran out at step {run.budget_stop}")
 
@@ -346,6 +347,7 @@ class _Run:
     last_step: int
     metrics: dict[str, Any]
     budget_stop: int | None = None
+    notes: list[str] = field(default_factory=list)  # the early stop's cuts and its reason
 
 
 def _trainer_run(cfg: TrainConfig, rcfg: TrainConfig, recipe: Recipe, model: Any,
@@ -354,10 +356,9 @@ def _trainer_run(cfg: TrainConfig, rcfg: TrainConfig, recipe: Recipe, model: Any
                  optimizer: Any | None, progress: bool, extra_callbacks: list[Any] | None
                  ) -> _Run:
     """The `transformers.Trainer` run: evaluation and checkpoints every `eval_steps`, the
-    early stop, the budget, and the best checkpoint by validation loss loaded at the end.
+    early stop with its one rate cut (`stopping.py`), the budget, and the best checkpoint by validation loss loaded at the end.
     `optimizer`: the probe winner's, state and all; the run then goes on without a second
     warm-up (the probe warmed the rate up and its moments are estimated already)."""
-    from transformers import EarlyStoppingCallback
     from transformers.trainer_callback import PrinterCallback
 
     if optimizer is not None:
@@ -367,9 +368,7 @@ def _trainer_run(cfg: TrainConfig, rcfg: TrainConfig, recipe: Recipe, model: Any
     callbacks: list[Any] = [MetricsFileCallback(cfg.run_dir / "metrics.jsonl", clock),
                             RichProgressCallback(clock, enabled=progress)]
     if rcfg.patience and val_rows is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=rcfg.patience,
-                                               early_stopping_threshold=recipe.min_gain))
-        callbacks.append(ConvergedCallback(recipe.min_gain))
+        callbacks.append(EarlyStop(patience=rcfg.patience, gain=recipe.min_gain))
     budget_cb = None
     if budget_s is not None:
         budget_cb = BudgetCallback(t_start + budget_s)
@@ -400,8 +399,14 @@ def _trainer_run(cfg: TrainConfig, rcfg: TrainConfig, recipe: Recipe, model: Any
         "world_size": args.world_size,
         "resumed_from_step": _best_step(resume_from),
     }
+    stop = next((c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStop)),
+                None)  # after a resume, the instance restored from the checkpoint
+    notes = [f"the validation loss stalled at step {step}: learning rate cut to "
+             f"{RATE_CUT:.2g}x" for step in (stop.cut_at if stop else [])]
+    if stop is not None and stop.reason:
+        notes.append("early stop: " + stop.reason)
     return _Run(model=trainer.model, curve=_curve(history), best_step=best_step,
-                last_step=trainer.state.global_step, metrics=metrics,
+                last_step=trainer.state.global_step, metrics=metrics, notes=notes,
                 budget_stop=budget_cb.stopped_at if budget_cb is not None else None)
 
 
@@ -487,19 +492,6 @@ def _after_probe(cfg: TrainConfig, recipe: Recipe, steps_per_epoch: int, planned
     note = (f"the probe's winner continues: its {done} steps count toward the {planned} "
             f"planned, {left} left ({epochs:g} epochs)")
     return _replan(cfg, recipe, epochs, steps_per_epoch), note
-
-
-class ConvergedCallback(TrainerCallback):
-    """Stops at a validation point whose loss is below the early stop's least gain
-    (`recipe.converged`): the patience points after it could not count as gains."""
-
-    def __init__(self, gain: float) -> None:
-        self.gain = gain
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if converged(float((metrics or {}).get("eval_loss", math.nan)), self.gain):
-            control.should_training_stop = True
-        return control
 
 
 class BudgetCallback(TrainerCallback):
