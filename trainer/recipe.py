@@ -27,8 +27,9 @@ What a small task needs is enough optimizer *steps* at a learning rate that suit
   every linear layer; no dropout (the run is short and the best checkpoint by validation
   loss is what gets published, which already guards against over-fitting);
 - validation as often as it costs at most 15% of the training time (12 to 30 points per
-  run), and an early stop after 3 points without a gain (`min_gain`: a drop of the loss
-  that raises a whole answer's probability by about 1%), or at once when the loss is below
+  run), and an early stop (`stopping.py`) after 3 points without a gain (`min_gain`: a
+  drop of the loss that raises a whole answer's probability by about 1%), once the rate
+  has been cut to a third at the first such stall, or at once when the loss is below
   `min_gain` (`converged`: no later point could count as a gain): an easy task stops long
   before the step target, a hard one uses all of it.
 
@@ -227,10 +228,11 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
         + (f" (a pass over {data.val_rows} validation rows costs under "
            f"{EVAL_SHARE:.0%} of the training between two)" if data.val_rows else ""))
     gain = min_gain(data.answer_tokens)
-    put("patience", PATIENCE, f"stop after {PATIENCE} validation points without lowering the "
-                              f"loss by more than {gain:.1e} ({ANSWER_GAIN:.0%} of a "
-                              f"{data.answer_tokens:.0f}-token answer's probability; the "
-                              "published checkpoint is the best one either way)")
+    put("patience", PATIENCE, f"{PATIENCE} validation points without lowering the loss by "
+                              f"more than {gain:.1e} ({ANSWER_GAIN:.0%} of a "
+                              f"{data.answer_tokens:.0f}-token answer's probability) cut the "
+                              "rate to a third, 3 more stop the run; the published "
+                              "checkpoint is the best one either way")
     notes = []
     probe = "lr" not in given and compute.world_size == 1
     if "lr" not in given and compute.world_size > 1:
