@@ -105,6 +105,7 @@ def run_one(base: Path, paths: dict[str, Path], out: Path, flags: dict[str, Any]
                                                  max_new_tokens),
             "seconds": m["total_s"], "steps": m["steps"], "best_step": m["best_step"],
             "val_loss": m["val_loss"], "recipe": res["recipe"]["values"],
+            "notes": res["recipe"].get("notes", []),
             "probe": None if not res.get("probe") else {
                 "chosen": res["probe"]["chosen"],
                 "val_loss": {f"{k:.1e}": v for k, v in res["probe"]["val_loss"].items()}}}
