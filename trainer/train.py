@@ -277,7 +277,7 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
         rcfg = rcfg.model_copy(update={"lr": chosen})
         recipe.values["lr"] = chosen
         recipe.reasons["lr"] = probe.record["reason"]
-        if probe.record["continued"]:
+        if probe.record["continued"] and not probe.record["converged"]:
             rcfg, note = _after_probe(rcfg, recipe, steps_per_epoch, planned,
                                       probe.record["continued"])
             recipe.notes.append(note)
