@@ -10,7 +10,8 @@ Every candidate starts from the same initial adapter (only the LoRA factors are 
 restored, never the base). The highest rate runs first: it is the one that can learn an
 easy task within the probe, and a candidate whose validation loss falls below `gain` (the
 least drop the early stop counts, `recipe.min_gain`) ends the probe, since no later point
-of any run could count as a gain over it. With `keep_winner`, the adapter and the optimizer
+of any run could count as a gain over it. The rate below the rule's runs only when the
+rule's rate did not halve the initial validation loss (`recipe.needs_lower`). With `keep_winner`, the adapter and the optimizer
 state the winner's probe left are where the run goes on (its steps count toward the run);
 otherwise the adapter is put back as it was.
 """
@@ -25,7 +26,13 @@ from typing import Any
 
 from loraplex.trainer.data import pad_batch
 from loraplex.trainer.loss import completion_loss_sum
-from loraplex.trainer.recipe import converged, pick_probe, probe_candidates, probe_steps
+from loraplex.trainer.recipe import (
+    converged,
+    needs_lower,
+    pick_probe,
+    probe_candidates,
+    probe_steps,
+)
 
 PROBE_VAL_ROWS = 64
 PROBE_MIN_STEPS = 3  # fewer steps per rate do not separate the candidates' losses
@@ -80,7 +87,12 @@ def probe_lr(model: Any, train_rows: list[dict[str, list[int]]],
     trained: dict[float, tuple[dict[str, Any], Any]] = {}  # rate -> (adapter, optimizer)
     step_s: list[float] = []
     t0 = time.perf_counter()
+    start = rows_loss(model, val, pad_id, batch_size)  # the initial adapter's
+    skipped: list[float] = []
     for rate in sorted(candidates, reverse=True):
+        if rate < lr and not needs_lower(scores.get(lr), start):
+            skipped.append(rate)
+            continue
         _restore(params, init)
         opt = torch.optim.AdamW(params.values(), lr=rate, weight_decay=0.0)
         model.train()
@@ -133,7 +145,8 @@ def probe_lr(model: Any, train_rows: list[dict[str, list[int]]],
         "candidates": candidates, "steps": steps, "val_loss": scores, "prior": lr,
         "chosen": chosen, "seconds": round(time.perf_counter() - t0, 3),
         "seconds_per_step": sorted(step_s)[len(step_s) // 2],  # median: first steps warm up
-        "reason": _reason(candidates, steps, scores, lr, chosen, gain, done),
+        "reason": _reason(candidates, steps, scores, lr, chosen, gain, done, start, skipped),
+        "start_loss": start, "not_tried": skipped,
         "train_loss": {r: v[-1] for r, v in losses.items() if v},
         "train_loss_mean": {r: sum(v) / len(v) for r, v in losses.items() if v},
         "tokens": tokens,
@@ -142,11 +155,14 @@ def probe_lr(model: Any, train_rows: list[dict[str, list[int]]],
 
 
 def _reason(candidates: list[float], steps: int, scores: dict[float, float], prior: float,
-            chosen: float, gain: float, done: bool) -> str:
+            chosen: float, gain: float, done: bool, start: float, skipped: list[float]) -> str:
     tried = ", ".join(f"{r:.1e}: {v:.4f}" for r, v in sorted(scores.items()))
     text = (f"probe: {len(scores)} of {len(candidates)} rates x {steps} steps on the training "
-            f"data, highest first, val loss {tried}; the rule's {prior:.1e}"
+            f"data, highest first, val loss {start:.4f} -> {tried}; the rule's {prior:.1e}"
             + (" held" if chosen == prior else f" lost to {chosen:.1e}"))
+    if skipped:
+        text += (f"; {', '.join(f'{r:.1e}' for r in skipped)} not tried: the rule's rate "
+                 "halved the loss (a stall at it gets the early stop's rate cut)")
     if done:
         text += (f"; {chosen:.1e} reached a loss below {gain:.1e}, the least gain the early "
                  "stop counts, so nothing is left to learn")
@@ -160,7 +176,8 @@ def _skipped(prior: float, candidates: list[float], per_step: float, t0: float,
     return ProbeOutcome(record={
         "candidates": candidates, "steps": 0, "val_loss": {}, "prior": prior, "chosen": prior,
         "seconds": round(time.perf_counter() - t0, 3), "seconds_per_step": per_step,
-        "reason": reason, "skipped": True, "continued": 0, "converged": False})
+        "reason": reason, "skipped": True, "continued": 0, "converged": False,
+        "not_tried": []})
 
 
 def _snapshot(params: dict[str, Any]) -> dict[str, Any]:

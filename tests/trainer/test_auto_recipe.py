@@ -81,7 +81,8 @@ def test_the_user_sees_the_recipe_curve_kept_checkpoint_and_how_to_serve(auto_ru
     res, v, _, run = auto_run
     out = res.stdout
     assert "recipe: epochs 12" in out and "(auto: batch_size, lr, r, alpha" in out
-    assert "lr probe: probe: 2 of 2 rates" in out  # the tiny base: 1e-3 and 3e-3
+    # the tiny base: 3e-3 (the rule's), then 1e-3 unless 3e-3 halved the loss
+    assert "lr probe: probe: 2 of 2 rates" in out or "1.0e-03 not tried" in out
     assert f"kept: step {v.lineage['checkpoint']['step']}" in out
     png = run / "curve.png"
     assert f"curve: {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -199,8 +200,9 @@ def test_a_probe_winner_that_has_converged_is_published_without_more_steps(
 
 def test_the_probe_tries_the_highest_rate_first_and_stops_once_one_converges(micro_base,
                                                                             acme_data):
-    """`probe_lr` alone: with a least gain of 0 nothing converges and every rate is scored;
-    with one above any loss, only the first (highest) is. The adapter goes back to its
+    """`probe_lr` alone: with a least gain of 0 nothing converges, and the rates down to the
+    rule's are scored (the lower one too when the rule's did not halve the loss); with a
+    least gain above any loss, only the first (highest) is. The adapter goes back to its
     initial values unless the winner is kept."""
     import torch
 
@@ -208,6 +210,7 @@ def test_the_probe_tries_the_highest_rate_first_and_stops_once_one_converges(mic
     from loraplex.trainer.data import load_jsonl, stop_ids
     from loraplex.trainer.model import load_base, wrap_lora
     from loraplex.trainer.probe import probe_lr
+    from loraplex.trainer.recipe import needs_lower
     from loraplex.trainer.train import _encode
 
     cfg = TrainConfig(base=str(micro_base), data=str(acme_data), name="acme/p",
@@ -218,7 +221,10 @@ def test_the_probe_tries_the_highest_rate_first_and_stops_once_one_converges(mic
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     kw = dict(batch_size=8, seed=0, pad_id=tok.pad_token_id, planned=60, say=lambda s: None)
     every = probe_lr(model, rows[:32], rows[32:], lr=1e-3, gain=0.0, **kw)
-    assert list(every.record["val_loss"]) == [3e-3, 1e-3, 3.3e-4] and every.optimizer is None
+    scores, start = every.record["val_loss"], every.record["start_loss"]
+    lower = needs_lower(scores[1e-3], start)  # the rule's rate did not halve the loss
+    assert list(scores) == [3e-3, 1e-3] + ([3.3e-4] if lower else [])
+    assert every.record["not_tried"] == ([] if lower else [3.3e-4]) and every.optimizer is None
     assert not every.record["converged"] and every.record["continued"] == 0
     for n, p in model.named_parameters():
         if p.requires_grad:
