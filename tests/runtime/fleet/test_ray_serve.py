@@ -7,6 +7,7 @@ replica killed mid-traffic: Ray starts a new one and the callers' retries succee
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor
@@ -45,13 +46,13 @@ def world(micro_base, tmp_path_factory):
         reg.set_alias(system, v.ref, "prod")
     tokens = {t: reg.create_token(system, t) for t in ADAPTERS}
     tokens["admin"] = reg.create_token(system, "ops", admin=True)
-    port, http_port = _free_port(), _free_port()
     common = {"base": micro_base, "registry": str(root / "reg"), "host": "127.0.0.1",
               "metrics_port": 0, "metrics_host": "127.0.0.1", "quantization": "none",
               "device": "cpu", "max_batch": 4, "max_slots": 2, "follow_poll_s": 1.0,
               "engine": {"compute_dtype": "float32"},
               "http_host": "127.0.0.1", "model_name": "micro"}
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port, http_port = _free_port(), _free_port()
     try:
         start(load_settings({**common, "port": port, "replicas": 2, "http_port": http_port}))
         with BackgroundServer(load_settings({**common, "port": 0, "http_port": 0})) as single:
@@ -62,9 +63,19 @@ def world(micro_base, tmp_path_factory):
 
 
 def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (32768 up) and above Ray's worker ports
+    (10002-19999): Ray's own processes bind OS-assigned ephemeral ports while Serve starts,
+    and one of them took a port picked from that range before the ingress could bind it."""
+    rng = random.Random()
+    for _ in range(200):
+        candidate = rng.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def _ask(target: str, token: str, ref: str | None, prompt: str, retries: int = 0,
