@@ -63,7 +63,7 @@ STEPS_RANGE = (100, 600)
 MAX_EPOCHS = 40
 VAL_RANGE = (8, 200)  # validation rows carved from --data when none are given
 EVALS_PER_RUN = 12  # validation points on the curve at least (checkpoints to choose from)
-MAX_EVALS_PER_RUN = 30
+MAX_EVALS_PER_RUN = 30  # validation points at most, however cheap a pass is
 EVAL_SHARE = 0.15  # of the training time, at most, spent validating
 PATIENCE = 3  # validation points without improvement before the run stops early
 # A validation point counts as an improvement for the early stop only when it raises the
@@ -231,7 +231,7 @@ def choose(data: DataStats, base: BaseStats, compute: Compute,
     put("patience", PATIENCE, f"{PATIENCE} validation points without lowering the loss by "
                               f"more than {gain:.1e} ({ANSWER_GAIN:.0%} of a "
                               f"{data.answer_tokens:.0f}-token answer's probability) cut the "
-                              "rate to a third, 3 more stop the run; the published "
+                              f"rate to a third, {PATIENCE} more stop the run; the published "
                               "checkpoint is the best one either way")
     notes = []
     probe = "lr" not in given and compute.world_size == 1
