@@ -11,9 +11,9 @@ restored, never the base). The highest rate runs first: it is the one that can l
 easy task within the probe, and a candidate whose validation loss falls below `gain` (the
 least drop the early stop counts, `recipe.min_gain`) ends the probe, since no later point
 of any run could count as a gain over it. The rate below the rule's runs only when the
-rule's rate did not halve the initial validation loss (`recipe.needs_lower`). With `keep_winner`, the adapter and the optimizer
-state the winner's probe left are where the run goes on (its steps count toward the run);
-otherwise the adapter is put back as it was.
+rule's rate did not halve the initial validation loss (`recipe.needs_lower`). With
+`keep_winner`, the adapter and the optimizer state the winner's probe left are where the run
+goes on (its steps count toward the run); otherwise the adapter is put back as it was.
 """
 
 from __future__ import annotations

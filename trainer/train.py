@@ -18,9 +18,10 @@ Hyper-parameters the user did not give are chosen by `recipe.choose` from the da
 base; the learning rate is then measured by a short probe (`probe.py`) when the user gave
 none, and the winning candidate's adapter goes on training with its optimizer state (its
 steps count toward the run) unless the user gave the run's length; a winner whose
-validation loss is already below the early stop's least gain is published as it is. `--budget` bounds probe + training: the
-planned epochs are cut to what the probe's measured speed affords, and a callback stops a
-run that still overruns (the best checkpoint so far is kept).
+validation loss is already below the early stop's least gain is published as it is.
+`--budget` bounds probe + training: the planned epochs are cut to what the probe's measured
+speed affords, and a callback stops a run that still overruns (the best checkpoint so far
+is kept).
 """
 
 from __future__ import annotations
@@ -291,7 +292,8 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
         if why:
             rcfg = _replan(rcfg, recipe, epochs, steps_per_epoch)
             recipe.notes.append(why)
-    if record is not None and record["converged"]:
+    probe_is_run = record is not None and record["converged"]
+    if probe_is_run:
         recipe.notes.append(f"the probe's winner is the run: its validation loss is below "
                             f"{recipe.min_gain:.1e}, so no further step could count as a gain")
     if is_main:
@@ -300,11 +302,12 @@ def train(cfg: TrainConfig, *, extra_callbacks: list[Any] | None = None,
             {"recipe": recipe.as_lineage(), "probe": record}, indent=1, default=float))
     say_recipe(say, recipe, record)
 
-    if record is not None and record["converged"]:
+    if probe_is_run:
         run = _probe_run(model, record, steps_per_epoch)
     else:
-        run = _trainer_run(cfg, rcfg, recipe, model, train_rows, val_rows, pad=tokenizer.pad_token_id,
-                           cuda=cuda, resume_from=resume_from, budget_s=budget_s, t_start=t_start,
+        run = _trainer_run(cfg, rcfg, recipe, model, train_rows, val_rows,
+                           pad=tokenizer.pad_token_id, cuda=cuda, resume_from=resume_from,
+                           budget_s=budget_s, t_start=t_start,
                            optimizer=probe.optimizer if probe is not None else None,
                            progress=progress, extra_callbacks=extra_callbacks)
     run.metrics["total_s"] = round(time.perf_counter() - t_start, 3)
@@ -356,7 +359,8 @@ def _trainer_run(cfg: TrainConfig, rcfg: TrainConfig, recipe: Recipe, model: Any
                  optimizer: Any | None, progress: bool, extra_callbacks: list[Any] | None
                  ) -> _Run:
     """The `transformers.Trainer` run: evaluation and checkpoints every `eval_steps`, the
-    early stop with its one rate cut (`stopping.py`), the budget, and the best checkpoint by validation loss loaded at the end.
+    early stop with its one rate cut (`stopping.py`), the budget, and the best checkpoint by
+    validation loss loaded at the end.
     `optimizer`: the probe winner's, state and all; the run then goes on without a second
     warm-up (the probe warmed the rate up and its moments are estimated already)."""
     from transformers.trainer_callback import PrinterCallback
