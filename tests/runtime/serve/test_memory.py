@@ -79,7 +79,7 @@ def test_refused_large_requests_are_not_kept_until_a_full_collection(micro_base,
         try:
             memory.trim()
             before = memory.rss_bytes()
-            for _ in range(30):
+            for _ in range(REFUSED):
                 with pytest.raises(grpc.RpcError) as e:
                     stub.GetAdapter(registry_pb2.GetAdapterRequest(ref=big), timeout=30,
                                     metadata=[("authorization", f"Bearer {token}")])
@@ -88,4 +88,10 @@ def test_refused_large_requests_are_not_kept_until_a_full_collection(micro_base,
             grown = memory.rss_bytes() - before
         finally:
             gc.enable()
-    assert grown < 40 << 20, f"{grown >> 20} MiB kept after 30 refused 4 MiB requests"
+    # kept requests would hold at least REFUSED x 4 MiB (240 MiB); a third of that leaves
+    # room for the allocator's own noise (51 MiB was seen once with nothing kept)
+    assert grown < REFUSED * (4 << 20) // 3, (
+        f"{grown >> 20} MiB kept after {REFUSED} refused 4 MiB requests")
+
+
+REFUSED = 60
