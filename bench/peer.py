@@ -253,6 +253,11 @@ def threads_env(threads: int | None) -> dict[str, str]:
     return env
 
 
+def adapter_max_rank(adapters: dict[str, Path]) -> int:
+    """The largest rank of the benchmark's adapters (their directories end in `-r<rank>`)."""
+    return max(int(d.name.split("-r")[1]) for d in adapters.values())
+
+
 def vllm_server(plan: Plan, base: Path, adapters: dict[str, Path], threads: int | None,
                 say) -> Server:
     py = vllm_env.ensure(say=say)
@@ -263,7 +268,7 @@ def vllm_server(plan: Plan, base: Path, adapters: dict[str, Path], threads: int 
                                   "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
                                   "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                                   "DO_NOT_TRACK": "1"}
-    max_rank = max(int(d.name.split("-r")[1]) for d in adapters.values())
+    max_rank = adapter_max_rank(adapters)
     cmd = [str(py.parent / "vllm"), "serve", str(base), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", str(plan.max_model_len),
            "--served-model-name", "base", "--enable-lora", "--max-loras", str(len(adapters)),
@@ -277,7 +282,12 @@ def loraplex_server(name: str, plan: Plan, base: Path, registry: Path,
     port = free_port()
     quant, dtype = ("none", "float32") if name == "loraplex-fp32" else ("nf4", None)
     config = WORK / f"{name}.yaml"
-    engine = {"max_seq_len": plan.max_model_len} | ({"compute_dtype": dtype} if dtype else {})
+    # the adapter limits vLLM gets (`--max-loras`, `--max-lora-rank`): slots for every adapter,
+    # one rank bucket at their largest rank (the server's default layout is sized for ranks up
+    # to 256 and would put three of eight small adapters in its rank-64 and rank-256 buckets)
+    max_rank = adapter_max_rank(adapters)
+    engine = {"max_seq_len": plan.max_model_len, "max_slots": len(adapters),
+              "max_rank": max_rank} | ({"compute_dtype": dtype} if dtype else {})
     config.write_text(json.dumps({"engine": engine, "max_batch": max(plan.concurrency),
                                   "model_name": "base"}))
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),

@@ -30,6 +30,9 @@ next to a rank-256 row are grouped with the other small ranks and never padded t
 single "grouped" bmm over all of them would compute 256 columns for every row: 32× the
 shrink and expand work of a rank-8 row), and each bucket's Triton launches size their rank
 tile for that bucket. A batch within one bucket (the usual case) is planned as with one stack.
+The runner feeds rows grouped by slot (`runner.group_by_slot`), so each bucket's tokens, and
+the adapter rows after a run of base rows, are consecutive rows: such a plan carries that
+`window` and runs on row views of x and y, with no gather before and no scatter after.
 Measured (`bench.lora_ops --part ranks`, a loaded 2-core CPU): the LoRA work of 32 rank-8/16
 decode rows beside rank-64 and rank-256 rows is 0.96x their work alone with buckets, 12.3x
 padded in one stack of rank 256; one stack looped slot by slot ("segments") keeps their
@@ -48,7 +51,7 @@ stay fp32 (it does in BatchedLoraLayer) so alpha/sqrt(r) is not rounded to 8 bit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -116,6 +119,10 @@ class LoraBatchPlan:
     base: int = 0
     # "buckets": one plan per rank bucket holding some token, smallest rank first
     parts: tuple[LoraBatchPlan, ...] = ()
+    # (w0, w1): this plan's tokens are the consecutive rows w0..w1-1 of x and y, and every
+    # token index above counts from w0; `add_lora` works on those row views, with no gather
+    # of x and no scatter into y (None: the indices count from row 0 of the whole batch)
+    window: tuple[int, int] | None = None
 
     @property
     def num_adapters(self) -> int:
@@ -194,14 +201,30 @@ def make_plan(
     parts = []
     for bucket, base, lo, hi in _bucket_runs(seg_slots, layout):
         start, end = sum(seg_lens[:lo]), sum(seg_lens[:hi])
-        parts.append(_plan_run(
-            n, dev_slots, perm[start:end], sorted_slots[start:end] - base,
+        run = perm[start:end]  # [T_k] the bucket's tokens, sorted by slot
+        window = None if strategy == "triton" else _window(run, n)
+        w0, w1 = window or (0, n)
+        part = _plan_run(
+            w1 - w0, dev_slots[w0:w1], run - w0, sorted_slots[start:end] - base,
             tuple(s - base for s in seg_slots[lo:hi]), seg_lens[lo:hi], seg_ranks[lo:hi],
-            strategy, device, dora, bucket, base))
+            strategy, device, dora, bucket, base)
+        parts.append(part if window is None else
+                     replace(part, num_tokens=n, slots=dev_slots, window=window))
     if len(parts) == 1:
         return parts[0]
     return LoraBatchPlan(num_tokens=n, strategy="buckets", slots=dev_slots, parts=tuple(parts),
                          seg_slots=seg_slots, seg_lens=seg_lens, seg_ranks=seg_ranks, dora=dora)
+
+
+def _window(tokens: Tensor, n: int) -> tuple[int, int] | None:
+    """(first, last + 1) when the ascending `tokens # [T_k]` are consecutive rows and not
+    all `n` of them, else None. Rows grouped by slot (the runner's `group_by_slot`) make
+    every rank bucket's tokens, and the adapter rows after a run of base rows, such a
+    window: their LoRA work then runs on row views of the layer's x and y."""
+    first, count = int(tokens[0]), int(tokens.numel())
+    if count == n or not torch.equal(tokens, torch.arange(first, first + count)):
+        return None
+    return first, first + count
 
 
 def _bucket_runs(seg_slots: tuple[int, ...],
@@ -452,6 +475,9 @@ def _add_run(y: Tensor, x: Tensor, a: Tensor | Sequence[Tensor], b: Tensor | Seq
         a, b = a[plan.bucket], b[plan.bucket]
     if plan.base:
         scale = scale[plan.base:plan.base + a.shape[0]]  # [S_k]
+    if plan.window is not None:
+        w0, w1 = plan.window
+        y, x = y[w0:w1], x[w0:w1]  # [T_k, out], [T_k, in] views: writes land in y
     if plan.strategy == "single":
         return _add_single(y, x, a, b, scale, plan)
     if plan.strategy == "grouped":

@@ -235,6 +235,36 @@ def test_each_bucket_computes_at_its_own_ranks(slots, strategy, runs):
     assert make_plan([1, 2, 4, 0], slot_ranks=BUCKET_RANKS).rank == 4  # one stack: padded
 
 
+@pytest.mark.parametrize("strategy", [None, *STRATEGIES])
+def test_rows_grouped_by_slot_give_each_bucket_a_window_of_rows_and_no_gather(strategy):
+    """Rows sorted by slot (as the runner feeds them): each bucket's tokens, and the adapter
+    rows after the base rows, are consecutive, so their LoRA work runs on row views of x
+    and y with no gather or scatter, and still equals the semantics loop."""
+    slots = [0, 1, 1, 2, 2, 3, 4, 5]
+    (a, b, scale), (cut_a, cut_b) = _bucket_stacks()
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(len(slots), IN, generator=g, dtype=torch.float64)  # [T, in]
+    y0 = torch.randn(len(slots), OUT, generator=g, dtype=torch.float64)  # [T, out]
+    slot_t = torch.tensor(slots, dtype=torch.int64)
+    plan = make_plan(slot_t, slot_ranks=BUCKET_RANKS, strategy=strategy, layout=LAYOUT)
+    assert [p.window for p in plan.parts] == [(1, 5), (5, 6), (6, 8)]
+    assert all(p.num_tokens == len(slots) for p in plan.parts)
+    if strategy in (None, "grouped"):
+        assert plan.parts[0].strategy == "grouped" and plan.parts[0].gather_src is None
+    want = reference_add_lora(y0.clone(), x, a, b, scale, slot_t)
+    got = add_lora(y0.clone(), x, cut_a, cut_b, scale, plan)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[0], y0[0], rtol=0, atol=0)  # the base row is untouched
+
+
+def test_one_stack_after_base_rows_is_a_window_and_a_shuffled_batch_is_not():
+    one = make_plan([0, 0, 2, 2, 3, 3], slot_ranks=RANKS)
+    assert one.window == (2, 6) and one.num_tokens == 6
+    assert one.strategy == "grouped" and one.gather_src is None
+    assert make_plan([2, 0, 3, 2, 0, 3], slot_ranks=RANKS).window is None
+    assert make_plan([2, 2, 3, 3], slot_ranks=RANKS).window is None  # every row: no window
+
+
 def test_a_bucket_plan_needs_one_stack_per_bucket():
     _, (cut_a, cut_b) = _bucket_stacks()
     plan = make_plan([4, 4], slot_ranks=BUCKET_RANKS, layout=LAYOUT)
