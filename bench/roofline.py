@@ -58,6 +58,65 @@ def flop_per_token(context: float, rank: float) -> dict[str, float]:
     return {"base": base, "attention": attn, "lora": lora, "total": base + attn + lora}
 
 
+def step_bytes(rows: int, context: float, rank: float, adapters: int,
+               weight_bytes: float = 4.0) -> dict[str, float]:
+    """Bytes one decode step of `rows` rows must bring from memory, at the least: every base
+    weight once (`weight_bytes` each; the LM head is the tied embedding), the fp32 LoRA pair
+    of every projection for each distinct adapter in the batch (`min(rows, adapters)` of
+    them, at mean `rank`: CPU stacks are fp32), and every row's keys and values over
+    `context` positions (fp32)."""
+    base = weight_bytes * (LAYERS * sum(i * o for i, o in PROJ.values()) + HIDDEN * VOCAB)
+    lora = 4 * min(rows, adapters) * LAYERS * rank * sum(i + o for i, o in PROJ.values())
+    kv = 4 * rows * context * LAYERS * 2 * KV_HEADS * HEAD_DIM
+    return {"base": base, "lora": lora, "kv": kv, "total": base + lora + kv}
+
+
+def memory_roof(flop: float, nbytes: float, read_gb_s: float, peak_gflop_s: float) -> float:
+    """GFLOP/s a step of `flop` that reads `nbytes` can reach at most: the lower of the
+    matmul peak and its FLOP over the time reading those bytes takes (the roofline model)."""
+    return min(peak_gflop_s, flop / (nbytes / (read_gb_s * 1e9)) / 1e9)
+
+
+def read_bandwidth(threads: int, repeats: int) -> float:
+    """GB/s of a full read of a 512 MiB fp32 buffer (`sum`: a streaming read, nothing
+    written back), the fastest of `repeats` passes: what a decode step does to its
+    weights, which no cache holds."""
+    torch.set_num_threads(threads)
+    src = torch.ones(128 << 20)  # [128 Mi] fp32: 512 MiB
+    best = float("inf")
+    for _ in range(max(3, repeats // 8)):
+        t0 = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() * 4 / best / 1e9
+
+
+def weight_stream(rows: int, threads: int, repeats: int) -> dict:
+    """The decode step's base matmuls alone: SmolLM2's 210 projections and the LM head, each
+    weight its own fp32 tensor (so each is read from memory, as in a step), over `rows` rows
+    of activations; the fastest of a few passes. What any decode step of these matmuls can
+    reach here, with nothing else in it."""
+    torch.set_num_threads(threads)
+    weights = [torch.randn(o, i) for _ in range(LAYERS) for i, o in PROJ.values()]  # [out, in]
+    head = torch.randn(VOCAB, HIDDEN)  # [V, hidden]
+    xs = {HIDDEN: torch.randn(rows, HIDDEN), INTER: torch.randn(rows, INTER)}  # [rows, in]
+
+    def chain() -> None:
+        for w in weights:
+            torch.nn.functional.linear(xs[w.shape[1]], w)
+        torch.nn.functional.linear(xs[HIDDEN], head)
+
+    chain()
+    best = float("inf")
+    for _ in range(max(3, repeats // 8)):
+        t0 = time.perf_counter()
+        chain()
+        best = min(best, time.perf_counter() - t0)
+    flop = rows * 2 * (LAYERS * sum(i * o for i, o in PROJ.values()) + HIDDEN * VOCAB)
+    return {"rows": rows, "threads": threads, "ms": round(best * 1e3, 1),
+            "gflop_s": round(flop / best / 1e9, 1)}
+
+
 def time_best(fn, repeats: int, target_s: float = 2e-3) -> float:
     """Seconds per call: the fastest of `repeats` samples of ~`target_s` each. Short samples
     and the minimum keep a shared machine's preemptions out of a peak (a sample that was
@@ -193,11 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     mm = matmul_table(cores, repeats) + (matmul_table(1, repeats) if cores > 1 else [])
     bw = {"all_cores": round(bandwidth(cores, repeats), 1), "one_core": round(bandwidth(1, repeats), 1)}
+    read_gb_s = round(read_bandwidth(cores, repeats), 1)
+    stream = [weight_stream(rows, cores, repeats) for rows in (16, 32)]
     torch.set_num_threads(cores)
     peaks = {f"{d}_{'all' if t == cores else 'one'}": max(r["gflop_s"] for r in mm
                                                          if r["dtype"] == d and r["threads"] == t)
              for d in ("float32", "bfloat16") for t in {cores, 1}}
-    say(f"peak GFLOP/s {peaks}; copy bandwidth GB/s {bw}")
+    say(f"peak GFLOP/s {peaks}; copy bandwidth GB/s {bw}; read {read_gb_s} GB/s; base "
+        f"matmuls alone {stream}")
     if a.peer_json:
         decode = decode_from_peer(a.peer_json, peer.Plan().adapters)
     elif a.in_process:
@@ -211,6 +273,16 @@ def main(argv: list[str] | None = None) -> int:
         if "achieved_gflop_s" not in d:  # an in-process cell without a full decode step
             continue
         d["fraction_of_fp32_peak"] = round(d["achieved_gflop_s"] / peaks["float32_all"], 3)
+        if d.get("dtype", "fp32") == "fp32":  # the memory roof of an fp32 step
+            context = d.get("mean_prompt_tokens", 20) + d["mean_output_tokens"] / 2
+            flop = d["rows"] * d["gflop_per_token"] * 1e9
+            nbytes = step_bytes(d["rows"], context, d.get("mean_rank", 12.0),
+                                peer.Plan().adapters)
+            roof = memory_roof(flop, nbytes["total"], read_gb_s, peaks["float32_all"])
+            d["step_mb"] = {k: round(v / 1e6, 1) for k, v in nbytes.items()}
+            d["memory_roof_gflop_s"] = round(roof, 1)
+            d["roof_fraction_of_fp32_peak"] = round(roof / peaks["float32_all"], 3)
+            d["fraction_of_roof"] = round(d["achieved_gflop_s"] / roof, 3)
         if "gflop_per_cpu_s" in d:  # one busy core's worth of work against one core's peak
             d["cpu_s_fraction_of_one_core_fp32_peak"] = round(
                 d["gflop_per_cpu_s"] / peaks["float32_one"], 3)
@@ -220,11 +292,15 @@ def main(argv: list[str] | None = None) -> int:
               "load_avg_end": list(os.getloadavg()),
               "command": shlex.join([os.path.basename(sys.executable), "-m", "bench.roofline",
                                      *sys.argv[1:]]),
-              "peak_gflop_s": peaks, "copy_gb_s": bw, "matmul": mm, "decode": decode,
+              "peak_gflop_s": peaks, "copy_gb_s": bw, "read_gb_s": read_gb_s,
+              "base_matmuls_alone": stream, "matmul": mm, "decode": decode,
               "torch_threads": torch.get_num_threads(),
               "target": "decode at 32 rows >= 50% of the fp32 all-core peak: " + (
                   "met" if at32 and at32["fraction_of_fp32_peak"] >= 0.5 else
-                  "not met" if at32 else "not measured")}
+                  "not met" if at32 else "not measured") + (
+                  f"; the memory roof of that step is {at32['roof_fraction_of_fp32_peak']:.0%} "
+                  f"of the peak, and the step reaches {at32['fraction_of_roof']:.0%} of its roof"
+                  if at32 and "fraction_of_roof" in at32 else "")}
     if a.json:
         print(json.dumps(result, indent=2))
     else:
@@ -240,7 +316,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{d['achieved_gflop_s']} GFLOP/s = {d['fraction_of_fp32_peak']:.0%} of the "
                   f"fp32 peak" + (f"; {d['gflop_per_cpu_s']} GFLOP per CPU-s = "
                                   f"{d['cpu_s_fraction_of_one_core_fp32_peak']:.0%} of one "
-                                  "core's" if "gflop_per_cpu_s" in d else ""))
+                                  "core's" if "gflop_per_cpu_s" in d else "") +
+                  (f"; memory roof {d['memory_roof_gflop_s']} GFLOP/s "
+                   f"({d['step_mb']['total']} MB a step at {read_gb_s} GB/s), "
+                   f"{d['fraction_of_roof']:.0%} of it" if "fraction_of_roof" in d else ""))
         print(result["target"])
         print(json.dumps(result))
     return 0
