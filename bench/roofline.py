@@ -10,7 +10,10 @@
    the fastest of `--repeats` samples of ~2 ms (on a shared machine a preempted sample is
    only ever slower). "Peak" is the best shape.
 2. Memory bandwidth: `dst.copy_(src)` on 8 MiB chunks taken in turn from a 512 MiB buffer
-   (from memory, not cache), read + write bytes ÷ the fastest chunk's time.
+   (from memory, not cache), read + write bytes ÷ the fastest chunk's time; and the read
+   bandwidth a decode step lives on: a full streaming read (`sum`) of a 512 MiB buffer.
+   Beside them, the step's base matmuls alone (`weight_stream`): SmolLM2's 210 projections
+   and its LM head, each weight its own tensor, at 16 and 32 rows, with nothing else.
 3. SmolLM2's decode step, timed from outside: `loraplex serve` (fp32 base, compute float32,
    the bench.peer adapters: 8 adapters, r8/r16 on every linear layer) under C concurrent
    streamed completions spread round-robin over the adapters, C = 16 and 32. One decode
@@ -26,6 +29,12 @@
    With `--in-process`, the step is timed inside one process instead (`bench.decode_step`:
    an `Engine` without server or HTTP, fp32 and nf4, wall and CPU time per step), against
    the same peaks.
+4. The memory roof of each fp32 step (the roofline model): a decode step must read every
+   base weight once, the LoRA pairs of the adapters in its batch and its rows' keys and
+   values (`step_bytes`); at the measured read bandwidth that takes a time no step can beat,
+   so the step's FLOP over it bound the GFLOP/s it can reach, below the matmul peak when the
+   step is memory-bound. Each cell prints that roof, its share of the peak and the share of
+   the roof the step reaches.
 """
 
 from __future__ import annotations

@@ -125,3 +125,34 @@ def test_its_loraplex_server_starts_and_answers_on_the_micro_base(micro_base, tm
         assert server.ready_s is not None
     finally:
         server.stop()
+
+
+def test_loraplex_gets_the_adapter_limits_vllm_is_started_with(tmp_path, monkeypatch):
+    """Both servers hold every adapter in a slot of the adapters' largest rank: vLLM by
+    `--max-loras`/`--max-lora-rank`, loraplex by `max_slots` and one rank bucket
+    (`engine.max_rank`), not the server's default buckets sized for ranks up to 256."""
+    monkeypatch.setattr(peer, "WORK", tmp_path)
+    adapters = {f"a{i}": tmp_path / f"a{i}-r{8 if i % 2 else 16}" for i in range(8)}
+    peer.loraplex_server("loraplex-fp32", peer.Plan(), tmp_path, tmp_path / "registry",
+                         adapters, threads=None)
+    config = json.loads((tmp_path / "loraplex-fp32.yaml").read_text())
+    assert config["max_slots"] == 8 and config["engine"]["max_rank"] == 16
+    assert config["engine"]["compute_dtype"] == "float32"
+    from loraplex.runtime.serve.settings import ServerSettings
+
+    engine = ServerSettings(**config, base=tmp_path).engine_config()
+    assert engine.slot_layout.rank_slots == ((16, 8),)  # eight slots of rank 16
+
+
+def test_a_decode_step_reads_every_weight_and_the_batch_adapters_and_its_roof_follows():
+    """At 32 fp32 rows a SmolLM2 step reads ~538 MB of base weights and the LoRA pairs of
+    its 8 adapters; the step's FLOP over the time those bytes take to read bound what any
+    step can reach, below the matmul peak on a machine that reads ~10 GB/s."""
+    b = roofline.step_bytes(rows=32, context=0, rank=12, adapters=8)
+    assert b["base"] == 4 * (30 * 3_538_944 + 576 * 49_152) and b["kv"] == 0
+    assert b["lora"] == 4 * 8 * 30 * 12 * 10_176  # only the adapters in the batch
+    assert roofline.step_bytes(rows=2, context=0, rank=12, adapters=8)["lora"] == b["lora"] / 4
+    flop = 32 * roofline.flop_per_token(context=0, rank=12)["total"]
+    roof = roofline.memory_roof(flop, b["total"], read_gb_s=10.0, peak_gflop_s=250.0)
+    assert 130 < roof < 140  # 8.8 GFLOP in the 66 ms that 655 MB take at 10 GB/s
+    assert roofline.memory_roof(flop, b["total"], read_gb_s=1000.0, peak_gflop_s=250.0) == 250
