@@ -212,3 +212,40 @@ def test_the_demo_recipe_never_picks_a_dtype_twice_as_slow_here():
             assert ms[picked] <= 2 * ms[other], (what, picked, ms)
     finally:
         torch.set_num_threads(threads)
+
+
+# torch's, oneDNN's and MKL's kernels held to AVX2, as on a CPU without AVX-512 (AMD Zen 3,
+# many laptops): the ISA a library may use, whatever this CPU has
+AVX2_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+_UNDER_AVX2 = """
+import json, sys, time, torch
+from loraplex import compute
+sys.path.insert(0, sys.argv[1])
+from test_compute import _best_ms, _train_step
+torch.set_num_threads(1)
+choice = compute.choose("auto", "cpu", quantization="none")
+ms = {name: _best_ms(_train_step(getattr(torch, name)), rounds=2)
+      for name in ("float32", "bfloat16")}
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
+                  "dtype": choice.dtype, "reason": choice.reason, "ms": ms}))
+"""
+
+
+def test_with_the_kernels_held_to_avx2_auto_trains_in_the_faster_fp32(tmp_path):
+    """The path an AVX2 CPU takes, on whatever CPU runs the suite: with every library held
+    to AVX2 a bf16 matmul is emulated, `auto` picks float32 (by the CPU's report or by the
+    probe), and the demo's training step runs it at no more than twice the bf16 time."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, **AVX2_KERNELS, "LORAPLEX_CACHE_DIR": str(tmp_path)}
+    env.pop(compute.ENV, None)
+    out = subprocess.run([sys.executable, "-c", _UNDER_AVX2, str(Path(__file__).parent)],
+                         env=env, capture_output=True, text=True, timeout=300, check=True)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["capability"] == "AVX2"
+    assert got["dtype"] == "float32", got["reason"]
+    assert got["ms"]["float32"] <= 2 * got["ms"]["bfloat16"], got["ms"]
