@@ -95,7 +95,7 @@ def make_observer(clock: StepClock):
     return Stamp()
 
 
-def start(dtype: str, rows: int, observer, max_rank: int, say):
+def start(dtype: str, rows: int, observer, max_rank: int, say, llama_decode: bool = True):
     """An engine serving `bench.peer`'s base and adapters in `dtype` ("fp32" | "nf4")."""
     from loraplex.registry import Registry
     from loraplex.runtime.engine.engine import Engine, EngineConfig
@@ -105,7 +105,8 @@ def start(dtype: str, rows: int, observer, max_rank: int, say):
     registry = Registry.open(peer.registry_dir(base, adapters, say))
     quant, compute = ("none", "float32") if dtype == "fp32" else ("nf4", "auto")
     cfg = EngineConfig(base_dir=base, quantization=quant, compute_dtype=compute, device="cpu",
-                       max_slots=ADAPTERS, max_rank=max_rank, max_batch=rows, max_seq_len=512)
+                       max_slots=ADAPTERS, max_rank=max_rank, max_batch=rows, max_seq_len=512,
+                       llama_decode=llama_decode)
     engine = Engine(cfg, registry, observer).start()
     return engine, sorted(adapters)
 
@@ -147,6 +148,7 @@ def run_rows(engine, names: list[str], rows: int, max_new: int, clock: StepClock
 
 
 def measure(dtypes: list[str], rows: list[int], *, max_new: int = 40, max_rank: int = 16,
+            llama_decode: bool = True,
             profile: int = 0, label: str = "", say=print) -> list[dict]:
     """One cell per (dtype, rows); `profile` > 0 also writes a torch.profiler table per cell
     under `.loraplex/`."""
@@ -154,7 +156,8 @@ def measure(dtypes: list[str], rows: list[int], *, max_new: int = 40, max_rank: 
     cells = []
     for dtype in dtypes:
         clock = StepClock()
-        engine, names = start(dtype, max(rows), make_observer(clock), max_rank, say)
+        engine, names = start(dtype, max(rows), make_observer(clock), max_rank, say,
+                              llama_decode)
         try:
             run_rows(engine, names, ADAPTERS, 4, clock)  # warm-up: every adapter, a step or two
             for n in rows:
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch threads (default: torch's own, the core count)")
     ap.add_argument("--profile", type=int, default=0,
                     help="also run torch.profiler over this many decode steps per cell")
+    ap.add_argument("--model-forward", action="store_true", help="decode through the model's "
+                    "own forward (EngineConfig.llama_decode off), to compare with llama_decode")
     ap.add_argument("--label", default="", help="a name for this run in the output")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -197,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr if a.json else sys.stdout, flush=True)
 
     cells = measure(a.dtypes.split(","), [int(r) for r in a.rows.split(",")],
-                    max_new=a.max_new, max_rank=a.max_rank, profile=a.profile, label=a.label,
-                    say=say)
+                    max_new=a.max_new, max_rank=a.max_rank, llama_decode=not a.model_forward,
+                    profile=a.profile, label=a.label, say=say)
     result = {"bench": "decode_step", "label": a.label, "machine": peer.machine(),
               "torch_threads": torch.get_num_threads(), "load_avg_end": list(os.getloadavg()),
               "command": " ".join([os.path.basename(sys.executable), "-m", "bench.decode_step",

@@ -219,6 +219,10 @@ class EngineConfig:
     cuda_graphs: bool = False
     # The same padded decode path without capture (any device): for tests and the GPU check
     static_decode: bool = False
+    # decode steps of a Llama-architecture base as direct torch calls (runtime/model/
+    # llama_decode.py: the same arithmetic without transformers' per-layer wrappers); False:
+    # always the model's own forward
+    llama_decode: bool = True
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
 

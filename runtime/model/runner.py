@@ -12,7 +12,9 @@ pads every decode row to its length. A forward that raises fails only its own ro
 
 With `EngineConfig.cuda_graphs` (or `static_decode`, the same path without capture) the
 decode forward goes through `decode_graphs.StaticDecode`: padded to a bucket, fixed input
-buffers, a CUDA graph replayed per bucket; prefill stays eager.
+buffers, a CUDA graph replayed per bucket; prefill stays eager. Otherwise a Llama-
+architecture base decodes through `llama_decode` (the same arithmetic without transformers'
+module wrappers; `EngineConfig.llama_decode`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from loraplex import compute
 from loraplex.errors import InvalidArgument, LoraplexError
 from loraplex.runtime.kv.cache import BlockKVCache, RowAllocator, RowFeed, build_layout
+from loraplex.runtime.model import llama_decode
 from loraplex.runtime.model.decode_graphs import StaticDecode
 from loraplex.runtime.model.masks import MaskSpec, mask_spec, step_mask
 
@@ -105,6 +108,8 @@ class Runner:
         self.eos = eos_ids(model, tokenizer)
         self.lora_dtype = next(iter(injection.layers.values())).lora_a.dtype
         self.static: StaticDecode | None = None  # decode through fixed buffers / CUDA graphs
+        # decode steps through llama_decode (set by `boot` when the base is one it runs)
+        self.llama_decode = False
 
     @classmethod
     def boot(cls, cfg: EngineConfig) -> Runner:
@@ -137,6 +142,10 @@ class Runner:
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)
         runner.compute = choice
+        why_not = llama_decode.unsupported(model)
+        runner.llama_decode = cfg.llama_decode and why_not is None
+        log.info("decode steps: %s", "llama_decode" if runner.llama_decode else
+                 f"the model's forward ({why_not or 'llama_decode off'})")
         runner.forward([RowFeed(0, 0, [0])], [0])  # warm-up: allocates the KV pools
         if cfg.cuda_graphs or cfg.static_decode:
             runner.static = runner.static_decode(capture=cfg.cuda_graphs)
@@ -195,6 +204,9 @@ class Runner:
         """A decode forward (one token per row): the static path when it is on."""
         if self.static is not None:
             return self.static.forward(feeds, slots)
+        if self.llama_decode:
+            return llama_decode.forward(self.model, self.kv, self.injection, self.mask, feeds,
+                                        slots, self.device)
         return self.forward(feeds, slots)
 
     def run(self, decode: Sequence[RowFeed], decode_slots: Sequence[int],

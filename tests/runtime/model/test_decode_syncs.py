@@ -27,6 +27,7 @@ ALLOWED = {
     ("decoding/sampling.py", "sample_next"): "the sampled tokens: the step needs them on the host",
     ("decoding/sampling.py", "_sample_row"): "seeded sampling of one row (not used greedy)",
     ("lora/ops.py", "make_plan"): "host copy of the row slots (a Python list)",
+    ("lora/ops.py", "_window"): "host copy of a bucket's token order (from make_plan's)",
     ("lora/batched.py", "plan_for"): "host copy of the row slots",
     ("lora/layers.py", "_slots"): "host copy of the row slots (validation)",
 }
