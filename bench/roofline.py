@@ -26,9 +26,9 @@
    prefill interleaving included. Beside it, GFLOP per CPU-second of the server's process
    tree (decode FLOP ÷ the CPU time the server used; on a shared machine this leaves out
    the time the server waited for a core) against one core's fp32 peak.
-   With `--in-process`, the step is timed inside one process instead (`bench.decode_step`:
-   an `Engine` without server or HTTP, fp32 and nf4, wall and CPU time per step), against
-   the same peaks.
+   With `--in-process`, the step is timed inside one process instead (`bench.decode_step`
+   in a process of its own: an `Engine` without server or HTTP, fp32 and nf4, wall and CPU
+   time per step), against the same peaks.
 4. The memory roof of each fp32 step (the roofline model): a decode step must read every
    base weight once, the LoRA pairs of the adapters in its batch and its rows' keys and
    values (`step_bytes`); at the measured read bandwidth that takes a time no step can beat,
@@ -44,6 +44,7 @@ import asyncio
 import json
 import os
 import shlex
+import subprocess
 import sys
 import time
 
@@ -226,6 +227,22 @@ def decode_from_peer(path: str, adapters: int) -> list[dict]:
     return out
 
 
+def decode_in_own_process(max_tokens: int, threads: int | None, say) -> list[dict]:
+    """`bench.decode_step`'s fp32 and nf4 cells at 16 and 32 rows, run in a process of its
+    own: after the peaks above have set this process's torch threads to one and back, an
+    engine thread started here ran its step on about one core (CPU time 1.2× the wall time
+    against 2× in a fresh process), so the step is measured where nothing set them."""
+    cmd = [sys.executable, "-m", "bench.decode_step", "--dtypes", "fp32,nf4", "--rows",
+           "16,32", "--max-new", str(max_tokens), "--json"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    for line in out.stderr.splitlines():
+        if " rows: " in line:
+            say(line.strip())
+    return json.loads(out.stdout)["cells"]
+
+
 def per_cpu_second(cell: dict, flop: dict) -> dict:
     """GFLOP per CPU-second the server's process tree used in the cell (a shared machine's
     preemptions do not count; prefill FLOP are left out, so it is a lower bound)."""
@@ -272,10 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.peer_json:
         decode = decode_from_peer(a.peer_json, peer.Plan().adapters)
     elif a.in_process:
-        from bench import decode_step
-
-        torch.set_num_threads(a.threads or cores)
-        decode = decode_step.measure(["fp32", "nf4"], [16, 32], max_new=max_tokens, say=say)
+        decode = decode_in_own_process(max_tokens, a.threads, say)
     else:
         decode = [] if a.no_decode else decode_step(peer.Plan(), (16, 32), max_tokens, say)
     for d in decode:
