@@ -201,7 +201,8 @@ class Runner:
                        prefix_hit_tokens=blocks.prefix_hit_tokens)
 
     def decode(self, feeds: Sequence[RowFeed], slots: Sequence[int]) -> torch.Tensor:
-        """A decode forward (one token per row): the static path when it is on."""
+        """A decode forward (one token per row): the static path when it is on, else
+        `llama_decode` where the base allows it, else the model's own forward."""
         if self.static is not None:
             return self.static.forward(feeds, slots)
         if self.llama_decode:
