@@ -285,12 +285,12 @@ def loraplex_server(name: str, plan: Plan, base: Path, registry: Path,
     # the adapter limits vLLM gets (`--max-loras`, `--max-lora-rank`): slots for every adapter,
     # one rank bucket at their largest rank (the server's default layout is sized for ranks up
     # to 256 and would put three of eight small adapters in its rank-64 and rank-256 buckets)
-    limits = ({"max_rank": adapter_max_rank(adapters)}, {"max_slots": len(adapters)}) \
-        if adapters else ({}, {})
-    engine = {"max_seq_len": plan.max_model_len} | limits[0] | (
-        {"compute_dtype": dtype} if dtype else {})
-    config.write_text(json.dumps({"engine": engine, "max_batch": max(plan.concurrency),
-                                  "model_name": "base"} | limits[1]))
+    engine = {"max_seq_len": plan.max_model_len} | ({"compute_dtype": dtype} if dtype else {})
+    settings = {"engine": engine, "max_batch": max(plan.concurrency), "model_name": "base"}
+    if adapters:
+        engine["max_rank"] = adapter_max_rank(adapters)
+        settings["max_slots"] = len(adapters)
+    config.write_text(json.dumps(settings))
     cmd = [sys.executable, "-m", "loraplex.cli", "serve", "--base", str(base),
            "--registry", str(registry), "--host", "127.0.0.1", "--port", "0",
            "--metrics-port", "0", "--http-host", "127.0.0.1", "--http-port", str(port),

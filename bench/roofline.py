@@ -59,10 +59,14 @@ PROJ = {"q": (HIDDEN, HEADS * HEAD_DIM), "k": (HIDDEN, KV_HEADS * HEAD_DIM),
         "gate": (HIDDEN, INTER), "up": (HIDDEN, INTER), "down": (INTER, HIDDEN)}
 
 
+# weights a token multiplies by: 30 layers' projections and the tied LM head
+BASE_WEIGHTS = LAYERS * sum(i * o for i, o in PROJ.values()) + HIDDEN * VOCAB
+
+
 def flop_per_token(context: float, rank: float) -> dict[str, float]:
     """FLOP of one decode token of SmolLM2-135M: base projections + LM head, attention over
     `context` positions, LoRA at mean `rank` on every projection."""
-    base = 2 * LAYERS * sum(i * o for i, o in PROJ.values()) + 2 * HIDDEN * VOCAB
+    base = 2 * BASE_WEIGHTS
     attn = LAYERS * 2 * 2 * context * HEADS * HEAD_DIM  # q·k and p·v over the context
     lora = LAYERS * 2 * rank * sum(i + o for i, o in PROJ.values())
     return {"base": base, "attention": attn, "lora": lora, "total": base + attn + lora}
@@ -75,7 +79,7 @@ def step_bytes(rows: int, context: float, rank: float, adapters: int,
     of every projection for each distinct adapter in the batch (`min(rows, adapters)` of
     them, at mean `rank`: CPU stacks are fp32), and every row's keys and values over
     `context` positions (fp32)."""
-    base = weight_bytes * (LAYERS * sum(i * o for i, o in PROJ.values()) + HIDDEN * VOCAB)
+    base = weight_bytes * BASE_WEIGHTS
     lora = 4 * min(rows, adapters) * LAYERS * rank * sum(i + o for i, o in PROJ.values())
     kv = 4 * rows * context * LAYERS * 2 * KV_HEADS * HEAD_DIM
     return {"base": base, "lora": lora, "kv": kv, "total": base + lora + kv}
@@ -122,7 +126,7 @@ def weight_stream(rows: int, threads: int, repeats: int) -> dict:
         t0 = time.perf_counter()
         chain()
         best = min(best, time.perf_counter() - t0)
-    flop = rows * 2 * (LAYERS * sum(i * o for i, o in PROJ.values()) + HIDDEN * VOCAB)
+    flop = rows * 2 * BASE_WEIGHTS
     return {"rows": rows, "threads": threads, "ms": round(best * 1e3, 1),
             "gflop_s": round(flop / best / 1e9, 1)}
 
