@@ -95,7 +95,8 @@ def make_observer(clock: StepClock):
     return Stamp()
 
 
-def start(dtype: str, rows: int, observer, max_rank: int, say, llama_decode: bool = True):
+def start(dtype: str, rows: int, observer, max_rank: int, say, llama_decode: bool = True,
+          base_gemm: str = "auto"):
     """An engine serving `bench.peer`'s base and adapters in `dtype` ("fp32" | "nf4")."""
     from loraplex.registry import Registry
     from loraplex.runtime.engine.engine import Engine, EngineConfig
@@ -106,7 +107,7 @@ def start(dtype: str, rows: int, observer, max_rank: int, say, llama_decode: boo
     quant, compute = ("none", "float32") if dtype == "fp32" else ("nf4", "auto")
     cfg = EngineConfig(base_dir=base, quantization=quant, compute_dtype=compute, device="cpu",
                        max_slots=ADAPTERS, max_rank=max_rank, max_batch=rows, max_seq_len=512,
-                       llama_decode=llama_decode)
+                       llama_decode=llama_decode, base_gemm=base_gemm)
     engine = Engine(cfg, registry, observer).start()
     return engine, sorted(adapters)
 
@@ -148,7 +149,7 @@ def run_rows(engine, names: list[str], rows: int, max_new: int, clock: StepClock
 
 
 def measure(dtypes: list[str], rows: list[int], *, max_new: int = 40, max_rank: int = 16,
-            llama_decode: bool = True,
+            llama_decode: bool = True, base_gemm: str = "auto",
             profile: int = 0, label: str = "", say=print) -> list[dict]:
     """One cell per (dtype, rows); `profile` > 0 also writes a torch.profiler table per cell
     under `.loraplex/`."""
@@ -157,7 +158,7 @@ def measure(dtypes: list[str], rows: list[int], *, max_new: int = 40, max_rank: 
     for dtype in dtypes:
         clock = StepClock()
         engine, names = start(dtype, max(rows), make_observer(clock), max_rank, say,
-                              llama_decode)
+                              llama_decode, base_gemm)
         try:
             run_rows(engine, names, ADAPTERS, 4, clock)  # warm-up: every adapter, a step or two
             for n in rows:
@@ -192,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run torch.profiler over this many decode steps per cell")
     ap.add_argument("--model-forward", action="store_true", help="decode through the model's "
                     "own forward (EngineConfig.llama_decode off), to compare with llama_decode")
+    ap.add_argument("--base-gemm", default="auto", choices=("auto", "packed", "plain"),
+                    help="EngineConfig.base_gemm: the base's linear layers on packed oneDNN "
+                    "weights or through F.linear (runtime/model/packed.py)")
     ap.add_argument("--label", default="", help="a name for this run in the output")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -203,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cells = measure(a.dtypes.split(","), [int(r) for r in a.rows.split(",")],
                     max_new=a.max_new, max_rank=a.max_rank, llama_decode=not a.model_forward,
+                    base_gemm=a.base_gemm,
                     profile=a.profile, label=a.label, say=say)
     result = {"bench": "decode_step", "label": a.label, "machine": peer.machine(),
               "torch_threads": torch.get_num_threads(), "load_avg_end": list(os.getloadavg()),

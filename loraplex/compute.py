@@ -202,7 +202,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _best_ms(fns: dict[str, list[Any]], rounds: int) -> dict[str, float]:
+def best_ms(fns: dict[str, list[Any]], rounds: int) -> dict[str, float]:
     """For each name, the sum over its parts of each part's best-of-`rounds` wall time.
     Parts are short (a few ms at most) and interleaved across names, so that on a machine
     loaded by other processes some runs of each fit between preemptions and a burst of
@@ -269,7 +269,7 @@ def measure(workload: str, rounds: int = 15) -> Probe:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ms = _best_ms(workload_fns(workload), rounds)
+        ms = best_ms(workload_fns(workload), rounds)
     finally:
         torch.set_num_threads(threads)
     return Probe(workload, round(ms["float32"], 4), round(ms["bfloat16"], 4))
@@ -283,30 +283,44 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
 
 
-def cached_probe(facts: CpuFacts, workload: str, directory: Path | None = None) -> Probe:
-    """This machine's probe of `workload`, measured once and then read from the cache.
-    The cache is an optimization only: an unreadable or unwritable one costs a re-measure."""
-    path = (directory or cache_dir()) / CACHE_FILE
-    key = facts.key(workload)
+def cached_measure(file: str, key: str, measure: Any,
+                   directory: Path | None = None) -> dict[str, Any]:
+    """The record `measure()` returns (a JSON-able dict), measured once per `key` and then
+    read from `file` in the cache directory. The cache is an optimization only: an
+    unreadable or unwritable one costs a re-measure."""
+    path = (directory or cache_dir()) / file
     table: dict[str, Any] = {}
     try:
         table = json.loads(path.read_text())
         hit = table.get(key)
         if isinstance(hit, dict):
-            return Probe(workload, float(hit["fp32_ms"]), float(hit["bf16_ms"]))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        table = table if isinstance(table, dict) else {}
-    probe = measure(workload)
-    table[key] = {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms,
-                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            return hit
+    except (OSError, ValueError):
+        pass  # no cache yet, or a damaged one: measured again and rewritten below
+    table = table if isinstance(table, dict) else {}
+    record = {**measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    table[key] = record
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(table, indent=1, sort_keys=True))
         tmp.replace(path)
     except OSError as e:
-        log.info("compute probe not cached (%s: %s)", path, e.strerror)
-    return probe
+        log.info("probe not cached (%s: %s)", path, e.strerror)
+    return record
+
+
+def cached_probe(facts: CpuFacts, workload: str, directory: Path | None = None) -> Probe:
+    """This machine's probe of `workload`, measured once and then read from the cache."""
+    def fresh() -> dict[str, Any]:
+        probe = measure(workload)
+        return {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms}
+
+    hit = cached_measure(CACHE_FILE, facts.key(workload), fresh, directory)
+    try:
+        return Probe(workload, float(hit["fp32_ms"]), float(hit["bf16_ms"]))
+    except (KeyError, TypeError, ValueError):  # a damaged entry: measure again
+        return Probe(workload, **fresh())
 
 
 def choose(requested: Any = "auto", device: Any = "cpu", *, quantization: str = "none",

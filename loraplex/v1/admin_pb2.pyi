@@ -208,7 +208,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished", "kv_reserved_bytes", "kv_used_bytes", "kv_limit_bytes", "prefix_hit_tokens", "prefix_lookups", "prefix_hits", "compute_dtype", "compute_reason", "device_bytes", "host_loading_bytes", "host_limit_bytes", "host_peak_bytes", "host_adapters", "loads_queued")
+    __slots__ = ("ready", "draining", "running", "waiting", "loading", "slots_used", "slots_total", "host_bytes", "kv_rows_used", "kv_rows_total", "steps", "tokens_generated", "requests_finished", "kv_reserved_bytes", "kv_used_bytes", "kv_limit_bytes", "prefix_hit_tokens", "prefix_lookups", "prefix_hits", "compute_dtype", "compute_reason", "device_bytes", "host_loading_bytes", "host_limit_bytes", "host_peak_bytes", "host_adapters", "loads_queued", "base_gemm", "base_gemm_reason")
     READY_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,8 @@ class StatsResponse(_message.Message):
     HOST_PEAK_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     LOADS_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    BASE_GEMM_FIELD_NUMBER: _ClassVar[int]
+    BASE_GEMM_REASON_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     draining: bool
     running: int
@@ -263,4 +265,6 @@ class StatsResponse(_message.Message):
     host_peak_bytes: int
     host_adapters: int
     loads_queued: int
-    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., compute_reason: _Optional[str] = ..., device_bytes: _Optional[int] = ..., host_loading_bytes: _Optional[int] = ..., host_limit_bytes: _Optional[int] = ..., host_peak_bytes: _Optional[int] = ..., host_adapters: _Optional[int] = ..., loads_queued: _Optional[int] = ...) -> None: ...
+    base_gemm: str
+    base_gemm_reason: str
+    def __init__(self, ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., loading: _Optional[int] = ..., slots_used: _Optional[int] = ..., slots_total: _Optional[int] = ..., host_bytes: _Optional[int] = ..., kv_rows_used: _Optional[int] = ..., kv_rows_total: _Optional[int] = ..., steps: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., requests_finished: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., prefix_lookups: _Optional[int] = ..., prefix_hits: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., compute_reason: _Optional[str] = ..., device_bytes: _Optional[int] = ..., host_loading_bytes: _Optional[int] = ..., host_limit_bytes: _Optional[int] = ..., host_peak_bytes: _Optional[int] = ..., host_adapters: _Optional[int] = ..., loads_queued: _Optional[int] = ..., base_gemm: _Optional[str] = ..., base_gemm_reason: _Optional[str] = ...) -> None: ...

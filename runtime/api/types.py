@@ -26,6 +26,8 @@ FinishReason = Literal["stop", "length", "cancelled", "deadline", "grammar"]
 Quantization = Literal["nf4", "int8", "none"]
 _QUANTIZATIONS = peft_format.QUANTIZATIONS
 _DTYPES = ("auto", *peft_format.COMPUTE_DTYPES)
+BASE_GEMMS = ("auto", "packed", "plain")
+"""`EngineConfig.base_gemm`: `packed` = oneDNN on weights packed once, `plain` = `F.linear`."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ class EngineStats:
     prefix_hits: int = 0  # ... that reused at least one block
     compute_dtype: str = ""  # the base's compute dtype ("" before the base is loaded)
     compute_reason: str = ""  # why that dtype (loraplex.compute.ComputeChoice.reason)
+    base_gemm: str = ""  # how the base's linear layers multiply: "packed" | "plain"
+    base_gemm_reason: str = ""  # why (runtime/model/packed.py GemmChoice.reason)
     # adapter bytes by tier (AdapterPool.tier_bytes): host + host_loading <= host_limit
     device_bytes: int = 0  # tensors of the adapters in device slots
     host_loading_bytes: int = 0  # host bytes reserved for registry loads in flight
@@ -223,6 +227,10 @@ class EngineConfig:
     # llama_decode.py: the same arithmetic without transformers' per-layer wrappers); False:
     # always the model's own forward
     llama_decode: bool = True
+    # the base's linear layers on the CPU (runtime/model/packed.py): "packed" = weights
+    # reordered once for oneDNN, "plain" = F.linear on the dense weights, "auto" = packed
+    # where this machine's probe measures it faster (unquantized fp32/bf16 bases only)
+    base_gemm: str = "auto"
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
 
@@ -232,6 +240,11 @@ class EngineConfig:
             problems.append(("quantization", f"`quantization` must be one of {_QUANTIZATIONS}"))
         if self.compute_dtype not in _DTYPES:
             problems.append(("compute_dtype", f"`compute_dtype` must be one of {_DTYPES}"))
+        if self.base_gemm not in BASE_GEMMS:
+            problems.append(("base_gemm", f"`base_gemm` must be one of {BASE_GEMMS}"))
+        elif self.base_gemm == "packed" and self.quantization != "none":
+            problems.append(("base_gemm", "`base_gemm` 'packed' needs an unquantized base "
+                                          f"(`quantization` is {self.quantization})"))
         if self.lora_stack_dtype not in _DTYPES:
             problems.append(("lora_stack_dtype", f"`lora_stack_dtype` must be one of {_DTYPES}"))
         for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",

@@ -216,6 +216,7 @@ class Engine:
         pool = core.pool if core else None
         kv = core.runner.kv_usage() if core else None
         choice = core.runner.compute if core else None
+        gemm = core.runner.gemm if core else None
         tiers = pool.tier_bytes() if pool else None
         return EngineStats(
             ready=self.ready, draining=self._draining,
@@ -236,6 +237,8 @@ class Engine:
             prefix_hits=kv.prefix_hits if kv else 0,
             compute_dtype=choice.dtype if choice else "",
             compute_reason=choice.reason if choice else "",
+            base_gemm=gemm.kind if gemm else "",
+            base_gemm_reason=gemm.reason if gemm else "",
             device_bytes=tiers.device if tiers else 0,
             host_loading_bytes=tiers.loading if tiers else 0,
             host_limit_bytes=tiers.limit if tiers else cfg.host_cache_bytes,

@@ -29,7 +29,7 @@ import torch
 from loraplex import compute
 from loraplex.errors import InvalidArgument, LoraplexError
 from loraplex.runtime.kv.cache import BlockKVCache, RowAllocator, RowFeed, build_layout
-from loraplex.runtime.model import llama_decode
+from loraplex.runtime.model import llama_decode, packed
 from loraplex.runtime.model.decode_graphs import StaticDecode
 from loraplex.runtime.model.masks import MaskSpec, mask_spec, step_mask
 
@@ -104,6 +104,7 @@ class Runner:
         self.rows_total = max_batch
         self.device = device
         self.compute: compute.ComputeChoice | None = None  # set by `boot`: the dtype and why
+        self.gemm: packed.GemmChoice | None = None  # set by `boot`: packed weights or not, why
         self.vocab_size = int(model.config.get_text_config().vocab_size)
         self.eos = eos_ids(model, tokenizer)
         self.lora_dtype = next(iter(injection.layers.values())).lora_a.dtype
@@ -136,12 +137,17 @@ class Runner:
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
                                 cfg.lora_stack_dtype, rank_slots=cfg.slot_layout.rank_slots)
         chunk_lm_head(model)  # CPU fp32: the LM head in cache-sized vocabulary chunks
+        gemm = packed.choose(cfg.base_gemm, device, choice.torch_dtype,
+                             quantized=cfg.quantization != "none")
+        if gemm.kind == "packed":  # the base layers the injection wraps, and the rest
+            log.info("packed %d linear layers for oneDNN", packed.pack_linears(
+                model, rows=cfg.max_batch))
         kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
                           cfg.kv_block_size, cfg.prefix_cache_blocks,
                           stable=cfg.cuda_graphs)  # a graph holds the pools' addresses
         runner = cls(model, base.tokenizer, base.fingerprint, injection, kv,
                      mask_spec(model), max_seq_len, cfg.max_batch, base.device)
-        runner.compute = choice
+        runner.compute, runner.gemm = choice, gemm
         why_not = llama_decode.unsupported(model)
         runner.llama_decode = cfg.llama_decode and why_not is None
         log.info("decode steps: %s", "llama_decode" if runner.llama_decode else

@@ -235,6 +235,8 @@ def stats_pb(s: Any) -> admin_pb2.StatsResponse:
         prefix_hits=getattr(s, "prefix_hits", 0),
         compute_dtype=getattr(s, "compute_dtype", ""),
         compute_reason=getattr(s, "compute_reason", ""),
+        base_gemm=getattr(s, "base_gemm", ""),
+        base_gemm_reason=getattr(s, "base_gemm_reason", ""),
         **_tier_fields(s, ("device_bytes", "host_loading_bytes", "host_limit_bytes",
                            "host_peak_bytes", "host_adapters", "loads_queued")))
 

@@ -51,7 +51,8 @@ def make_peft_adapter(base, out, *, seed=0):
 def settings_for(base, root, **over):
     values = {"base": base, "registry": str(root / "reg"), "port": 0, "host": "127.0.0.1",
               "metrics_port": 0, "metrics_host": "127.0.0.1", "quantization": "none", "device": "cpu",
-              "max_batch": 8, "max_waiting": 16, "engine": {"compute_dtype": "float32"}}
+              "max_batch": 8, "max_waiting": 16,
+              "engine": {"compute_dtype": "float32", "base_gemm": "packed"}}
     values.update(over)
     return load_settings(values)
 
@@ -210,6 +211,7 @@ def test_admin_controls_residency(world):
     stats = admin.stats()
     assert stats.ready and not stats.draining and stats.requests_finished > 0
     assert (stats.compute_dtype, stats.compute_reason) == ("float32", "set explicitly")
+    assert (stats.base_gemm, stats.base_gemm_reason) == ("packed", "set explicitly")
     assert (stats.host_bytes, stats.device_bytes) == (view.host_bytes, view.device_bytes)
     assert stats.host_bytes <= stats.host_peak_bytes <= stats.host_limit_bytes
     text = scrape(f"http://127.0.0.1:{world['bg'].server.metrics_port}/metrics")
@@ -354,7 +356,8 @@ def test_async_client_streams_and_abandoning_frees_the_slot(world):
 
 def test_default_nf4_base_serves_an_adapter(world):
     """The default quantization (4-bit NF4 base) answers over gRPC too."""
-    settings = settings_for(world["base"], world["root"], quantization="nf4")
+    settings = settings_for(world["base"], world["root"], quantization="nf4",
+                            engine={"compute_dtype": "float32"})  # nothing to pack
     with BackgroundServer(settings, registry=world["reg"]) as bg:
         c = Client(bg.target, token=world["c"]["acme"].token, timeout=60)
         g = c.generate("acme/support@prod", "four bits", max_new_tokens=4)
