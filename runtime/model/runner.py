@@ -136,12 +136,12 @@ class Runner:
         max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
                                 cfg.lora_stack_dtype, rank_slots=cfg.slot_layout.rank_slots)
-        chunk_lm_head(model)  # CPU fp32: the LM head in cache-sized vocabulary chunks
         gemm = packed.choose(cfg.base_gemm, device, choice.torch_dtype,
                              quantized=cfg.quantization != "none")
-        if gemm.kind == "packed":  # the base layers the injection wraps, and the rest
-            log.info("packed %d linear layers for oneDNN", packed.pack_linears(
-                model, rows=cfg.max_batch))
+        if gemm.kind == "packed":  # the layers the injection wraps, the others, the LM head
+            log.info("%d linear layers on oneDNN", packed.pack_linears(model, cfg.max_batch))
+        else:
+            chunk_lm_head(model)  # CPU fp32: the LM head in cache-sized vocabulary chunks
         kv = BlockKVCache(int(mcfg.num_hidden_layers), cfg.max_batch, max_seq_len,
                           cfg.kv_block_size, cfg.prefix_cache_blocks,
                           stable=cfg.cuda_graphs)  # a graph holds the pools' addresses

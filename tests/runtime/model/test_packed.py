@@ -15,7 +15,7 @@ from loraplex.errors import InvalidArgument
 from loraplex.runtime.engine.engine import EngineConfig
 from loraplex.runtime.kv.cache import RowFeed
 from loraplex.runtime.model import packed
-from loraplex.runtime.model.packed import GemmProbe, PackedLinear
+from loraplex.runtime.model.packed import GemmProbe, PackedLinear, SharedWeightLinear
 from loraplex.runtime.model.runner import Runner
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="torch without oneDNN")
@@ -58,7 +58,7 @@ def test_an_input_of_another_dtype_is_refused_as_f_linear_refuses_it():
         p(torch.randn(2, 16, dtype=torch.bfloat16))
 
 
-def test_pack_linears_leaves_a_tied_head_and_other_kinds_alone():
+def test_a_tied_head_keeps_its_shared_weight_and_other_kinds_are_left_alone():
     class Tiny(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -70,11 +70,19 @@ def test_pack_linears_leaves_a_tied_head_and_other_kinds_alone():
             self.head.weight = self.embed.weight  # tied: the embedding reads it dense
 
     m = Tiny()
-    assert packed.pack_linears(m) == 3
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        want = m.head(m.mlp(m.proj(x)))
+    assert packed.pack_linears(m) == 4
     assert isinstance(m.proj, PackedLinear) and isinstance(m.mlp[0], PackedLinear)
     assert isinstance(m.mlp[2], PackedLinear)
-    assert type(m.head) is nn.Linear and m.head.weight is m.embed.weight
+    assert isinstance(m.head, SharedWeightLinear) and m.head.weight is m.embed.weight
     assert type(m.fp16) is nn.Linear
+    with torch.inference_mode():
+        torch.testing.assert_close(m.head(m.mlp(m.proj(x))), want)
+    m.embed.weight.data[0] += 1.0  # still one tensor: what the embedding sees, the head uses
+    with torch.inference_mode():
+        torch.testing.assert_close(m.head(x)[:, 0], x @ m.embed.weight[0])
 
 
 @pytest.mark.parametrize(("kw", "kind", "says"), [
@@ -139,6 +147,8 @@ def test_a_packed_base_serves_the_logits_of_the_plain_one(micro_base):
     wrapped = [m.base_layer for m in fast.injection.layers.values()]
     assert wrapped and all(isinstance(b, PackedLinear) for b in wrapped)
     assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    head = fast.model.get_output_embeddings()  # tied in the micro base: shared, not packed
+    assert isinstance(head, SharedWeightLinear | PackedLinear)
     g = torch.Generator().manual_seed(5)
     slots = [0, 1, 2, 1]
     prompts = [torch.randint(0, 250, (3 + 2 * r,), generator=g).tolist() for r in range(4)]
