@@ -229,7 +229,8 @@ class EngineConfig:
     llama_decode: bool = True
     # the base's linear layers on the CPU (runtime/model/packed.py): "packed" = weights
     # reordered once for oneDNN, "plain" = F.linear on the dense weights, "auto" = packed
-    # where this machine's probe measures it faster (unquantized fp32/bf16 bases only)
+    # where this machine's probe measures it faster (fp32/bf16 layers;
+    # a quantized base's own layers keep their kernels)
     base_gemm: str = "auto"
     aging_s: float = 10.0  # a request waiting longer is admitted before anyone else
     idle_wait_s: float = 0.05  # how long the idle engine thread sleeps between checks
@@ -242,9 +243,6 @@ class EngineConfig:
             problems.append(("compute_dtype", f"`compute_dtype` must be one of {_DTYPES}"))
         if self.base_gemm not in BASE_GEMMS:
             problems.append(("base_gemm", f"`base_gemm` must be one of {BASE_GEMMS}"))
-        elif self.base_gemm == "packed" and self.quantization != "none":
-            problems.append(("base_gemm", "`base_gemm` 'packed' needs an unquantized base "
-                                          f"(`quantization` is {self.quantization})"))
         if self.lora_stack_dtype not in _DTYPES:
             problems.append(("lora_stack_dtype", f"`lora_stack_dtype` must be one of {_DTYPES}"))
         for name in ("max_slots", "max_rank", "max_batch", "max_waiting", "max_new_tokens_limit",

@@ -25,8 +25,9 @@ bit for bit; the probe checks that agreement before `auto` packs anything.
 Packed: every plain `nn.Linear` of the model on the CPU in fp32 or bf16, including those the
 LoRA injection wraps (their `base_layer`) and the LM head. A layer whose weight another module
 also holds (a tied LM head: the embedding reads it) keeps that dense weight and multiplies it
-through oneDNN unpacked (`SharedWeightLinear`). Quantized layers (bitsandbytes) and CUDA bases
-are left as they are.
+through oneDNN unpacked (`SharedWeightLinear`). Quantized layers (bitsandbytes' are subclasses,
+not plain `nn.Linear`) keep their own kernels, so on an nf4 or int8 base only the layers it
+leaves unquantized (the LM head) change; CUDA bases are left as they are.
 """
 
 from __future__ import annotations
@@ -193,21 +194,19 @@ def tolerance(dtype: str) -> float:
     return 1e-4 if dtype == "float32" else 2e-2
 
 
-def decide(requested: str, *, device_type: str, dtype: str, quantized: bool,
-           available: bool, probe: GemmProbe | None = None) -> GemmChoice:
+def decide(requested: str, *, device_type: str, dtype: str, available: bool, probe: GemmProbe | None = None) -> GemmChoice:
     """The choice from its inputs alone (no clock): an explicit setting wins where packing
     can run at all; `auto` packs where the probe says so."""
     check_name(requested)
     cant = (device_type != "cpu" and f"{device_type} device")
-    cant = cant or (quantized and "quantized base (its layers are bitsandbytes')")
     cant = cant or (dtype not in _DTYPES and f"compute dtype {dtype}")
     cant = cant or (not available and "torch without oneDNN")
     if requested == "plain":
         return GemmChoice("plain", "set explicitly")
     if cant:
         if requested == "packed":
-            raise InvalidArgument(f"base_gemm 'packed' needs an unquantized fp32 or bf16 base "
-                                  f"on the CPU with oneDNN; here: {cant}", field="base_gemm")
+            raise InvalidArgument(f"base_gemm 'packed' needs an fp32 or bf16 compute dtype on "
+                                  f"the CPU with oneDNN; here: {cant}", field="base_gemm")
         return GemmChoice("plain", f"{cant}: F.linear")
     if requested == "packed":
         return GemmChoice("packed", "set explicitly")
@@ -260,17 +259,16 @@ def cached_probe(dtype: str, directory: Path | None = None) -> GemmProbe:
                      float(hit["max_error"]))
 
 
-def choose(requested: str, device: torch.device, dtype: torch.dtype, *, quantized: bool,
+def choose(requested: str, device: torch.device, dtype: torch.dtype,
            cache: Path | None = None) -> GemmChoice:
     """`decide` on this machine, probing (cached) where `auto` could pack; logged."""
     name = str(dtype).removeprefix("torch.")
     probe = None
-    if requested == "auto" and device.type == "cpu" and not quantized and name in _DTYPES \
-            and available():
+    if requested == "auto" and device.type == "cpu" and name in _DTYPES and available():
         t0 = time.perf_counter()
         probe = cached_probe(name, cache)
         log.debug("gemm probe %.0f ms", (time.perf_counter() - t0) * 1e3)
-    choice = decide(requested, device_type=device.type, dtype=name, quantized=quantized,
-                    available=available(), probe=probe)
+    choice = decide(requested, device_type=device.type, dtype=name, available=available(),
+                    probe=probe)
     log.info("%s", choice.line())
     return choice

@@ -136,8 +136,7 @@ class Runner:
         max_seq_len = min(cfg.max_seq_len or min(limit, MAX_CONTEXT), limit)
         injection = inject_lora(model, cfg.target_modules, cfg.max_slots, cfg.max_rank,
                                 cfg.lora_stack_dtype, rank_slots=cfg.slot_layout.rank_slots)
-        gemm = packed.choose(cfg.base_gemm, device, choice.torch_dtype,
-                             quantized=cfg.quantization != "none")
+        gemm = packed.choose(cfg.base_gemm, device, choice.torch_dtype)
         if gemm.kind == "packed":  # the layers the injection wraps, the others, the LM head
             log.info("%d linear layers on oneDNN", packed.pack_linears(model, cfg.max_batch))
         else:

@@ -89,7 +89,6 @@ def test_a_tied_head_keeps_its_shared_weight_and_other_kinds_are_left_alone():
     ({"requested": "plain"}, "plain", "set explicitly"),
     ({"requested": "packed"}, "packed", "set explicitly"),
     ({"device_type": "cuda"}, "plain", "cuda device"),
-    ({"quantized": True}, "plain", "quantized base"),
     ({"dtype": "float16"}, "plain", "compute dtype float16"),
     ({"available": False}, "plain", "without oneDNN"),
     ({"probe": GemmProbe("float32", 10.0, 4.0, 1e-6)}, "packed", "2.5x faster"),
@@ -97,28 +96,24 @@ def test_a_tied_head_keeps_its_shared_weight_and_other_kinds_are_left_alone():
     ({"probe": GemmProbe("float32", 10.0, 4.0, 0.3)}, "plain", "differ by 3.0e-01"),
 ])
 def test_the_choice_from_its_inputs(kw, kind, says):
-    args = {"requested": "auto", "device_type": "cpu", "dtype": "float32", "quantized": False,
+    args = {"requested": "auto", "device_type": "cpu", "dtype": "float32",
             "available": True, "probe": GemmProbe("float32", 1.0, 1.0, 0.0), **kw}
     choice = packed.decide(**args)
     assert choice.kind == kind and says in choice.reason, choice
 
 
 def test_packed_where_it_cannot_run_is_refused_naming_the_field():
-    with pytest.raises(InvalidArgument, match="quantized") as e:
-        packed.decide("packed", device_type="cpu", dtype="float32", quantized=True,
-                      available=True)
+    with pytest.raises(InvalidArgument, match="cuda") as e:
+        packed.decide("packed", device_type="cuda", dtype="float32", available=True)
     assert e.value.field == "base_gemm"
     with pytest.raises(InvalidArgument) as e:
         EngineConfig(base_dir="x", base_gemm="fast")
-    assert e.value.field == "base_gemm"
-    with pytest.raises(InvalidArgument, match="unquantized") as e:  # before any loading
-        EngineConfig(base_dir="x", quantization="nf4", base_gemm="packed")
     assert e.value.field == "base_gemm"
 
 
 def test_auto_measures_once_per_machine_and_reads_the_cache_after(tmp_path):
     cpu = torch.device("cpu")
-    first = packed.choose("auto", cpu, torch.float32, quantized=False, cache=tmp_path)
+    first = packed.choose("auto", cpu, torch.float32, cache=tmp_path)
     assert first.probe is not None and first.probe.plain_ms > 0 and first.probe.packed_ms > 0
     assert first.probe.max_error <= packed.tolerance("float32")  # a working oneDNN here
     table = json.loads((tmp_path / packed.CACHE_FILE).read_text())
@@ -126,7 +121,7 @@ def test_auto_measures_once_per_machine_and_reads_the_cache_after(tmp_path):
     for plain_ms, packed_ms, kind in ((1.0, 100.0, "plain"), (100.0, 1.0, "packed")):
         table[key].update(plain_ms=plain_ms, packed_ms=packed_ms)
         (tmp_path / packed.CACHE_FILE).write_text(json.dumps(table))
-        again = packed.choose("auto", cpu, torch.float32, quantized=False, cache=tmp_path)
+        again = packed.choose("auto", cpu, torch.float32, cache=tmp_path)
         assert again.kind == kind and again.probe.plain_ms == plain_ms
 
 
@@ -162,3 +157,19 @@ def test_a_packed_base_serves_the_logits_of_the_plain_one(micro_base):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()
         tokens = a.argmax(-1).tolist()
+
+
+def test_on_an_nf4_base_only_the_unquantized_head_moves_to_onednn(micro_base):
+    import bitsandbytes as bnb
+
+    cfg = EngineConfig(base_dir=micro_base, quantization="nf4", compute_dtype="float32",
+                       device="cpu", max_slots=1, max_rank=8, max_batch=2, max_seq_len=32,
+                       base_gemm="packed")
+    runner = Runner.boot(cfg)
+    bases = [m.base_layer for m in runner.injection.layers.values()]
+    assert bases and all(isinstance(b, bnb.nn.Linear4bit) for b in bases)  # left as they are
+    assert isinstance(runner.model.get_output_embeddings(), SharedWeightLinear | PackedLinear)
+    plain = Runner.boot(cfg.replace(base_gemm="plain"))
+    a = plain.forward([RowFeed(0, 0, [3, 4, 5])], [0])
+    b = runner.forward([RowFeed(0, 0, [3, 4, 5])], [0])
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -356,8 +356,7 @@ def test_async_client_streams_and_abandoning_frees_the_slot(world):
 
 def test_default_nf4_base_serves_an_adapter(world):
     """The default quantization (4-bit NF4 base) answers over gRPC too."""
-    settings = settings_for(world["base"], world["root"], quantization="nf4",
-                            engine={"compute_dtype": "float32"})  # nothing to pack
+    settings = settings_for(world["base"], world["root"], quantization="nf4")
     with BackgroundServer(settings, registry=world["reg"]) as bg:
         c = Client(bg.target, token=world["c"]["acme"].token, timeout=60)
         g = c.generate("acme/support@prod", "four bits", max_new_tokens=4)
