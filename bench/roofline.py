@@ -6,14 +6,17 @@
 
 1. Peak matmul GFLOP/s, fp32 and bf16, on all cores and on one (torch threads = cores, then
    1): `torch.mm` on SmolLM2-135M's shapes (hidden 576, intermediate 1536, 9 query / 3 KV
-   heads of 64, vocab 49152) at 16, 32 and 512 rows, and one 1024³ square; each figure is
-   the fastest of `--repeats` samples of ~2 ms (on a shared machine a preempted sample is
-   only ever slower). "Peak" is the best shape.
+   heads of 64, vocab 49152) at 16, 32 and 512 rows, and one 1024³ square, each through
+   `torch.mm` (the BLAS) and through oneDNN on the weight packed once (what
+   `EngineConfig.base_gemm` "packed" runs); each figure is the fastest of `--repeats`
+   samples of ~2 ms (on a shared machine a preempted sample is only ever slower). "Peak" is
+   the best shape and kernel.
 2. Memory bandwidth: `dst.copy_(src)` on 8 MiB chunks taken in turn from a 512 MiB buffer
    (from memory, not cache), read + write bytes ÷ the fastest chunk's time; and the read
    bandwidth a decode step lives on: a full streaming read (`sum`) of a 512 MiB buffer.
    Beside them, the step's base matmuls alone (`weight_stream`): SmolLM2's 210 projections
-   and its LM head, each weight its own tensor, at 16 and 32 rows, with nothing else.
+   and its LM head, each weight its own tensor, at 16 and 32 rows, with nothing else,
+   through each kernel.
 3. SmolLM2's decode step, timed from outside: `loraplex serve` (fp32 base, compute float32,
    the bench.peer adapters: 8 adapters, r8/r16 on every linear layer) under C concurrent
    streamed completions spread round-robin over the adapters, C = 16 and 32. One decode
@@ -51,6 +54,7 @@ import time
 import torch
 
 from bench import peer
+from loraplex.runtime.model import packed
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 576, 1536, 30, 9, 3, 64, 49152
 # (in, out) of each linear layer of one decoder layer
@@ -105,20 +109,27 @@ def read_bandwidth(threads: int, repeats: int) -> float:
     return src.numel() * 4 / best / 1e9
 
 
-def weight_stream(rows: int, threads: int, repeats: int) -> dict:
+def weight_stream(rows: int, threads: int, repeats: int, kernel: str = "plain") -> dict:
     """The decode step's base matmuls alone: SmolLM2's 210 projections and the LM head, each
     weight its own fp32 tensor (so each is read from memory, as in a step), over `rows` rows
     of activations; the fastest of a few passes. What any decode step of these matmuls can
-    reach here, with nothing else in it."""
+    reach here, with nothing else in it. `kernel`: "plain" (`F.linear`, the BLAS) or
+    "packed" (oneDNN on weights packed once, as `EngineConfig.base_gemm` runs them)."""
     torch.set_num_threads(threads)
     weights = [torch.randn(o, i) for _ in range(LAYERS) for i, o in PROJ.values()]  # [out, in]
-    head = torch.randn(VOCAB, HIDDEN)  # [V, hidden]
+    weights.append(torch.randn(VOCAB, HIDDEN))  # the head [V, hidden]
     xs = {HIDDEN: torch.randn(rows, HIDDEN), INTER: torch.randn(rows, INTER)}  # [rows, in]
+    if kernel == "packed":
+        calls = [(xs[w.shape[1]], packed.pack_weight(w, rows)) for w in weights]
+        weights = []  # the dense copies go: the packed ones are what is read
 
-    def chain() -> None:
-        for w in weights:
-            torch.nn.functional.linear(xs[w.shape[1]], w)
-        torch.nn.functional.linear(xs[HIDDEN], head)
+        def chain() -> None:
+            for x, p in calls:
+                packed.packed_linear(x, p, None)
+    else:
+        def chain() -> None:
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
 
     chain()
     best = float("inf")
@@ -127,7 +138,7 @@ def weight_stream(rows: int, threads: int, repeats: int) -> dict:
         chain()
         best = min(best, time.perf_counter() - t0)
     flop = rows * 2 * BASE_WEIGHTS
-    return {"rows": rows, "threads": threads, "ms": round(best * 1e3, 1),
+    return {"rows": rows, "threads": threads, "kernel": kernel, "ms": round(best * 1e3, 1),
             "gflop_s": round(flop / best / 1e9, 1)}
 
 
@@ -149,6 +160,8 @@ def time_best(fn, repeats: int, target_s: float = 2e-3) -> float:
 
 
 def matmul_table(threads: int, repeats: int) -> list[dict]:
+    """Each shape in each dtype through both kernels a base layer may run on: `torch.mm`
+    (the BLAS) and oneDNN on the weight packed once (`runtime/model/packed.py`)."""
     torch.set_num_threads(threads)
     shapes = [(m, HIDDEN, INTER) for m in (16, 32, 512)] + \
              [(m, INTER, HIDDEN) for m in (16, 32, 512)] + \
@@ -159,10 +172,16 @@ def matmul_table(threads: int, repeats: int) -> list[dict]:
             a = torch.randn(m, k).to(dtype)  # [M, K]
             b = torch.randn(k, n).to(dtype)  # [K, N]
             c = torch.empty(m, n, dtype=dtype)  # [M, N]
+            kernels = {"mm": lambda a=a, b=b, c=c: torch.mm(a, b, out=c)}
+            if packed.available():
+                w = packed.pack_weight(b.t(), m)  # [N, K] packed
+                kernels["onednn_packed"] = lambda a=a, w=w: packed.packed_linear(a, w, None)
             flop = 2 * m * k * n
-            s = time_best(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats)
-            out.append({"dtype": str(dtype).split(".")[1], "threads": threads, "m": m, "k": k,
-                        "n": n, "us": round(s * 1e6, 1), "gflop_s": round(flop / s / 1e9, 1)})
+            for kernel, fn in kernels.items():
+                s = time_best(fn, repeats)
+                out.append({"dtype": str(dtype).split(".")[1], "threads": threads,
+                            "kernel": kernel, "m": m, "k": k, "n": n, "us": round(s * 1e6, 1),
+                            "gflop_s": round(flop / s / 1e9, 1)})
     return out
 
 
@@ -283,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     mm = matmul_table(cores, repeats) + (matmul_table(1, repeats) if cores > 1 else [])
     bw = {"all_cores": round(bandwidth(cores, repeats), 1), "one_core": round(bandwidth(1, repeats), 1)}
     read_gb_s = round(read_bandwidth(cores, repeats), 1)
-    stream = [weight_stream(rows, cores, repeats) for rows in (16, 32)]
+    stream = [weight_stream(rows, cores, repeats, kernel) for rows in (16, 32)
+              for kernel in ("plain", "packed")]
     torch.set_num_threads(cores)
     peaks = {f"{d}_{'all' if t == cores else 'one'}": max(r["gflop_s"] for r in mm
                                                          if r["dtype"] == d and r["threads"] == t)
@@ -332,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         for r in mm:
-            print(f"{r['dtype']:9s} threads={r['threads']} {r['m']:5d}x{r['k']:5d}x{r['n']:6d} "
+            print(f"{r['dtype']:9s} threads={r['threads']} {r['kernel']:13s} "
+                  f"{r['m']:5d}x{r['k']:5d}x{r['n']:6d} "
                   f"{r['us']:10.1f} us {r['gflop_s']:8.1f} GFLOP/s")
         for d in decode:
             if "fraction_of_fp32_peak" not in d:
