@@ -32,6 +32,7 @@ leaves unquantized (the LM head) change; CUDA bases are left as they are.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -71,6 +72,21 @@ def available() -> bool:
     """This torch can run oneDNN's packed inner product."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn,
                                                                   "_linear_pointwise")
+
+
+@functools.cache
+def unpackable(dtype: str) -> str | None:
+    """Why oneDNN cannot pack a `dtype` weight on this CPU (None: it can). oneDNN packs bf16
+    only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: on an AVX2 CPU the reorder raises."""
+    if not available():
+        return "torch without oneDNN"
+    if dtype not in _DTYPES:
+        return f"compute dtype {dtype}"
+    try:
+        pack_weight(torch.zeros(32, 64, dtype=_DTYPES[dtype]), PACK_ROWS)
+    except RuntimeError as e:
+        return f"oneDNN cannot pack {dtype} weights on this CPU ({str(e).splitlines()[0]})"
+    return None
 
 
 def pack_weight(w: Tensor, rows: int) -> Tensor:
@@ -194,13 +210,13 @@ def tolerance(dtype: str) -> float:
     return 1e-4 if dtype == "float32" else 2e-2
 
 
-def decide(requested: str, *, device_type: str, dtype: str, available: bool, probe: GemmProbe | None = None) -> GemmChoice:
+def decide(requested: str, *, device_type: str, dtype: str, why_not: str | None,
+           probe: GemmProbe | None = None) -> GemmChoice:
     """The choice from its inputs alone (no clock): an explicit setting wins where packing
     can run at all; `auto` packs where the probe says so."""
     check_name(requested)
     cant = (device_type != "cpu" and f"{device_type} device")
-    cant = cant or (dtype not in _DTYPES and f"compute dtype {dtype}")
-    cant = cant or (not available and "torch without oneDNN")
+    cant = cant or why_not
     if requested == "plain":
         return GemmChoice("plain", "set explicitly")
     if cant:
@@ -264,11 +280,12 @@ def choose(requested: str, device: torch.device, dtype: torch.dtype,
     """`decide` on this machine, probing (cached) where `auto` could pack; logged."""
     name = str(dtype).removeprefix("torch.")
     probe = None
-    if requested == "auto" and device.type == "cpu" and name in _DTYPES and available():
+    why_not = unpackable(name) if device.type == "cpu" else None
+    if requested == "auto" and device.type == "cpu" and why_not is None:
         t0 = time.perf_counter()
         probe = cached_probe(name, cache)
         log.debug("gemm probe %.0f ms", (time.perf_counter() - t0) * 1e3)
-    choice = decide(requested, device_type=device.type, dtype=name, available=available(),
+    choice = decide(requested, device_type=device.type, dtype=name, why_not=why_not,
                     probe=probe)
     log.info("%s", choice.line())
     return choice

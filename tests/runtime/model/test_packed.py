@@ -89,22 +89,22 @@ def test_a_tied_head_keeps_its_shared_weight_and_other_kinds_are_left_alone():
     ({"requested": "plain"}, "plain", "set explicitly"),
     ({"requested": "packed"}, "packed", "set explicitly"),
     ({"device_type": "cuda"}, "plain", "cuda device"),
-    ({"dtype": "float16"}, "plain", "compute dtype float16"),
-    ({"available": False}, "plain", "without oneDNN"),
+    ({"why_not": "compute dtype float16"}, "plain", "compute dtype float16"),
+    ({"why_not": "torch without oneDNN"}, "plain", "without oneDNN"),
     ({"probe": GemmProbe("float32", 10.0, 4.0, 1e-6)}, "packed", "2.5x faster"),
     ({"probe": GemmProbe("float32", 10.0, 9.5, 1e-6)}, "plain", "under 1.1x"),
     ({"probe": GemmProbe("float32", 10.0, 4.0, 0.3)}, "plain", "differ by 3.0e-01"),
 ])
 def test_the_choice_from_its_inputs(kw, kind, says):
     args = {"requested": "auto", "device_type": "cpu", "dtype": "float32",
-            "available": True, "probe": GemmProbe("float32", 1.0, 1.0, 0.0), **kw}
+            "why_not": None, "probe": GemmProbe("float32", 1.0, 1.0, 0.0), **kw}
     choice = packed.decide(**args)
     assert choice.kind == kind and says in choice.reason, choice
 
 
 def test_packed_where_it_cannot_run_is_refused_naming_the_field():
     with pytest.raises(InvalidArgument, match="cuda") as e:
-        packed.decide("packed", device_type="cuda", dtype="float32", available=True)
+        packed.decide("packed", device_type="cuda", dtype="float32", why_not=None)
     assert e.value.field == "base_gemm"
     with pytest.raises(InvalidArgument) as e:
         EngineConfig(base_dir="x", base_gemm="fast")
@@ -173,3 +173,36 @@ def test_on_an_nf4_base_only_the_unquantized_head_moves_to_onednn(micro_base):
     a = plain.forward([RowFeed(0, 0, [3, 4, 5])], [0])
     b = runner.forward([RowFeed(0, 0, [3, 4, 5])], [0])
     torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+_UNDER_AVX2 = """
+import json, torch
+from loraplex.errors import InvalidArgument
+from loraplex.runtime.model import packed
+cpu = torch.device("cpu")
+out = {"fp32": packed.choose("auto", cpu, torch.float32).record(),
+       "bf16": packed.choose("auto", cpu, torch.bfloat16).record()}
+try:
+    packed.choose("packed", cpu, torch.bfloat16)
+except InvalidArgument as e:
+    out["refused"] = e.field
+print(json.dumps(out))
+"""
+
+
+def test_with_every_library_held_to_avx2_bf16_is_not_packed_and_nothing_breaks(tmp_path):
+    """oneDNN packs bf16 weights only with AVX-512 or AVX-NE-CONVERT: on an AVX2 CPU a
+    bf16 base (set explicitly: `auto` computes in fp32 there) keeps `F.linear`."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.core.test_compute import AVX2_KERNELS
+
+    env = {**os.environ, **AVX2_KERNELS, "LORAPLEX_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _UNDER_AVX2], env=env, capture_output=True,
+                         text=True, timeout=300, check=True)
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["bf16"]["kind"] == "plain" and "cannot pack bfloat16" in got["bf16"]["reason"]
+    assert got["refused"] == "base_gemm"
+    assert got["fp32"]["kind"] in ("packed", "plain") and "probe" in got["fp32"]["reason"]
