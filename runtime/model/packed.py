@@ -11,10 +11,14 @@ oneDNN's inner-product kernel on a weight reordered once into its blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`, what torch's own compiler uses when it freezes
 weights) streams them near the memory's rate: SmolLM2's 210 projections at 16 rows, one pass,
 2 cores of an AMD EPYC (Zen 5, AVX-512): 19–25 ms packed vs 42–70 ms through `F.linear`;
-at 320 rows (a prefill chunk) 194 vs 471 ms. Whether it pays depends on the CPU and its BLAS,
-so `auto` measures both on this machine (`measure`, cached per CPU, dtype and torch version
-in `gemm-probe.json` beside the compute-dtype probe) and packs only where the packed GEMM is at
-least `MIN_SPEEDUP` times faster.
+at 320 rows (a prefill chunk) 194 vs 471 ms. The whole decode step (`python -m
+bench.decode_step --dtypes fp32 --base-gemm packed|plain`, two alternated runs each, same
+tokens): 58 / 50 vs 87 / 134 ms at 16 rows, 81 / 85 vs 114 / 155 ms at 32; with torch, oneDNN
+and MKL held to AVX2 (`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2`) 76 / 106 vs 158 / 144 ms at 16 rows. Whether it pays depends
+on the CPU and its BLAS, so `auto` measures both on this machine (`measure`, cached per CPU,
+dtype and torch version in `gemm-probe.json` beside the compute-dtype probe) and packs only
+where the packed GEMM is at least `MIN_SPEEDUP` times faster.
 
 A `PackedLinear` keeps the packed weight only (no second dense copy of the base): `.weight`
 reorders it back to a dense `[out, in]` tensor on each read (DoRA's norms at adapter load, HF
@@ -56,6 +60,7 @@ MIN_SPEEDUP = 1.1
 CACHE_FILE = "gemm-probe.json"
 PROBE_SHAPES = ((1536, 576), (576, 1536))  # [out, in]: SmolLM2-135M's MLP, up and down
 PROBE_ROWS = (16, 256)  # a decode batch and a prefill chunk
+STREAM_BYTES = 64 << 20  # the decode part's weights in all: more than a server CPU's caches
 PACK_ROWS = 32  # oneDNN's hint of the rows to expect, for a caller without one
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -238,27 +243,40 @@ def decide(requested: str, *, device_type: str, dtype: str, why_not: str | None,
     return GemmChoice("plain", f"{measured}: under {MIN_SPEEDUP}x faster, F.linear", probe)
 
 
-def measure(dtype: str, rounds: int = 9) -> GemmProbe:
-    """Time `PROBE_SHAPES` × `PROBE_ROWS` through `F.linear` and packed, one thread,
-    interleaved best-of (the module docstring of loraplex.compute says why), and the
-    packed outputs' largest relative difference from `F.linear`'s."""
+def measure(dtype: str, rounds: int = 5) -> GemmProbe:
+    """Time two parts through `F.linear` and packed, one thread, interleaved best-of (the
+    module docstring of loraplex.compute says why), and the packed outputs' largest relative
+    difference from `F.linear`'s. The decode part multiplies `PROBE_ROWS[0]` rows by a chain
+    of distinct `PROBE_SHAPES` weights `STREAM_BYTES` in all, so each weight comes from
+    memory as in a decode step (a weight that stays in cache measures the arithmetic, where
+    both kernels are closer: 1.16× against 1.5–2× for SmolLM2's step with every library held
+    to AVX2 on an AMD EPYC); the prefill part multiplies `PROBE_ROWS[1]` rows by one pair."""
     dt = _DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
-    ws = [(torch.randn(o, i, generator=gen) * 0.05).to(dt) for o, i in PROBE_SHAPES]
-    xs = [torch.randn(r, w.shape[1], generator=gen).to(dt) for w in ws for r in PROBE_ROWS]
-    pairs = [(x, w, pack_weight(w, PACK_ROWS)) for x in xs for w in ws
-             if w.shape[1] == x.shape[1]]  # (x [T, in], w [out, in], packed)
+    pair_bytes = sum(o * i for o, i in PROBE_SHAPES) * torch.finfo(dt).bits // 8
+    ws = [(torch.randn(o, i, generator=gen) * 0.05).to(dt)  # [out, in]
+          for _ in range(-(-STREAM_BYTES // pair_bytes)) for o, i in PROBE_SHAPES]
+    packs = [pack_weight(w, PACK_ROWS) for w in ws]
+    xs = {(r, i): torch.randn(r, i, generator=gen).to(dt)  # [T, in]
+          for r in PROBE_ROWS for _, i in PROBE_SHAPES}
+    decode = [(xs[PROBE_ROWS[0], w.shape[1]], w, p) for w, p in zip(ws, packs, strict=True)]
+    prefill = [(xs[PROBE_ROWS[1], w.shape[1]], w, p) for w, p in zip(ws[:2], packs[:2],
+                                                                    strict=True)]
+
+    def run(calls: list, kernel: str) -> None:
+        for x, w, p in calls:
+            F.linear(x, w) if kernel == "plain" else packed_linear(x, p, None)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.inference_mode():
             error = max(float((packed_linear(x, p, None) - F.linear(x, w)).abs().max()
                               / F.linear(x, w).abs().max().clamp_min(1e-30))
-                        for x, w, p in pairs)
-            ms = compute.best_ms({
-                "plain": [lambda x=x, w=w: F.linear(x, w) for x, w, _ in pairs],
-                "packed": [lambda x=x, p=p: packed_linear(x, p, None) for x, _, p in pairs],
-            }, rounds)
+                        for x, w, p in prefill + decode[:2])
+            ms = compute.best_ms({k: [functools.partial(run, decode, k),
+                                      functools.partial(run, prefill, k)]
+                                  for k in ("plain", "packed")}, rounds)
     finally:
         torch.set_num_threads(threads)
     return GemmProbe(dtype, round(ms["plain"], 4), round(ms["packed"], 4), error)
@@ -269,7 +287,7 @@ def cached_probe(dtype: str, directory: Path | None = None) -> GemmProbe:
     facts = compute.cpu_facts()
     shapes = "+".join(f"{o}x{i}" for o, i in PROBE_SHAPES)
     key = (f"{facts.model}|{facts.describe()}|torch={facts.torch_version}|{dtype}|{shapes}@"
-           + "+".join(str(r) for r in PROBE_ROWS))
+           + "+".join(str(r) for r in PROBE_ROWS) + f"|stream={STREAM_BYTES >> 20}MiB")
     hit = compute.cached_measure(CACHE_FILE, key, lambda: asdict(measure(dtype)), directory)
     return GemmProbe(dtype, float(hit["plain_ms"]), float(hit["packed_ms"]),
                      float(hit["max_error"]))
