@@ -248,9 +248,10 @@ def measure(dtype: str, rounds: int = 5) -> GemmProbe:
     module docstring of loraplex.compute says why), and the packed outputs' largest relative
     difference from `F.linear`'s. The decode part multiplies `PROBE_ROWS[0]` rows by a chain
     of distinct `PROBE_SHAPES` weights `STREAM_BYTES` in all, so each weight comes from
-    memory as in a decode step (a weight that stays in cache measures the arithmetic, where
-    both kernels are closer: 1.16× against 1.5–2× for SmolLM2's step with every library held
-    to AVX2 on an AMD EPYC); the prefill part multiplies `PROBE_ROWS[1]` rows by one pair."""
+    memory as in a decode step; the prefill part multiplies `PROBE_ROWS[1]` rows by one pair.
+    It says which kernel is faster, not by how much: with every library held to AVX2 on an
+    AMD EPYC it measured packed 1.19× faster, and SmolLM2's two-thread decode step ran in
+    0.5–0.7× the time."""
     dt = _DTYPES[dtype]
     gen = torch.Generator().manual_seed(0)
     pair_bytes = sum(o * i for o, i in PROBE_SHAPES) * torch.finfo(dt).bits // 8
