@@ -91,6 +91,9 @@ def test_without_true_ranks_the_zero_padding_is_computed_and_harmless(case, slot
         ([1] * 40 + [5] * 3, "segments"),  # prefill rows of very unequal length
         ([1, 9, 1, 9], "segments"),  # slots 2..8 unused: grouping would read them for nothing
         ([1, 5, 1, 5], "grouped"),  # 2.5x the slots' reads in one bmm beat two mm pairs
+        # a Zipf decode batch: 16 rows padded to 36 (2.25x), 6 small segments: one bmm
+        ([1] * 4 + [2] * 6 + [3] + [4] * 3 + [5, 6], "grouped"),
+        ([1] * 60 + [2, 3, 4], "segments"),  # a long prefill run beside 3 rows: 240 padded rows
     ],
 )
 def test_plan_picks_the_strategy_for_the_batch_shape(slots, strategy):
