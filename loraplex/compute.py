@@ -78,9 +78,13 @@ class CpuFacts:
         extras = [n for n, on in (("AVX512_BF16", self.avx512_bf16), ("AMX", self.amx)) if on]
         return f"{self.capability}{' + ' + ' + '.join(extras) if extras else ''}"
 
+    def tag(self) -> str:
+        """What every probe cached for this machine is keyed by, before its own details."""
+        return f"{self.model}|{self.describe()}|torch={self.torch_version}"
+
     def key(self, workload: str) -> str:
         rows = "+".join(str(r) for r in PROBE_ROWS.get(workload, ()))
-        return f"{self.model}|{self.describe()}|torch={self.torch_version}|{workload}@{rows}"
+        return f"{self.tag()}|{workload}@{rows}"
 
 
 @dataclass(frozen=True)
@@ -283,19 +287,20 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "loraplex"
 
 
-def cached_measure(file: str, key: str, measure: Any,
+def cached_measure(file: str, key: str, measure: Any, fields: tuple[str, ...],
                    directory: Path | None = None) -> dict[str, Any]:
-    """The record `measure()` returns (a JSON-able dict), measured once per `key` and then
-    read from `file` in the cache directory. The cache is an optimization only: an
-    unreadable or unwritable one costs a re-measure."""
+    """The record `measure()` returns (a JSON-able dict with numeric `fields`), measured
+    once per `key` and then read from `file` in the cache directory. The cache is an
+    optimization only: an unreadable or unwritable one, or an entry without its numeric
+    `fields`, costs a re-measure."""
     path = (directory or cache_dir()) / file
     table: dict[str, Any] = {}
     try:
         table = json.loads(path.read_text())
         hit = table.get(key)
-        if isinstance(hit, dict):
+        if isinstance(hit, dict) and all(isinstance(hit.get(f), int | float) for f in fields):
             return hit
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         pass  # no cache yet, or a damaged one: measured again and rewritten below
     table = table if isinstance(table, dict) else {}
     record = {**measure(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -316,11 +321,9 @@ def cached_probe(facts: CpuFacts, workload: str, directory: Path | None = None) 
         probe = measure(workload)
         return {"fp32_ms": probe.fp32_ms, "bf16_ms": probe.bf16_ms}
 
-    hit = cached_measure(CACHE_FILE, facts.key(workload), fresh, directory)
-    try:
-        return Probe(workload, float(hit["fp32_ms"]), float(hit["bf16_ms"]))
-    except (KeyError, TypeError, ValueError):  # a damaged entry: measure again
-        return Probe(workload, **fresh())
+    hit = cached_measure(CACHE_FILE, facts.key(workload), fresh, ("fp32_ms", "bf16_ms"),
+                         directory)
+    return Probe(workload, float(hit["fp32_ms"]), float(hit["bf16_ms"]))
 
 
 def choose(requested: Any = "auto", device: Any = "cpu", *, quantization: str = "none",

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,11 +284,11 @@ def measure(dtype: str, rounds: int = 5) -> GemmProbe:
 
 def cached_probe(dtype: str, directory: Path | None = None) -> GemmProbe:
     """This machine's probe in `dtype`, measured once and then read from the cache."""
-    facts = compute.cpu_facts()
     shapes = "+".join(f"{o}x{i}" for o, i in PROBE_SHAPES)
-    key = (f"{facts.model}|{facts.describe()}|torch={facts.torch_version}|{dtype}|{shapes}@"
-           + "+".join(str(r) for r in PROBE_ROWS) + f"|stream={STREAM_BYTES >> 20}MiB")
-    hit = compute.cached_measure(CACHE_FILE, key, lambda: asdict(measure(dtype)), directory)
+    rows = "+".join(str(r) for r in PROBE_ROWS)
+    key = f"{compute.cpu_facts().tag()}|{dtype}|{shapes}@{rows}|stream={STREAM_BYTES >> 20}MiB"
+    hit = compute.cached_measure(CACHE_FILE, key, lambda: asdict(measure(dtype)),
+                                 ("plain_ms", "packed_ms", "max_error"), directory)
     return GemmProbe(dtype, float(hit["plain_ms"]), float(hit["packed_ms"]),
                      float(hit["max_error"]))
 
@@ -301,9 +300,7 @@ def choose(requested: str, device: torch.device, dtype: torch.dtype,
     probe = None
     why_not = unpackable(name) if device.type == "cpu" else None
     if requested == "auto" and device.type == "cpu" and why_not is None:
-        t0 = time.perf_counter()
         probe = cached_probe(name, cache)
-        log.debug("gemm probe %.0f ms", (time.perf_counter() - t0) * 1e3)
     choice = decide(requested, device_type=device.type, dtype=name, why_not=why_not,
                     probe=probe)
     log.info("%s", choice.line())

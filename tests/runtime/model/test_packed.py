@@ -125,6 +125,18 @@ def test_auto_measures_once_per_machine_and_reads_the_cache_after(tmp_path):
         assert again.kind == kind and again.probe.plain_ms == plain_ms
 
 
+def test_a_damaged_cache_entry_is_measured_again_not_a_failed_boot(tmp_path):
+    cpu = torch.device("cpu")
+    packed.choose("auto", cpu, torch.float32, cache=tmp_path)
+    table = json.loads((tmp_path / packed.CACHE_FILE).read_text())
+    (key,) = table
+    table[key] = {"plain_ms": "fast"}  # hand-edited, or written by another version
+    (tmp_path / packed.CACHE_FILE).write_text(json.dumps(table))
+    again = packed.choose("auto", cpu, torch.float32, cache=tmp_path)
+    assert again.probe.plain_ms > 0 and again.probe.packed_ms > 0
+    assert json.loads((tmp_path / packed.CACHE_FILE).read_text())[key]["plain_ms"] > 0
+
+
 def _runner(base, gemm: str) -> Runner:
     cfg = EngineConfig(base_dir=base, quantization="none", compute_dtype="float32",
                        device="cpu", max_slots=2, max_rank=8, max_batch=4, kv_block_size=4,
